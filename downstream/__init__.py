@@ -1,0 +1,1 @@
+"""Downstream segmentation: finetuning, metrics, sweeps, reports, inference."""

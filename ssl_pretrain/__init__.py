@@ -1,0 +1,1 @@
+"""mri-ssl: self-supervised pretraining for MRI segmentation."""
