@@ -34,7 +34,9 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "option", "load_config", "parse_config", "save_config", "to_dict", "flatten"]
+__all__ = [
+    "ConfigError", "option", "from_dict", "load_config", "parse_config", "save_config", "to_dict", "flatten",
+]
 
 
 class ConfigError(ValueError):
@@ -281,6 +283,22 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
         if path is not None:
             raise ConfigError(f"{path}: {e}") from None
         raise
+    return cfg
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build and validate a config tree from a nested dict (e.g. one stored in a checkpoint).
+
+    Args:
+        cls: The root dataclass.
+        data: Nested ``{key: value}``; missing keys take their defaults.
+        prefix: Prepended to key names in error messages (e.g. ``"model_config."``).
+
+    Raises:
+        ConfigError: Unknown key, wrong type or value out of range.
+    """
+    cfg = _build(cls, dict(data), prefix)
+    _validate(cfg)
     return cfg
 
 
