@@ -1,0 +1,126 @@
+"""Chunked PyTorch path of the NT-Xent row log-sum-exp: O(tile) memory, CPU-friendly.
+
+This is the readable twin of the Triton kernels in ``kernels/ntxent.py`` and computes the
+same two quantities (see the derivation there):
+
+- forward: ``lse_i = log sum_{j != i} exp(z_i . z_j / tau)`` for the query rows
+  ``i in [row_offset, row_offset + num_rows)`` of the key matrix ``z``;
+- backward: ``dz_k = (1/tau) sum_{j != k} (w_k P_kj + w_j P_jk) z_j`` for the same rows,
+  with ``P_ij = exp(z_i . z_j / tau - lse_i)`` and ``w`` the per-row weights
+  (the gradient flowing into ``lse``).
+
+It walks over tiles of ``block_rows x block_cols`` similarities, so its memory is a few
+tiles (``O(block_rows * block_cols)``) plus ``O(N * D)``, never the ``2N x 2N`` matrix, and
+each tile is a matmul (the FLOPs) followed by a handful of element-wise passes that stay
+in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: Rows of one tile: large enough that each tile's matmul reuses its key rows well.
+BLOCK_ROWS = 256
+#: Columns of one tile: a ``BLOCK_ROWS x BLOCK_COLS`` fp32 tile is 2 MiB and stays in cache.
+BLOCK_COLS = 2048
+
+
+def _tiles(total: int, block: int) -> range:
+    """Return the start of every tile of ``block`` along ``total``."""
+    return range(0, total, block)
+
+
+def _mask_self(s: torch.Tensor, first_row: int, first_col: int, value: float) -> None:
+    """Set ``s[:, i, j] = value`` in place where row ``first_row + i`` is column ``first_col + j``."""
+    offset = first_row - first_col
+    if -s.shape[-2] < offset < s.shape[-1]:
+        s.diagonal(offset=offset, dim1=-2, dim2=-1).fill_(value)
+
+
+def lse_forward_torch(
+    z: torch.Tensor,
+    row_offset: int,
+    num_rows: int,
+    temperature: float,
+    block_rows: int = BLOCK_ROWS,
+    block_cols: int = BLOCK_COLS,
+) -> torch.Tensor:
+    """Masked row log-sum-exp of the similarities of some rows of ``z`` against all its rows.
+
+    Args:
+        z: (B, R, D) L2-normalised embeddings (the keys; any float dtype, computed in fp32).
+        row_offset: index of the first query row in ``z``.
+        num_rows: number of query rows, ``row_offset + num_rows <= R``.
+        temperature: the softmax temperature ``tau > 0``.
+        block_rows: rows per tile.
+        block_cols: columns per tile.
+
+    Returns:
+        (B, num_rows) fp32: ``lse_i = log sum_{j != row_offset + i} exp(z_{row_offset+i} . z_j / tau)``.
+    """
+    batch, total, _ = z.shape
+    lse = torch.empty(batch, num_rows, dtype=torch.float32, device=z.device)
+    for r0 in _tiles(num_rows, block_rows):
+        r1 = min(r0 + block_rows, num_rows)
+        # Scaling the (small) query block once is cheaper than scaling every tile.
+        q = z[:, row_offset + r0 : row_offset + r1].float() * (1.0 / temperature)
+        chunk_lse = []
+        for c0 in _tiles(total, block_cols):
+            k = z[:, c0 : c0 + block_cols].float()
+            s_qk = torch.einsum("bmd,bnd->bmn", q, k)
+            _mask_self(s_qk, row_offset + r0, c0, -math.inf)
+            chunk_lse.append(torch.logsumexp(s_qk, dim=-1))
+        lse[:, r0:r1] = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1)
+    return lse
+
+
+def lse_backward_torch(
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    weight: torch.Tensor,
+    row_offset: int,
+    num_rows: int,
+    temperature: float,
+    block_rows: int = BLOCK_ROWS,
+    block_cols: int = BLOCK_COLS,
+) -> torch.Tensor:
+    """Gradient of ``sum_i weight_i * lse_i`` (over ALL rows of ``z``) for the query rows.
+
+    Because the similarity matrix is symmetric, one recomputed tile gives both
+    ``P_kj`` (row k's softmax) and ``P_jk`` (row j's softmax, through ``lse_j``), so a row
+    block gets its whole gradient from one pass over the columns.
+
+    Args:
+        z: (B, R, D) L2-normalised embeddings.
+        lse: (B, R) fp32 row log-sum-exps of all rows of ``z``.
+        weight: (B, R) fp32 weights of the rows' ``lse`` in the loss.
+        row_offset: index of the first row whose gradient is wanted.
+        num_rows: number of those rows.
+        temperature: the softmax temperature ``tau > 0``.
+        block_rows: rows per tile.
+        block_cols: columns per tile.
+
+    Returns:
+        (B, num_rows, D) in ``z.dtype``: ``dz_k = (1/tau) sum_{j != k} (w_k P_kj + w_j P_jk) z_j``.
+    """
+    batch, total, dim = z.shape
+    dz = torch.empty(batch, num_rows, dim, dtype=z.dtype, device=z.device)
+    for r0 in _tiles(num_rows, block_rows):
+        r1 = min(r0 + block_rows, num_rows)
+        rows = slice(row_offset + r0, row_offset + r1)
+        q = z[:, rows].float() * (1.0 / temperature)
+        lse_rows, w_rows = lse[:, rows, None], weight[:, rows, None]
+        acc = torch.zeros(batch, r1 - r0, dim, dtype=torch.float32, device=z.device)
+        for c0 in _tiles(total, block_cols):
+            cols = slice(c0, c0 + block_cols)
+            k = z[:, cols].float()
+            s_qk = torch.einsum("bmd,bnd->bmn", q, k)
+            p_row = torch.sub(s_qk, lse_rows).exp_().mul_(w_rows)  # w_k P_kj
+            # In place on s_qk: w_j P_jk, then the sum of both -- the tile's gradient weights.
+            w_qk = s_qk.sub_(lse[:, None, cols]).exp_().mul_(weight[:, None, cols]).add_(p_row)
+            _mask_self(w_qk, row_offset + r0, c0, 0.0)
+            acc.baddbmm_(w_qk, k)
+        dz[:, r0:r1] = acc * (1.0 / temperature)
+    return dz
