@@ -1,0 +1,221 @@
+"""Discover input volumes: a folder of NIfTI files, an MSD ``dataset.json``, or a list file.
+
+* **Folder**: every ``.nii`` / ``.nii.gz`` below it (recursively). When the folder has
+  ``imagesTr/`` and ``labelsTr/`` sub-folders, label files are paired with images by file name;
+  a file named ``*_seg.nii.gz`` / ``*_label.nii.gz`` / ``*_mask.nii.gz`` next to an image is its label.
+* **MSD**: ``dataset.json`` (or the folder holding it); ``training`` entries give image and label,
+  ``test`` entries images only, ``labels`` declares the allowed label values.
+* **List file** (``.txt``): one image path per line, optionally ``image<TAB or space>label``;
+  relative paths are relative to the list file; ``#`` starts a comment.
+
+Discovery never raises for one bad entry: missing files are returned as ``skipped`` with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
+
+
+@dataclass
+class Subject:
+    """One input volume.
+
+    Args:
+        id: unique subject id (file name without ``.nii[.gz]``; made unique when names repeat).
+        image: image file.
+        label: label file or ``None``.
+        source: image path relative to the input root (recorded in ``meta.json`` and the manifest).
+        allowed_labels: label values the dataset declares (MSD ``labels``), ``None`` = any uint8.
+    """
+
+    id: str
+    image: Path
+    label: Path | None
+    source: str = ""
+    allowed_labels: tuple[int, ...] | None = None
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _unique_ids(subjects: list[Subject]) -> list[Subject]:
+    """Make ids unique and safe for WebDataset keys (no dots, no slashes)."""
+    seen: dict[str, int] = {}
+    for s in subjects:
+        base = re.sub(r"[^A-Za-z0-9_\-]", "_", s.id) or "subject"
+        sid = base
+        while sid in seen:
+            seen[base] += 1
+            sid = f"{base}_{seen[base]}"
+        seen.setdefault(sid, 0)
+        s.id = sid
+    return subjects
+
+
+def discover(path: str | Path, *, labels: bool | None = None) -> tuple[list[Subject], list[tuple[str, str]]]:
+    """Find the subjects under ``path``.
+
+    Args:
+        path: folder, MSD ``dataset.json`` (or its folder), or ``.txt`` list file.
+        labels: ``True`` requires a label for every subject (others are skipped), ``False`` ignores
+            labels, ``None`` uses labels where they exist.
+
+    Returns:
+        (subjects sorted by id, skipped inputs as ``(path, reason)``).
+
+    Raises:
+        InputError: ``path`` does not exist, is an unreadable ``dataset.json`` / list file, or
+            holds no NIfTI files at all.
+    """
+    from ssl_pretrain.data.preprocess import InputError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: input not found (expected a folder, dataset.json or .txt list)")
+    skipped: list[tuple[str, str]] = []
+    if path.is_dir() and (path / "dataset.json").is_file():
+        path = path / "dataset.json"
+    if path.is_file() and path.name.endswith(".json"):
+        subjects = _from_msd(path, skipped)
+    elif path.is_file():
+        subjects = _from_list(path, skipped)
+    else:
+        subjects = _from_folder(path)
+    out: list[Subject] = []
+    for s in subjects:
+        if labels is False:
+            s.label = None
+        elif labels is True and s.label is None:
+            skipped.append((str(s.image), "no label file found"))
+            continue
+        out.append(s)
+    if not out and not skipped:
+        raise InputError(f"{path}: no .nii/.nii.gz volumes found")
+    out = _unique_ids(sorted(out, key=lambda s: (s.id, str(s.image))))
+    for p, reason in skipped:
+        logger.warning("skipped %s: %s", p, reason)
+    return out, skipped
+
+
+def _from_folder(root: Path) -> list[Subject]:
+    files = sorted(p for p in root.rglob("*") if _is_nifti(p))
+    label_dirs = {"labelsTr", "labelsTs", "labels", "masks", "segmentations"}
+    labels_by_name: dict[str, Path] = {}
+    images: list[Path] = []
+    for f in files:
+        if f.parent.name in label_dirs:
+            labels_by_name[f.name] = f
+        elif any(_stem(f).endswith(sfx) for sfx in _LABEL_SUFFIXES):
+            labels_by_name[f.name] = f
+        elif f.name.startswith("._"):  # macOS resource forks
+            continue
+        else:
+            images.append(f)
+    subjects = []
+    for img in images:
+        label = None
+        for sfx in ("",) + _LABEL_SUFFIXES:
+            stem = _stem(img) + sfx
+            for ext in (".nii.gz", ".nii"):
+                cand = labels_by_name.get(stem + ext)
+                if cand is not None and (sfx or cand.parent != img.parent):
+                    label = cand
+                    break
+            if label is not None:
+                break
+        subjects.append(Subject(_stem(img), img, label, _rel(img, root)))
+    return subjects
+
+
+def _from_msd(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
+    from ssl_pretrain.data.preprocess import InputError
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable dataset.json ({exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("training", []), list):
+        raise InputError(f"{path}: expected an MSD dataset.json with a 'training' list")
+    root = path.parent
+    allowed = None
+    if isinstance(meta.get("labels"), dict):
+        try:
+            allowed = tuple(sorted(int(k) for k in meta["labels"]))
+        except ValueError:
+            raise InputError(f"{path}: 'labels' keys must be integers, got {list(meta['labels'])}") from None
+    entries: list[tuple[str | None, str | None]] = []
+    for e in meta.get("training", []):
+        if isinstance(e, dict):
+            entries.append((e.get("image"), e.get("label")))
+        else:
+            entries.append((e if isinstance(e, str) else None, None))
+    for e in meta.get("test", []) or []:
+        entries.append((e.get("image") if isinstance(e, dict) else e, None))
+    subjects = []
+    for image, label in entries:
+        if not isinstance(image, str):
+            skipped.append((str(path), f"entry without an image path: {image!r}"))
+            continue
+        img = (root / image).resolve() if not Path(image).is_absolute() else Path(image)
+        if not img.is_file():
+            skipped.append((str(img), f"listed in {path.name} but missing"))
+            continue
+        lab = None
+        if isinstance(label, str):
+            lab = (root / label).resolve() if not Path(label).is_absolute() else Path(label)
+            if not lab.is_file():
+                skipped.append((str(lab), f"label listed in {path.name} but missing"))
+                continue
+        subjects.append(Subject(_stem(img), img, lab, _rel(img, root), allowed))
+    return subjects
+
+
+def _from_list(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
+    from ssl_pretrain.data.preprocess import InputError
+
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable list file ({exc})") from None
+    root = path.parent
+    subjects = []
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if len(parts) > 2:
+            skipped.append((f"{path}:{n}", "expected 'image' or 'image label' on the line"))
+            continue
+        files = [Path(p) if Path(p).is_absolute() else root / p for p in parts]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            skipped.append((str(missing[0]), f"listed in {path.name}:{n} but missing"))
+            continue
+        subjects.append(Subject(_stem(files[0]), files[0], files[1] if len(files) == 2 else None,
+                                _rel(files[0], root)))
+    return subjects

@@ -1,0 +1,399 @@
+"""Load, validate and preprocess NIfTI volumes into axial slices, and map predictions back.
+
+One function, :func:`preprocess`, prepares data for sharding, finetuning and prediction, driven by
+:class:`PreprocessParams` (stored in the shard manifest and in exported models), so a model always
+sees data prepared the same way. :func:`to_original_grid` inverts the geometric part so a predicted
+mask can be saved on the input file's voxel grid with the input's affine.
+
+Steps: read all bytes (gzip CRC checked) → validate → reorient to RAS (``as_closest_canonical``) →
+in-plane resample to ``spacing`` (image linear with antialiasing, label nearest) → per-volume
+percentile clip + z-score or [0, 1] → centre crop/pad to ``size`` → axial slices ``(S, C, H, W)``.
+
+Slice display convention: rows (H) run anterior → posterior (−y), columns (W) run patient right →
+left (+x), i.e. the radiological view; slice index runs inferior → superior (+z).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+class InputError(ValueError):
+    """A user-supplied input file is unusable; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Deterministic preprocessing of one volume (stored in manifests and model exports).
+
+    Args:
+        spacing: target in-plane spacing in mm as (row, column) = (H axis, W axis). Default (1.5, 1.5).
+        size: output (H, W) after centre crop/pad. Default (256, 256).
+        norm: ``"zscore"`` (mean 0, std 1 per channel and volume) or ``"minmax"`` ([0, 1]).
+        clip: intensity percentiles (low, high) clipped before normalising. Default (0.5, 99.5).
+        channels: channel indices kept from a 4D input; ``None`` keeps all channels.
+    """
+
+    spacing: tuple[float, float] = (1.5, 1.5)
+    size: tuple[int, int] = (256, 256)
+    norm: Literal["zscore", "minmax"] = "zscore"
+    clip: tuple[float, float] = (0.5, 99.5)
+    channels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_pair("spacing", self.spacing, float, positive=True)
+        _check_pair("size", self.size, int, positive=True)
+        if self.norm not in ("zscore", "minmax"):
+            raise ValueError(f"preprocess.norm: {self.norm!r} is not one of 'zscore', 'minmax'")
+        _check_pair("clip", self.clip, float, positive=False)
+        lo, hi = self.clip
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError(f"preprocess.clip: {self.clip!r} must be percentiles 0 <= low < high <= 100")
+        if self.channels is not None:
+            if not isinstance(self.channels, (tuple, list)) or not self.channels:
+                raise ValueError(f"preprocess.channels: {self.channels!r} must be null or a non-empty list")
+            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.channels):
+                raise ValueError(f"preprocess.channels: {self.channels!r} must be non-negative integers")
+            object.__setattr__(self, "channels", tuple(self.channels))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able dict (tuples become lists)."""
+        d = asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessParams:
+        """Build from a dict such as :meth:`to_dict` wrote.
+
+        Raises:
+            ValueError: unknown key or bad value, naming the key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(f"preprocess.{key}: unknown key (allowed: {', '.join(sorted(known))})")
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in ("spacing", "size", "clip"):
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"preprocess.{key}: {value!r} must be a list of two numbers")
+                value = tuple(value)
+            elif key == "channels" and value is not None:
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"preprocess.channels: {value!r} must be null or a list of integers")
+                value = tuple(value)
+            kw[key] = value
+        return cls(**kw)
+
+
+def _check_pair(name: str, value: Any, kind: type, *, positive: bool) -> None:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if ok and kind is int:
+        ok = all(float(v).is_integer() for v in value)
+    if ok and positive:
+        ok = all(v > 0 for v in value)
+    if not ok:
+        what = "positive " if positive else ""
+        raise ValueError(f"preprocess.{name}: {value!r} must be two {what}{kind.__name__}s")
+
+
+@dataclass
+class Volume:
+    """One preprocessed volume.
+
+    Args:
+        image: float32 ``(S, C, H, W)`` axial slices after preprocessing.
+        label: uint8 ``(S, H, W)`` or ``None``.
+        spacing: (x, y, z) mm of the output grid (x along W, y along H).
+        geometry: JSON-able record of everything :func:`to_original_grid` needs.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    geometry: dict
+
+
+def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -> nib.Nifti1Image:
+    """Read a NIfTI file completely and validate it.
+
+    All bytes are read and a gzip stream is decompressed to its end, so a truncated or corrupted
+    ``.nii.gz`` fails here (CRC and length are checked) rather than half-way through a job.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        kind: ``"image"`` also rejects NaN/Inf and all-constant data; ``"label"`` allows a constant
+            (e.g. empty) label map.
+
+    Returns:
+        A ``Nifti1Image`` whose data is in memory (``get_fdata`` needs no further I/O).
+
+    Raises:
+        InputError: one line naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if not raw:
+        raise InputError(f"{path}: empty file")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise InputError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
+    img: nib.Nifti1Image | None = None
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            img = klass.from_bytes(raw)
+            break
+        except Exception:  # nibabel raises several types for a wrong header; try the next class
+            continue
+    if img is None:
+        raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 file")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the voxel data ({exc})") from None
+    if data.ndim < 3:
+        raise InputError(f"{path}: {data.ndim}D image of shape {data.shape}; expected a 3D or 4D volume")
+    if data.ndim > 4:
+        data = _squeeze_trailing(path, data)
+    if min(data.shape) == 0:
+        raise InputError(f"{path}: empty volume of shape {data.shape}")
+    if kind == "image":
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise InputError(f"{path}: volume contains NaN or Inf values")
+        if data.dtype.kind in "biuf" and data.min() == data.max():
+            raise InputError(f"{path}: volume is constant (all voxels = {data.flat[0]})")
+        if data.dtype.kind not in "biuf":
+            raise InputError(f"{path}: unsupported voxel type {data.dtype}")
+    zooms = img.header.get_zooms()[:3]
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise InputError(f"{path}: invalid voxel size {tuple(float(z) for z in zooms)}")
+    out = nib.Nifti1Image(data, img.affine, header=img.header if isinstance(img, nib.Nifti1Image) else None)
+    out.set_data_dtype(data.dtype)
+    return out
+
+
+def _squeeze_trailing(path: Path, data: np.ndarray) -> np.ndarray:
+    extra = data.shape[4:]
+    if any(s != 1 for s in extra):
+        raise InputError(f"{path}: {data.ndim}D image of shape {data.shape}; expected 3D or 4D")
+    return data.reshape(data.shape[:4])
+
+
+def _resample_image(arr: np.ndarray, out_xy: tuple[int, int]) -> np.ndarray:
+    """Linear in-plane resample of ``(X, Y, Z, C)`` to ``(nx, ny, Z, C)`` (antialiased downsampling)."""
+    x, y, z, c = arr.shape
+    if (x, y) == out_xy:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 3, 0, 1))).reshape(z * c, 1, x, y)
+    down = out_xy[0] < x or out_xy[1] < y
+    r = F.interpolate(t, size=out_xy, mode="bilinear", align_corners=False, antialias=down)
+    return r.reshape(z, c, *out_xy).numpy().transpose(2, 3, 0, 1)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel for a nearest resample with pixel-centre alignment."""
+    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
+    return np.clip(idx, 0, n_in - 1)
+
+
+def _crop_pad(arr: np.ndarray, offset: tuple[int, int], size: tuple[int, int], fill: float) -> np.ndarray:
+    """``out[i, j] = arr[i + ox, j + oy]`` over the first two axes, ``fill`` outside ``arr``."""
+    out = np.full(size + arr.shape[2:], fill, dtype=arr.dtype)
+    src, dst = [], []
+    for n_in, n_out, off in zip(arr.shape[:2], size, offset, strict=True):
+        lo, hi = max(0, -off), min(n_out, n_in - off)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo + off, hi + off))
+    out[dst[0], dst[1]] = arr[src[0], src[1]]
+    return out
+
+
+def _to_slices(arr: np.ndarray) -> np.ndarray:
+    """Canonical ``(X, Y, Z, ...)`` → display ``(Z, ..., H=-y, W=x)``."""
+    moved = np.moveaxis(arr, (2, 1, 0), (0, -2, -1))  # (Z, ..., Y, X)
+    return np.ascontiguousarray(moved[..., ::-1, :])
+
+
+def _normalise(arr: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Per-channel percentile clip then z-score / min-max on ``(X, Y, Z, C)`` float32."""
+    out = np.empty_like(arr)
+    for c in range(arr.shape[-1]):
+        ch = arr[..., c]
+        lo, hi = np.percentile(ch, params.clip)
+        ch = np.clip(ch, lo, hi)
+        if params.norm == "zscore":
+            std = float(ch.std())
+            out[..., c] = (ch - float(ch.mean())) / (std if std > 0 else 1.0)
+        else:
+            out[..., c] = (ch - lo) / (hi - lo if hi > lo else 1.0)
+    return out
+
+
+def preprocess(
+    image_path: str | Path,
+    params: PreprocessParams,
+    label_path: str | Path | None = None,
+    *,
+    allowed_labels: tuple[int, ...] | list[int] | None = None,
+) -> Volume:
+    """Load one volume (and its label) and turn it into preprocessed axial slices.
+
+    Args:
+        image_path: 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` NIfTI image.
+        params: preprocessing parameters.
+        label_path: optional 3D label map on the same voxel grid.
+        allowed_labels: label values the dataset declares (e.g. ``(0, 1)``); others are an error.
+
+    Returns:
+        :class:`Volume` with image ``(S, C, H, W)`` float32 and label ``(S, H, W)`` uint8.
+
+    Raises:
+        InputError: unreadable/invalid image or label, label shape mismatch, undeclared label
+            values, or a channel index the image does not have.
+
+    Example:
+        >>> vol = preprocess("img.nii.gz", PreprocessParams(size=(64, 64)))  # doctest: +SKIP
+    """
+    image_path = Path(image_path)
+    img = load_nifti(image_path)
+    data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
+    if data.ndim == 3:
+        data = data[..., None]
+    n_ch = data.shape[3]
+    if params.channels is not None:
+        bad = [c for c in params.channels if c >= n_ch]
+        if bad:
+            raise InputError(f"{image_path}: channel(s) {bad} requested but the image has {n_ch} channel(s)")
+        data = data[..., list(params.channels)]
+    ornt = nib.orientations.io_orientation(img.affine)
+    canon = nib.orientations.apply_orientation(data, ornt)  # (X', Y', Z', C) in RAS
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    canon_zooms = np.empty(3)
+    canon_zooms[ornt[:, 0].astype(int)] = zooms
+    cx, cy, cz = canon.shape[:3]
+    # params.spacing is (row=H=y, col=W=x)
+    nx = max(1, int(round(cx * canon_zooms[0] / params.spacing[1])))
+    ny = max(1, int(round(cy * canon_zooms[1] / params.spacing[0])))
+    res = _resample_image(np.ascontiguousarray(canon), (nx, ny))
+    res = _normalise(res, params)
+    h, w = params.size
+    # the display grid is (H=-y, W=x); crop/pad in canonical (x, y) order with matching offsets
+    offset = ((nx - w) // 2, (ny - h) // 2)
+    fill = res.min(axis=(0, 1, 2))  # background after normalisation (clip low), per channel
+    out = _crop_pad(res, offset, (w, h), 0.0)
+    pad_mask = _crop_pad(np.zeros((nx, ny, 1, 1), bool), offset, (w, h), True)[..., 0, 0]
+    if pad_mask.any():
+        for c in range(out.shape[-1]):
+            out[pad_mask, :, c] = fill[c]
+    image = _to_slices(out).astype(np.float32, copy=False)  # (Z, C, H, W)
+
+    label = None
+    if label_path is not None:
+        label = _load_label(Path(label_path), image_path, img, ornt, (nx, ny), offset, (w, h), allowed_labels)
+
+    geometry = {
+        "shape": [int(s) for s in img.shape[:3]],
+        "affine": np.asarray(img.affine, dtype=float).tolist(),
+        "ornt": ornt.astype(int).tolist(),
+        "canonical_shape": [int(cx), int(cy), int(cz)],
+        "resampled_shape": [int(nx), int(ny)],
+        "offset": [int(offset[0]), int(offset[1])],
+        "size": [int(h), int(w)],
+    }
+    spacing = (
+        float(canon_zooms[0] * cx / nx),
+        float(canon_zooms[1] * cy / ny),
+        float(canon_zooms[2]),
+    )
+    return Volume(image=image, label=label, spacing=spacing, geometry=geometry)
+
+
+def _load_label(
+    label_path: Path,
+    image_path: Path,
+    img: nib.Nifti1Image,
+    ornt: np.ndarray,
+    out_xy: tuple[int, int],
+    offset: tuple[int, int],
+    size_xy: tuple[int, int],
+    allowed_labels: tuple[int, ...] | list[int] | None,
+) -> np.ndarray:
+    lab_img = load_nifti(label_path, kind="label")
+    lab = np.asanyarray(lab_img.dataobj)
+    if lab.ndim == 4 and lab.shape[3] == 1:
+        lab = lab[..., 0]
+    if lab.shape != tuple(img.shape[:3]):
+        raise InputError(f"{label_path}: label shape {lab.shape} differs from image {image_path.name} "
+                         f"shape {tuple(img.shape[:3])}")
+    if lab.dtype.kind == "f":
+        if not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab)):
+            raise InputError(f"{label_path}: label values must be integers")
+    values = np.unique(lab)
+    allowed = set(range(256)) if allowed_labels is None else {int(v) for v in allowed_labels}
+    bad = [int(v) for v in values if int(v) not in allowed]
+    if bad:
+        raise InputError(f"{label_path}: label values {bad} not among declared labels {sorted(allowed)[:16]}")
+    if not np.allclose(lab_img.affine, img.affine, atol=1e-3):
+        logger.warning("%s: label affine differs from image %s; using the image geometry", label_path,
+                       image_path.name)
+    lab = nib.orientations.apply_orientation(lab.astype(np.uint8), ornt)
+    ix = _nearest_index(lab.shape[0], out_xy[0])
+    iy = _nearest_index(lab.shape[1], out_xy[1])
+    lab = lab[ix][:, iy]
+    lab = _crop_pad(lab, offset, size_xy, 0)
+    return _to_slices(lab).astype(np.uint8, copy=False)  # (Z, H, W)
+
+
+def to_original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
+    """Map an ``(S, H, W)`` mask on the preprocessed grid back to the input file's voxel grid.
+
+    Inverse of :func:`preprocess`'s geometry: inverse crop/pad, nearest inverse in-plane resample,
+    inverse RAS reorientation. Save the result with the input image's affine.
+
+    Args:
+        mask: ``(S, H, W)`` integer mask (e.g. a prediction), S = number of slices of the input.
+        geometry: ``Volume.geometry`` of the same input.
+
+    Returns:
+        uint8 array with the input image's spatial shape ``(X, Y, Z)``.
+
+    Raises:
+        ValueError: ``mask`` shape does not match ``geometry``.
+    """
+    cx, cy, cz = geometry["canonical_shape"]
+    nx, ny = geometry["resampled_shape"]
+    h, w = geometry["size"]
+    mask = np.asarray(mask)
+    if mask.shape != (cz, h, w):
+        raise ValueError(f"mask: shape {mask.shape} does not match the preprocessed grid {(cz, h, w)}")
+    canon = np.ascontiguousarray(np.moveaxis(mask[:, ::-1, :], (0, 1, 2), (2, 1, 0)))  # (W=x, H=y, Z)
+    ox, oy = geometry["offset"]
+    res = _crop_pad(canon, (-ox, -oy), (nx, ny), 0)
+    ix = _nearest_index(nx, cx)
+    iy = _nearest_index(ny, cy)
+    back = res[ix][:, iy].astype(np.uint8)
+    ornt = np.asarray(geometry["ornt"], dtype=float)
+    inv = nib.orientations.ornt_transform(_RAS_ORNT, ornt)
+    out = nib.orientations.apply_orientation(back, inv)
+    return np.ascontiguousarray(out.astype(np.uint8))

@@ -1,0 +1,421 @@
+"""Write preprocessed slices as WebDataset shards with a manifest.
+
+Layout of a shard directory (SPEC §4)::
+
+    shard-000000.tar  …   one sample per axial slice:
+        <key>.image.npy   float16 (C, H, W)
+        <key>.label.npy   uint8 (H, W)       (when the subject has a label)
+        <key>.meta.json   subject, slice, num_slices, position, spacing, source, preprocess
+    manifest.json         preprocessing, shards (samples, bytes, sha256), subjects, skipped inputs
+
+With a validation split (``val_fraction > 0``) the output holds ``train/`` and ``val/``, each a
+shard directory as above, plus a top-level ``manifest.json`` naming the splits. No subject is in
+both. The keys are ``<subject>_<slice:04d>`` (no dots), the tars are plain POSIX tars (mtime 0,
+sorted members) that ``tar`` and stock ``webdataset`` read.
+
+Atomicity: everything is written into a temporary sibling directory (each shard as ``*.tmp`` then
+renamed, the manifest last) that replaces ``out_dir`` in one rename at the end, so a failed or
+interrupted run never leaves a half-written or mixed shard directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl_pretrain.data.ingest import Subject
+from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "mri-ssl-shards"
+VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+class _ShardWriter:
+    """Rolls samples into ``shard-NNNNNN.tar`` files of at most ``samples_per_shard`` samples."""
+
+    def __init__(self, out_dir: Path, samples_per_shard: int) -> None:
+        self.out_dir = out_dir
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = SHARD_PATTERN.format(len(self.shards))
+        self._tmp = self.out_dir / (name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._count = 0
+        self.shards.append({"name": name, "samples": 0, "bytes": 0, "sha256": ""})
+
+    def _close(self) -> None:
+        if self._tar is None or self._tmp is None:
+            return
+        self._tar.close()
+        final = self.out_dir / self.shards[-1]["name"]
+        h = hashlib.sha256()
+        with open(self._tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        os.replace(self._tmp, final)
+        self.shards[-1].update(samples=self._count, bytes=final.stat().st_size, sha256=h.hexdigest())
+        self._tar = None
+
+    def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
+        """Add one sample (``key.<ext>`` members); returns the shard name it went to."""
+        if self._tar is None or self._count >= self.samples_per_shard:
+            self._close()
+            self._open()
+        assert self._tar is not None  # for the type checker: _open() set it
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o444
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        return self.shards[-1]["name"]
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._close()
+        return self.shards
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _prepare(job: tuple[Subject, PreprocessParams]) -> tuple[str, Any]:
+    """Worker: preprocess one subject; returns ("ok", payload) or ("skip", (path, reason))."""
+    subject, params = job
+    try:
+        vol = preprocess(subject.image, params, subject.label, allowed_labels=subject.allowed_labels)
+    except InputError as exc:
+        return "skip", (str(subject.image), str(exc))
+    except Exception as exc:  # an unexpected failure of one volume must not lose the cohort
+        return "skip", (str(subject.image), f"{subject.image}: {type(exc).__name__}: {exc}")
+    return "ok", (vol.image.astype(np.float16), vol.label, vol.spacing)
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process; the pool provides the parallelism
+
+
+def _results(jobs: list[tuple[Subject, PreprocessParams]], workers: int) -> Iterator[tuple[str, Any]]:
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(_prepare, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init) as pool:
+        yield from pool.map(_prepare, jobs, chunksize=1)
+
+
+def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
+    """Subject-level split: a seeded permutation, the first ``round(val_fraction * n)`` go to val.
+
+    At least one subject goes to each side when ``0 < val_fraction < 1`` and there are ≥ 2 subjects.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction: {val_fraction!r} must be in [0, 1)")
+    subjects = list(subjects)
+    if val_fraction == 0.0 or not subjects:
+        return subjects, []
+    order = sorted(subjects, key=lambda s: s.id)
+    random.Random(seed).shuffle(order)
+    n_val = int(round(val_fraction * len(order)))
+    n_val = min(max(n_val, 1), len(order) - 1) if len(order) >= 2 else 0
+    val_ids = {s.id for s in order[:n_val]}
+    return [s for s in subjects if s.id not in val_ids], [s for s in subjects if s.id in val_ids]
+
+
+def _is_shard_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it whole")
+    if not _is_shard_dir(out_dir):
+        raise ValueError(f"{out_dir}: --overwrite refused: not a shard directory (no {FORMAT} manifest.json)")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_shards(
+    subjects: Sequence[Subject],
+    out_dir: str | Path,
+    params: PreprocessParams,
+    *,
+    samples_per_shard: int = 512,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    workers: int = 2,
+    strict: bool = False,
+    overwrite: bool = False,
+    skipped: Sequence[tuple[str, str]] = (),
+    mix_subjects: int = 8,
+    label_names: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Preprocess ``subjects`` and write them as WebDataset shards plus ``manifest.json``.
+
+    Args:
+        subjects: from :func:`ssl_pretrain.data.ingest.discover`.
+        out_dir: output shard directory (must not exist or be empty unless ``overwrite``).
+        params: preprocessing parameters (recorded in the manifest and every ``meta.json``).
+        samples_per_shard: slices per tar (default 512 ≈ 64 MB at 256×256, one channel).
+        val_fraction: fraction of subjects written to ``val/`` (0 = one shard directory).
+        seed: seed of the split and of the slice interleaving.
+        workers: preprocessing processes (≤ 1 runs in this process).
+        strict: any skipped input is an error and nothing is written.
+        overwrite: replace an existing shard directory whole (never mixes old and new shards).
+        skipped: inputs already skipped by discovery, as ``(path, reason)``, recorded too.
+        mix_subjects: slices of this many consecutive subjects are interleaved in a seeded random
+            order before writing (1 = subject order), so a shard mixes subjects.
+        label_names: label value → name (e.g. MSD ``labels``), recorded in the manifest.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The manifest (the top-level one, with per-split manifests under ``"splits"``, when split).
+
+    Raises:
+        ValueError: bad arguments or ``out_dir`` exists (message says how to proceed).
+        InputError: ``strict`` and at least one input was skipped, or no subject could be written.
+    """
+    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: {samples_per_shard!r} must be a positive integer")
+    if mix_subjects < 1:
+        raise ValueError(f"mix_subjects: {mix_subjects!r} must be ≥ 1")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    subjects = list(subjects)
+    if not subjects and not skipped:
+        raise InputError(f"{out_dir}: no input subjects to write")
+    train, val = split_subjects(subjects, val_fraction, seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    tmp_root.mkdir()
+    try:
+        skips = [{"path": p, "reason": r} for p, r in skipped]
+        splits = {"train": train, "val": val} if val else {"all": train}
+        manifests: dict[str, dict[str, Any]] = {}
+        split_of = {s.id: name for name, group in splits.items() for s in group}
+        jobs = [(s, params) for name in splits for s in splits[name]]
+        writers = {}
+        for name in splits:
+            d = tmp_root if name == "all" else tmp_root / name
+            d.mkdir(exist_ok=True)
+            writers[name] = _SplitWriter(d, name, params, samples_per_shard, mix_subjects, seed, label_names)
+        results = _results(jobs, workers)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(jobs), desc="shards", unit="subject")
+        for (subject, _), (status, payload) in zip(jobs, results, strict=True):
+            if status == "skip":
+                path, reason = payload
+                logger.warning("skipped %s", reason)
+                skips.append({"path": path, "reason": reason})
+                continue
+            problem = writers[split_of[subject.id]].add(subject, *payload)
+            if problem:
+                logger.warning("skipped %s", problem)
+                skips.append({"path": str(subject.image), "reason": problem})
+        if strict and skips:
+            raise InputError(f"{len(skips)} input(s) skipped and --strict is set; first: {skips[0]['reason']}")
+        for name, w in writers.items():
+            manifests[name] = w.finish(skips)
+        if sum(m["num_samples"] for m in manifests.values()) == 0:
+            raise InputError(f"{out_dir}: no subject could be written ({len(skips)} skipped)")
+        if "all" in manifests:
+            top = manifests["all"]
+        else:
+            top = {
+                "format": FORMAT,
+                "version": VERSION,
+                "preprocess": params.to_dict(),
+                "splits": {n: {"dir": n, "num_samples": m["num_samples"], "num_subjects": m["num_subjects"],
+                               "subjects": [s["id"] for s in m["subjects"]]} for n, m in manifests.items()},
+                "skipped": skips,
+            }
+            _write_json(tmp_root / "manifest.json", top)
+        _commit(tmp_root, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    if "splits" in top:
+        return {**top, "splits": {n: {**top["splits"][n], "manifest": manifests[n]} for n in manifests}}
+    return top
+
+
+def _commit(tmp_root: Path, out_dir: Path) -> None:
+    """Swap the finished temporary directory into place (old content removed only afterwards)."""
+    old = None
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+        else:
+            out_dir.rmdir()
+    os.replace(tmp_root, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _SplitWriter:
+    """Writes one split: interleaves slices of ``mix`` subjects, rolls shards, builds the manifest."""
+
+    def __init__(self, out_dir: Path, split: str, params: PreprocessParams, samples_per_shard: int,
+                 mix: int, seed: int, label_names: dict[str, str] | None) -> None:
+        self.out_dir = out_dir
+        self.split = split
+        self.params = params
+        self.params_dict = params.to_dict()
+        self.writer = _ShardWriter(out_dir, samples_per_shard)
+        self.mix = mix
+        self.rng = random.Random(f"{seed}-{split}")
+        self.label_names = label_names
+        self.pending: list[tuple[Subject, np.ndarray, np.ndarray | None, tuple[float, float, float]]] = []
+        self.subjects: list[dict[str, Any]] = []
+        self.shape: tuple[int, ...] | None = None
+        self.n_labeled = 0
+        self.n_samples = 0
+
+    def add(self, subject: Subject, image: np.ndarray, label: np.ndarray | None,
+            spacing: tuple[float, float, float]) -> str | None:
+        """Queue one preprocessed subject; returns a skip reason when it does not fit the split."""
+        if self.shape is None:
+            self.shape = tuple(image.shape[1:])
+        elif tuple(image.shape[1:]) != self.shape:
+            return (f"{subject.image}: slices of shape {tuple(image.shape[1:])} (C, H, W) differ from the "
+                    f"cohort's {self.shape}; select channels with --channels")
+        self.pending.append((subject, image, label, spacing))
+        if len(self.pending) >= self.mix:
+            self._flush()
+        return None
+
+    def _flush(self) -> None:
+        order = [(i, z) for i, (_, img, _, _) in enumerate(self.pending) for z in range(img.shape[0])]
+        if self.mix > 1:
+            self.rng.shuffle(order)
+        shards_of: dict[int, set[str]] = {i: set() for i in range(len(self.pending))}
+        for i, z in order:
+            subject, image, label, spacing = self.pending[i]
+            n = image.shape[0]
+            meta = {
+                "subject": subject.id,
+                "slice": z,
+                "num_slices": n,
+                "position": z / (n - 1) if n > 1 else 0.5,
+                "spacing": [round(float(s), 6) for s in spacing],
+                "source": subject.source or str(subject.image),
+                "preprocess": self.params_dict,
+            }
+            members = [("image.npy", _npy_bytes(image[z]))]
+            if label is not None:
+                members.append(("label.npy", _npy_bytes(label[z])))
+            members.append(("meta.json", json.dumps(meta, separators=(",", ":")).encode()))
+            shards_of[i].add(self.writer.write(f"{subject.id}_{z:04d}", members))
+            self.n_samples += 1
+        for i, (subject, image, label, spacing) in enumerate(self.pending):
+            self.n_labeled += label is not None
+            self.subjects.append({
+                "id": subject.id,
+                "source": subject.source or str(subject.image),
+                "label": label is not None,
+                "slices": int(image.shape[0]),
+                "spacing": [round(float(s), 6) for s in spacing],
+                "shards": sorted(shards_of[i]),
+            })
+        self.pending = []
+
+    def finish(self, skipped: list[dict[str, str]]) -> dict[str, Any]:
+        """Flush, close the last shard and write ``manifest.json`` (last)."""
+        self._flush()
+        shards = self.writer.finish()
+        c, h, w = self.shape if self.shape is not None else (0, *self.params.size)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "split": self.split,
+            "preprocess": self.params_dict,
+            "sample": {
+                "image.npy": {"dtype": "float16", "shape": [c, h, w]},
+                "label.npy": {"dtype": "uint8", "shape": [h, w]} if self.n_labeled else None,
+                "meta.json": ["subject", "slice", "num_slices", "position", "spacing", "source", "preprocess"],
+            },
+            "channels": c,
+            "size": [h, w],
+            "has_labels": bool(self.subjects) and self.n_labeled == len(self.subjects),
+            "label_names": self.label_names,
+            "num_samples": self.n_samples,
+            "num_subjects": len(self.subjects),
+            "shards": shards,
+            "subjects": self.subjects,
+            "skipped": skipped,
+        }
+        _write_json(self.out_dir / "manifest.json", manifest)
+        return manifest
+
+
+def read_manifest(path: str | Path, split: str = "train") -> tuple[Path, dict[str, Any]]:
+    """Find and read the manifest of a shard directory.
+
+    Args:
+        path: a shard directory, or a split output (``train/`` + ``val/``) directory.
+        split: which split to use when ``path`` holds several.
+
+    Returns:
+        (the shard directory, its manifest).
+
+    Raises:
+        ValueError: no manifest, a manifest of another format, or an unknown split.
+    """
+    path = Path(path)
+    mpath = path / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{mpath}: not found; is {path} a shard directory (make_shards.py output)?") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{mpath}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not an {FORMAT} manifest")
+    if "splits" in manifest:
+        if split not in manifest["splits"]:
+            raise ValueError(f"{mpath}: split {split!r} not found (have {', '.join(manifest['splits'])})")
+        return read_manifest(path / manifest["splits"][split]["dir"], split)
+    return path, manifest
