@@ -1,0 +1,360 @@
+"""Labeled volumes for finetuning: discovery, validation, on-disk cache and subject-level splits.
+
+A labeled dataset is an MSD-layout folder (``imagesTr/``, ``labelsTr/``, ``dataset.json`` with any
+number of classes) or image/label folders with matching names (found by
+``ssl_pretrain.data.ingest.discover``). Every volume goes through the one preprocessing function
+of the project, with the parameters of the pretrained model's export when one is given, so
+finetuning sees data prepared exactly like pretraining did.
+
+Splits follow Chaitanya et al.: a fixed test set and a fixed validation set (drawn once with
+``data.split_seed``), and a training pool from which ``n_labeled`` volumes are drawn by the run's
+seed. The test set never depends on ``n_labeled``, the seed or the init.
+
+Preprocessed volumes are cached as ``.npz`` files keyed by a hash of (image and label path, size,
+mtime, preprocessing parameters, declared labels), written atomically, so the trials of a sweep
+do not redo the work; a volume that fails validation leaves a ``.err`` file with its one-line reason
+and is skipped (and reported) by every later run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LabeledSubject",
+    "LabeledDataset",
+    "Splits",
+    "PreparedData",
+    "VolumeCache",
+    "open_labeled",
+    "make_splits",
+    "draw_labeled",
+    "prepare",
+    "shw_spacing",
+]
+
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LabeledSubject:
+    """One image with its label map."""
+
+    id: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class LabeledDataset:
+    """The labeled subjects of one dataset folder.
+
+    Args:
+        root: The dataset folder.
+        name: ``dataset.json`` ``name`` (or the folder name), used in the registry model name.
+        subjects: Subjects with an image and a label, sorted by id.
+        label_names: ``{value: name}`` of the declared labels, background (0) included.
+        declared: Whether ``label_names`` came from ``dataset.json`` (then other values are errors).
+        skipped: ``(path, reason)`` of inputs that were left out.
+    """
+
+    root: Path
+    name: str
+    subjects: list[LabeledSubject]
+    label_names: dict[int, str]
+    declared: bool
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Output classes of the segmentation head, background included."""
+        return max(self.label_names) + 1
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Subject ids of the fixed test and validation sets and of the training pool."""
+
+    train_pool: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+
+@dataclass
+class PreparedData:
+    """What a finetuning run needs: the dataset, its splits and the (cached) preprocessed volumes."""
+
+    dataset: LabeledDataset
+    params: PreprocessParams
+    splits: Splits
+    cache: VolumeCache
+    skipped: list[tuple[str, str]]
+
+    def volumes(self, ids: tuple[str, ...] | list[str]) -> dict[str, Volume]:
+        """Load preprocessed volumes by subject id (from the cache)."""
+        by_id = {s.id: s for s in self.dataset.subjects}
+        return {i: self.cache.load(by_id[i]) for i in ids}
+
+
+def _parse_labels(labels: Any, path: Path) -> dict[int, str]:
+    """Read MSD ``labels``: ``{"0": "background", "1": "liver"}`` or ``{"background": 0, ...}``."""
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{path}: 'labels' must be a non-empty mapping of label value to name")
+    out: dict[int, str] = {}
+    for k, v in labels.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            out[int(k)] = str(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out[v] = str(k)
+        else:
+            raise ValueError(f"{path}: label entry {k!r}: {v!r} is neither 'value: name' nor 'name: value'")
+    if any(v < 0 or v > 255 for v in out):
+        raise ValueError(f"{path}: label values must be in 0..255, got {sorted(out)}")
+    out.setdefault(0, "background")
+    return dict(sorted(out.items()))
+
+
+def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
+    """Find the labeled subjects of a dataset folder.
+
+    Args:
+        root: MSD-layout folder or a folder with image/label folders of matching names.
+
+    Returns:
+        The dataset; subjects without a label are listed in ``skipped``.
+
+    Raises:
+        ValueError: ``root`` does not exist, its ``dataset.json`` is malformed, or no subject has a label.
+    """
+    from ssl_pretrain.data.ingest import discover
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data.root: {root} is not a directory")
+    subjects, found_skipped = discover(root, labels=True)
+    skipped = [(str(p), str(r)) for p, r in found_skipped]
+    labeled = [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in subjects if s.label]
+    if not labeled:
+        raise ValueError(f"data.root: {root} holds no image with a matching label (imagesTr/ + labelsTr/)")
+    name = root.name
+    meta_path = root / "dataset.json"
+    label_names: dict[int, str] = {}
+    declared = False
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path}: not valid JSON (line {e.lineno})") from None
+        if "labels" in meta:
+            label_names = _parse_labels(meta["labels"], meta_path)
+            declared = True
+        name = str(meta.get("name") or name)
+    if not declared:
+        values: set[int] = set()
+        for s in labeled:
+            values.update(int(v) for v in np.unique(np.asanyarray(nib.load(s.label).dataobj)))
+        label_names = {v: ("background" if v == 0 else f"class{v}") for v in sorted(values | {0})}
+    labeled.sort(key=lambda s: s.id)
+    return LabeledDataset(root, _safe_name(name), labeled, label_names, declared, skipped)
+
+
+def _safe_name(name: str) -> str:
+    return (
+        "".join(c if c.isalnum() or c in "-_" else "-" for c in name.strip().lower()).strip("-") or "dataset"
+    )
+
+
+def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split_seed: int) -> Splits:
+    """Split subject ids into fixed test and validation sets and a training pool.
+
+    Args:
+        ids: Usable subject ids.
+        n_val: Validation subjects.
+        n_test: Test subjects.
+        split_seed: Seed of the permutation (the same seed always gives the same test set).
+
+    Raises:
+        ValueError: Fewer than ``n_val + n_test + 1`` subjects.
+    """
+    ids = sorted(ids)
+    if len(ids) < n_val + n_test + 1:
+        raise ValueError(
+            f"data: {len(ids)} usable labeled volumes, need at least data.n_val + data.n_test + 1 = "
+            f"{n_val + n_test + 1}"
+        )
+    perm = [ids[i] for i in np.random.default_rng(split_seed).permutation(len(ids))]
+    test = tuple(sorted(perm[:n_test]))
+    val = tuple(sorted(perm[n_test : n_test + n_val]))
+    pool = tuple(sorted(perm[n_test + n_val :]))
+    return Splits(train_pool=pool, val=val, test=test)
+
+
+def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str, ...]:
+    """Draw ``n_labeled`` training volumes from the pool by ``seed`` (0 = the whole pool).
+
+    Raises:
+        ValueError: ``n_labeled`` is larger than the pool.
+    """
+    if n_labeled == 0:
+        return tuple(pool)
+    if n_labeled > len(pool):
+        raise ValueError(f"n_labeled: {n_labeled} is larger than the training pool of {len(pool)} volumes")
+    idx = np.random.default_rng(seed).permutation(len(pool))[:n_labeled]
+    return tuple(sorted(pool[i] for i in idx))
+
+
+def shw_spacing(volume: Volume) -> tuple[float, float, float]:
+    """Voxel size in mm along the ``(S, H, W)`` axes of a preprocessed volume (``spacing`` is x, y, z)."""
+    x, y, z = volume.spacing
+    return (z, y, x)
+
+
+def _atomic_bytes(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class VolumeCache:
+    """On-disk cache of preprocessed labeled volumes.
+
+    Args:
+        directory: Where the ``.npz`` (and ``.err``) files live.
+        params: Preprocessing parameters.
+        allowed_labels: Declared label values, or ``None`` to accept any.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        params: PreprocessParams,
+        allowed_labels: tuple[int, ...] | None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.params = params
+        self.allowed_labels = allowed_labels
+
+    def key(self, subject: LabeledSubject) -> str:
+        """Hash of the input files' identity and the preprocessing."""
+        parts: dict[str, Any] = {
+            "v": _CACHE_VERSION,
+            "params": self.params.to_dict(),
+            "labels": list(self.allowed_labels or []),
+        }
+        for name, p in (("image", subject.image), ("label", subject.label)):
+            st = p.stat()
+            parts[name] = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+    def ensure(self, subject: LabeledSubject) -> str | None:
+        """Preprocess ``subject`` into the cache unless it is there; return the reason it is unusable."""
+        key = self.key(subject)
+        npz, err = self.directory / f"{key}.npz", self.directory / f"{key}.err"
+        if npz.is_file():
+            return None
+        if err.is_file():
+            return err.read_text().strip()
+        try:
+            _check_affines(subject)
+            vol = preprocess(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
+        except (InputError, ValueError) as e:
+            reason = str(e).splitlines()[0]
+            _atomic_bytes(err, lambda f: f.write(reason.encode()))
+            return reason
+        payload = {
+            "image": vol.image.astype(np.float32),
+            "label": vol.label.astype(np.uint8),
+            "spacing": np.asarray(vol.spacing, dtype=np.float64),
+            "geometry": np.asarray(json.dumps(vol.geometry)),
+        }
+        _atomic_bytes(npz, lambda f: np.savez(f, **payload))
+        return None
+
+    def load(self, subject: LabeledSubject) -> Volume:
+        """Return the cached preprocessed volume (preprocessing it first when missing).
+
+        Raises:
+            InputError: The volume is unusable (the reason names the file).
+        """
+        reason = self.ensure(subject)
+        if reason is not None:
+            raise InputError(reason)
+        with np.load(self.directory / f"{self.key(subject)}.npz", allow_pickle=False) as z:
+            return Volume(
+                image=z["image"],
+                label=z["label"],
+                spacing=tuple(float(s) for s in z["spacing"]),  # type: ignore[arg-type]
+                geometry=json.loads(str(z["geometry"])),
+            )
+
+
+def _check_affines(subject: LabeledSubject) -> None:
+    """Reject a label whose voxel grid (affine) differs from its image's (shape is checked by preprocess)."""
+    img, lab = nib.load(subject.image), nib.load(subject.label)
+    if not np.allclose(img.affine, lab.affine, atol=1e-3):
+        raise InputError(f"{subject.label}: label affine differs from image {subject.image.name} affine")
+
+
+def prepare(
+    root: str | os.PathLike[str],
+    params: PreprocessParams,
+    *,
+    n_val: int,
+    n_test: int,
+    split_seed: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> PreparedData:
+    """Open a labeled dataset, preprocess every volume into the cache and split the usable ones.
+
+    Unusable volumes (image/label shape or affine mismatch, undeclared label values, unreadable
+    files) are skipped with a one-line warning each.
+
+    Args:
+        root: Dataset folder.
+        params: Preprocessing (an init export's own parameters, or the config's).
+        n_val: Validation subjects.
+        n_test: Test subjects.
+        split_seed: Seed of the split.
+        cache_dir: Cache folder (default ``<root>/.mri_ssl_cache``).
+
+    Returns:
+        The prepared data.
+
+    Raises:
+        ValueError: No usable dataset, or too few usable volumes for the splits.
+    """
+    ds = open_labeled(root)
+    allowed = tuple(ds.label_names) if ds.declared else None
+    cache = VolumeCache(cache_dir or Path(root) / ".mri_ssl_cache", params, allowed)
+    skipped = list(ds.skipped)
+    good: list[str] = []
+    for s in ds.subjects:
+        reason = cache.ensure(s)
+        if reason is None:
+            good.append(s.id)
+        else:
+            skipped.append((str(s.image), reason))
+    for path, reason in skipped:
+        log.warning("skipped %s: %s", path, reason)
+    splits = make_splits(good, n_val, n_test, split_seed)
+    return PreparedData(ds, params, splits, cache, skipped)

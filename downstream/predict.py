@@ -1,0 +1,176 @@
+"""Inference: a finetuned model on new NIfTI volumes, masks written on the input's original grid.
+
+The finetuned ``model.pt`` holds the architecture, the weights (encoder, decoder, head), the
+number of classes and the preprocessing parameters, so nothing else is needed: every input goes
+through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did, the slices are
+segmented, and :func:`~ssl_pretrain.data.preprocess.to_original_grid` undoes crop/pad, in-plane
+resampling and reorientation, so the mask has the input's shape, affine and orientation.
+
+Example:
+    >>> predict("runs/ft/model.pt", "case_001.nii.gz", "case_001_mask.nii.gz")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from downstream.mlflow_uri import resolve_model_file
+from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
+from ssl_pretrain.export import ExportError, load_export
+from ssl_pretrain.models.unet import UNet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["predict_slices", "load_segmentation_model", "predict"]
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@torch.no_grad()
+def predict_slices(
+    model: torch.nn.Module, image: np.ndarray, *, device: str | torch.device = "cpu", batch_size: int = 32
+) -> np.ndarray:
+    """Segment a preprocessed volume slice by slice.
+
+    Args:
+        model: Segmentation network mapping ``(B, C, H, W)`` to ``(B, K, H, W)`` logits.
+        image: ``(S, C, H, W)`` float32 slices.
+        device: Where the model runs.
+        batch_size: Slices per forward pass.
+
+    Returns:
+        ``(S, H, W)`` uint8 label map (argmax over classes).
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, image.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
+        out.append(model(x).argmax(dim=1).to(torch.uint8).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out, axis=0)
+
+
+def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """Load a finetuned model from a ``model.pt`` path or an MLflow URI.
+
+    Args:
+        ref: Path, ``runs:/…`` or ``models:/<name>@<alias>``.
+        device: Where to put the model.
+
+    Returns:
+        ``(model in eval mode, export dict)``.
+
+    Raises:
+        ValueError: The reference does not resolve, or the export has no segmentation head.
+    """
+    path = resolve_model_file(ref, key="--model")
+    export = load_export(path)
+    if export["head"] is None or not export["num_classes"]:
+        raise ExportError(
+            f"{path}: export of task {export['task']!r} has no segmentation head; finetune it first"
+        )
+    model = UNet(export["model_config"], int(export["num_classes"]))
+    model.encoder.load_state_dict(export["encoder"])
+    model.decoder.load_state_dict(export["decoder"])
+    model.head.load_state_dict(export["head"])
+    return model.to(device).eval(), export
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.endswith(_NIFTI_SUFFIXES)
+
+
+def _output_path(src: Path, output: Path, many: bool) -> Path:
+    if not many and _is_nifti(output):
+        return output
+    name = src.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+    return output / f"{stem}_mask.nii.gz"
+
+
+def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
+    img = nib.Nifti1Image(mask.astype(np.uint8), reference.affine)
+    img.set_qform(reference.affine, code=1)
+    img.set_sform(reference.affine, code=1)
+    img.set_data_dtype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict(
+    model: str | os.PathLike[str],
+    input: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+) -> list[Path]:
+    """Segment one NIfTI volume or every NIfTI file of a folder.
+
+    Args:
+        model: Finetuned ``model.pt`` path or MLflow URI.
+        input: A ``.nii``/``.nii.gz`` file or a folder of them.
+        output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
+        device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
+        batch_size: Slices per forward pass.
+
+    Returns:
+        The written mask files (uint8 labels; shape and affine of each input).
+
+    Raises:
+        ValueError: Missing input, no NIfTI files, unusable model; a bad volume among several is
+            skipped with a one-line warning instead.
+    """
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
+    src, out = Path(input), Path(output)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if _is_nifti(p) and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
+    elif src.is_file():
+        files = [src]
+    else:
+        raise ValueError(f"--input: {src} does not exist")
+    net, export = load_segmentation_model(str(model), device=dev)
+    params = PreprocessParams.from_dict(export["preprocessing"])
+    many = src.is_dir()
+    written: list[Path] = []
+    for f in tqdm(files, desc="predict", unit="vol", disable=len(files) < 2):
+        try:
+            vol = preprocess(f, params)
+            if vol.image.shape[1] != export["model_config"].in_channels:
+                raise ValueError(
+                    f"{f}: {vol.image.shape[1]} channel(s), the model expects "
+                    f"{export['model_config'].in_channels}"
+                )
+            mask = predict_slices(net, vol.image, device=dev, batch_size=batch_size)
+            original = to_original_grid(mask, vol.geometry)
+        except ValueError as e:
+            if not many:
+                raise
+            log.warning("skipped %s: %s", f, str(e).splitlines()[0])
+            continue
+        dst = _output_path(f, out, many)
+        _save_mask(original, load_nifti(f), dst)
+        written.append(dst)
+        log.info("%s -> %s", f, dst)
+    return written

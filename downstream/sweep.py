@@ -1,0 +1,473 @@
+"""Label-efficiency sweeps with Ray Tune: init × n_labeled × seed grid plus an lr / weight-decay search.
+
+Every trial runs :func:`downstream.finetune.finetune` — the function behind ``launch/finetune.py``
+— in a Ray worker, reports validation Dice with a checkpoint after every evaluation and its test
+metrics at the end. Fault tolerance: ``FailureConfig(max_failures)`` restarts a crashed trial from
+its last checkpoint; a trial that keeps failing is reported in one line and does not end the
+sweep; an interrupted sweep is continued with ``Tuner.restore`` by running the same command with
+the same ``out_dir`` again (finished trials are reused, not re-run).
+
+Ray: a local instance (``ray.init(num_cpus=…, include_dashboard=False)``) unless ``RAY_ADDRESS``
+names an existing cluster, or the caller already initialised Ray.
+
+Tracking: one MLflow parent run per sweep (experiment ``tracking.experiment``), a nested run per
+trial (params, per-evaluation metrics, test Dice/HD95, a contour PNG), the best model per
+``(init, n_labeled)`` (selected on validation Dice) logged with ``mlflow.pytorch.log_model``
+(pickle-free ``pt2`` weights with signature and input example, the export ``model.pt`` as an extra
+file), the overall best registered as ``mri-ssl-<dataset>`` with the alias ``champion``, and the
+label-efficiency report (table + plots) as artifacts of the parent run.
+
+Testing hook: ``search.fault_at_step=N`` makes the first grid point's trial(s) raise once, right
+after the checkpoint at step ``N`` (see ``train.inject_fault_at_step``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from downstream.config import FinetuneConfig, SweepConfig
+from downstream.data import draw_labeled, prepare
+from downstream.finetune import load_init
+from downstream.report import build_report
+from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
+from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.tracking import MLflowLogger, NullLogger, RunLogger, start_logger
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_sweep", "InitSpec"]
+
+
+@dataclass
+class InitSpec:
+    """One init of the grid: what the user wrote, the local file, a short tag for tables."""
+
+    ref: str
+    local: str
+    tag: str
+    task: str
+    info: dict[str, Any]
+    params: dict[str, Any]
+
+
+def _absolute_tracking_uri() -> str:
+    """The tracking URI with a relative SQLite / file path made absolute (workers run elsewhere)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    for prefix in ("sqlite:///", "file://"):
+        if uri.startswith(prefix):
+            rest = uri[len(prefix) :]
+            if rest and not rest.startswith("/"):
+                return prefix + str(Path(rest).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
+    specs: list[InitSpec] = []
+    random_params = dict(cfg.data.preprocess)
+    for i, ref in enumerate(cfg.init):
+        export, local = load_init(ref, out / "inits" / str(i))
+        if export is None:
+            specs.append(InitSpec(ref, "random", "random", "random", {}, random_params))
+            continue
+        stem = Path(local).parent.name if Path(local).name == "model.pt" else Path(local).stem
+        specs.append(
+            InitSpec(
+                ref,
+                str(Path(local).resolve()),
+                export["task"] or stem,
+                export["task"],
+                dict(export["info"]),
+                dict(export["preprocessing"]),
+            )
+        )
+    seen: dict[str, int] = {}
+    for s in specs:  # unique tags for tables and folders: "contrastive", "contrastive-2", …
+        seen[s.tag] = seen.get(s.tag, 0) + 1
+        if seen[s.tag] > 1:
+            s.tag = f"{s.tag}-{seen[s.tag]}"
+    return specs
+
+
+def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
+    """Preprocess the dataset once per distinct preprocessing (warms the cache) and check n_labeled."""
+    name = ""
+    seen: set[str] = set()
+    for s in specs:
+        key = json.dumps(s.params, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            params = PreprocessParams.from_dict(s.params)
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
+        data = prepare(
+            cfg.data.root,
+            params,
+            n_val=cfg.data.n_val,
+            n_test=cfg.data.n_test,
+            split_seed=cfg.data.split_seed,
+            cache_dir=cfg.data.cache_dir,
+        )
+        for n in cfg.n_labeled:
+            draw_labeled(data.splits.train_pool, n, 0)  # raises one line when n is too large
+        name = data.dataset.name
+    return cfg.tracking.dataset_name or name
+
+
+def _fingerprint(cfg: SweepConfig) -> str:
+    d = to_dict(cfg)
+    d.pop("out_dir")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def trial_key(tag: str, n_labeled: int, seed: int, lr: float, wd: float) -> str:
+    """Folder name of one trial under ``<out_dir>/trials``."""
+    h = hashlib.sha256(f"{lr:.8g}-{wd:.8g}".encode()).hexdigest()[:6]
+    return f"{tag}-n{n_labeled}-s{seed}-{h}"
+
+
+def _trial_config(config: dict[str, Any]) -> tuple[FinetuneConfig, str]:
+    base = json.loads(config["base"])
+    spec = config["init"]
+    base.update(
+        init=spec["local"] if spec["local"] != "random" else "random",
+        n_labeled=config["n_labeled"],
+        seed=config["seed"],
+    )
+    base["train"].update(lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
+    key = trial_key(spec["tag"], config["n_labeled"], config["seed"], config["lr"], config["weight_decay"])
+    base["out_dir"] = str(Path(config["out_root"]) / "trials" / key)
+    if (
+        config["fault_at_step"] is not None
+        and spec["index"] == 0
+        and config["n_labeled"] == config["first_n"]
+        and config["seed"] == config["first_seed"]
+    ):
+        base["train"]["inject_fault_at_step"] = config["fault_at_step"]
+    return from_dict(FinetuneConfig, base), key
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """One Ray Tune trial: a finetuning run with checkpoints, nested MLflow run and final report."""
+    from ray import tune
+
+    from downstream.finetune import finetune
+
+    logging.basicConfig(level=logging.INFO)
+    cfg, key = _trial_config(config)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fp = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    done = out / "trial_done.json"
+    if done.is_file():  # finished in an earlier sweep run with the same config: reuse it
+        saved = json.loads(done.read_text())
+        if saved.get("fingerprint") == fp:
+            tune.report(saved["metrics"])
+            return
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        resume = ckpt.to_directory(str(out / "restored"))
+        log.info("trial %s resumes from checkpoint %s", key, resume)
+    run_id_file = out / "mlflow_run_id"
+    logger: RunLogger = NullLogger()
+    if config["tracking_uri"]:
+        logger = MLflowLogger(
+            config["experiment"],
+            run_name=key,
+            parent_run_id=config["parent_run_id"],
+            run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None,
+            tracking_uri=config["tracking_uri"],
+            tags={"trial": key, "init_tag": config["init"]["tag"]},
+        )
+        run_id_file.write_text(str(logger.run_id))
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        metrics = {**metrics, "trial_key": key}
+        if checkpoint_dir is None:
+            tune.report(metrics)
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+    try:
+        result = finetune(cfg, report=report, resume=resume, logger=logger)
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update(done=True, trial_key=key)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fp, "metrics": final}, default=float))
+    os.replace(tmp, done)
+
+
+def _init_ray(cfg: SweepConfig) -> bool:
+    """Connect to RAY_ADDRESS or start a local instance; return whether this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address)
+    else:
+        ray.init(
+            num_cpus=cfg.search.ray_num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return True
+
+
+def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> dict[str, Any]:
+    from ray import tune
+
+    def dist(v: tuple[float, ...]) -> Any:
+        return float(v[0]) if len(v) == 1 or v[0] == v[1] else tune.loguniform(float(v[0]), float(v[1]))
+
+    base = to_dict(FinetuneConfig(data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.tracking))
+    base["data"]["root"] = str(Path(cfg.data.root).resolve())
+    if cfg.data.cache_dir:
+        base["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
+    base["train"]["num_threads"] = max(1, int(cfg.search.cpus_per_trial))
+    base["train"]["device"] = "auto" if cfg.search.gpus_per_trial > 0 else "cpu"
+    init_items = [{"index": i, "tag": s.tag, "local": s.local} for i, s in enumerate(specs)]
+    return {
+        "init": tune.grid_search(init_items),
+        "n_labeled": tune.grid_search(list(cfg.n_labeled)),
+        "seed": tune.grid_search(list(cfg.seeds)),
+        "lr": dist(cfg.search.lr),
+        "weight_decay": dist(cfg.search.weight_decay),
+        "base": json.dumps(base),
+        "first_n": cfg.n_labeled[0],
+        "first_seed": cfg.seeds[0],
+        "fault_at_step": cfg.search.fault_at_step,
+        **extra,
+    }
+
+
+def _run_tuner(
+    cfg: SweepConfig, specs: list[InitSpec], out: Path, exp_name: str, extra: dict[str, Any]
+) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        _trainable, {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
+    )
+    storage = out / "ray"
+    path = storage / exp_name
+    space = _space(cfg, specs, extra)
+    if tune.Tuner.can_restore(str(path)):
+        log.info("restoring the interrupted sweep at %s", path)
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable, resume_unfinished=True, resume_errored=True, param_space=space
+        )
+        return tuner.fit()
+    max_reports = cfg.train.max_steps // cfg.train.eval_every + 2
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_reports,
+            grace_period=min(cfg.search.grace_period, max_reports),
+            reduction_factor=2,
+        )
+        if cfg.search.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="best_val_dice",
+            mode="max",
+            scheduler=scheduler,
+            num_samples=cfg.search.num_samples,
+            max_concurrent_trials=cfg.search.max_concurrent or None,
+            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+        ),
+        run_config=tune.RunConfig(
+            name=exp_name,
+            storage_path=str(storage),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    return tuner.fit()
+
+
+def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of finished trials (from their result.json) and one line per failed trial."""
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    by_index = {i: s for i, s in enumerate(specs)}
+    for res in grid:
+        cfg = res.config or {}
+        if "init" not in cfg:
+            continue
+        spec = by_index[cfg["init"]["index"]]
+        key = trial_key(spec.tag, cfg["n_labeled"], cfg["seed"], cfg["lr"], cfg["weight_decay"])
+        rfile = out / "trials" / key / "result.json"
+        if res.error is not None:
+            msg = str(res.error).strip().splitlines()
+            line = next((m for m in reversed(msg) if m.strip()), type(res.error).__name__)
+            errors.append(f"trial {key} failed: {line.strip()[:300]}")
+            continue
+        if not rfile.is_file():
+            errors.append(f"trial {key} stopped before finishing (scheduler) - no test metrics")
+            continue
+        row = json.loads(rfile.read_text())
+        row.update(init_tag=spec.tag, init_ref=spec.ref, trial_key=key)
+        rows.append(row)
+    return rows, errors
+
+
+def _log_best_models(
+    rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig
+) -> dict[str, Any]:
+    """Log the best model (validation Dice) per (init, n_labeled); register the overall best."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    from downstream.predict import load_segmentation_model
+
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        k = (r["init_tag"], r["n_labeled"])
+        if k not in best or r["best_val_dice"] > best[k]["best_val_dice"]:
+            best[k] = r
+    logged: dict[str, Any] = {"models": {}}
+    if not best or parent.run_id is None:
+        return logged
+    overall = max(best.values(), key=lambda r: (r["best_val_dice"], r["n_labeled"]))
+    with mlflow.start_run(run_id=parent.run_id):
+        for (tag, n), r in sorted(best.items()):
+            model, export = load_segmentation_model(r["model_path"])
+            h, w = export["preprocessing"]["size"]
+            x = np.random.default_rng(0).standard_normal((2, model.cfg.in_channels, h, w)).astype(np.float32)
+            with torch.no_grad():
+                y = model(torch.from_numpy(x)).numpy()
+            info = mlflow.pytorch.log_model(
+                model,
+                name=f"best-{tag}-n{n}",
+                serialization_format="pt2",
+                signature=infer_signature(x, y),
+                input_example=x,
+                extra_files=[r["model_path"]],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+            )
+            logged["models"][f"{tag}/n{n}"] = info.model_uri
+            if r is overall:
+                logged["champion_uri"] = info.model_uri
+    if cfg.tracking.register and "champion_uri" in logged:
+        name = f"mri-ssl-{dataset}"
+        mv = mlflow.register_model(logged["champion_uri"], name)
+        mlflow.MlflowClient().set_registered_model_alias(name, cfg.tracking.alias, mv.version)
+        logged.update(
+            registered=f"models:/{name}@{cfg.tracking.alias}",
+            version=mv.version,
+            champion=overall["trial_key"],
+        )
+        log.info(
+            "registered %s version %s as @%s (trial %s, val Dice %.3f)",
+            name,
+            mv.version,
+            cfg.tracking.alias,
+            overall["trial_key"],
+            overall["best_val_dice"],
+        )
+    return logged
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Run (or continue) a sweep and write the label-efficiency report.
+
+    Args:
+        cfg: The sweep config.
+
+    Returns:
+        ``{"rows": finished trials, "errors": one line per failed trial, "report": paths and
+        ``table`` (Markdown), "parent_run_id", "models", "registered", "out_dir"}``.
+
+    Raises:
+        ValueError: Bad dataset, init or ``n_labeled`` (checked before any trial starts).
+    """
+    import ray
+
+    out = Path(cfg.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    specs = _resolve_inits(cfg, out)
+    dataset = _check_data(cfg, specs)
+    fp = _fingerprint(cfg)
+    exp_name = f"sweep-{fp}"
+    state_file = out / "sweep_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    tracking_uri = _absolute_tracking_uri() if cfg.tracking.enabled else ""
+    parent = start_logger(
+        cfg.tracking.enabled,
+        cfg.tracking.experiment,
+        run_name=exp_name,
+        run_id=state.get(fp),
+        tracking_uri=tracking_uri or None,
+        tags={"sweep": exp_name, "dataset": dataset},
+    )
+    if parent.run_id and fp not in state:
+        state[fp] = parent.run_id
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, state_file)
+        parent.log_params(flatten(cfg))
+        parent.log_artifact(out / "config.yaml")
+    started = _init_ray(cfg)
+    try:
+        extra = {
+            "out_root": str(out),
+            "tracking_uri": tracking_uri,
+            "parent_run_id": parent.run_id,
+            "experiment": cfg.tracking.experiment,
+        }
+        grid = _run_tuner(cfg, specs, out, exp_name, extra)
+        rows, errors = _collect(grid, specs, out)
+        for e in errors:
+            log.warning("%s", e)
+        budgets = {s.tag: s.info for s in specs if s.task != "random"}
+        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, dataset=dataset)
+        for p in rep["files"]:
+            parent.log_artifact(p, "report")
+        models = _log_best_models(rows, parent, dataset, cfg) if cfg.tracking.enabled else {"models": {}}
+        parent.end("FINISHED")
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return {
+        "rows": rows,
+        "errors": errors,
+        "report": rep,
+        "table": rep["table"],
+        "parent_run_id": parent.run_id,
+        "out_dir": str(out),
+        "dataset": dataset,
+        **models,
+    }
