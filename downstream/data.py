@@ -142,6 +142,8 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
     """
     from ssl_pretrain.data.ingest import discover
 
+    if not str(root):
+        raise ValueError("data.root: required - a labeled dataset folder (MSD layout or imagesTr/ + labelsTr/)")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data.root: {root} is not a directory")

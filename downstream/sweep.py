@@ -185,13 +185,15 @@ def _trainable(config: dict[str, Any]) -> None:
     run_id_file = out / "mlflow_run_id"
     logger: RunLogger = NullLogger()
     if config["tracking_uri"]:
+        # a retried trial continues its own nested run (the id is kept in its folder)
+        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
         logger = MLflowLogger(
             config["experiment"],
             run_name=key,
             parent_run_id=config["parent_run_id"],
-            run_id=run_id_file.read_text().strip() if run_id_file.is_file() else None,
+            run_id=run_id,
             tracking_uri=config["tracking_uri"],
-            tags={"trial": key, "init_tag": config["init"]["tag"]},
+            tags=None if run_id else {"trial": key, "init_tag": config["init"]["tag"]},
         )
         run_id_file.write_text(str(logger.run_id))
 
@@ -428,7 +430,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         run_name=exp_name,
         run_id=state.get(fp),
         tracking_uri=tracking_uri or None,
-        tags={"sweep": exp_name, "dataset": dataset},
+        tags=None if state.get(fp) else {"sweep": exp_name, "dataset": dataset},
     )
     if parent.run_id and fp not in state:
         state[fp] = parent.run_id

@@ -1,0 +1,200 @@
+"""The label-efficiency experiment end to end, sized for the machine it runs on.
+
+Stages (each is skipped, with a message, when its output is already complete, so an interrupted
+run picks up where it stopped):
+
+1. ``data/unlabeled`` and ``data/labeled``: two synthetic cohorts with separate subjects.
+2. ``shards``: the unlabeled cohort as WebDataset shards.
+3. ``pretrain/contrastive`` and ``pretrain/regression``: ``launch/pretrain.py`` (DeepSpeed; one
+   CPU process, or every GPU through the ``deepspeed`` launcher), resumed from the last
+   checkpoint when interrupted.
+4. ``sweep``: ``launch/sweep.py``, a Ray Tune grid over init × number of labeled volumes × seed,
+   ending in the label-efficiency report and the registered best model.
+
+Every stage is the command a user would type; the demo prints each before running it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.phantoms import make_cohort
+from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.data.shards import write_shards
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "launch" / "configs"
+
+__all__ = ["Scale", "SCALES", "pick_scale", "run_experiment"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big each stage is."""
+
+    name: str
+    n_unlabeled: int  # subjects in the pretraining cohort
+    n_labeled: int  # subjects in the labeled cohort (val + test + training pool)
+    size: int  # slice height = width after preprocessing
+    spacing: float  # in-plane spacing (mm) after preprocessing
+    widths: tuple[int, ...]  # UNet channels per level
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_config: str  # file in launch/configs for pretraining (task set by override)
+    sweep_config: str  # file in launch/configs for the sweep
+    labeled_counts: tuple[int, ...]
+    seeds: tuple[int, ...]
+    finetune_steps: int
+    eval_every: int
+
+
+SCALES: dict[str, Scale] = {
+    # A CI-sized smoke run: every stage, seconds each.
+    "tiny": Scale("tiny", n_unlabeled=4, n_labeled=7, size=32, spacing=12.0, widths=(4, 8, 16),
+                  pretrain_steps=6, pretrain_batch=8, pretrain_config="debug.yaml",
+                  sweep_config="sweep_debug.yaml", labeled_counts=(1, 2), seeds=(0,),
+                  finetune_steps=6, eval_every=3),
+    # A 2-core CPU: 64×64 slices, a narrow UNet, a few minutes of pretraining per pretext.
+    "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, size=64, spacing=6.0, widths=(16, 32, 64, 128),
+                 pretrain_steps=300, pretrain_batch=32, pretrain_config="debug.yaml",
+                 sweep_config="sweep_debug.yaml", labeled_counts=(1, 2, 4), seeds=(0, 1),
+                 finetune_steps=150, eval_every=25),
+    # GPUs: the cluster-sized configs on a larger synthetic cohort.
+    "gpu": Scale("gpu", n_unlabeled=200, n_labeled=30, size=256, spacing=1.5,
+                 widths=(32, 64, 128, 256, 512), pretrain_steps=5000, pretrain_batch=64,
+                 pretrain_config="{task}.yaml", sweep_config="sweep.yaml", labeled_counts=(1, 2, 4, 8),
+                 seeds=(0, 1, 2), finetune_steps=2000, eval_every=100),
+}
+
+
+def pick_scale(requested: Literal["auto", "tiny", "cpu", "gpu"] = "auto") -> Scale:
+    """Return the requested scale, or ``gpu`` when CUDA is available and ``cpu`` otherwise."""
+    if requested == "auto":
+        requested = "gpu" if torch.cuda.is_available() else "cpu"
+    if requested not in SCALES:
+        raise ValueError(f"--scale: must be one of auto, {', '.join(SCALES)}; got {requested!r}")
+    return SCALES[requested]
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    """Run one stage's command in ``cwd``, printing it first; a failure stops the demo."""
+    _say(f"$ (cd {cwd} && {shlex.join(cmd)})")
+    proc = subprocess.run(cmd, cwd=cwd)
+    if proc.returncode != 0:
+        raise SystemExit(f"[demo] stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
+
+
+def _cohorts(out: Path, kind: str, scale: Scale) -> tuple[Path, Path]:
+    paths = []
+    for name, n, seed, labels in (("unlabeled", scale.n_unlabeled, 1, False),
+                                  ("labeled", scale.n_labeled, 2, True)):
+        path = out / "data" / name
+        # make_cohort writes dataset.json last: its presence means the cohort is complete.
+        if (path / "dataset.json").is_file():
+            _say(f"reusing {name} cohort at {path}")
+        else:
+            _say(f"generating {n} synthetic {kind} subjects ({name}) in {path}")
+            make_cohort(kind, n, path, seed=seed, labels=labels)  # type: ignore[arg-type]
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
+    shards = out / "shards"
+    if (shards / "manifest.json").is_file():
+        _say(f"reusing shards at {shards}")
+        return shards
+    subjects, skipped = discover(unlabeled)
+    _say(f"sharding {len(subjects)} unlabeled volumes into {shards}")
+    write_shards(subjects, shards, params, workers=min(2, os.cpu_count() or 1))
+    return shards
+
+
+def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
+    run_dir = out / "pretrain" / task
+    export = run_dir / "export" / "model.pt"
+    if export.is_file():
+        _say(f"reusing finished {task} pretraining: {export}")
+        return export
+    if (run_dir / "checkpoints").is_dir():
+        _say(f"resuming {task} pretraining from its last checkpoint in {run_dir / 'checkpoints'}")
+    config = CONFIGS / scale.pretrain_config.format(task=task)
+    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
+    overrides = [
+        f"task={task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto",
+        f"train.max_steps={scale.pretrain_steps}", f"data.batch_size={scale.pretrain_batch}",
+        f"model.widths={list(scale.widths)}", f"run_name=demo-{task}",
+    ]
+    gpus = torch.cuda.device_count()
+    if gpus > 0:
+        cmd = ["deepspeed", "--num_gpus", str(gpus), *script, *overrides]
+    else:
+        cmd = [sys.executable, *script, *overrides]
+    _run(cmd, out)
+    return export
+
+
+def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale) -> Path:
+    sweep_dir = out / "sweep"
+    inits = ["random", *[str(p) for p in exports.values()]]
+    cmd = [
+        sys.executable, str(REPO / "launch" / "sweep.py"), "--config", str(CONFIGS / scale.sweep_config),
+        f"data.root={labeled}", f"out_dir={sweep_dir}", f"init={inits}",
+        f"n_labeled={list(scale.labeled_counts)}", f"seeds={list(scale.seeds)}",
+        f"train.max_steps={scale.finetune_steps}", f"train.eval_every={scale.eval_every}",
+        f"model.widths={list(scale.widths)}",
+        f"data.preprocess={{size: [{scale.size}, {scale.size}], spacing: [{scale.spacing}, {scale.spacing}]}}",
+    ]
+    _run(cmd, out)
+    return sweep_dir
+
+
+def run_experiment(out: Path, *, kind: str = "liver", scale: Scale) -> Path:
+    """Run (or finish) every stage under ``out`` and print the label-efficiency table.
+
+    Args:
+        out: Directory for everything the demo writes.
+        kind: ``"liver"`` or ``"prostate"`` phantoms.
+        scale: Sizes of the stages (:func:`pick_scale`).
+
+    Returns:
+        The sweep directory holding the report.
+    """
+    t0 = time.time()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    _say(f"scale '{scale.name}': {scale.n_unlabeled} unlabeled + {scale.n_labeled} labeled subjects, "
+         f"{scale.size}x{scale.size} slices, UNet widths {list(scale.widths)}, "
+         f"{scale.pretrain_steps} pretraining steps per pretext; everything goes under {out}")
+    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
+    unlabeled, labeled = _cohorts(out, kind, scale)
+    shards = _shards(out, unlabeled, params)
+    exports = {task: _pretrain(out, task, shards, scale) for task in ("contrastive", "regression")}
+    sweep_dir = _sweep(out, labeled, exports, scale)
+    table = sweep_dir / "report" / "label_efficiency.md"
+    if table.is_file():
+        print(table.read_text())
+    # The stages run with `out` as working directory, so MLflow's local default store lands there.
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    _say(f"finished in {(time.time() - t0) / 60:.1f} min")
+    _say(f"label-efficiency table and plots: {sweep_dir / 'report'}")
+    _say(f"shards: {shards}   pretraining runs and checkpoints: {out / 'pretrain'}")
+    _say(f"MLflow store: {uri}   browse it with: mlflow ui --backend-store-uri {uri}")
+    return sweep_dir

@@ -1,0 +1,42 @@
+"""Segment NIfTI volumes with a finetuned model; masks keep the input's grid, shape and affine.
+
+One volume, or every ``.nii``/``.nii.gz`` of a folder (progress bar; ``<name>_mask.nii.gz`` each)::
+
+    python launch/predict.py --model runs/ft/model.pt --input case_001.nii.gz --output case_001_mask.nii.gz
+    python launch/predict.py --model models:/mri-ssl-syntheticliver@champion --input scans/ --output masks/
+
+``--model`` is a finetuned ``model.pt`` or an MLflow URI (``runs:/…``, ``models:/<name>@<alias>``;
+the tracking store is ``MLFLOW_TRACKING_URI``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, predict, print the written files. Returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="finetuned model.pt or MLflow URI")
+    parser.add_argument("--input", required=True, help=".nii/.nii.gz file or folder of them")
+    parser.add_argument("--output", required=True, help="output .nii.gz (one input) or folder")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    args = parser.parse_args(argv)
+    from downstream.predict import predict
+
+    try:
+        written = predict(args.model, args.input, args.output, device=args.device, batch_size=args.batch_size)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in written:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

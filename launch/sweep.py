@@ -1,0 +1,52 @@
+"""Label-efficiency sweep with Ray Tune: init × n_labeled × seed (+ lr / weight-decay search).
+
+Local Ray on this machine (CPU, minutes)::
+
+    python launch/sweep.py --config launch/configs/sweep_debug.yaml data.root=data/liver out_dir=runs/sweep
+
+Add pretrained inits (export files or MLflow URIs) to the grid::
+
+    python launch/sweep.py --config launch/configs/sweep_debug.yaml data.root=data/liver \\
+        'init=[random, runs/c1/export/model.pt, runs/r1/export/model.pt]' out_dir=runs/sweep
+
+On an existing Ray cluster (resources per trial from ``search.cpus_per_trial`` / ``gpus_per_trial``)::
+
+    RAY_ADDRESS=ray://head:10001 python launch/sweep.py --config launch/configs/sweep.yaml \\
+        data.root=/shared/Task05_Prostate out_dir=/shared/runs/sweep1
+
+Re-running the same command with the same ``out_dir`` continues an interrupted sweep
+(``Tuner.restore``) and reuses finished trials. Tracking: ``MLFLOW_TRACKING_URI`` (parent run +
+nested trial runs; the best model is registered as ``mri-ssl-<dataset>@champion``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from downstream.config import SweepConfig
+from ssl_pretrain.config import parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the sweep, print the report table. Returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg, _ = parse_config(SweepConfig, argv, doc=__doc__)
+    from downstream.sweep import run_sweep
+
+    try:
+        result = run_sweep(cfg)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    for line in result["errors"]:
+        print(line, file=sys.stderr)
+    print(f"report: {result['report']['markdown']}")
+    if result.get("registered"):
+        print(f"registered: {result['registered']} (version {result['version']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
