@@ -1,0 +1,64 @@
+"""Self-supervised pretraining of the 2D UNet (contrastive or regression) with DeepSpeed.
+
+One process (CPU or one GPU)::
+
+    python launch/pretrain.py --config launch/configs/debug.yaml data.shards=shards/ out_dir=runs/dbg
+
+One node, G GPUs (or G CPU processes on a machine without GPUs)::
+
+    deepspeed --num_gpus G launch/pretrain.py --config launch/configs/contrastive.yaml \\
+        data.shards=/data/t2w out_dir=runs/c1
+
+Several nodes (hostfile lines: ``host slots=G``; checkpoints/ must be on a shared file system)::
+
+    deepspeed --hostfile hosts.txt launch/pretrain.py --config launch/configs/regression.yaml \\
+        data.shards=/shared/t2w out_dir=/shared/runs/r1
+
+torchrun, two nodes (run on each node with its --node_rank)::
+
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node G --master_addr HOST0 --master_port 29500 \\
+        launch/pretrain.py --config launch/configs/contrastive.yaml data.shards=/shared/t2w out_dir=runs/c2
+
+Re-running the same command continues from the latest checkpoint (``resume: auto``); a finished
+run only reports its export. ``--resume`` is the same as ``resume=auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ssl_pretrain.config import parse_config
+from ssl_pretrain.engine.config import PretrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the job, report the export path. Returns the exit code."""
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg, args = parse_config(
+        PretrainConfig,
+        argv,
+        doc=__doc__,
+        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
+    )
+    if args.resume:
+        cfg.resume = "auto"
+    # deepspeed is imported only for a real run, not for --help
+    from ssl_pretrain.engine.trainer import TrainingDiverged, run_pretraining
+
+    try:
+        export = run_pretraining(cfg)  # sets up and always tears down the process group
+    except (ValueError, TrainingDiverged) as e:  # bad input or divergence: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    if os.environ.get("RANK", "0") == "0":
+        print(f"export: {export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Checkpoints through DeepSpeed ``save_checkpoint`` / ``load_checkpoint``, never half-written as latest.
+
+Layout under ``<out_dir>/checkpoints``::
+
+    step-00000100/               one checkpoint (DeepSpeed's model / optimizer / scheduler files)
+        trainer_rank{r}.pt       per-rank state: loader position, RNG states
+        meta.json                step, samples seen, world size, task, model, batch plan, MLflow run
+    latest                       the tag of the newest *complete* checkpoint
+
+A checkpoint is written under ``.tmp-<tag>`` by every rank; only when all ranks are done does
+rank 0 rename it to ``<tag>`` and then replace ``latest`` atomically. A ``kill -9`` at any moment
+therefore leaves ``latest`` pointing at a complete checkpoint (or missing); leftovers named
+``.tmp-*`` are ignored and removed by the next save. Several nodes need a shared file system for
+``checkpoints/`` (as DeepSpeed itself does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["CheckpointError", "CheckpointDir", "capture_rng", "restore_rng"]
+
+log = logging.getLogger(__name__)
+
+META_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that this run cannot continue from; the message names it and why."""
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def capture_rng() -> dict[str, Any]:
+    """The process-wide RNG states (torch CPU and CUDA, Python, NumPy)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointDir:
+    """The ``checkpoints/`` directory of one run.
+
+    Args:
+        root: ``<out_dir>/checkpoints``.
+        rank: This process's global rank.
+        keep: How many complete checkpoints to keep (older ones are deleted after a save).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], rank: int, keep: int = 2) -> None:
+        self.root = Path(root)
+        self.rank = rank
+        self.keep = keep
+
+    @staticmethod
+    def tag(step: int) -> str:
+        """Directory name of the checkpoint after ``step`` optimizer steps."""
+        return f"step-{step:08d}"
+
+    def latest_tag(self) -> str | None:
+        """The tag named by ``latest``, or None when there is no complete checkpoint."""
+        latest = self.root / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        if not tag or not (self.root / tag / "meta.json").is_file():
+            raise CheckpointError(f"{latest}: names {tag!r}, which is not a complete checkpoint in {self.root}")
+        return tag
+
+    def read_meta(self, tag: str | None = None) -> dict[str, Any] | None:
+        """``meta.json`` of ``tag`` (default: latest), or None when there is no checkpoint."""
+        tag = tag or self.latest_tag()
+        if tag is None:
+            return None
+        path = self.root / tag / "meta.json"
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: not valid JSON") from None
+        if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
+            raise CheckpointError(f"{path}: not an mri-ssl checkpoint (version {META_VERSION} expected)")
+        return meta
+
+    @staticmethod
+    def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+        """Refuse to continue a checkpoint made by a different job shape.
+
+        Args:
+            meta: The checkpoint's ``meta.json``.
+            expected: This run's ``world_size``, ``task``, ``model``, ``micro_batch``, ``grad_accum``.
+            where: The checkpoint directory (for the message).
+
+        Raises:
+            CheckpointError: One line naming the first difference and how to proceed.
+        """
+        hints = {
+            "world_size": "resume with the same number of ranks",
+            "task": "use another out_dir for another task",
+            "model": "use another out_dir for another model",
+            "micro_batch": "keep data.batch_size / train.batch_size as they were",
+            "grad_accum": "keep train.grad_accum as it was",
+        }
+        for key, hint in hints.items():
+            if meta.get(key) != expected[key]:
+                raise CheckpointError(
+                    f"{where}: checkpoint has {key}={meta.get(key)!r}, this run has {expected[key]!r}; {hint}"
+                )
+
+    def save(self, engine: Any, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+        """Write one complete checkpoint and point ``latest`` at it. Every rank must call this.
+
+        Args:
+            engine: The DeepSpeed engine.
+            step: Optimizer steps done.
+            meta: JSON-able run facts (``version`` is added).
+            rank_state: This rank's loader and RNG state.
+
+        Returns:
+            The checkpoint directory.
+        """
+        tag = self.tag(step)
+        tmp_tag = f".tmp-{tag}"
+        tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        torch.save(rank_state, tmp_dir / f"trainer_rank{self.rank}.pt")
+        _barrier()  # every rank's files are in tmp_dir
+        if self.rank == 0:
+            _atomic_write_text(tmp_dir / "meta.json", json.dumps({**meta, "version": META_VERSION, "tag": tag}))
+            if final_dir.exists():  # the same step saved again (e.g. the final save after a resume)
+                old = self.root / f".tmp-old-{tag}"
+                os.replace(final_dir, old)
+                os.replace(tmp_dir, final_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp_dir, final_dir)
+            _atomic_write_text(self.root / "latest", tag)
+            self._prune(keep_tag=tag)
+        _barrier()
+        log.info("checkpoint %s written", final_dir)
+        return final_dir
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        for old in tags[: max(0, len(tags) - self.keep)]:
+            if old != keep_tag:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def read_rank_state(self, tag: str) -> dict[str, Any]:
+        """This rank's loader / RNG state saved with ``tag`` (read before the engine exists).
+
+        Raises:
+            CheckpointError: The checkpoint lacks this rank's file.
+        """
+        rank_file = self.root / tag / f"trainer_rank{self.rank}.pt"
+        if not rank_file.is_file():
+            raise CheckpointError(f"{rank_file}: missing; the checkpoint was written by fewer ranks")
+        # our own file, written by save(); it holds NumPy / Python RNG states, hence not weights_only
+        return torch.load(rank_file, map_location="cpu", weights_only=False)
+
+    def load(self, engine: Any, tag: str) -> None:
+        """Load ``tag`` into ``engine``: model, optimizer and LR scheduler.
+
+        Raises:
+            CheckpointError: DeepSpeed cannot read it.
+        """
+        path, _client = engine.load_checkpoint(
+            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise CheckpointError(f"{self.root / tag}: DeepSpeed could not load this checkpoint")

@@ -1,0 +1,217 @@
+"""The pretraining config tree (``launch/configs/*.yaml``) and the DeepSpeed JSON derived from it.
+
+Batch sizes: ``data.batch_size`` is the micro batch of one rank (what the loader yields).
+``train.batch_size``, when set, is the global batch per optimizer step; it must divide into
+``world_size × train.grad_accum`` micro batches, and then it decides the micro batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.data.loader import LoaderConfig
+from ssl_pretrain.models.unet import UNetConfig
+from ssl_pretrain.tasks.contrastive import ContrastiveConfig
+from ssl_pretrain.tasks.regression import RegressionConfig
+
+__all__ = ["TrainConfig", "PretrainConfig", "BatchPlan", "batch_plan", "resolve_precision", "deepspeed_config"]
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, parallelism and the rhythm of logs / checkpoints / figures."""
+
+    max_steps: int = option(1000, "optimizer steps of the whole run")
+    batch_size: int | None = option(
+        None, "global batch per optimizer step; null = data.batch_size × grad_accum × world size"
+    )
+    grad_accum: int = option(1, "micro batches accumulated per optimizer step")
+    optimizer: Literal["AdamW", "LAMB"] = option("AdamW", "AdamW (torch) or LAMB (DeepSpeed FusedLamb, GPU only)")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.01, "cosine decay ends at lr × min_lr_ratio")
+    warmup_steps: int = option(100, "linear warmup steps")
+    weight_decay: float = option(1e-4, "decoupled weight decay")
+    betas: tuple[float, ...] = option((0.9, 0.999), "Adam / LAMB betas")
+    grad_clip: float = option(1.0, "gradient norm clipping; 0 turns it off")
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage 0, 1 or 2")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 on GPUs that support it, else fp32")
+    deepspeed_config: str | None = option(
+        None, "your own DeepSpeed JSON; replaces the derived one (its batch keys must agree with this config)"
+    )
+    log_every: int = option(10, "steps between metric logs")
+    ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = option(2, "how many checkpoints to keep")
+    image_every: int = option(500, "steps between task figures (PNG)")
+    check_replicas: bool = option(True, "at the end, check that every rank holds identical parameters")
+    track_samples: bool = option(False, "record which slices each rank saw (summary.json; for small test runs)")
+
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range values."""
+        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "image_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"train.batch_size: must be >= 1 or null, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas: need two values in [0, 1), got {list(self.betas)}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip: must be >= 0, got {self.grad_clip}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
+            raise ConfigError(f"train.deepspeed_config: file not found: {self.deepspeed_config}")
+
+
+@dataclass
+class PretrainConfig:
+    """Self-supervised pretraining of the UNet on a shard directory."""
+
+    out_dir: str = option("runs/pretrain", "everything the run writes goes under it")
+    seed: int = option(0, "random seed (model init; augmentations use seed + rank)")
+    task: Literal["contrastive", "regression"] = option("contrastive", "pretext task")
+    resume: Literal["never", "auto"] = option(
+        "auto", "auto: continue from out_dir's latest checkpoint if there is one; never: out_dir must hold none"
+    )
+    experiment: str = option("mri-ssl/pretrain", "MLflow experiment")
+    run_name: str | None = option(None, "MLflow run name (default: MLflow's)")
+    track: bool = option(True, "log to MLflow on rank 0 (honours MLFLOW_TRACKING_URI)")
+    data: LoaderConfig = option(factory=LoaderConfig, help="shards and streaming")
+    model: UNetConfig = option(factory=UNetConfig, help="UNet architecture")
+    train: TrainConfig = option(factory=TrainConfig, help="optimisation and rhythm")
+    contrastive: ContrastiveConfig = option(factory=ContrastiveConfig, help="contrastive task options")
+    regression: RegressionConfig = option(factory=RegressionConfig, help="regression task options")
+
+    def validate(self) -> None:
+        """Cross-field checks (the nested dataclasses check their own fields)."""
+        if self.train.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
+            raise ConfigError(
+                f"train.warmup_steps: must be < train.max_steps ({self.train.max_steps}), got {self.train.warmup_steps}"
+            )
+        if self.task == "contrastive" and self.contrastive.local_weight > 0:
+            levels = self.model.depth - 1
+            if not -levels <= self.contrastive.local_level < levels:
+                raise ConfigError(
+                    f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
+                    f"[{-levels}, {levels - 1}]; got {self.contrastive.local_level}"
+                )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch sizes of one run."""
+
+    micro: int  # per rank per forward
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.micro * self.grad_accum * self.world_size
+
+
+def batch_plan(cfg: PretrainConfig, world_size: int) -> BatchPlan:
+    """Work out the micro batch for ``world_size`` ranks.
+
+    Raises:
+        ConfigError: ``train.batch_size`` does not divide into ``world_size × grad_accum`` micro batches.
+    """
+    gas = cfg.train.grad_accum
+    if cfg.train.batch_size is None:
+        return BatchPlan(cfg.data.batch_size, gas, world_size)
+    if cfg.train.batch_size % (world_size * gas):
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} does not divide across {world_size} ranks × "
+            f"{gas} accumulation steps; use a multiple of {world_size * gas}"
+        )
+    return BatchPlan(cfg.train.batch_size // (world_size * gas), gas, world_size)
+
+
+def resolve_precision(cfg: PretrainConfig) -> Literal["fp32", "bf16"]:
+    """``auto`` → bf16 on GPUs that support it, else fp32.
+
+    Raises:
+        ConfigError: bf16 asked for without a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    if cfg.train.precision == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.train.precision == "bf16" and not cuda:
+        raise ConfigError("train.precision: bf16 needs a GPU; use auto or fp32 on the CPU")
+    return cfg.train.precision
+
+
+def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run (or the user's ``train.deepspeed_config`` with our batch keys).
+
+    Args:
+        cfg: The validated run config.
+        world_size: Number of ranks.
+
+    Returns:
+        A dict for ``deepspeed.initialize(config=...)``.
+
+    Raises:
+        ConfigError: Batch does not divide, LAMB or bf16 without a GPU, a user JSON whose batch keys disagree.
+    """
+    plan = batch_plan(cfg, world_size)
+    t = cfg.train
+    batch = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.grad_accum,
+    }
+    if t.deepspeed_config is not None:
+        try:
+            user = json.loads(Path(t.deepspeed_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{t.deepspeed_config}: not valid JSON (line {e.lineno})") from None
+        for key, value in batch.items():
+            if key in user and user[key] != value:
+                raise ConfigError(
+                    f"{t.deepspeed_config}: {key}={user[key]} disagrees with the run config ({value})"
+                )
+        return {**user, **batch}
+    if t.optimizer == "LAMB" and not torch.cuda.is_available():
+        raise ConfigError("train.optimizer: LAMB uses DeepSpeed's FusedLamb, which needs a GPU; use AdamW on the CPU")
+    params: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}
+    if t.optimizer == "AdamW":
+        # torch's AdamW: no JIT-compiled DeepSpeed op, on the CPU or the GPU
+        optimizer = {"type": "AdamW", "params": {**params, "torch_adam": True, "adam_w_mode": True}}
+    else:
+        optimizer = {"type": "Lamb", "params": params}
+    return {
+        **batch,
+        "optimizer": optimizer,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_num_steps": max(1, t.warmup_steps),
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": resolve_precision(cfg) == "bf16"},
+        "steps_per_print": 10**9,  # progress and metrics are ours (rank 0 only)
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,100 @@
+"""Process-group setup for one process, the DeepSpeed launcher, torchrun and several nodes.
+
+The launchers (``deepspeed``, ``torchrun``) export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``. A plain ``python launch/pretrain.py`` exports nothing: then a
+single-rank group on 127.0.0.1 and a free port is created, so the code path is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "free_port"]
+
+log = logging.getLogger(__name__)
+
+_OWN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    owns_env: bool = False  # True when this process created the single-rank environment itself
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only rank that logs, writes summaries and exports."""
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _skip_cpu_shm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op on CPU-only machines.
+
+    ``deepspeed.comm.TorchBackend`` builds ``deepspeed_shm_comm`` (a C++ extension, about two
+    minutes of compiling in a fresh environment) whenever ``__compatible_ops__`` says it can. The
+    op only serves DeepSpeed's inference all-reduce; training gradients go through gloo. DeepSpeed
+    keeps the probed dict in the module and documents that edits to it persist, so marking the op
+    incompatible is enough.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group: nccl on GPUs, gloo on CPUs.
+
+    Returns:
+        This process's :class:`DistInfo`.
+    """
+    import deepspeed
+
+    owns_env = "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    if owns_env:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    _skip_cpu_shm_build()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
+    return DistInfo(rank, world, local_rank, device, backend, owns_env)
+
+
+def shutdown_distributed(info: DistInfo | None) -> None:
+    """Leave the process group; undo the environment that :func:`init_distributed` created itself."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if info is not None and info.owns_env:
+        for key in _OWN_ENV:
+            os.environ.pop(key, None)

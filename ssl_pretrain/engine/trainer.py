@@ -1,0 +1,422 @@
+"""The pretraining loop: DeepSpeed engine over the infinite shard stream, checkpoints, export, MLflow.
+
+``run_pretraining(cfg)`` is the whole job for one process (launch it once per rank, or call it
+in-process for one rank). Everything resuming needs — step, samples seen, loader position, RNG
+states, the MLflow run — is saved with each checkpoint; ``resume: auto`` continues from the latest
+one, and a run that already finished just returns its export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ssl_pretrain.config import ConfigError, flatten, save_config
+from ssl_pretrain.data.loader import build_pretrain_loader
+from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
+from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
+from ssl_pretrain.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from ssl_pretrain.export import save_export
+from ssl_pretrain.tasks.contrastive import ContrastiveTask
+from ssl_pretrain.tasks.regression import RegressionTask
+from ssl_pretrain.tracking import RunLogger, start_logger
+
+__all__ = ["TrainingDiverged", "build_task", "run_pretraining", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def build_task(cfg: PretrainConfig, info: DistInfo) -> ContrastiveTask | RegressionTask:
+    """The pretext task module (UNet parts + heads) for ``cfg.task``, seeded for this rank."""
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+    task_seed = cfg.seed * 100_003 + info.rank  # different views / corruptions per rank
+    if cfg.task == "contrastive":
+        return ContrastiveTask(
+            cfg.model, cfg.contrastive, seed=task_seed, distributed=info.world_size > 1, device=info.device
+        )
+    return RegressionTask(cfg.model, cfg.regression, seed=task_seed, device=info.device)
+
+
+def run_pretraining(cfg: PretrainConfig) -> Path:
+    """Run (or resume, or recognise as finished) one pretraining job in this process.
+
+    Args:
+        cfg: The validated config (see ``launch/configs/``).
+
+    Returns:
+        Path of ``<out_dir>/export/model.pt``.
+
+    Raises:
+        ConfigError, CheckpointError, ValueError: Bad input, found before any compute.
+        TrainingDiverged: The loss became NaN / Inf.
+    """
+    info = init_distributed()
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        shutdown_distributed(info)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _preprocessing(manifest: Any) -> dict[str, Any]:
+    """The preprocessing parameters recorded in the shard manifest (stored in the export)."""
+    if isinstance(manifest, dict):
+        for key in ("preprocessing", "preprocess", "params"):
+            if isinstance(manifest.get(key), dict):
+                return dict(manifest[key])
+    log.warning("shard manifest has no preprocessing parameters; the export records none")
+    return {}
+
+
+def _fingerprint(module: nn.Module) -> torch.Tensor:
+    """Per-parameter (sum, sum |x|, sum x²) in float64: equal on all ranks iff replicas agree (practically)."""
+    rows = [torch.stack([p.double().sum(), p.double().abs().sum(), p.double().square().sum()])
+            for p in module.parameters()]
+    return torch.stack(rows)
+
+
+class Trainer:
+    """One rank of a pretraining job (see :func:`run_pretraining`).
+
+    Args:
+        cfg: The run config.
+        info: This process's place in the job (from :func:`init_distributed`).
+    """
+
+    def __init__(self, cfg: PretrainConfig, info: DistInfo) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.out = Path(cfg.out_dir)
+        self.export_path = self.out / "export" / "model.pt"
+        self.ckpt = CheckpointDir(self.out / "checkpoints", info.rank, cfg.train.keep_checkpoints)
+        self.logger: RunLogger | None = None
+
+    # ---- checks before any compute -------------------------------------------------------------
+
+    def _expected_meta(self, micro: int) -> dict[str, Any]:
+        return {
+            "world_size": self.info.world_size,
+            "task": self.cfg.task,
+            "model": self.cfg.model.to_dict(),
+            "micro_batch": micro,
+            "grad_accum": self.cfg.train.grad_accum,
+        }
+
+    def _check_batch(self, batch: dict[str, Any], task: str, needs_position: bool) -> None:
+        where = f"data.shards={self.cfg.data.shards}"
+        image = batch.get("image")
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            raise ValueError(f"{where}: batches lack a (B, C, H, W) 'image'")
+        c, h, w = image.shape[1:]
+        if c != self.cfg.model.in_channels:
+            raise ConfigError(f"model.in_channels: is {self.cfg.model.in_channels}, but the shards have {c} channels")
+        div = self.cfg.model.divisor
+        if h % div or w % div:
+            raise ConfigError(
+                f"model.widths: depth {self.cfg.model.depth} needs H, W divisible by {div}; the shards have {h}×{w}"
+            )
+        if needs_position:
+            pos = batch.get("position")
+            if not isinstance(pos, torch.Tensor) or pos.shape[:1] != image.shape[:1] or not torch.isfinite(pos).all():
+                raise ValueError(
+                    f"{where}: {task} with contrastive.positives=partition needs every slice's relative "
+                    f"position in meta.json; these shards lack it (use positives=views or re-shard)"
+                )
+
+    # ---- the job ---------------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        """Check inputs, build, resume if asked, train to ``max_steps``, export. Returns the export path."""
+        import deepspeed
+
+        cfg, info = self.cfg, self.info
+        plan = batch_plan(cfg, info.world_size)
+        ds_config = deepspeed_config(cfg, info.world_size)
+        meta = self.ckpt.read_meta()
+        if meta is not None:
+            if cfg.resume == "never":
+                raise CheckpointError(
+                    f"{self.ckpt.root}: holds checkpoint {meta['tag']}; set resume=auto to continue it or "
+                    f"choose another out_dir"
+                )
+            CheckpointDir.check_compatible(meta, self._expected_meta(plan.micro), self.ckpt.root)
+            if meta.get("finished") and self.export_path.is_file():
+                if info.is_main:
+                    log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
+                return self.export_path
+        rank_state = self.ckpt.read_rank_state(meta["tag"]) if meta is not None else None
+
+        data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
+        resolved = dataclasses.replace(cfg, data=data_cfg)
+        loader = build_pretrain_loader(data_cfg, info.rank, info.world_size)
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+        stream = self._stream(loader)
+        first = self._next_full(stream, plan.micro)
+        task_needs_position = cfg.task == "contrastive" and cfg.contrastive.positives == "partition"
+        self._check_batch(first, cfg.task, task_needs_position)
+
+        if info.is_main:
+            save_config(resolved, self.out / "config.yaml")
+        task = build_task(cfg, info)
+        engine, _, _, _ = deepspeed.initialize(
+            model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config,
+            dist_init_required=False,
+        )
+        step, samples_seen, wall_before, run_id = 0, 0, 0.0, None
+        if meta is not None and rank_state is not None:
+            self.ckpt.load(engine, meta["tag"])
+            restore_rng(rank_state["rng"])
+            task.set_rng_state(rank_state["task_rng"])
+            step, samples_seen = meta["step"], meta["samples_seen"]
+            wall_before, run_id = meta["wall_time_s"], meta.get("mlflow_run_id")
+            if info.is_main:
+                log.info("resuming %s from step %d", cfg.out_dir, step)
+        else:
+            # dropout differs per rank; the task generators are seeded separately
+            torch.manual_seed(cfg.seed * 100_003 + info.rank)
+            np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)
+            random.seed(cfg.seed * 100_003 + info.rank)
+
+        tags = {"git_commit": _git_commit(), "task": cfg.task, "world_size": info.world_size}
+        self.logger = start_logger(
+            info.is_main and cfg.track, cfg.experiment, run_name=cfg.run_name, tags=tags, run_id=run_id
+        )
+        if run_id is None:
+            self.logger.log_params(flatten(resolved))
+            self.logger.log_artifact(self.out / "config.yaml")
+        try:
+            final_loss = self._loop(engine, task, loader, stream, first, step, samples_seen, wall_before, plan)
+            self._finish(engine, task, loader, final_loss)
+        except BaseException as e:
+            self.logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.logger.end("FINISHED")
+        return self.export_path
+
+    def _next_full(self, stream: Iterator[dict[str, Any]], micro: int) -> dict[str, Any]:
+        """The next batch; in epoch mode, batches that are short or padded on any rank are skipped.
+
+        Epoch mode ends each epoch with short and padding batches (equal counts on all ranks);
+        NT-Xent across ranks needs equal shapes, so all ranks agree to skip them (one tiny
+        all-reduce per micro batch, epoch mode only).
+        """
+        while True:
+            batch = next(stream)
+            if self.cfg.data.mode != "epoch":
+                return batch
+            valid = batch.get("valid")
+            full = batch["image"].shape[0] == micro and (valid is None or bool(valid.all()))
+            flag = torch.tensor([1 if full else 0], device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag.item()):
+                return batch
+
+    @staticmethod
+    def _stream(loader: Any) -> Iterator[dict[str, Any]]:
+        while True:  # the loader is an endless stream; a finite one simply starts over
+            yield from loader
+
+    def _loop(
+        self, engine: Any, task: nn.Module, loader: Any, stream: Iterator[dict[str, Any]], first: dict[str, Any],
+        step: int, samples_seen: int, wall_before: float, plan: Any,
+    ) -> float:
+        cfg, info, t = self.cfg, self.info, self.cfg.train
+        assert self.logger is not None
+        metrics_file = self.out / "metrics.jsonl"
+        pending: dict[str, Any] | None = first
+        self._seen: set[str] = set()
+        started = time.perf_counter()
+        win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
+        final_loss = float("nan")
+        pbar = tqdm(total=t.max_steps, initial=step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
+        try:
+            while step < t.max_steps:
+                step_t0 = time.perf_counter()
+                wait = 0.0
+                loss_sum = torch.zeros((), device=info.device)
+                task_metrics: dict[str, torch.Tensor] = {}
+                for _ in range(plan.grad_accum):
+                    w0 = time.perf_counter()
+                    batch = pending if pending is not None else self._next_full(stream, plan.micro)
+                    pending = None
+                    wait += time.perf_counter() - w0
+                    if t.track_samples:
+                        pairs = zip(batch["subject"], batch["slice"].tolist(), strict=True)
+                        self._seen.update(f"{s}/{i}" for s, i in pairs)
+                    loss, task_metrics = engine(batch)
+                    engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
+                    engine.step()
+                    loss_sum += loss.detach().float()
+                step += 1
+                samples_seen += plan.global_batch
+                step_time = time.perf_counter() - step_t0
+                # one small collective per step: every rank's loss, data wait and step time
+                # (this is a host sync, needed by the NaN guard anyway)
+                mine = torch.tensor([0.0, wait, step_time], dtype=torch.float64, device=info.device)
+                mine[0] = loss_sum.double() / plan.grad_accum
+                everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+                dist.all_gather(everyone, mine)
+                table = torch.stack(everyone).cpu()
+                final_loss = float(table[:, 0].mean())
+                if not math.isfinite(final_loss):
+                    raise TrainingDiverged(
+                        f"step {step}: loss is {final_loss} (not finite); stopped without saving. The last good "
+                        f"checkpoint is {self.ckpt.latest_tag() or 'none'} in {self.ckpt.root}; lower train.lr "
+                        f"or check the data, then resume"
+                    )
+                win_steps += 1
+                win_wait += float(table[:, 1].sum())
+                win_time += float(table[:, 2].sum())
+                pbar.update(1)
+                if step % t.log_every == 0 or step == t.max_steps:
+                    elapsed = time.perf_counter() - win_t0
+                    row = {
+                        "step": step,
+                        "loss": final_loss,
+                        "lr": float(engine.get_lr()[0]),
+                        "samples_per_s": win_steps * plan.global_batch / max(elapsed, 1e-9),
+                        "data_wait_frac": win_wait / max(win_time, 1e-9),
+                        **{f"data_wait_s/rank{r}": float(table[r, 1]) for r in range(info.world_size)},
+                        **{k: float(v) for k, v in task_metrics.items()},
+                    }
+                    if info.is_main:
+                        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                        with metrics_file.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                        pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
+                    win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
+                if info.is_main and step % t.image_every == 0:
+                    self._figure(task, batch, step)
+                if step % t.ckpt_every == 0 or step == t.max_steps:
+                    self._save(engine, task, loader, step, samples_seen,
+                               wall_before + time.perf_counter() - started, plan, final_loss)
+        finally:
+            pbar.close()
+        self._samples_seen = samples_seen
+        self._wall = wall_before + time.perf_counter() - started
+        return final_loss
+
+    def _save(self, engine: Any, task: nn.Module, loader: Any, step: int, samples_seen: int, wall: float,
+              plan: Any, loss: float) -> None:
+        meta = {
+            **self._expected_meta(plan.micro),
+            "step": step,
+            "samples_seen": samples_seen,
+            "wall_time_s": wall,
+            "loss": loss,
+            "finished": step == self.cfg.train.max_steps,
+            "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
+        }
+        rank_state = {"loader": loader.state_dict(), "rng": capture_rng(), "task_rng": task.rng_state()}
+        self.ckpt.save(engine, step, meta, rank_state)
+
+    def _figure(self, task: nn.Module, batch: dict[str, Any], step: int) -> None:
+        import matplotlib.pyplot as plt
+
+        fig = task.figure(batch)
+        path = self.out / "figures" / f"{self.cfg.task}-step{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        assert self.logger is not None
+        self.logger.log_artifact(path, "figures")
+
+    def _finish(self, engine: Any, task: nn.Module, loader: Any, final_loss: float) -> None:
+        cfg, info = self.cfg, self.info
+        assert self.logger is not None
+        summary: dict[str, Any] = {}
+        if cfg.train.check_replicas:
+            mine = _fingerprint(task).to(info.device)
+            everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+            dist.all_gather(everyone, mine)
+            diff = max(float((e - everyone[0]).abs().max()) for e in everyone)
+            summary["replica_max_abs_diff"] = diff
+            if diff != 0.0 and info.is_main:
+                log.warning("ranks hold different parameters after training (max fingerprint diff %g)", diff)
+        if cfg.train.track_samples:
+            gathered: list[Any] = [None] * info.world_size
+            dist.all_gather_object(gathered, sorted(self._seen))
+            summary["samples_by_rank"] = gathered
+        if info.is_main:
+            parts = task.export_parts()
+            info_dict = {
+                "steps": cfg.train.max_steps,
+                "samples_seen": self._samples_seen,
+                "wall_time_s": self._wall,
+                "final_loss": final_loss,
+                "world_size": info.world_size,
+            }
+            save_export(
+                self.export_path,
+                task=cfg.task,
+                model_config=cfg.model,
+                encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
+                decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
+                if "decoder" in parts else None,
+                preprocessing=_preprocessing(getattr(loader, "manifest", None)),
+                info=info_dict,
+            )
+            summary.update(info_dict, export=str(self.export_path))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            curve = self._loss_curve()
+            for path, where in ((self.export_path, "export"), (curve, "plots"), (self.out / "summary.json", None)):
+                if path is not None:
+                    self.logger.log_artifact(path, where)
+            log.info("pretraining done: %s", self.export_path)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _loss_curve(self) -> Path | None:
+        """``plots/loss.png`` from ``metrics.jsonl`` (the last record of each step wins, after resumes)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        by_step = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                by_step[row["step"]] = row["loss"]
+        steps = sorted(by_step)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(steps, [by_step[s] for s in steps])
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{self.cfg.task} loss")
+        ax.set_title(f"pretraining loss ({self.cfg.task})")
+        out = self.out / "plots" / "loss.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return out

@@ -1,0 +1,262 @@
+"""Regression pretext task: restore a slice from a corrupted copy (Models Genesis, context restoration).
+
+Corruptions (Zhou et al. 2019; Chen et al. 2019), each applied to a sample with its own
+probability, in this order, all as batched torch ops:
+
+1. non-linear intensity transform — a random monotone Bézier curve on the min-max rescaled slice
+   (flipped to a decreasing curve half of the time);
+2. local pixel shuffling — pixels permuted inside a random subset of small blocks;
+3. in-painting (random boxes replaced by noise) or out-painting (everything but a few boxes replaced);
+4. context restoration — ``swap_count`` pairs of square patches swapped.
+
+The UNet (encoder + decoder + :class:`~ssl_pretrain.models.heads.ReconstructionHead`) restores
+the original; the loss is L2 (or L1) over the image. Encoder and decoder are exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.models.heads import ReconstructionHead
+from ssl_pretrain.models.unet import UNet, UNetConfig
+
+__all__ = ["RegressionConfig", "RegressionTask", "corrupt"]
+
+
+@dataclass
+class RegressionConfig:
+    """Options of the regression (restoration) task."""
+
+    loss: Literal["l2", "l1"] = option("l2", "restoration loss over the image")
+    intensity_prob: float = option(0.9, "probability of the non-linear intensity transform")
+    shuffle_prob: float = option(0.5, "probability of local pixel shuffling")
+    shuffle_block: int = option(4, "block side (pixels) of local pixel shuffling")
+    shuffle_fraction: float = option(0.3, "fraction of blocks shuffled")
+    paint_prob: float = option(0.9, "probability of in- or out-painting")
+    inpaint_ratio: float = option(0.5, "share of in-painting among paintings (the rest is out-painting)")
+    paint_boxes: int = option(3, "boxes per in-/out-painting")
+    swap_prob: float = option(0.5, "probability of context restoration (patch swapping)")
+    swap_count: int = option(8, "patch pairs swapped")
+    swap_size: float = option(0.125, "swapped patch side as a fraction of the slice side")
+
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range values."""
+        for name in ("intensity_prob", "shuffle_prob", "shuffle_fraction", "paint_prob", "inpaint_ratio",
+                     "swap_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"regression.{name}: must be in [0, 1], got {v}")
+        for name in ("shuffle_block", "paint_boxes", "swap_count"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"regression.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.swap_size <= 0.5:
+            raise ConfigError(f"regression.swap_size: must be in (0, 0.5], got {self.swap_size}")
+
+
+def _rand(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand(shape, generator=g, device=device)
+
+
+def _bezier_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random monotone cubic Bézier intensity curve per sample, on the min-max rescaled slice."""
+    b = x.shape[0]
+    dev = x.device
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    span = (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
+    n = ((x - lo) / span).clamp(0, 1)
+    p1, p2 = _rand((b, 2), g, dev), _rand((b, 2), g, dev)  # control points; p0 = (0, 0), p3 = (1, 1)
+    t = torch.linspace(0, 1, 65, device=dev)[None]
+    # B(t) = 3(1-t)^2 t p1 + 3(1-t) t^2 p2 + t^3; x(t) is monotone for p1, p2 in the unit square
+    c1, c2, c3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3
+    bx = (c1 * p1[:, :1] + c2 * p2[:, :1] + c3).contiguous()  # (B, 65)
+    by = c1 * p1[:, 1:] + c2 * p2[:, 1:] + c3
+    flat = n.reshape(b, -1).contiguous()
+    hi_idx = torch.searchsorted(bx, flat).clamp(1, bx.shape[1] - 1)
+    x0, x1 = bx.gather(1, hi_idx - 1), bx.gather(1, hi_idx)
+    y0, y1 = by.gather(1, hi_idx - 1), by.gather(1, hi_idx)
+    w = ((flat - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0, 1)
+    y = (y0 + w * (y1 - y0)).reshape_as(x)
+    flip = (_rand((b,), g, dev) < 0.5).view(b, 1, 1, 1)
+    y = torch.where(flip, 1 - y, y)
+    return y * span + lo
+
+
+def _local_shuffle(x: torch.Tensor, block: int, fraction: float, g: torch.Generator) -> torch.Tensor:
+    """Permute the pixels inside a random ``fraction`` of the ``block``×``block`` tiles of each sample."""
+    b, c, h, w = x.shape
+    hb, wb = h // block, w // block
+    if hb == 0 or wb == 0:
+        return x
+    core = x[..., : hb * block, : wb * block].reshape(b, c, hb, block, wb, block)
+    core = core.permute(0, 1, 2, 4, 3, 5).reshape(b, c, hb, wb, block * block)
+    perm = _rand((b, 1, hb, wb, block * block), g, x.device).argsort(-1).expand_as(core)
+    chosen = _rand((b, 1, hb, wb, 1), g, x.device) < fraction
+    core = torch.where(chosen, core.gather(-1, perm), core)
+    core = core.reshape(b, c, hb, wb, block, block).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hb * block, wb * block)
+    out = x.clone()
+    out[..., : hb * block, : wb * block] = core
+    return out
+
+
+def _box_union(
+    b: int, n: int, h: int, w: int, size: tuple[float, float], g: torch.Generator, dev: torch.device
+) -> torch.Tensor:
+    """Union of ``n`` random boxes per sample, sides a ``size`` fraction of the slice: ``(B, 1, H, W)`` bool."""
+    bh = (size[0] + (size[1] - size[0]) * _rand((b, n), g, dev)) * h
+    bw = (size[0] + (size[1] - size[0]) * _rand((b, n), g, dev)) * w
+    y0 = _rand((b, n), g, dev) * (h - bh)
+    x0 = _rand((b, n), g, dev) * (w - bw)
+    ys = torch.arange(h, device=dev).view(1, 1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, 1, w)
+    inside = (
+        (ys >= y0[..., None, None]) & (ys < (y0 + bh)[..., None, None])
+        & (xs >= x0[..., None, None]) & (xs < (x0 + bw)[..., None, None])
+    )
+    return inside.any(1, keepdim=True)
+
+
+def _swap_patches(x: torch.Tensor, count: int, size: float, chosen: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Swap ``count`` random pairs of square patches in the ``chosen`` ``(B,)`` samples."""
+    b, c, h, w = x.shape
+    dev = x.device
+    p = max(1, round(size * min(h, w)))
+    ys = torch.arange(h, device=dev).view(1, h, 1)
+    xs = torch.arange(w, device=dev).view(1, 1, w)
+    pix = (ys * w + xs).expand(b, h, w)
+    flat = x.reshape(b, c, h * w)
+    for _ in range(count):
+        ya, yb = ((_rand((2, b), g, dev) * (h - p + 1)).long().clamp(max=h - p)).unbind(0)
+        xa, xb = ((_rand((2, b), g, dev) * (w - p + 1)).long().clamp(max=w - p)).unbind(0)
+
+        def box(y0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+            y0, x0 = y0.view(b, 1, 1), x0.view(b, 1, 1)
+            return (ys >= y0) & (ys < y0 + p) & (xs >= x0) & (xs < x0 + p) & chosen.view(b, 1, 1)
+
+        offset = ((yb - ya) * w + (xb - xa)).view(b, 1, 1)
+        src = torch.where(box(ya, xa), pix + offset, torch.where(box(yb, xb), pix - offset, pix))
+        flat = flat.gather(2, src.reshape(b, 1, h * w).expand(b, c, h * w))
+    return flat.reshape(b, c, h, w)
+
+
+def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch.Tensor:
+    """Corrupt every slice of a batch as described in the module docstring.
+
+    Args:
+        x: ``(B, C, H, W)`` float images.
+        cfg: Corruption probabilities and sizes.
+        g: Generator on ``x.device``; the only source of randomness.
+
+    Returns:
+        ``(B, C, H, W)`` corrupted images (``x`` is not modified).
+    """
+    b, c, h, w = x.shape
+    dev = x.device
+
+    def pick(prob: float) -> torch.Tensor:
+        return (_rand((b,), g, dev) < prob).view(b, 1, 1, 1)
+
+    y = torch.where(pick(cfg.intensity_prob), _bezier_intensity(x, g), x)
+    y = torch.where(pick(cfg.shuffle_prob), _local_shuffle(y, cfg.shuffle_block, cfg.shuffle_fraction, g), y)
+    lo = y.amin(dim=(1, 2, 3), keepdim=True)
+    span = y.amax(dim=(1, 2, 3), keepdim=True) - lo
+    noise = lo + span * _rand((b, c, h, w), g, dev)
+    holes = _box_union(b, cfg.paint_boxes, h, w, (0.1, 0.3), g, dev)
+    keep = _box_union(b, cfg.paint_boxes, h, w, (0.3, 0.6), g, dev)
+    painted = torch.where(pick(cfg.inpaint_ratio), torch.where(holes, noise, y), torch.where(keep, y, noise))
+    y = torch.where(pick(cfg.paint_prob), painted, y)
+    return _swap_patches(y, cfg.swap_count, cfg.swap_size, pick(cfg.swap_prob).view(b), g)
+
+
+class RegressionTask(nn.Module):
+    """UNet encoder + decoder + reconstruction head, trained to undo :func:`corrupt`.
+
+    Args:
+        model_cfg: UNet architecture.
+        cfg: Task options.
+        seed: Seed of the task's corruption generator (use a different one per rank).
+        device: Device of that generator (the device batches are moved to).
+    """
+
+    name = "regression"
+    needs_position = False
+
+    def __init__(
+        self, model_cfg: UNetConfig, cfg: RegressionConfig, *, seed: int, device: torch.device | str = "cpu"
+    ) -> None:
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        unet = UNet(model_cfg, out_channels=model_cfg.in_channels)
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.head = ReconstructionHead(model_cfg.widths[0], model_cfg.in_channels)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def export_parts(self) -> tuple[str, ...]:
+        """The UNet parts this task trains (and that the export carries)."""
+        return ("encoder", "decoder")
+
+    def restore(self, corrupted: torch.Tensor) -> torch.Tensor:
+        """Restored images ``(B, C, H, W)`` (in the parameters' dtype) from corrupted ones."""
+        param = next(self.parameters())
+        return self.head(self.decoder(self.encoder(corrupted.to(param.dtype)))[-1])
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Restoration loss of one micro batch.
+
+        Returns:
+            ``(loss, metrics)``; metrics hold the detached ``l1`` / ``l2`` error of the restoration.
+        """
+        param = next(self.parameters())
+        x = batch["image"].to(param.device, torch.float32)
+        restored = self.restore(corrupt(x, self.cfg, self.generator)).float()
+        l2 = F.mse_loss(restored, x)
+        l1 = F.l1_loss(restored, x)
+        loss = l2 if self.cfg.loss == "l2" else l1
+        return loss, {"l1": l1.detach(), "l2": l2.detach()}
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Same as :meth:`loss` (DeepSpeed calls ``forward``)."""
+        return self.loss(batch)
+
+    @torch.no_grad()
+    def figure(self, batch: dict[str, Any], n: int = 4) -> Any:
+        """Corrupted / restored / original for the first ``n`` samples (fixed corruption seed)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        param = next(self.parameters())
+        x = batch["image"][:n].to(param.device, torch.float32)
+        corrupted = corrupt(x, self.cfg, torch.Generator(device=param.device).manual_seed(0))
+        was_training = self.training
+        self.eval()  # batch norm must not update its running statistics on figure batches
+        try:
+            restored = self.restore(corrupted).float()
+        finally:
+            self.train(was_training)
+        cols = [("corrupted", corrupted), ("restored", restored), ("original", x)]
+        fig, axes = plt.subplots(len(x), 3, figsize=(6, 2 * len(x)), squeeze=False)
+        for i in range(len(x)):
+            for j, (title, imgs) in enumerate(cols):
+                axes[i, j].imshow(imgs[i, 0].cpu().numpy(), cmap="gray")
+                axes[i, j].set_axis_off()
+                if i == 0:
+                    axes[i, j].set_title(title)
+        fig.tight_layout()
+        return fig
+
+    def rng_state(self) -> torch.Tensor:
+        """State of the corruption generator (saved in checkpoints)."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`rng_state`."""
+        self.generator.set_state(state)

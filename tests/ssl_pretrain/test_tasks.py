@@ -1,0 +1,134 @@
+"""Pretext tasks, augmentations and heads, in one process (no DeepSpeed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ssl_pretrain.models.heads import LocalHead, ProjectionHead, ReconstructionHead
+from ssl_pretrain.models.unet import UNetConfig
+from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, random_view, sample_at, two_views
+from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask, partition_groups
+from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask, corrupt
+
+TINY = UNetConfig(widths=(8, 16, 32))
+
+
+def _batch(b: int = 6, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # smooth blobs, like a normalised slice
+    img = F.avg_pool2d(torch.randn(b, 1, size, size, generator=g), 5, 1, 2) * 3
+    return {"image": img, "position": torch.linspace(0, 1, b), "slice": torch.arange(b)}
+
+
+def test_heads_shapes() -> None:
+    assert ProjectionHead(32, 16, 8)(torch.randn(2, 32, 4, 4)).shape == (2, 8)
+    assert LocalHead(16, 5)(torch.randn(2, 16, 8, 8)).shape == (2, 5, 8, 8)
+    assert ReconstructionHead(8, 1)(torch.randn(2, 8, 16, 16)).shape == (2, 1, 16, 16)
+
+
+def test_views_are_reproducible_and_different() -> None:
+    x = _batch()["image"]
+    v0, v1, t0, t1 = two_views(x, AugmentConfig(), torch.Generator().manual_seed(3))
+    w0, w1, _, _ = two_views(x, AugmentConfig(), torch.Generator().manual_seed(3))
+    assert v0.shape == x.shape and t0.shape == (6, 2, 3)
+    assert torch.equal(v0, w0) and torch.equal(v1, w1)
+    assert not torch.allclose(v0, v1)
+    assert torch.isfinite(v0).all()
+
+
+def test_identity_augmentation_returns_the_image() -> None:
+    x = _batch()["image"]
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, rotate_deg=0.0,
+                        brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, blur_prob=0.0)
+    cfg.validate()
+    v, _ = random_view(x, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v, x, atol=1e-4, rtol=1e-4)
+
+
+def test_matching_points_see_the_same_image_content() -> None:
+    # an image whose value is its own x coordinate (and y in channel 1): sampling a view at u
+    # must give the image coordinate theta @ u, and both views' points must agree
+    size = 64
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    x = torch.stack([xs, ys])[None].repeat(4, 1, 1, 1)
+    cfg = AugmentConfig(brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, blur_prob=0.0)
+    g = torch.Generator().manual_seed(1)
+    v0, t0 = random_view(x, cfg, g)
+    v1, t1 = random_view(x, cfg, g)
+    u0, u1 = matching_points(t0, t1, 8, g)
+    s0, s1 = sample_at(v0, u0), sample_at(v1, u1)  # (B, k, 2) image coordinates seen at the points
+    # linear content is preserved by bilinear sampling up to the pixel grid's half-pixel convention
+    assert (s0 - s1).abs().max() < 0.1
+    assert (u1.abs() <= 0.9 + 1e-5).float().mean() > 0.9
+
+
+def test_partition_groups() -> None:
+    pos = torch.tensor([0.0, 0.24, 0.25, 0.74, 0.99, 1.0])
+    assert partition_groups(pos, 4).tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_corruptions() -> None:
+    x = _batch()["image"]
+    g = torch.Generator().manual_seed(0)
+    off = RegressionConfig(intensity_prob=0, shuffle_prob=0, paint_prob=0, swap_prob=0)
+    assert torch.equal(corrupt(x, off, g), x)
+    shuffle = RegressionConfig(intensity_prob=0, shuffle_prob=1, paint_prob=0, swap_prob=0)
+    y = corrupt(x, shuffle, g)
+    assert not torch.equal(y, x)
+    torch.testing.assert_close(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values)  # a permutation
+    y = corrupt(x, RegressionConfig(), g)
+    assert y.shape == x.shape and torch.isfinite(y).all() and not torch.equal(y, x)
+
+
+def test_contrastive_local_loss_trains_the_decoder() -> None:
+    batch = _batch()
+    glob = ContrastiveTask(TINY, ContrastiveConfig(proj_hidden=16, proj_dim=8), seed=0, distributed=False)
+    assert glob.export_parts() == ("encoder",) and glob.decoder is None
+    loss, metrics = glob.loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss) and "loss_global" in metrics
+
+    cfg = ContrastiveConfig(proj_hidden=16, proj_dim=8, positives="partition", local_weight=1.0, local_level=-1,
+                            local_points=6, local_dim=4)
+    task = ContrastiveTask(TINY, cfg, seed=0, distributed=False)
+    loss, metrics = task.loss(batch)
+    loss.backward()
+    assert task.export_parts() == ("encoder", "decoder")
+    assert set(metrics) == {"loss_global", "loss_local"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in task.decoder.parameters())
+
+
+def test_task_randomness_is_restorable() -> None:
+    task = RegressionTask(TINY, RegressionConfig(), seed=5)
+    batch = _batch()
+    state = task.rng_state()
+    a, _ = task.loss(batch)
+    task.set_rng_state(state)
+    b, _ = task.loss(batch)
+    assert torch.equal(a, b)
+
+
+def test_regression_learns_to_restore() -> None:
+    torch.manual_seed(0)
+    task = RegressionTask(TINY, RegressionConfig(), seed=0)
+    opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    batch = _batch(8)
+    losses = []
+    for _ in range(30):
+        loss, _ = task.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_figures() -> None:
+    import matplotlib.pyplot as plt
+
+    batch = _batch(3)
+    for task in (RegressionTask(TINY, RegressionConfig(), seed=0),
+                 ContrastiveTask(TINY, ContrastiveConfig(), seed=0, distributed=False)):
+        fig = task.figure(batch)
+        assert len(fig.axes) == 9
+        plt.close(fig)
