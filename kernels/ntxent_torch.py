@@ -11,8 +11,19 @@ same two quantities (see the derivation there):
 
 It walks over tiles of ``block_rows x block_cols`` similarities, so its memory is a few
 tiles (``O(block_rows * block_cols)``) plus ``O(N * D)``, never the ``2N x 2N`` matrix, and
-each tile is a matmul (the FLOPs) followed by a handful of element-wise passes that stay
-in the cache.
+each tile is a matmul (the FLOPs) followed by few element-wise passes that stay in the cache.
+
+On a CPU those passes, not the matmuls, set the speed, hence a fixed shift instead of a
+running max. The rows are L2-normalised, so ``|s_ij| <= 1/tau =: c`` and
+
+- forward: ``lse_i = c + log sum_j E_ij`` with ``E_ij = exp(s_ij - c)`` in ``[e^{-2c}, 1]``
+  (one ``exp`` pass and one sum, no max);
+- backward: ``w_k P_kj + w_j P_jk = E_kj (a_k + a_j)`` with ``a_i = w_i exp(c - lse_i)``, so
+  ``dz_k = (1/tau) (a_k sum_j E_kj z_j + sum_j E_kj a_j z_j)``: one ``exp`` pass and one
+  matmul of each tile with ``[z | a z]``.
+
+Both need ``exp(+-2c)`` inside fp32's normal range: below ``FIXED_SHIFT_MIN_TEMPERATURE``
+the tiles fall back to a per-tile log-sum-exp and the two-exponential form.
 """
 
 from __future__ import annotations
@@ -22,9 +33,11 @@ import math
 import torch
 
 #: Rows of one tile: large enough that each tile's matmul reuses its key rows well.
-BLOCK_ROWS = 256
+BLOCK_ROWS = 512
 #: Columns of one tile: a ``BLOCK_ROWS x BLOCK_COLS`` fp32 tile is 2 MiB and stays in cache.
-BLOCK_COLS = 2048
+BLOCK_COLS = 1024
+#: Smallest temperature of the fixed-shift tiles: exp(2 / tau) stays below fp32's maximum.
+FIXED_SHIFT_MIN_TEMPERATURE = 0.025
 
 
 def _tiles(total: int, block: int) -> range:
@@ -61,18 +74,28 @@ def lse_forward_torch(
         (B, num_rows) fp32: ``lse_i = log sum_{j != row_offset + i} exp(z_{row_offset+i} . z_j / tau)``.
     """
     batch, total, _ = z.shape
+    shift = 1.0 / temperature
+    fixed_shift = temperature >= FIXED_SHIFT_MIN_TEMPERATURE
+    zf = z.float()
     lse = torch.empty(batch, num_rows, dtype=torch.float32, device=z.device)
     for r0 in _tiles(num_rows, block_rows):
         r1 = min(r0 + block_rows, num_rows)
         # Scaling the (small) query block once is cheaper than scaling every tile.
-        q = z[:, row_offset + r0 : row_offset + r1].float() * (1.0 / temperature)
-        chunk_lse = []
+        q = zf[:, row_offset + r0 : row_offset + r1] * shift
+        sums, chunk_lse = torch.zeros(batch, r1 - r0, device=z.device), []
         for c0 in _tiles(total, block_cols):
-            k = z[:, c0 : c0 + block_cols].float()
-            s_qk = torch.einsum("bmd,bnd->bmn", q, k)
-            _mask_self(s_qk, row_offset + r0, c0, -math.inf)
-            chunk_lse.append(torch.logsumexp(s_qk, dim=-1))
-        lse[:, r0:r1] = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1)
+            s_qk = torch.einsum("bmd,bnd->bmn", q, zf[:, c0 : c0 + block_cols])
+            if fixed_shift:
+                e_qk = s_qk.sub_(shift).exp_()  # E = exp(s - c)
+                _mask_self(e_qk, row_offset + r0, c0, 0.0)
+                sums += e_qk.sum(dim=-1)
+            else:
+                _mask_self(s_qk, row_offset + r0, c0, -math.inf)
+                chunk_lse.append(torch.logsumexp(s_qk, dim=-1))
+        if fixed_shift:
+            lse[:, r0:r1] = sums.log_().add_(shift)
+        else:
+            lse[:, r0:r1] = torch.logsumexp(torch.stack(chunk_lse, dim=-1), dim=-1)
     return lse
 
 
@@ -106,21 +129,32 @@ def lse_backward_torch(
         (B, num_rows, D) in ``z.dtype``: ``dz_k = (1/tau) sum_{j != k} (w_k P_kj + w_j P_jk) z_j``.
     """
     batch, total, dim = z.shape
+    shift = 1.0 / temperature
+    fixed_shift = temperature >= FIXED_SHIFT_MIN_TEMPERATURE
+    zf = z.float()
+    if fixed_shift:
+        a = weight * torch.exp(shift - lse)  # (B, R): a_i = w_i exp(c - lse_i)
+        z_az = torch.cat([zf, zf * a[..., None]], dim=-1)  # (B, R, 2D): [z_j | a_j z_j]
     dz = torch.empty(batch, num_rows, dim, dtype=z.dtype, device=z.device)
     for r0 in _tiles(num_rows, block_rows):
         r1 = min(r0 + block_rows, num_rows)
         rows = slice(row_offset + r0, row_offset + r1)
-        q = z[:, rows].float() * (1.0 / temperature)
-        lse_rows, w_rows = lse[:, rows, None], weight[:, rows, None]
-        acc = torch.zeros(batch, r1 - r0, dim, dtype=torch.float32, device=z.device)
+        q = zf[:, rows] * shift
+        acc = torch.zeros(batch, r1 - r0, 2 * dim if fixed_shift else dim, device=z.device)
         for c0 in _tiles(total, block_cols):
             cols = slice(c0, c0 + block_cols)
-            k = z[:, cols].float()
-            s_qk = torch.einsum("bmd,bnd->bmn", q, k)
-            p_row = torch.sub(s_qk, lse_rows).exp_().mul_(w_rows)  # w_k P_kj
-            # In place on s_qk: w_j P_jk, then the sum of both -- the tile's gradient weights.
-            w_qk = s_qk.sub_(lse[:, None, cols]).exp_().mul_(weight[:, None, cols]).add_(p_row)
-            _mask_self(w_qk, row_offset + r0, c0, 0.0)
-            acc.baddbmm_(w_qk, k)
-        dz[:, r0:r1] = acc * (1.0 / temperature)
+            s_qk = torch.einsum("bmd,bnd->bmn", q, zf[:, cols])
+            if fixed_shift:
+                e_qk = s_qk.sub_(shift).exp_()  # E_kj; the weights are E_kj (a_k + a_j)
+                _mask_self(e_qk, row_offset + r0, c0, 0.0)
+                acc.baddbmm_(e_qk, z_az[:, cols])
+            else:
+                p_row = torch.sub(s_qk, lse[:, rows, None]).exp_().mul_(weight[:, rows, None])  # w_k P_kj
+                # In place on s_qk: w_j P_jk, then the sum of both -- the tile's gradient weights.
+                w_qk = s_qk.sub_(lse[:, None, cols]).exp_().mul_(weight[:, None, cols]).add_(p_row)
+                _mask_self(w_qk, row_offset + r0, c0, 0.0)
+                acc.baddbmm_(w_qk, zf[:, cols])
+        if fixed_shift:
+            acc = torch.addcmul(acc[..., dim:], a[:, rows, None], acc[..., :dim])
+        dz[:, r0:r1] = acc * shift
     return dz

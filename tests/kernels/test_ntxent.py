@@ -145,16 +145,27 @@ def test_torch_path_large() -> None:
     check_against_naive("torch", z0, z1, temperature=0.1)
 
 
-def test_torch_path_tiles_match_one_tile() -> None:
+@pytest.mark.parametrize("temperature", [0.1, 0.01])  # fixed-shift tiles and the fallback
+def test_torch_path_tiles_match_one_tile(temperature: float) -> None:
     """The tiling (row and column blocks, diagonal crossing tile borders) changes nothing."""
     gen = torch.Generator().manual_seed(7)
     z = F.normalize(torch.randn(2, 300, 16, generator=gen), dim=-1)
     weight = torch.rand(2, 300, generator=gen) - 0.3
-    lse = lse_forward_torch(z, 0, 300, 0.1, block_rows=300, block_cols=300)
-    torch.testing.assert_close(lse_forward_torch(z, 0, 300, 0.1, block_rows=7, block_cols=33), lse)
-    dz = lse_backward_torch(z, lse, weight, 0, 300, 0.1, block_rows=300, block_cols=300)
-    torch.testing.assert_close(lse_backward_torch(z, lse, weight, 0, 300, 0.1, 7, 33), dz)
-    torch.testing.assert_close(lse_forward_torch(z, 100, 50, 0.1, 7, 33), lse[:, 100:150])
+    lse = lse_forward_torch(z, 0, 300, temperature, block_rows=300, block_cols=300)
+    torch.testing.assert_close(lse_forward_torch(z, 0, 300, temperature, block_rows=7, block_cols=33), lse)
+    dz = lse_backward_torch(z, lse, weight, 0, 300, temperature, block_rows=300, block_cols=300)
+    torch.testing.assert_close(lse_backward_torch(z, lse, weight, 0, 300, temperature, 7, 33), dz)
+    torch.testing.assert_close(lse_forward_torch(z, 100, 50, temperature, 7, 33), lse[:, 100:150])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [0.01, 0.025])
+def test_small_temperature_and_antipodal_views(impl: str, temperature: float) -> None:
+    """Below / at the torch path's fixed-shift limit, with partners at s = -1/tau."""
+    gen = torch.Generator().manual_seed(10)
+    z0 = torch.randn(9, 8, generator=gen)
+    check_against_naive(impl, z0, -z0, temperature=temperature)
+    check_against_naive(impl, z0, torch.randn(9, 8, generator=gen), temperature=temperature)
 
 
 # ------------------------------- closed form and properties -----------------------------
