@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,9 +54,11 @@ def _hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float]) -> float
     # MONAI wants one-hot (B, C, *spatial); a single foreground channel with include_background.
     y_pred = torch.from_numpy(pred[None, None].astype(np.float32))
     y = torch.from_numpy(true[None, None].astype(np.float32))
-    hd = compute_hausdorff_distance(
-        y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
-    )
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(
+            y_pred, y, include_background=True, percentile=95, spacing=[float(s) for s in spacing]
+        )
     return float(hd.reshape(-1)[0])
 
 

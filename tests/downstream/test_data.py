@@ -1,0 +1,100 @@
+"""Labeled data: MSD and folder layouts, subject-level splits, the cache, and bad volumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from downstream.data import draw_labeled, make_splits, open_labeled, prepare
+from ssl_pretrain.data.preprocess import PreprocessParams
+
+PARAMS = PreprocessParams(spacing=(10.0, 13.0), size=(32, 32))
+
+
+def _copy_cohort(src: Path, dst: Path, n: int) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".*"))
+    meta = json.loads((dst / "dataset.json").read_text())
+    for e in meta["training"][n:]:
+        (dst / e["image"]).unlink()
+        (dst / e["label"]).unlink()
+    meta["training"] = meta["training"][:n]
+    (dst / "dataset.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_splits_are_fixed_and_draws_depend_on_seed_only() -> None:
+    ids = [f"s{i:02d}" for i in range(12)]
+    a = make_splits(ids, 2, 3, split_seed=0)
+    assert make_splits(list(reversed(ids)), 2, 3, split_seed=0) == a  # order of discovery does not matter
+    assert len(a.test) == 3 and len(a.val) == 2 and len(a.train_pool) == 7
+    assert not set(a.test) & set(a.val) and not (set(a.test) | set(a.val)) & set(a.train_pool)
+    d1, d2 = draw_labeled(a.train_pool, 2, seed=0), draw_labeled(a.train_pool, 2, seed=1)
+    assert d1 == draw_labeled(a.train_pool, 2, seed=0) and set(d1) <= set(a.train_pool)
+    assert d1 != d2 or draw_labeled(a.train_pool, 2, seed=2) != d1
+    assert draw_labeled(a.train_pool, 0, seed=5) == a.train_pool
+    with pytest.raises(ValueError, match="n_labeled: 8 is larger than the training pool of 7"):
+        draw_labeled(a.train_pool, 8, seed=0)
+    with pytest.raises(ValueError, match="need at least"):
+        make_splits(ids[:5], 2, 3, split_seed=0)
+
+
+def test_prepare_caches_volumes(cohort: Path, tmp_path: Path) -> None:
+    data = prepare(cohort, PARAMS, n_val=2, n_test=2, split_seed=0, cache_dir=tmp_path / "c")
+    assert data.dataset.num_classes == 2 and data.dataset.name == "syntheticliver"
+    assert not data.skipped and len(data.splits.train_pool) == 4
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.npz")}
+    assert len(files) == 8
+    vol = data.volumes(data.splits.test[:1])[data.splits.test[0]]
+    assert vol.image.shape[1:] == (1, 32, 32) and vol.label.shape == (vol.image.shape[0], 32, 32)
+    again = prepare(cohort, PARAMS, n_val=2, n_test=2, split_seed=0, cache_dir=tmp_path / "c")
+    assert again.splits == data.splits
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c").glob("*.npz")} == files  # nothing redone
+    other = prepare(cohort, PreprocessParams(spacing=(5.0, 6.5), size=(64, 64)), n_val=2, n_test=2,
+                    split_seed=0, cache_dir=tmp_path / "c")
+    assert other.splits == data.splits and len(list((tmp_path / "c").glob("*.npz"))) == 16
+
+
+def test_image_label_folders_with_matching_names(cohort: Path, tmp_path: Path) -> None:
+    root = tmp_path / "plain"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for img in sorted((cohort / "imagesTr").glob("*.nii.gz"))[:6]:
+        shutil.copy(img, root / "images" / img.name)
+        shutil.copy(cohort / "labelsTr" / img.name, root / "labels" / img.name)
+    ds = open_labeled(root)
+    assert len(ds.subjects) == 6 and not ds.declared and ds.label_names == {0: "background", 1: "class1"}
+
+
+def test_bad_volumes_are_skipped_with_one_line_each(cohort: Path, tmp_path: Path, caplog) -> None:
+    root = _copy_cohort(cohort, tmp_path / "bad", 8)
+    labels = sorted((root / "labelsTr").glob("*.nii.gz"))
+    # 1) label shape differs from the image
+    img = nib.load(labels[0])
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), labels[0])
+    # 2) label affine differs from the image
+    img = nib.load(labels[1])
+    shifted = img.affine.copy()
+    shifted[:3, 3] += 25.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), labels[1])
+    # 3) label value 3 is not declared in dataset.json
+    img = nib.load(labels[2])
+    lab = np.asarray(img.dataobj).copy()
+    lab[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(lab, img.affine), labels[2])
+    # too few usable volumes left for 2 val + 3 test + 1 train
+    with pytest.raises(ValueError, match="5 usable labeled volumes, need at least"):
+        prepare(root, PARAMS, n_val=2, n_test=4, split_seed=0, cache_dir=tmp_path / "c")
+    data = prepare(root, PARAMS, n_val=2, n_test=2, split_seed=0, cache_dir=tmp_path / "c")
+    reasons = {Path(p).name: r for p, r in data.skipped}
+    assert len(reasons) == 3 and len(data.splits.train_pool) == 1
+    assert "label shape" in reasons[labels[0].name] and labels[0].name in reasons[labels[0].name]
+    assert "affine differs" in reasons[labels[1].name]
+    assert "[3]" in reasons[labels[2].name] and "declared" in reasons[labels[2].name]
+    assert all("\n" not in r for r in reasons.values())
+    with pytest.raises(ValueError, match="is not a directory"):
+        open_labeled(tmp_path / "missing")
