@@ -1,0 +1,43 @@
+"""Data: synthetic cohorts, NIfTI ingest and preprocessing, WebDataset shards, streaming loader.
+
+See ``preprocess`` (one preprocessing function for sharding, finetuning and prediction),
+``ingest`` (input discovery), ``shards`` (writer + manifest), ``loader`` (streaming, resumable)
+and ``phantoms`` (synthetic MRI).
+"""
+
+from ssl_pretrain.data.ingest import Subject, discover
+from ssl_pretrain.data.loader import (
+    CorruptShardError,
+    LoaderConfig,
+    PretrainLoader,
+    build_pretrain_loader,
+)
+from ssl_pretrain.data.phantoms import make_cohort, save_montage
+from ssl_pretrain.data.preprocess import (
+    InputError,
+    PreprocessParams,
+    Volume,
+    load_nifti,
+    preprocess,
+    to_original_grid,
+)
+from ssl_pretrain.data.shards import read_manifest, write_shards
+
+__all__ = [
+    "CorruptShardError",
+    "InputError",
+    "LoaderConfig",
+    "PreprocessParams",
+    "PretrainLoader",
+    "Subject",
+    "Volume",
+    "build_pretrain_loader",
+    "discover",
+    "load_nifti",
+    "make_cohort",
+    "preprocess",
+    "read_manifest",
+    "save_montage",
+    "to_original_grid",
+    "write_shards",
+]

@@ -127,9 +127,7 @@ def _from_folder(root: Path) -> list[Subject]:
     labels_by_name: dict[str, Path] = {}
     images: list[Path] = []
     for f in files:
-        if f.parent.name in label_dirs:
-            labels_by_name[f.name] = f
-        elif any(_stem(f).endswith(sfx) for sfx in _LABEL_SUFFIXES):
+        if f.parent.name in label_dirs or any(_stem(f).endswith(sfx) for sfx in _LABEL_SUFFIXES):
             labels_by_name[f.name] = f
         elif f.name.startswith("._"):  # macOS resource forks
             continue

@@ -346,9 +346,8 @@ def _load_label(
     if lab.shape != tuple(img.shape[:3]):
         raise InputError(f"{label_path}: label shape {lab.shape} differs from image {image_path.name} "
                          f"shape {tuple(img.shape[:3])}")
-    if lab.dtype.kind == "f":
-        if not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab)):
-            raise InputError(f"{label_path}: label values must be integers")
+    if lab.dtype.kind == "f" and (not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab))):
+        raise InputError(f"{label_path}: label values must be integers")
     values = np.unique(lab)
     allowed = set(range(256)) if allowed_labels is None else {int(v) for v in allowed_labels}
     bad = [int(v) for v in values if int(v) not in allowed]

@@ -59,7 +59,8 @@ class _ShardWriter:
     def _open(self) -> None:
         name = SHARD_PATTERN.format(len(self.shards))
         self._tmp = self.out_dir / (name + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        # stays open across write() calls until the shard is full; closed in _close()
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._count = 0
         self.shards.append({"name": name, "samples": 0, "bytes": 0, "sha256": ""})
 
