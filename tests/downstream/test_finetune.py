@@ -1,0 +1,104 @@
+"""Finetuning: outputs, exact resume after a crash, pretrained-init loading, and bad inits."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from downstream.config import FinetuneConfig
+from downstream.finetune import InjectedFault, finetune
+from ssl_pretrain.config import load_config
+from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.export import load_export, save_export
+from ssl_pretrain.models.unet import UNet, UNetConfig
+
+from .conftest import GRID_SPACING, tiny_overrides
+
+PARAMS32 = PreprocessParams(spacing=(GRID_SPACING[0] * 2, GRID_SPACING[1] * 2), size=(32, 32))
+BUDGET = {"steps": 40, "samples_seen": 320, "wall_time_s": 3.5, "final_loss": 2.1, "world_size": 1}
+
+
+def make_export(path: Path, *, widths=(8, 16, 32), in_channels: int = 1, seed: int = 123,
+                task: str = "contrastive", with_decoder: bool = False) -> Path:
+    """An export of a freshly initialised UNet, as pretraining would write it."""
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(in_channels=in_channels, widths=tuple(widths)), 1)
+    return save_export(path, task=task, model_config=net.cfg, encoder_state=net.encoder.state_dict(),
+                       decoder_state=net.decoder.state_dict() if with_decoder else None,
+                       preprocessing=PARAMS32.to_dict(), info=BUDGET)
+
+
+def _cfg(cohort: Path, out: Path, *extra: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, overrides=[*tiny_overrides(cohort, out, size=32), *extra])
+
+
+def test_finetune_outputs_and_exact_resume_after_a_crash(cohort: Path, tmp_path: Path) -> None:
+    plain = finetune(_cfg(cohort, tmp_path / "plain", "n_labeled=2"))
+    out = tmp_path / "crash"
+    with pytest.raises(InjectedFault):
+        finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"))
+    assert (out / "checkpoint" / "state.pt").is_file() and not (out / "model.pt").exists()
+    resumed = finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"),
+                       resume=out / "checkpoint")
+    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
+    # same batches, augmentation and weights after the resume: identical curve and test metrics
+    assert [h["val_dice"] for h in resumed["history"]] == [h["val_dice"] for h in plain["history"]]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in plain["history"]]
+    assert resumed["test_dice"] == plain["test_dice"]
+    assert 0.0 < plain["test_dice"] <= 1.0 and len(plain["test_per_volume"]) == 2
+    export = load_export(tmp_path / "plain" / "model.pt")
+    assert export["task"] == "segmentation" and export["num_classes"] == 2 and export["head"] is not None
+    assert export["preprocessing"] == PARAMS32.to_dict()
+    for name in ("config.yaml", "metrics.json", "result.json", "contours.png"):
+        assert (tmp_path / "plain" / name).is_file()
+
+
+def test_pretrained_init_reports_loaded_and_missing_keys(cohort: Path, tmp_path: Path) -> None:
+    exp = make_export(tmp_path / "pre" / "export" / "model.pt")
+    res = finetune(_cfg(cohort, tmp_path / "ft", f"init={exp}", "n_labeled=1", "train.max_steps=10",
+                        "train.freeze_encoder_steps=5", "data.preprocess={size: [64, 64]}"))
+    n_enc = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).encoder.state_dict())
+    n_all = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).state_dict())
+    assert res["load_report"]["loaded"] == n_enc  # the encoder; decoder and head start from scratch
+    assert res["load_report"]["missing"] == n_all - n_enc and res["load_report"]["unexpected"] == 0
+    assert res["pretrain_info"] == BUDGET and res["init_task"] == "contrastive"
+    assert res["history"][0]["encoder_frozen"] == 0.0  # frozen for steps 0-4, the eval at step 10 is after
+    # the export's preprocessing (32×32) wins over data.preprocess
+    assert load_export(tmp_path / "ft" / "model.pt")["preprocessing"] == PARAMS32.to_dict()
+
+
+def test_bad_inits_and_n_labeled_give_one_line(cohort: Path, tmp_path: Path, mlflow_uri: str) -> None:
+    def err(*extra: str) -> str:
+        with pytest.raises(ValueError) as e:
+            finetune(_cfg(cohort, tmp_path / "bad", *extra))
+        msg = str(e.value)
+        assert "\n" not in msg
+        return msg
+
+    old = tmp_path / "old.pt"
+    torch.save({"format_version": 99, "task": "contrastive"}, old)
+    assert "format version 99" in err(f"init={old}")
+    assert "in_channels=2, the data has 1" in err(f"init={make_export(tmp_path / 'c2.pt', in_channels=2)}")
+    lying = make_export(tmp_path / "w.pt", widths=(4, 8, 16))
+    payload = torch.load(lying, weights_only=True)
+    payload["model_config"]["widths"] = [8, 16, 32]  # declared widths do not match the weights
+    torch.save(payload, lying)
+    assert "widths / channels do not match" in err(f"init={lying}")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    assert "not a loadable model export" in err(f"init={junk}")
+    assert "does not resolve" in err("init=runs:/0123456789abcdef0123456789abcdef/export/model.pt")
+    assert "neither 'random'" in err(f"init={tmp_path / 'nope.pt'}")
+    assert "n_labeled: 5 is larger than the training pool of 4" in err("n_labeled=5")
+
+
+def test_launch_finetune_cli_prints_one_line_on_bad_input(cohort: Path, tmp_path: Path, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("launch_finetune", Path(__file__).parents[2] / "launch/finetune.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    code = mod.main([*tiny_overrides(cohort, tmp_path / "cli", size=32), "n_labeled=9"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: n_labeled: 9 is larger")
