@@ -1,0 +1,29 @@
+"""Fixtures of the data tests: a tiny MSD cohort written directly (fast), and its shards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.shards import write_shards
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests import data_helpers by name
+from data_helpers import TINY, write_msd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def msd_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 labelled blob subjects (65 slices) in the MSD layout."""
+    return write_msd(tmp_path_factory.mktemp("msd"), 10)
+
+
+@pytest.fixture(scope="session")
+def shard_dir(msd_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of ``msd_cohort``: 7 uneven shards of up to 10 slices at 16 x 20."""
+    subjects, skipped = discover(msd_cohort)
+    out = tmp_path_factory.mktemp("shards") / "s"
+    write_shards(subjects, out, TINY, samples_per_shard=10, workers=1, skipped=skipped, progress=False)
+    return out
