@@ -183,8 +183,10 @@ def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memor
         else:
             hdr = bytes(buf[pos : pos + _BLOCK])
             pos += len(hdr)
-        if not hdr or hdr == _ZERO_BLOCK:
-            return  # end-of-archive marker (or a tar without one)
+        if hdr == _ZERO_BLOCK:
+            return  # end-of-archive marker
+        if not hdr:  # every tar writer ends with zero blocks: a bare end means a cut-off file
+            raise CorruptShardError(f"{url}: truncated shard (no end-of-archive marker)")
         if len(hdr) != _BLOCK:
             raise CorruptShardError(f"{url}: truncated shard (partial tar header)")
         name, size, kind = _parse_header(hdr, url)

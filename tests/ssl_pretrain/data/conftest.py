@@ -16,7 +16,7 @@ from data_helpers import TINY, write_msd  # noqa: E402
 
 @pytest.fixture(scope="session")
 def msd_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 labelled blob subjects (65 slices) in the MSD layout."""
+    """10 labelled blob subjects (63 slices) in the MSD layout."""
     return write_msd(tmp_path_factory.mktemp("msd"), 10)
 
 

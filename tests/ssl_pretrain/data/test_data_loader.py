@@ -1,0 +1,197 @@
+"""Streaming loader: batch format, exact epoch over ranks x workers, resume, URLs, corruption."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ssl_pretrain.data.loader import (
+    CorruptShardError,
+    LoaderConfig,
+    build_pretrain_loader,
+    epoch_plan,
+    resume_position,
+)
+
+
+def _take(loader: Any, n: int) -> list[dict[str, Any]]:
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _keys(batches: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    return [(s, z) for b in batches for s, z, v in zip(b["subject"], b["slice"].tolist(), b["valid"].tolist(),
+                                                          strict=True) if v]
+
+
+def _assert_same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["subject"] == y["subject"]
+        assert torch.equal(x["slice"], y["slice"]) and torch.equal(x["image"], y["image"])
+
+
+def test_batch_format(shard_dir: Path) -> None:
+    loader = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=6, num_workers=0), 0, 1)
+    assert loader.manifest["channels"] == 1 and loader.manifest["preprocess"]["size"] == [16, 20]
+    batch = next(iter(loader))
+    assert set(batch) == {"image", "position", "subject", "slice", "label", "valid"}
+    assert batch["image"].shape == (6, 1, 16, 20) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (6, 16, 20) and batch["label"].dtype == torch.uint8
+    assert batch["position"].dtype == torch.float32 and batch["slice"].dtype == torch.int64
+    assert batch["valid"].all() and len(batch["subject"]) == 6
+    n_slices = {s["id"]: s["slices"] for s in loader.manifest["subjects"]}
+    for s, z, p in zip(batch["subject"], batch["slice"].tolist(), batch["position"].tolist(), strict=True):
+        assert p == pytest.approx(z / (n_slices[s] - 1))
+    no_labels = LoaderConfig(shards=str(shard_dir), batch_size=6, num_workers=0, labels=False)
+    assert "label" not in next(iter(build_pretrain_loader(no_labels, 0, 1)))
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 2), (4, 3), (1, 1)])
+def test_epoch_plan_partitions_and_balances(world: int, workers: int) -> None:
+    counts = [10, 10, 10, 10, 10, 10, 3]
+    shards, batches = epoch_plan(counts, epoch=1, seed=0, world_size=world, num_workers=workers, batch_size=4)
+    flat = sorted(i for rank in shards for w in rank for i in w)
+    assert flat == list(range(7))  # every shard exactly once
+    totals = {sum(b) for b in batches}
+    assert len(totals) == 1  # equal batch counts on every rank
+    for rank_shards, rank_batches in zip(shards, batches, strict=True):
+        for s, b in zip(rank_shards, rank_batches, strict=True):
+            assert b >= -(-sum(counts[i] for i in s) // 4)  # room for every real sample
+
+
+def test_resume_position_matches_round_robin() -> None:
+    planned = [3, 0, 5, 1]
+    order = []  # what torch's DataLoader yields: round-robin, skipping exhausted workers
+    left = list(planned)
+    while any(left):
+        for w in range(4):
+            if left[w]:
+                order.append(w)
+                left[w] -= 1
+    for n in range(len(order) + 1):
+        taken, nxt = resume_position(n, planned, 4)
+        assert taken == [order[:n].count(w) for w in range(4)]
+        rest = order[n:]
+        if rest:  # the rotated cycle from `nxt` reproduces the rest
+            assert rest[0] == min((w for w in range(4) if taken[w] < planned[w]),
+                                  key=lambda w: (w - nxt) % 4)
+    assert resume_position(7, None, 3) == ([3, 2, 2], 1)
+
+
+@pytest.mark.slow
+def test_epoch_every_slice_once_over_2_ranks_x_2_workers(shard_dir: Path) -> None:
+    cfg = LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=16, mode="epoch", seed=5)
+    per_rank, seen = [], collections.Counter()
+    for rank in range(2):
+        loader = build_pretrain_loader(cfg, rank, 2)
+        planned = len(loader)  # batches of epoch 0 on this rank
+        batches = list(loader)
+        per_rank.append((len(batches), planned))
+        seen.update(_keys(batches))
+        for b in batches:
+            assert b["valid"].all() or not b["valid"].any()  # only whole padding batches are invalid
+        assert loader.epoch == 1 and loader.batches == 0
+    assert per_rank[0] == per_rank[1] and per_rank[0][0] == per_rank[0][1]
+    assert len(seen) == 63 and set(seen.values()) == {1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["resampled", "epoch"])
+def test_resume_continues_with_the_same_next_batches(shard_dir: Path, mode: str) -> None:
+    cfg = LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=12, mode=mode, seed=7)
+    full = _take(build_pretrain_loader(cfg, 1, 2), 9)
+    interrupted = build_pretrain_loader(cfg, 1, 2)
+    _take(interrupted, 5)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = build_pretrain_loader(cfg, 1, 2)
+    resumed.load_state_dict(state)
+    _assert_same(_take(resumed, 4), full[5:])
+
+
+def test_resume_in_process_and_seed(shard_dir: Path) -> None:
+    cfg = LoaderConfig(shards=str(shard_dir), batch_size=5, num_workers=0, shuffle_buffer=20, seed=1)
+    full = _take(build_pretrain_loader(cfg, 0, 1), 30)  # several resampled rounds
+    a = build_pretrain_loader(cfg, 0, 1)
+    _take(a, 23)
+    b = build_pretrain_loader(cfg, 0, 1)
+    b.load_state_dict(a.state_dict())
+    _assert_same(_take(b, 7), full[23:])
+    other = _take(build_pretrain_loader(LoaderConfig(**{**cfg.__dict__, "seed": 2}), 0, 1), 3)
+    assert _keys(other) != _keys(full[:3])
+
+
+def test_state_mismatch_and_config_errors(shard_dir: Path) -> None:
+    a = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=0), 0, 1)
+    b = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=8, num_workers=0), 0, 1)
+    with pytest.raises(ValueError, match="loader state: batch_size=4 in the checkpoint but 8 now"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="data.batch_size"):
+        LoaderConfig(batch_size=0)
+    with pytest.raises(ValueError, match="data.mode"):
+        LoaderConfig(mode="once")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="data.shards: empty"):
+        build_pretrain_loader(LoaderConfig(), 0, 1)
+    with pytest.raises(ValueError, match="not found"):
+        build_pretrain_loader(LoaderConfig(shards=str(shard_dir / "shard-{000000..000009}.tar")), 0, 1)
+    with pytest.raises(TypeError, match="infinite"):
+        len(a)
+
+
+def _epoch_keys(shards: str, **kw: Any) -> list[tuple[str, int]]:
+    cfg = LoaderConfig(shards=shards, batch_size=8, num_workers=0, shuffle_buffer=0, mode="epoch", **kw)
+    return _keys(list(build_pretrain_loader(cfg, 0, 1)))
+
+
+def test_brace_pattern_and_pipe_urls(shard_dir: Path) -> None:
+    ref = _epoch_keys(str(shard_dir))
+    assert len(ref) == 63
+    pattern = str(shard_dir / "shard-{000000..000006}.tar")
+    assert _epoch_keys(pattern) == ref
+    pipe = f"pipe:cat {pattern}"
+    assert _epoch_keys(pipe, manifest=str(shard_dir / "manifest.json")) == ref
+
+
+@pytest.fixture
+def broken(shard_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "broken"
+    shutil.copytree(shard_dir, out)
+    return out
+
+
+def test_truncated_shard_names_the_shard(broken: Path) -> None:
+    victim = broken / "shard-000003.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CorruptShardError, match=r"shard-000003\.tar: truncated shard"):
+        _epoch_keys(str(broken))
+    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True)
+    loader = build_pretrain_loader(cfg, 0, 1)
+    keys = _keys(list(loader))
+    assert 53 <= len(keys) < 63 and len(set(keys)) == len(keys)
+    assert loader.corrupt_skipped == 1
+
+
+def test_corrupt_npy_in_tar_names_the_shard(broken: Path) -> None:
+    victim = broken / "shard-000001.tar"
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".image.npy"))
+    raw = bytearray(victim.read_bytes())
+    raw[member.offset_data : member.offset_data + 6] = b"GARBGE"  # destroy the .npy magic
+    victim.write_bytes(bytes(raw))
+    key = member.name.split(".")[0]
+    with pytest.raises(CorruptShardError, match=rf"shard-000001\.tar: corrupt {key}\.image\.npy"):
+        _epoch_keys(str(broken))
+    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True)
+    loader = build_pretrain_loader(cfg, 0, 1)
+    assert len(_keys(list(loader))) == 62 and loader.corrupt_skipped == 1
