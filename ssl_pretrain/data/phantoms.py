@@ -377,7 +377,7 @@ def save_montage(out_png: Path, *, n: int = 4, seed: int = 0) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.5), dpi=72)
+    fig, axes = plt.subplots(2, n, figsize=(2.1 * n, 4.5), dpi=72, squeeze=False)
     for row, kind in enumerate(("liver", "prostate")):
         for col in range(n):
             img, label, affine = make_subject(kind, seed, col)
