@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export = run_pretraining(cfg)  # sets up and always tears down the process group
     except (ValueError, TrainingDiverged) as e:  # bad input or divergence: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+        # errors re-raised from DataLoader workers carry a traceback: keep the last line only
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        print(f"error: {lines[-1].strip()}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
     if os.environ.get("RANK", "0") == "0":
         print(f"export: {export}")

@@ -43,6 +43,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "gradient norm clipping; 0 turns it off")
     zero_stage: int = option(0, "DeepSpeed ZeRO stage 0, 1 or 2")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 on GPUs that support it, else fp32")
+    cpu_threads: int | None = option(
+        None, "intra-op threads per CPU rank; null = OMP_NUM_THREADS or cores / ranks on the node"
+    )
     deepspeed_config: str | None = option(
         None, "your own DeepSpeed JSON; replaces the derived one (its batch keys must agree with this config)"
     )
@@ -58,6 +61,8 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "image_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"train.cpu_threads: must be >= 1 or null, got {self.cpu_threads}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"train.batch_size: must be >= 1 or null, got {self.batch_size}")
         if self.lr <= 0:

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "free_port"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "free_port", "cpu_threads"]
 
 log = logging.getLogger(__name__)
 
+# A single-rank group this process created itself (plain ``python``, or in-process calls such as
+# the demo's). It is kept for the life of the process and reused by later runs: DeepSpeed caches a
+# clone of the world group (``deepspeed.utils.groups``) that no public API resets, so a destroyed
+# and re-created group would break the next ``deepspeed.initialize``.
+_OWN_GROUP: DistInfo | None = None
 _OWN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+_OWN_ENV_VALUES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,20 @@ def _skip_cpu_shm_build() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def cpu_threads(requested: int | None) -> int:
+    """Intra-op threads for one CPU rank: ``requested``, else OMP_NUM_THREADS, else cores / local ranks.
+
+    Every rank would otherwise start one thread per core; oversubscribed threads spin and stall
+    each other and gloo's collectives (tiny-model steps became 15-50× slower in our runs).
+    """
+    if requested is not None:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    return max(1, (os.cpu_count() or 1) // max(1, local))
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group: nccl on GPUs, gloo on CPUs.
 
@@ -70,6 +90,10 @@ def init_distributed() -> DistInfo:
     """
     import deepspeed
 
+    global _OWN_GROUP, _OWN_ENV_VALUES
+    if _OWN_GROUP is not None and dist.is_initialized():
+        os.environ.update(_OWN_ENV_VALUES)  # DeepSpeed reads LOCAL_RANK & co. in initialize()
+        return _OWN_GROUP
     owns_env = "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
     if owns_env:
         os.environ.update(
@@ -88,13 +112,23 @@ def init_distributed() -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:
         deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
-    return DistInfo(rank, world, local_rank, device, backend, owns_env)
+    info = DistInfo(rank, world, local_rank, device, backend, owns_env)
+    if owns_env:
+        _OWN_GROUP = info
+        _OWN_ENV_VALUES = {key: os.environ[key] for key in _OWN_ENV}
+    return info
 
 
 def shutdown_distributed(info: DistInfo | None) -> None:
-    """Leave the process group; undo the environment that :func:`init_distributed` created itself."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if info is not None and info.owns_env:
+    """Leave a launcher's process group at the end of the job (a self-made single-rank group is kept).
+
+    The environment of a self-made group is removed between runs, so that child processes
+    (tools, tests) do not inherit a rendezvous on this process's port.
+    """
+    if info is None:
+        return
+    if info.owns_env:
         for key in _OWN_ENV:
             os.environ.pop(key, None)
+    elif dist.is_initialized():
+        dist.destroy_process_group()

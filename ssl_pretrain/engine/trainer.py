@@ -29,7 +29,7 @@ from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
-from ssl_pretrain.engine.distributed import DistInfo, init_distributed, shutdown_distributed
+from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.export import save_export
 from ssl_pretrain.tasks.contrastive import ContrastiveTask
 from ssl_pretrain.tasks.regression import RegressionTask
@@ -69,9 +69,13 @@ def run_pretraining(cfg: PretrainConfig) -> Path:
         TrainingDiverged: The loss became NaN / Inf.
     """
     info = init_distributed()
+    threads = torch.get_num_threads()
+    if info.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     try:
         return Trainer(cfg, info).run()
     finally:
+        torch.set_num_threads(threads)  # in-process callers get their setting back
         shutdown_distributed(info)
 
 
@@ -129,6 +133,16 @@ class Trainer:
             "grad_accum": self.cfg.train.grad_accum,
         }
 
+    def _check_manifest(self, manifest: Any, needs_position: bool) -> None:
+        """Fields the task needs, as the manifest lists them (before reading any sample)."""
+        fields = manifest.get("sample", {}).get("meta.json") if isinstance(manifest, dict) else None
+        if needs_position and isinstance(fields, list) and "position" not in fields:
+            raise ValueError(
+                f"data.shards={self.cfg.data.shards}: contrastive.positives=partition needs each slice's relative "
+                f"position in meta.json, but these shards' meta has only {', '.join(fields)} "
+                f"(use positives=views or re-shard)"
+            )
+
     def _check_batch(self, batch: dict[str, Any], task: str, needs_position: bool) -> None:
         where = f"data.shards={self.cfg.data.shards}"
         image = batch.get("image")
@@ -175,12 +189,13 @@ class Trainer:
 
         data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
         resolved = dataclasses.replace(cfg, data=data_cfg)
+        task_needs_position = cfg.task == "contrastive" and cfg.contrastive.positives == "partition"
         loader = build_pretrain_loader(data_cfg, info.rank, info.world_size)
+        self._check_manifest(loader.manifest, task_needs_position)
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
         stream = self._stream(loader)
         first = self._next_full(stream, plan.micro)
-        task_needs_position = cfg.task == "contrastive" and cfg.contrastive.positives == "partition"
         self._check_batch(first, cfg.task, task_needs_position)
 
         if info.is_main:

@@ -1,0 +1,191 @@
+"""One-process pretraining runs (in this process, as the demo calls them) and the bad-input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_pretrain.config import ConfigError, load_config
+from ssl_pretrain.engine.checkpoint import CheckpointError
+from ssl_pretrain.engine.config import PretrainConfig, deepspeed_config
+from ssl_pretrain.models.unet import UNet
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = ROOT / "launch" / "configs" / "debug.yaml"
+
+
+def _cfg(shards: Path, out: Path, *overrides: str) -> PretrainConfig:
+    return load_config(
+        PretrainConfig, DEBUG, [f"data.shards={shards}", f"out_dir={out}", "data.num_workers=0", *overrides]
+    )
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}  # the last record of a step wins (after resumes)
+
+
+def test_contrastive_run_exports_tracks_and_finishes_once(pretrain_shards: Path, tmp_path: Path, mlflow_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = _cfg(pretrain_shards, out, "contrastive.positives=partition", "contrastive.local_weight=1.0",
+               "train.max_steps=12", "train.ckpt_every=6", "train.image_every=6")
+    export = run_pretraining(cfg)
+    assert export == out / "export" / "model.pt"
+
+    data = torch.load(export, weights_only=True)
+    assert data["task"] == "contrastive" and data["format_version"] == 1
+    assert data["preprocessing"]["size"] == [32, 32]
+    assert data["info"]["steps"] == 12 and data["info"]["world_size"] == 1
+    net = UNet(cfg.model, out_channels=2)
+    net.encoder.load_state_dict(data["encoder"])
+    net.decoder.load_state_dict(data["decoder"])  # the local loss trained the decoder
+
+    assert (out / "config.yaml").is_file()
+    assert load_config(PretrainConfig, out / "config.yaml").task == "contrastive"
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000012"
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("mri-ssl/pretrain")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "12" and run.data.params["task"] == "contrastive"
+    assert run.data.tags["task"] == "contrastive" and run.data.tags["world_size"] == "1"
+    assert "git_commit" in run.data.tags
+    assert {"loss", "lr", "samples_per_s", "data_wait_frac", "data_wait_s/rank0", "loss_local"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
+
+    def names(path: str | None = None) -> set[str]:
+        return {a.path for a in client.list_artifacts(run.info.run_id, path)}
+
+    assert {"config.yaml", "export", "figures", "plots", "summary.json"} <= names()
+    assert names("export") == {"export/model.pt"}
+    assert names("plots") == {"plots/loss.png"}
+    assert names("figures") == {"figures/contrastive-step00000006.png", "figures/contrastive-step00000012.png"}
+
+    # running it again: already finished, nothing recomputed, no new MLflow run
+    mtime = export.stat().st_mtime_ns
+    assert run_pretraining(cfg) == export
+    assert export.stat().st_mtime_ns == mtime
+    assert len(client.search_runs([exp.experiment_id])) == 1
+
+
+def test_regression_loss_falls(pretrain_shards: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "reg"
+    export = run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false"))
+    losses = list(_losses(out).values())
+    assert len(losses) == 20
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    data = torch.load(export, weights_only=True)
+    assert data["task"] == "regression" and data["decoder"] is not None
+    assert json.loads((out / "summary.json").read_text())["replica_max_abs_diff"] == 0.0
+
+
+def test_nan_guard_keeps_last_good_checkpoint(pretrain_shards: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.engine.trainer import TrainingDiverged, run_pretraining
+
+    out = tmp_path / "nan"
+    cfg = _cfg(pretrain_shards, out, "task=regression", "track=false", "train.lr=1e30", "train.grad_clip=0",
+               "train.ckpt_every=2")
+    with pytest.raises(TrainingDiverged, match=r"step \d+: loss is nan.*last good checkpoint is step-"):
+        run_pretraining(cfg)
+    tag = (out / "checkpoints" / "latest").read_text()
+    meta = json.loads((out / "checkpoints" / tag / "meta.json").read_text())
+    assert meta["loss"] == meta["loss"] and meta["step"] < 20  # finite, before the failure
+    assert not (out / "export").exists()
+
+
+# ---- bad input: one clear error before any compute -------------------------------------------
+
+
+def _no_compute(out: Path) -> None:
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_bad_shards(pretrain_shards: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "x"
+    with pytest.raises(ValueError, match="data.shards"):
+        run_pretraining(_cfg(tmp_path / "missing", out))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty/manifest.json: not found"):
+        run_pretraining(_cfg(tmp_path / "empty", out))
+    # shards whose meta.json lacks the relative position: partition positives are impossible
+    nopos = tmp_path / "nopos"
+    shutil.copytree(pretrain_shards, nopos)
+    manifest = json.loads((nopos / "manifest.json").read_text())
+    manifest["sample"]["meta.json"].remove("position")
+    (nopos / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="positives=partition needs each slice's relative position"):
+        run_pretraining(_cfg(nopos, out, "contrastive.positives=partition"))
+    _no_compute(out)
+
+
+def test_bad_config_values() -> None:
+    with pytest.raises(ConfigError, match="train.zero_stage: must be 0, 1 or 2"):
+        load_config(PretrainConfig, DEBUG, ["train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="train.nope: unknown key"):
+        load_config(PretrainConfig, DEBUG, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression'"):
+        load_config(PretrainConfig, DEBUG, ["task=jigsaw"])
+    with pytest.raises(ConfigError, match="contrastive.local_level"):
+        load_config(PretrainConfig, DEBUG, ["contrastive.local_weight=1", "contrastive.local_level=5"])
+    cfg = load_config(PretrainConfig, DEBUG, ["train.batch_size=12", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="train.batch_size: 12 does not divide across 4 ranks × 2"):
+        deepspeed_config(cfg, world_size=4)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        12, 3, 2)
+    assert ds["zero_optimization"]["stage"] == 0 and ds["optimizer"]["params"]["torch_adam"] is True
+    if not torch.cuda.is_available():
+        assert ds["bf16"]["enabled"] is False
+        with pytest.raises(ConfigError, match="LAMB"):
+            deepspeed_config(load_config(PretrainConfig, DEBUG, ["train.optimizer=LAMB"]), 1)
+    for name in ("contrastive.yaml", "regression.yaml"):
+        load_config(PretrainConfig, DEBUG.parent / name)
+
+
+def test_checkpoint_dir_of_another_run_is_refused(pretrain_shards: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=2",
+                         "train.warmup_steps=1"))
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="checkpoint has task='regression', this run has 'contrastive'"):
+        run_pretraining(_cfg(pretrain_shards, out, "track=false", "train.max_steps=2", "train.warmup_steps=1"))
+    with pytest.raises(CheckpointError, match="checkpoint has model="):
+        run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "model.widths=[8,16]"))
+    with pytest.raises(CheckpointError, match="set resume=auto"):
+        run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "resume=never"))
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing ran
+
+
+def test_cli_prints_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(DEBUG),
+         f"data.shards={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'o'}"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "data.shards" in errors[0] and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(DEBUG), "train.lr=-1"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert proc.returncode == 2 and "train.lr: must be > 0" in proc.stderr and "Traceback" not in proc.stderr
