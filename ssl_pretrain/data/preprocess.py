@@ -178,13 +178,13 @@ def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -
         data = _squeeze_trailing(path, data)
     if min(data.shape) == 0:
         raise InputError(f"{path}: empty volume of shape {data.shape}")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported voxel type {data.dtype} (expected integer or float)")
     if kind == "image":
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             raise InputError(f"{path}: volume contains NaN or Inf values")
-        if data.dtype.kind in "biuf" and data.min() == data.max():
+        if data.min() == data.max():
             raise InputError(f"{path}: volume is constant (all voxels = {data.flat[0]})")
-        if data.dtype.kind not in "biuf":
-            raise InputError(f"{path}: unsupported voxel type {data.dtype}")
     zooms = img.header.get_zooms()[:3]
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise InputError(f"{path}: invalid voxel size {tuple(float(z) for z in zooms)}")
