@@ -140,6 +140,7 @@ def _ntxent_bwd_kernel(
     z_ptr,
     lse_ptr,
     w_ptr,
+    w_scale_ptr,
     dz_ptr,
     stride_zb,
     stride_zr,
@@ -196,7 +197,7 @@ def _ntxent_bwd_kernel(
             other=0.0,
         )
         acc = tl.dot(weights.to(z_j.dtype), z_j, acc, input_precision=INPUT_PRECISION)
-    dz = acc * inv_tau
+    dz = acc * (inv_tau * tl.load(w_scale_ptr))
     tl.store(
         dz_ptr + pid_b * stride_db + offs_m[:, None] * stride_dr + offs_do[None, :] * stride_dd,
         dz.to(dz_ptr.dtype.element_ty),
@@ -262,10 +263,15 @@ def ntxent_backward(
     """
     batch, total, dim = z.shape
     dz = torch.empty(batch, num_rows, dim, dtype=z.dtype, device=z.device)
+    # The tile weights w P go through a 16-bit dot on bf16 / fp16 inputs; with w ~ 1 / rows
+    # they would underflow fp16. Scale w to at most 1 on the device (no host sync) and undo
+    # the scale on the fp32 accumulator.
+    w_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    weight = weight / w_scale
     block_m, block_n, block_d = 64, 64, _block_d(dim)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(dim, block_d), batch)
     _ntxent_bwd_kernel[grid](
-        z, lse, weight, dz,
+        z, lse, weight, w_scale, dz,
         z.stride(0), z.stride(1), z.stride(2), lse.stride(0),
         dz.stride(0), dz.stride(1), dz.stride(2),
         total, dim, row_offset, num_rows, math.log2(math.e) / temperature, 1.0 / temperature,
