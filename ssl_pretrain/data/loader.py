@@ -509,7 +509,7 @@ class _SliceStream(IterableDataset):
                 break
         made = self._skip_batches
         chunk: list[_Raw] = []
-        reported = 0
+        reported = self._corrupt  # corrupt items met while replaying were counted before the resume
         for s in it:
             chunk.append(s)
             if len(chunk) == bsz:

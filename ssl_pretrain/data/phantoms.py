@@ -213,6 +213,10 @@ def _prostate_subject(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
     w_body = 0.04 * _field(g, rng, 120.0)
     body = _cylinder(g, (0, 10), (170 * sc, 125 * sc), w_body)
     tissue[body] = _FAT
+    # gluteal muscles (posterolateral) and iliopsoas (anterolateral): the pelvis is mostly muscle
+    for side in (-1, 1):
+        tissue[_cylinder(g, (side * 75 * sc, -75 * sc), (55 * sc, 32 * sc), 0.1 * _field(g, rng, 60))] = _MUSCLE
+        tissue[_cylinder(g, (side * 62 * sc, 42 * sc), (17 * sc, 14 * sc), 0.1 * _field(g, rng, 40))] = _MUSCLE
     # obturator internus / levator muscles either side
     for side in (-1, 1):
         tissue[_cylinder(g, (side * 55 * sc, -5), (14 * sc, 38 * sc), 0.1 * _field(g, rng, 50))] = _MUSCLE
@@ -249,7 +253,7 @@ def _prostate_subject(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
           _RECTLUM: 0.05, _BONE: 0.06, _MARROW: 0.6, _PPFAT: 0.7, _NVB: 0.1}
     adc = {_AIR: 0.0, _FAT: 0.12, _MUSCLE: 0.45, _PZ: 0.78, _TZ: 0.5, _BLADDER: 1.0, _RECTWALL: 0.4,
            _RECTLUM: 0.08, _BONE: 0.05, _MARROW: 0.15, _PPFAT: 0.3, _NVB: 0.5}
-    texture = {_TZ: 0.15, _PZ: 0.06, _FAT: 0.04, _RECTLUM: 0.2}
+    texture = {_TZ: 0.15, _PZ: 0.06, _FAT: 0.04, _RECTLUM: 0.2, _MUSCLE: 0.08}
     img_t2 = _finish(g, tissue, t2, texture, rng, blur_px=0.8, noise=0.03)
     img_adc = _finish(g, tissue, adc, texture, rng, blur_px=2.0, noise=0.05)
     return np.stack([img_t2, img_adc], axis=-1), label, g.affine
