@@ -53,6 +53,7 @@ class Scale:
     widths: tuple[int, ...]  # UNet channels per level
     pretrain_steps: int
     pretrain_batch: int
+    ckpt_every: int  # pretraining steps between checkpoints (an interrupted run resumes from the last)
     pretrain_config: str  # file in launch/configs for pretraining (task set by override)
     sweep_config: str  # file in launch/configs for the sweep
     labeled_counts: tuple[int, ...]
@@ -64,17 +65,17 @@ class Scale:
 SCALES: dict[str, Scale] = {
     # A CI-sized smoke run: every stage, seconds each.
     "tiny": Scale("tiny", n_unlabeled=4, n_labeled=7, size=32, spacing=12.0, widths=(4, 8, 16),
-                  pretrain_steps=6, pretrain_batch=8, pretrain_config="debug.yaml",
+                  pretrain_steps=60, pretrain_batch=8, ckpt_every=10, pretrain_config="debug.yaml",
                   sweep_config="sweep_debug.yaml", labeled_counts=(1, 2), seeds=(0,),
                   finetune_steps=6, eval_every=3),
     # A 2-core CPU: 64×64 slices, a narrow UNet, a few minutes of pretraining per pretext.
     "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, size=64, spacing=6.0, widths=(16, 32, 64, 128),
-                 pretrain_steps=300, pretrain_batch=32, pretrain_config="debug.yaml",
+                 pretrain_steps=300, pretrain_batch=32, ckpt_every=50, pretrain_config="debug.yaml",
                  sweep_config="sweep_debug.yaml", labeled_counts=(1, 2, 4), seeds=(0, 1),
                  finetune_steps=150, eval_every=25),
     # GPUs: the cluster-sized configs on a larger synthetic cohort.
     "gpu": Scale("gpu", n_unlabeled=200, n_labeled=30, size=256, spacing=1.5,
-                 widths=(32, 64, 128, 256, 512), pretrain_steps=5000, pretrain_batch=64,
+                 widths=(32, 64, 128, 256, 512), pretrain_steps=5000, pretrain_batch=64, ckpt_every=500,
                  pretrain_config="{task}.yaml", sweep_config="sweep.yaml", labeled_counts=(1, 2, 4, 8),
                  seeds=(0, 1, 2), finetune_steps=2000, eval_every=100),
 }
@@ -140,6 +141,7 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
     overrides = [
         f"task={task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto",
         f"train.max_steps={scale.pretrain_steps}", f"data.batch_size={scale.pretrain_batch}",
+        f"train.ckpt_every={scale.ckpt_every}", f"train.image_every={scale.ckpt_every}",
         f"model.widths={list(scale.widths)}", f"run_name=demo-{task}",
     ]
     gpus = torch.cuda.device_count()
@@ -187,14 +189,11 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale) -> Path:
     unlabeled, labeled = _cohorts(out, kind, scale)
     shards = _shards(out, unlabeled, params)
     exports = {task: _pretrain(out, task, shards, scale) for task in ("contrastive", "regression")}
-    sweep_dir = _sweep(out, labeled, exports, scale)
-    table = sweep_dir / "report" / "label_efficiency.md"
-    if table.is_file():
-        print(table.read_text())
+    sweep_dir = _sweep(out, labeled, exports, scale)  # prints the label-efficiency table
     # The stages run with `out` as working directory, so MLflow's local default store lands there.
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     _say(f"finished in {(time.time() - t0) / 60:.1f} min")
-    _say(f"label-efficiency table and plots: {sweep_dir / 'report'}")
+    _say(f"label-efficiency table and plots: {sweep_dir / 'report' / 'report.md'}")
     _say(f"shards: {shards}   pretraining runs and checkpoints: {out / 'pretrain'}")
     _say(f"MLflow store: {uri}   browse it with: mlflow ui --backend-store-uri {uri}")
     return sweep_dir
