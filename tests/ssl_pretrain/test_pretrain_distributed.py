@@ -1,0 +1,130 @@
+"""Multi-process pretraining on the CPU: DeepSpeed launcher, torchrun "nodes", kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_pretrain.engine.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG = ROOT / "launch" / "configs" / "debug.yaml"
+SCRIPT = ROOT / "launch" / "pretrain.py"
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    return {**env, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return [str(SCRIPT), "--config", str(DEBUG), f"data.shards={shards}", f"out_dir={out}", *overrides]
+
+
+def _run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}  # the last record of a step wins (after a resume)
+
+
+def _falls(losses: dict[int, float]) -> bool:
+    values = [losses[s] for s in sorted(losses)]
+    return sum(values[-4:]) / 4 < sum(values[:4]) / 4
+
+
+def test_contrastive_negatives_span_both_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+          str(ROOT / "tests" / "ssl_pretrain" / "scripts" / "contrastive_gather.py"), str(out)], timeout=120)
+    r = json.loads(out.read_text())
+    assert abs(r["mean_of_ranks"] - r["gathered"]) < 1e-5
+    assert abs(r["rank0"] - r["rank0_local_only"]) > 1e-3  # the other rank's negatives changed the loss
+
+
+def test_deepspeed_two_ranks_both_tasks(pretrain_shards: Path, tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    runs = {
+        "contrastive": ["contrastive.positives=partition", "contrastive.local_weight=1.0", "train.zero_stage=1"],
+        "regression": ["task=regression", "train.zero_stage=0"],
+    }
+    for task, extra in runs.items():
+        out = tmp_path / task
+        _run(launcher + _args(pretrain_shards, out, "train.max_steps=16", "train.ckpt_every=8",
+                              "train.image_every=8", "data.num_workers=0", *extra))
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["samples_seen"] == 16 * 2 * 8
+        assert summary["replica_max_abs_diff"] == 0.0  # both ranks hold identical parameters
+        assert _falls(_losses(out)), _losses(out)
+        assert (out / "export" / "model.pt").is_file()
+        assert (out / "checkpoints" / "step-00000016" / "trainer_rank1.pt").is_file()
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("mri-ssl/pretrain")
+    runs_logged = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["task"] for r in runs_logged) == ["contrastive", "regression"]  # rank 0 only
+    assert {r.data.tags["world_size"] for r in runs_logged} == {"2"}
+
+
+def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nodes"
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", port]
+            + _args(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=5",
+                    "train.warmup_steps=1", "data.mode=epoch", "data.num_workers=0", "train.track_samples=true"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
+        )
+        for node in (0, 1)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, output[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rank0, rank1 = (set(s) for s in summary["samples_by_rank"])
+    assert len(rank0) == len(rank1) == 5 * 8  # one epoch in progress: no slice twice
+    assert not rank0 & rank1  # each node reads its own shards
+    assert summary["replica_max_abs_diff"] == 0.0
+
+
+def test_kill_9_and_resume_gives_the_same_losses(pretrain_shards: Path, tmp_path: Path) -> None:
+    common = ["contrastive.positives=partition", "contrastive.local_weight=1.0", "track=false",
+              "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000", "data.num_workers=1"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run([sys.executable] + _args(pretrain_shards, ref, *common))
+
+    proc = subprocess.Popen([sys.executable] + _args(pretrain_shards, killed, *common), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not latest.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "export").exists(), "the run finished before it could be killed"
+    k = json.loads((killed / "checkpoints" / latest.read_text() / "meta.json").read_text())["step"]
+    assert 4 <= k < 24
+
+    _run([sys.executable] + _args(pretrain_shards, killed, *common))  # resume=auto
+    ref_losses, resumed = _losses(ref), _losses(killed)
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(k + 1, 25):
+        assert abs(resumed[step] - ref_losses[step]) <= 1e-5, (step, resumed[step], ref_losses[step])
