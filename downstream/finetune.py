@@ -499,7 +499,7 @@ def finetune(
             ckpt_dir / "state.pt",
         )
         if report is not None:
-            report({**row, "best_val_dice": best_dice, "done": False}, str(ckpt_dir))
+            report({**row, "best_val_dice": best_dice, "final": False}, str(ckpt_dir))
         if cfg.train.inject_fault_at_step == step and not (out / _FAULT_MARKER).exists():
             (out / _FAULT_MARKER).write_text(f"fault injected after the checkpoint at step {step}\n")
             raise InjectedFault(f"train.inject_fault_at_step={step}: injected fault after the checkpoint")
@@ -590,7 +590,7 @@ def finetune(
                 "step": step,
                 "val_dice": history[-1]["val_dice"] if history else float("nan"),
                 "best_val_dice": best_dice,
-                "done": True,
+                "final": True,
                 **{k: v for k, v in test.items()},
             },
             None,

@@ -211,7 +211,7 @@ def _trainable(config: dict[str, Any]) -> None:
         raise
     logger.end("FINISHED")
     final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update(done=True, trial_key=key)
+    final.update(final=True, trial_key=key)  # "done" is reserved by Ray Tune (it stops the trial)
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps({"fingerprint": fp, "metrics": final}, default=float))
     os.replace(tmp, done)

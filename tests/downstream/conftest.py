@@ -9,15 +9,30 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams, preprocess
+from ssl_pretrain.export import save_export
+from ssl_pretrain.models.unet import UNet, UNetConfig
 
 # Phantom voxel grid of the derived cohort: in-plane (row=H, col=W) spacing in mm and size; slices
 # keep the phantom's own 5-8 mm thickness, so the three axes have three different spacings.
 GRID_SPACING = (5.0, 6.5)
 GRID_SIZE = (64, 64)
 N_SUBJECTS = 8
+PARAMS32 = PreprocessParams(spacing=(GRID_SPACING[0] * 2, GRID_SPACING[1] * 2), size=(32, 32))
+BUDGET = {"steps": 40, "samples_seen": 320, "wall_time_s": 3.5, "final_loss": 2.1, "world_size": 1}
+
+
+def make_export(path: Path, *, widths: tuple[int, ...] = (8, 16, 32), in_channels: int = 1, seed: int = 123,
+                task: str = "contrastive", with_decoder: bool = False) -> Path:
+    """An export of a freshly initialised UNet (32×32 preprocessing), as pretraining would write it."""
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(in_channels=in_channels, widths=tuple(widths)), 1)
+    return save_export(path, task=task, model_config=net.cfg, encoder_state=net.encoder.state_dict(),
+                       decoder_state=net.decoder.state_dict() if with_decoder else None,
+                       preprocessing=PARAMS32.to_dict(), info=BUDGET)
 
 
 def non_ras_nifti(display: np.ndarray, spacing_xyz: tuple[float, float, float], dtype: type) -> nib.Nifti1Image:

@@ -11,24 +11,10 @@ import torch
 from downstream.config import FinetuneConfig
 from downstream.finetune import InjectedFault, finetune
 from ssl_pretrain.config import load_config
-from ssl_pretrain.data.preprocess import PreprocessParams
-from ssl_pretrain.export import load_export, save_export
+from ssl_pretrain.export import load_export
 from ssl_pretrain.models.unet import UNet, UNetConfig
 
-from .conftest import GRID_SPACING, tiny_overrides
-
-PARAMS32 = PreprocessParams(spacing=(GRID_SPACING[0] * 2, GRID_SPACING[1] * 2), size=(32, 32))
-BUDGET = {"steps": 40, "samples_seen": 320, "wall_time_s": 3.5, "final_loss": 2.1, "world_size": 1}
-
-
-def make_export(path: Path, *, widths=(8, 16, 32), in_channels: int = 1, seed: int = 123,
-                task: str = "contrastive", with_decoder: bool = False) -> Path:
-    """An export of a freshly initialised UNet, as pretraining would write it."""
-    torch.manual_seed(seed)
-    net = UNet(UNetConfig(in_channels=in_channels, widths=tuple(widths)), 1)
-    return save_export(path, task=task, model_config=net.cfg, encoder_state=net.encoder.state_dict(),
-                       decoder_state=net.decoder.state_dict() if with_decoder else None,
-                       preprocessing=PARAMS32.to_dict(), info=BUDGET)
+from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
 
 
 def _cfg(cohort: Path, out: Path, *extra: str) -> FinetuneConfig:

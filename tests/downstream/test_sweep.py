@@ -1,0 +1,183 @@
+"""Ray Tune sweeps end to end: pretrained init in the grid, crash + resume, MLflow server, registry, report.
+
+Multi-process (local Ray workers, an ``mlflow server`` subprocess): marked slow, still run in CI.
+One Ray session is shared by all tests of the module (see ``ray_session`` in conftest).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from downstream.config import SweepConfig
+from downstream.mlflow_uri import resolve_model_file
+from downstream.sweep import run_sweep
+from ssl_pretrain.config import load_config
+
+from .conftest import BUDGET, make_export, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite backend and artifact folder."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "mlflow"
+    cmd = [
+        str(exe),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{d / 'server.db'}",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+    ]
+    log = open(d / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"mlflow server did not start: {(d / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group this test started
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_sweep_with_pretrained_init_crash_resume_and_registry(
+    cohort: Path, tmp_path: Path, ray_session, mlflow_server: str, monkeypatch
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.chdir(tmp_path)
+    export = make_export(tmp_path / "pre" / "export" / "model.pt")
+    cfg = load_config(
+        SweepConfig,
+        overrides=[
+            *tiny_overrides(cohort, tmp_path / "sweep", size=32),
+            "tracking.enabled=true",
+            f"init=[random, {export}]",
+            "n_labeled=[1, 2]",
+            "seeds=[0]",
+            "search.fault_at_step=10",
+        ],
+    )
+    res = run_sweep(cfg)
+    assert res["errors"] == [] and len(res["rows"]) == 4
+    assert {(r["init_tag"], r["n_labeled"]) for r in res["rows"]} == {
+        ("random", 1),
+        ("random", 2),
+        ("contrastive", 1),
+        ("contrastive", 2),
+    }
+
+    # the first grid trial crashed after its step-10 checkpoint, was restarted by Ray, resumed and finished
+    crashed = next(r for r in res["rows"] if r["init_tag"] == "random" and r["n_labeled"] == 1)
+    assert (Path(crashed["out_dir"]) / ".fault_injected").is_file()
+    assert crashed["resumed_from_step"] == 10 and crashed["steps"] == 20
+    assert all(r["resumed_from_step"] is None for r in res["rows"] if r is not crashed)
+
+    # report: table, plots, pretraining budget of the pretrained init
+    md = res["report"]["markdown"].read_text()
+    assert "| contrastive |" in md and "| random |" in md and res["table"] in md
+    assert f"| contrastive | {BUDGET['steps']} | {BUDGET['samples_seen']} |" in md
+    assert res["report"]["plot"].stat().st_size > 1000 and res["report"]["curves"].stat().st_size > 1000
+
+    # MLflow (through the server): parent run, 4 nested runs, the crashed trial kept one nested run
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(res["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    exp_id = parent.info.experiment_id
+    nested = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
+    assert len(nested) == 4 and all(r.info.status == "FINISHED" for r in nested), [
+        (r.info.run_name, r.info.status) for r in nested
+    ]
+    run = next(r for r in nested if r.info.run_name == crashed["trial_key"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [10, 20]
+    assert "test_dice" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(res["parent_run_id"], "report")} >= {
+        "report/report.md",
+        "report/label_efficiency.png",
+        "report/val_dice_curves.png",
+    }
+    assert len(res["models"]) == 4
+    name = f"mri-ssl-{res['dataset']}"
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.version == str(res["version"])
+
+    # the registered champion resolves to its export and segments a volume
+    assert resolve_model_file(f"models:/{name}@champion", tmp_path / "dl").is_file()
+    src = cohort / "imagesTr" / f"{crashed['test_ids'][0]}.nii.gz"
+    from downstream.predict import predict
+
+    [mask] = predict(f"models:/{name}@champion", src, tmp_path / "m.nii.gz")
+    assert nib.load(mask).shape == nib.load(src).shape
+
+    # running the same sweep again reuses the finished trials (Tuner.restore), nothing is retrained
+    stamps = {r["trial_key"]: (Path(r["out_dir"]) / "result.json").stat().st_mtime_ns for r in res["rows"]}
+    again = run_sweep(cfg)
+    assert {r["trial_key"]: r["test_dice"] for r in again["rows"]} == {
+        r["trial_key"]: r["test_dice"] for r in res["rows"]
+    }
+    assert {r["trial_key"]: (Path(r["out_dir"]) / "result.json").stat().st_mtime_ns for r in again["rows"]} == stamps
+    assert again["parent_run_id"] == res["parent_run_id"]
+
+
+def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys) -> None:
+    root = Path(__file__).parents[2]
+    spec = importlib.util.spec_from_file_location("launch_sweep", root / "launch/sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    code = mod.main(
+        [
+            "--config",
+            str(root / "launch/configs/sweep_debug.yaml"),
+            *tiny_overrides(cohort, tmp_path / "sw", size=32),
+            "tracking.enabled=false",
+            "n_labeled=[1]",
+            "seeds=[0, 1]",
+            "search.max_failures=0",
+            "search.fault_at_step=10",
+        ]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("trial ")]
+    assert len(errors) == 1 and "random-n1-s0" in errors[0] and "inject_fault_at_step=10" in errors[0]
+    report = (tmp_path / "sw" / "report" / "report.md").read_text()
+    assert "Failed trials" in report and "| random | " in report
+    assert (tmp_path / "sw" / "trials").is_dir() and len(list((tmp_path / "sw" / "trials").glob("*/result.json"))) == 1
