@@ -90,21 +90,19 @@ class MLflowLogger(RunLogger):
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
-        if run_id is None:
+        self._ended = False
+        if run_id is not None:  # resume: the run continues, with its old params and metrics
+            self.run_id = run_id
+            self._client.update_run(run_id, status="RUNNING")
+            self.set_tags(tags or {})
+        else:
             exp = self._client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(experiment)
             all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
             if parent_run_id is not None:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self._client.create_run(exp_id, run_name=run_name, tags=all_tags)
-            run_id = run.info.run_id
-        else:
-            self._client.update_run(run_id, status="RUNNING")
-            if tags:
-                self.set_tags(tags)
-        self.run_id = run_id
-        self._ended = False
-        log.info("MLflow run %s at %s", run_id, self._client.tracking_uri)
+            self.run_id = self._client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        log.info("MLflow run %s at %s", self.run_id, self._client.tracking_uri)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -39,3 +39,16 @@ def test_mlflow_logger_logs_everything(mlflow_uri, tmp_path):
     assert {"config.yaml", "plots/loss.png"} <= names
     c = client.get_run(child.run_id)
     assert c.data.tags["mlflow.parentRunId"] == parent and c.info.status == "FAILED"
+
+
+def test_resumed_run_continues(mlflow_uri):
+    first = start_logger(enabled=True, experiment="mri-ssl/test", tags={"task": "a"})
+    first.log_metrics({"loss": 1.0}, step=1)
+    first.end("KILLED")
+    again = start_logger(enabled=True, experiment="mri-ssl/test", run_id=first.run_id, tags={"resumed": 1})
+    again.log_metrics({"loss": 0.5}, step=2)
+    again.end()
+    client = MlflowClient(mlflow.get_tracking_uri())
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
+    assert [m.value for m in client.get_metric_history(first.run_id, "loss")] == [1.0, 0.5]
