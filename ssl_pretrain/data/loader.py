@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -226,9 +227,9 @@ class _Raw:
     """One undecoded sample."""
 
     key: str
-    image: bytes | memoryview
+    image: memoryview  # array bytes, .npy header stripped
     meta: dict
-    label: bytes | memoryview | None
+    label: memoryview | None
     url: str
 
 
@@ -238,8 +239,6 @@ class _NpySpec:
     def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
-        import io
-
         buf = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             buf, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
@@ -247,13 +246,33 @@ class _NpySpec:
         self.header = buf.getvalue()
         self.nbytes = len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
 
-    def check(self, data: bytes | memoryview, url: str, name: str) -> None:
-        if len(data) == self.nbytes and data[: len(self.header)] == self.header:
-            return
-        raise CorruptShardError(
-            f"{url}: corrupt {name}: expected a {self.dtype} .npy of shape {self.shape} "
-            f"({self.nbytes} bytes), got {len(data)} bytes starting {bytes(data[:10])!r}"
-        )
+    def payload(self, data: bytes | memoryview, url: str, name: str) -> memoryview:
+        """The array bytes after the ``.npy`` header (zero-copy view), after checking dtype and shape.
+
+        Fast path: the header equals the expected bytes. Otherwise (e.g. another numpy version
+        padded it differently) the header is parsed; a different dtype/shape/order is corrupt.
+
+        Raises:
+            CorruptShardError: not a ``.npy`` of the expected dtype and shape, naming ``url``.
+        """
+        n = len(self.header)
+        if len(data) == self.nbytes and data[:n] == self.header:
+            return memoryview(data)[n:]
+        try:
+            f = io.BytesIO(bytes(data[: 1 << 16]))
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            ok = (tuple(shape), bool(fortran), np.dtype(dtype)) == (self.shape, False, self.dtype)
+            ok = ok and len(data) - f.tell() == self.nbytes - n
+        except (ValueError, OSError):
+            ok = False
+        if not ok:
+            raise CorruptShardError(
+                f"{url}: corrupt {name}: expected a {self.dtype} .npy of shape {self.shape} "
+                f"({self.nbytes} bytes), got {len(data)} bytes starting {bytes(data[:10])!r}"
+            )
+        return memoryview(data)[f.tell() :]
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -452,12 +471,12 @@ class _SliceStream(IterableDataset):
             meta_b = parts.get("meta.json")
             if img is None or meta_b is None:
                 raise CorruptShardError(f"{url}: sample {key} lacks image.npy or meta.json")
-            self.image.check(img, url, f"{key}.image.npy")
+            img = self.image.payload(img, url, f"{key}.image.npy")
             lab = parts.get("label.npy") if self.label is not None else None
             if self.label is not None:
                 if lab is None:
                     raise CorruptShardError(f"{url}: sample {key} lacks label.npy")
-                self.label.check(lab, url, f"{key}.label.npy")
+                lab = self.label.payload(lab, url, f"{key}.label.npy")
             try:
                 meta = json.loads(bytes(meta_b))
                 meta["slice"], meta["position"], meta["subject"]  # noqa: B018 - validates the fields
@@ -500,9 +519,7 @@ class _SliceStream(IterableDataset):
     def _batch(self, samples: Iterable[_Raw]) -> Iterator[dict[str, Any]]:
         bsz = self.cfg.batch_size
         h, w = self.image.shape[1:]
-        hlen = len(self.image.header)
         lab_stage = np.empty((bsz, h, w), dtype=np.uint8) if self.label is not None else None
-        llen = len(self.label.header) if self.label is not None else 0
         it = iter(samples)
         for _ in range(self._skip_samples):  # resume: replay without decoding
             if next(it, None) is None:
@@ -513,14 +530,14 @@ class _SliceStream(IterableDataset):
         for s in it:
             chunk.append(s)
             if len(chunk) == bsz:
-                yield self._collate(chunk, lab_stage, hlen, llen, self._corrupt - reported)
+                yield self._collate(chunk, lab_stage, self._corrupt - reported)
                 reported = self._corrupt
                 chunk = []
                 made += 1
                 if self._planned is not None and made >= self._planned:
                     return
         if chunk and (self._planned is None or made < self._planned):
-            yield self._collate(chunk, lab_stage, hlen, llen, self._corrupt - reported)
+            yield self._collate(chunk, lab_stage, self._corrupt - reported)
             reported = self._corrupt
             made += 1
         while self._planned is not None and made < self._planned:  # padding batches (epoch mode)
@@ -528,8 +545,7 @@ class _SliceStream(IterableDataset):
             reported = self._corrupt
             made += 1
 
-    def _collate(self, chunk: list[_Raw], lab_stage: np.ndarray | None, hlen: int, llen: int,
-                 corrupt: int) -> dict[str, Any]:
+    def _collate(self, chunk: list[_Raw], lab_stage: np.ndarray | None, corrupt: int) -> dict[str, Any]:
         n = len(chunk)
         c, h, w = self.image.shape
         # float16 payloads are converted straight from the (memory-mapped) tar into the float32
@@ -540,7 +556,7 @@ class _SliceStream(IterableDataset):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for i, s in enumerate(chunk):
-                src = np.frombuffer(s.image, dtype=np.float16, offset=hlen).reshape(c, h, w)
+                src = np.frombuffer(s.image, dtype=np.float16).reshape(c, h, w)
                 image[i].copy_(torch.from_numpy(src))  # read-only source: torch only reads it
         batch: dict[str, Any] = {
             "image": image,
@@ -552,7 +568,7 @@ class _SliceStream(IterableDataset):
         }
         if lab_stage is not None and self.cfg.labels:
             for i, s in enumerate(chunk):
-                lab_stage[i] = np.frombuffer(s.label, dtype=np.uint8, offset=llen).reshape(h, w)  # type: ignore[arg-type]
+                lab_stage[i] = np.frombuffer(s.label, dtype=np.uint8).reshape(h, w)  # type: ignore[arg-type]
             batch["label"] = torch.from_numpy(lab_stage[:n].copy())
         return batch
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +197,36 @@ def test_corrupt_npy_in_tar_names_the_shard(broken: Path) -> None:
     cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True)
     loader = build_pretrain_loader(cfg, 0, 1)
     assert len(_keys(list(loader))) == 62 and loader.corrupt_skipped == 1
+
+
+def _rewrite_images(src: Path, dst: Path, convert: Any) -> None:
+    """Copy a tar, passing every image.npy array through ``convert(array) -> npy bytes``."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".image.npy"):
+                data = convert(np.load(io.BytesIO(data), allow_pickle=False))
+                m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def _npy(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+def test_other_npy_header_versions_are_read_wrong_dtype_is_corrupt(broken: Path) -> None:
+    ref = _epoch_keys(str(broken))
+    cfg = LoaderConfig(shards=str(broken), batch_size=64, num_workers=0, shuffle_buffer=0, mode="epoch")
+    images = next(iter(build_pretrain_loader(cfg, 0, 1)))["image"]
+    for shard in broken.glob("shard-*.tar"):  # .npy version 2.0 headers (another numpy might write them)
+        _rewrite_images(shard, shard.with_suffix(".new"), lambda a: _npy(a, (2, 0)))
+        shard.with_suffix(".new").replace(shard)
+    assert _epoch_keys(str(broken)) == ref
+    assert torch.equal(next(iter(build_pretrain_loader(cfg, 0, 1)))["image"], images)
+    victim = broken / "shard-000002.tar"
+    _rewrite_images(victim, victim.with_suffix(".new"), lambda a: _npy(a.astype(np.float32)))
+    victim.with_suffix(".new").replace(victim)
+    with pytest.raises(CorruptShardError, match=r"shard-000002\.tar: corrupt .*float16 \.npy of shape \(1, 16, 20\)"):
+        _epoch_keys(str(broken))
