@@ -107,6 +107,15 @@ def test_epoch_every_slice_once_over_2_ranks_x_2_workers(shard_dir: Path) -> Non
         assert loader.epoch == 1 and loader.batches == 0
     assert per_rank[0] == per_rank[1] and per_rank[0][0] == per_rank[0][1]
     assert len(seen) == 63 and set(seen.values()) == {1}
+    # the next epoch is another permutation, again exactly once
+    again, orders = collections.Counter(), []
+    for rank in range(2):
+        loader = build_pretrain_loader(cfg, rank, 2)
+        loader.load_state_dict({**loader.state_dict(), "epoch": 1})
+        keys = _keys(list(loader))
+        again.update(keys)
+        orders.append(keys)
+    assert again == seen and orders[0] + orders[1] != list(seen)
 
 
 @pytest.mark.slow

@@ -107,6 +107,13 @@ def test_cli_synth_then_make_shards_readable_without_project_code(tmp_path: Path
     assert wds.__name__ == "webdataset"
 
 
+@pytest.mark.parametrize("name", ["synth", "make_shards"])
+def test_cli_help(name: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _script(name).main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def test_cli_strict_exit_status(tmp_path: Path, capsys) -> None:
     (tmp_path / "in").mkdir()
     make_cohort("liver", 1, tmp_path / "in", seed=0, labels=False)
