@@ -350,6 +350,22 @@ def resume_position(n: int, planned: list[int] | None, num_workers: int) -> tupl
     return taken, (last + 1) % num_workers
 
 
+def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor, allocated where handing it on is cheapest.
+
+    In a DataLoader worker it is allocated straight in shared memory, as torch's own
+    ``default_collate`` does, so passing it to the main process copies nothing (otherwise the
+    batch would be copied into shared memory on the way out). In-process it comes from numpy's
+    allocator: a fresh multi-MB torch allocation page-faults on every batch here, while malloc
+    reuses numpy's freed blocks.
+    """
+    if get_worker_info() is not None:
+        proto = torch.empty(0, dtype=dtype)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+        return proto.new(storage).view(shape)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
 class _SliceStream(IterableDataset):
     """The IterableDataset every DataLoader worker runs (see the module docstring)."""
 
@@ -519,7 +535,6 @@ class _SliceStream(IterableDataset):
     def _batch(self, samples: Iterable[_Raw]) -> Iterator[dict[str, Any]]:
         bsz = self.cfg.batch_size
         h, w = self.image.shape[1:]
-        lab_stage = np.empty((bsz, h, w), dtype=np.uint8) if self.label is not None else None
         it = iter(samples)
         for _ in range(self._skip_samples):  # resume: replay without decoding
             if next(it, None) is None:
@@ -530,14 +545,14 @@ class _SliceStream(IterableDataset):
         for s in it:
             chunk.append(s)
             if len(chunk) == bsz:
-                yield self._collate(chunk, lab_stage, self._corrupt - reported)
+                yield self._collate(chunk, self._corrupt - reported)
                 reported = self._corrupt
                 chunk = []
                 made += 1
                 if self._planned is not None and made >= self._planned:
                     return
         if chunk and (self._planned is None or made < self._planned):
-            yield self._collate(chunk, lab_stage, self._corrupt - reported)
+            yield self._collate(chunk, self._corrupt - reported)
             reported = self._corrupt
             made += 1
         while self._planned is not None and made < self._planned:  # padding batches (epoch mode)
@@ -545,14 +560,12 @@ class _SliceStream(IterableDataset):
             reported = self._corrupt
             made += 1
 
-    def _collate(self, chunk: list[_Raw], lab_stage: np.ndarray | None, corrupt: int) -> dict[str, Any]:
+    def _collate(self, chunk: list[_Raw], corrupt: int) -> dict[str, Any]:
         n = len(chunk)
         c, h, w = self.image.shape
         # float16 payloads are converted straight from the (memory-mapped) tar into the float32
         # batch by torch, one vectorised copy per slice; numpy's float16 → float32 cast is ~5x slower.
-        # The output comes from numpy's allocator: a fresh multi-MB torch allocation page-faults on
-        # every batch, numpy's memory is reused by malloc.
-        image = torch.from_numpy(np.empty((n, c, h, w), dtype=np.float32))
+        image = _new_batch((n, c, h, w), torch.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for i, s in enumerate(chunk):
@@ -566,10 +579,12 @@ class _SliceStream(IterableDataset):
             "valid": torch.ones(n, dtype=torch.bool),
             "corrupt": corrupt,
         }
-        if lab_stage is not None and self.cfg.labels:
+        if self.label is not None and self.cfg.labels:
+            label = _new_batch((n, h, w), torch.uint8)
+            label_np = label.numpy()
             for i, s in enumerate(chunk):
-                lab_stage[i] = np.frombuffer(s.label, dtype=np.uint8).reshape(h, w)  # type: ignore[arg-type]
-            batch["label"] = torch.from_numpy(lab_stage[:n].copy())
+                label_np[i] = np.frombuffer(s.label, dtype=np.uint8).reshape(h, w)  # type: ignore[arg-type]
+            batch["label"] = label
         return batch
 
     def _padding(self, corrupt: int) -> dict[str, Any]:
