@@ -88,6 +88,7 @@ def test_prostate_is_t2_plus_adc_with_two_zones(tmp_path: Path) -> None:
     assert discover(unlabeled)[0][0].label is None
 
 
+@pytest.mark.slow  # make_shards uses a process pool, and a fresh interpreter reads the shards
 def test_cli_synth_then_make_shards_readable_without_project_code(tmp_path: Path, capsys) -> None:
     """The issue's acceptance flow (smaller): synth → make_shards → plain tar and webdataset alone."""
     assert _script("synth").main(["--kind", "liver", "--n", "2", "--out", str(tmp_path / "X")]) == 0

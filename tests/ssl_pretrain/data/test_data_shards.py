@@ -107,6 +107,7 @@ def test_existing_output_refused_or_replaced_whole(tmp_path: Path) -> None:
     assert (user / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_process_pool_gives_same_shards(msd_cohort: Path, shard_dir: Path, tmp_path: Path) -> None:
     subjects, _ = discover(msd_cohort)
     m = write_shards(subjects, tmp_path / "pool", TINY, samples_per_shard=10, workers=2, progress=False)
