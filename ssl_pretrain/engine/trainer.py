@@ -228,7 +228,9 @@ class Trainer:
             self.logger.log_params(flatten(resolved))
             self.logger.log_artifact(self.out / "config.yaml")
         try:
-            final_loss = self._loop(engine, task, loader, stream, first, step, samples_seen, wall_before, plan)
+            last_loss = float(meta["loss"]) if meta is not None else float("nan")
+            final_loss = self._loop(engine, task, loader, stream, first, step, samples_seen, wall_before, plan,
+                                    last_loss)
             self._finish(engine, task, loader, final_loss)
         except BaseException as e:
             self.logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -261,7 +263,7 @@ class Trainer:
 
     def _loop(
         self, engine: Any, task: nn.Module, loader: Any, stream: Iterator[dict[str, Any]], first: dict[str, Any],
-        step: int, samples_seen: int, wall_before: float, plan: Any,
+        step: int, samples_seen: int, wall_before: float, plan: Any, final_loss: float,
     ) -> float:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         assert self.logger is not None
@@ -270,7 +272,6 @@ class Trainer:
         self._seen: set[str] = set()
         started = time.perf_counter()
         win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
-        final_loss = float("nan")
         pbar = tqdm(total=t.max_steps, initial=step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
         try:
             while step < t.max_steps:

@@ -104,6 +104,17 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
     assert not rank0 & rank1  # each node reads its own shards
     assert summary["replica_max_abs_diff"] == 0.0
 
+    # continuing this 2-rank checkpoint with one process is refused before any compute
+    from ssl_pretrain.config import load_config
+    from ssl_pretrain.engine.checkpoint import CheckpointError
+    from ssl_pretrain.engine.config import PretrainConfig
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    cfg = load_config(PretrainConfig, DEBUG, _args(pretrain_shards, out, "task=regression", "track=false",
+                                                   "train.max_steps=8", "train.warmup_steps=1")[3:])
+    with pytest.raises(CheckpointError, match="checkpoint has world_size=2, this run has 1; resume with the same"):
+        run_pretraining(cfg)
+
 
 def test_kill_9_and_resume_gives_the_same_losses(pretrain_shards: Path, tmp_path: Path) -> None:
     common = ["contrastive.positives=partition", "contrastive.local_weight=1.0", "track=false",

@@ -158,6 +158,19 @@ def test_bad_config_values() -> None:
         load_config(PretrainConfig, DEBUG.parent / name)
 
 
+def test_users_deepspeed_json(tmp_path: Path) -> None:
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}))
+    ds = deepspeed_config(load_config(PretrainConfig, DEBUG, [f"train.deepspeed_config={own}"]), world_size=2)
+    assert ds["zero_optimization"]["stage"] == 2 and ds["optimizer"]["type"] == "SGD"
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 8
+    own.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=4 disagrees with the run config"):
+        deepspeed_config(load_config(PretrainConfig, DEBUG, [f"train.deepspeed_config={own}"]), world_size=2)
+    with pytest.raises(ConfigError, match="train.deepspeed_config: file not found"):
+        load_config(PretrainConfig, DEBUG, [f"train.deepspeed_config={tmp_path / 'nope.json'}"])
+
+
 def test_checkpoint_dir_of_another_run_is_refused(pretrain_shards: Path, tmp_path: Path) -> None:
     from ssl_pretrain.engine.trainer import run_pretraining
 
