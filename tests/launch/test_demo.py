@@ -1,0 +1,112 @@
+"""End to end: the README's main command, at CI size, interrupted, resumed and re-run.
+
+The command is read from the README (so the two cannot drift) and run as written, with
+``--scale tiny --out DIR`` appended to the demo invocation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_command(marker: str) -> str:
+    """Return the command in the ```bash block that follows ``<!-- marker -->`` in the README."""
+    text = (REPO / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+    assert m, f"README.md has no bash block after <!-- {marker} -->"
+    return m.group(1).strip()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # `python` and `pip` in the README's command are this interpreter's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("MLFLOW_TRACKING_URI", None)  # the demo's own default: a store inside --out
+    return env
+
+
+def _demo_command(out: Path) -> tuple[str, str]:
+    """Split the README's main command into its install part and the demo call (with test flags)."""
+    cmd = readme_command("main-command")
+    install, _, demo = cmd.rpartition("&&")
+    assert demo.strip().startswith("python launch/demo.py"), cmd
+    return install.strip(), f"{demo.strip()} --scale tiny --out {out}"
+
+
+def _run(cmd: str, timeout: float) -> str:
+    proc = subprocess.run(cmd, shell=True, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"`{cmd}` failed ({proc.returncode}):\n{out[-4000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_readme_main_command_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    install, demo = _demo_command(out)
+    _run(install, timeout=600)
+
+    # 1. Start the demo and press Ctrl-C (SIGINT to its process group) once pretraining has a checkpoint.
+    proc = subprocess.Popen(demo, shell=True, cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = out / "pretrain" / "contrastive" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(ckpts.glob("step-*")):
+        time.sleep(0.1)
+    assert proc.poll() is None, "demo ended before pretraining wrote a checkpoint:\n" + proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    first, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, first[-3000:]
+    assert "run the same command again" in first
+    assert not (out / "pretrain" / "contrastive" / "export" / "model.pt").exists()
+
+    # 2. The same command again: finished stages are reused, pretraining resumes from its checkpoint.
+    second = _run(demo, timeout=900)
+    assert "reusing unlabeled cohort" in second and "reusing shards" in second
+    assert "resuming contrastive pretraining from its last checkpoint" in second
+    assert re.search(r"resuming \S+contrastive from step [1-9]", second), second[-3000:]
+    assert re.search(r"\| random \|", second), "label-efficiency table not printed"
+    report = out / "sweep" / "report"
+    for name in ("report.md", "label_efficiency.png", "val_dice_curves.png"):
+        assert (report / name).is_file(), name
+    for task in ("contrastive", "regression"):
+        assert (out / "pretrain" / task / "export" / "model.pt").is_file()
+    assert list((out / "shards").glob("shard-*.tar")) and (out / "shards" / "manifest.json").is_file()
+
+    # 3. Once more: every stage is reused.
+    third = _run(demo, timeout=600)
+    assert "reusing finished contrastive pretraining" in third
+    assert "reusing finished regression pretraining" in third
+
+    # The demo's MLflow store (its local default, inside --out) holds every run and the registered model.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    pre = client.get_experiment_by_name("mri-ssl/pretrain")
+    runs = client.search_runs([pre.experiment_id])
+    finished = {r.data.tags.get("task") for r in runs if r.info.status == "FINISHED"}
+    assert finished == {"contrastive", "regression"}
+    for r in runs:
+        if r.info.status == "FINISHED":
+            assert "train.max_steps" in r.data.params and "loss" in r.data.metrics
+            paths = {a.path for a in client.list_artifacts(r.info.run_id, "export")}
+            assert "export/model.pt" in paths
+    fin = client.get_experiment_by_name("mri-ssl/finetune")
+    fruns = client.search_runs([fin.experiment_id])
+    parents = [r for r in fruns if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in fruns if "mlflow.parentRunId" in r.data.tags]
+    assert parents and len(children) >= 3 * 2  # init {random, contrastive, regression} × n_labeled {1, 2}
+    versions = client.search_model_versions("name='mri-ssl-syntheticliver'")
+    assert versions
+    assert client.get_model_version_by_alias("mri-ssl-syntheticliver", "champion").version
