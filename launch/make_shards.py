@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix-subjects", type=int, default=8,
                     help="interleave the slices of this many subjects in each shard (1 = subject order)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and interleaving")
-    ap.add_argument("--workers", type=int, default=2, help="preprocessing processes")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="preprocessing processes")
     ap.add_argument("--strict", action="store_true", help="any skipped input is an error (exit status 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing shard directory whole")
     args = ap.parse_args(argv)
