@@ -39,12 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    cfg, args = parse_config(
-        PretrainConfig,
-        argv,
-        doc=__doc__,
-        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
-    )
+    try:
+        cfg, args = parse_config(
+            PretrainConfig,
+            argv,
+            doc=__doc__,
+            add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
+        )
+    except ValueError as e:  # a dataclass's own __post_init__ check (e.g. data.batch_size=0)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.resume:
         cfg.resume = "auto"
     # deepspeed is imported only for a real run, not for --help
@@ -54,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         export = run_pretraining(cfg)  # sets up and always tears down the process group
     except (ValueError, TrainingDiverged) as e:  # bad input or divergence: one clear line, no traceback
         # errors re-raised from DataLoader workers carry a traceback: keep the last line only
+        logging.getLogger("pretrain").debug("full traceback", exc_info=True)
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         print(f"error: {lines[-1].strip()}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume from the last checkpoint in {cfg.out_dir}",
+              file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":
         print(f"export: {export}")
     return 0
