@@ -358,12 +358,12 @@ class Trainer:
         import matplotlib.pyplot as plt
 
         fig = task.figure(batch)
-        path = self.out / "figures" / f"{self.cfg.task}-step{step:08d}.png"
+        path = self.out / "plots" / f"{self.cfg.task}-step{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         assert self.logger is not None
-        self.logger.log_artifact(path, "figures")
+        self.logger.log_artifact(path, "plots")
 
     def _finish(self, engine: Any, task: nn.Module, loader: Any, final_loss: float) -> None:
         cfg, info = self.cfg, self.info
