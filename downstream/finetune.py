@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from downstream.config import FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare, shw_spacing
@@ -448,6 +449,8 @@ def finetune(
     stopped_early = False
     running: list[float] = []
     model.train()
+    # a progress bar for interactive runs; sweep trials (report given) log through Ray instead
+    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=report is not None)
     while step < total:
         frozen = pretrained and step < cfg.train.freeze_encoder_steps
         set_frozen(frozen)
@@ -461,6 +464,7 @@ def finetune(
         opt.step()
         sched.step()
         step += 1
+        bar.update(1)
         running.append(float(loss.detach()))  # host sync once per step: CPU-sized runs, cheap
         if step % cfg.train.eval_every and step != total:
             continue
@@ -508,6 +512,7 @@ def finetune(
             log.info("early stop at step %d: no validation Dice gain for %d evaluations", step, bad_evals)
             break
 
+    bar.close()
     model.load_state_dict(best_state)
     test_vols = data.volumes(data.splits.test)
     per_test, preds = evaluate(model, test_vols, num_classes, device)

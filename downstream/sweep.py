@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,16 +264,12 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
     }
 
 
-def _run_tuner(
-    cfg: SweepConfig, specs: list[InitSpec], out: Path, exp_name: str, extra: dict[str, Any]
-) -> Any:
+def _run_tuner(cfg: SweepConfig, specs: list[InitSpec], out: Path, exp_name: str, extra: dict[str, Any]) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(
-        _trainable, {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
-    )
+    trainable = tune.with_resources(_trainable, {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
     storage = out / "ray"
     path = storage / exp_name
     space = _space(cfg, specs, extra)
@@ -303,6 +300,7 @@ def _run_tuner(
             num_samples=cfg.search.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent or None,
             search_alg=BasicVariantGenerator(random_state=cfg.seed),
+            reuse_actors=True,  # a fresh worker per trial re-imports torch, MONAI and MLflow (seconds each)
         ),
         run_config=tune.RunConfig(
             name=exp_name,
@@ -341,9 +339,7 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
     return rows, errors
 
 
-def _log_best_models(
-    rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig
-) -> dict[str, Any]:
+def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig) -> dict[str, Any]:
     """Log the best model (validation Dice) per (init, n_labeled); register the overall best."""
     import mlflow
     import torch
@@ -447,8 +443,13 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
             "parent_run_id": parent.run_id,
             "experiment": cfg.tracking.experiment,
         }
+        t0 = time.time()
         grid = _run_tuner(cfg, specs, out, exp_name, extra)
         rows, errors = _collect(grid, specs, out)
+        log.info(
+            "sweep %s: %d finished, %d failed trials in %.1f s", exp_name, len(rows), len(errors), time.time() - t0
+        )
+        t0 = time.time()
         for e in errors:
             log.warning("%s", e)
         budgets = {s.tag: s.info for s in specs if s.task != "random"}
@@ -456,6 +457,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         for p in rep["files"]:
             parent.log_artifact(p, "report")
         models = _log_best_models(rows, parent, dataset, cfg) if cfg.tracking.enabled else {"models": {}}
+        log.info("report and model logging took %.1f s", time.time() - t0)
         parent.end("FINISHED")
     except BaseException:
         parent.end("FAILED")

@@ -70,7 +70,7 @@ def test_image_label_folders_with_matching_names(cohort: Path, tmp_path: Path) -
     assert len(ds.subjects) == 6 and not ds.declared and ds.label_names == {0: "background", 1: "class1"}
 
 
-def test_bad_volumes_are_skipped_with_one_line_each(cohort: Path, tmp_path: Path, caplog) -> None:
+def test_bad_volumes_are_skipped_with_one_line_each(cohort: Path, tmp_path: Path) -> None:
     root = _copy_cohort(cohort, tmp_path / "bad", 8)
     labels = sorted((root / "labelsTr").glob("*.nii.gz"))
     # 1) label shape differs from the image

@@ -78,11 +78,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 def test_sweep_with_pretrained_init_crash_resume_and_registry(
     cohort: Path, tmp_path: Path, ray_session, mlflow_server: str, monkeypatch
 ) -> None:
-    import mlflow
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    mlflow.set_tracking_uri(mlflow_server)
     monkeypatch.chdir(tmp_path)
     export = make_export(tmp_path / "pre" / "export" / "model.pt")
     cfg = load_config(
