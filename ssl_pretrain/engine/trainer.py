@@ -235,6 +235,8 @@ class Trainer:
         except BaseException as e:
             self.logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            stream.close()  # stops the DataLoader workers now, not at garbage collection (in-process callers)
         self.logger.end("FINISHED")
         return self.export_path
 
