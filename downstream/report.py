@@ -153,6 +153,7 @@ def build_report(
     *,
     budgets: dict[str, dict[str, Any]] | None = None,
     errors: list[str] | None = None,
+    stopped: list[str] | None = None,
     dataset: str = "dataset",
 ) -> dict[str, Any]:
     """Write the Markdown report, the two plots and ``results.json``.
@@ -162,6 +163,7 @@ def build_report(
         out_dir: Report folder (created).
         budgets: ``{init_tag: export info}`` of the pretrained inits (steps, samples_seen, …).
         errors: One line per failed trial.
+        stopped: One line per trial the scheduler (ASHA) stopped early.
         dataset: Dataset name for titles.
 
     Returns:
@@ -207,6 +209,9 @@ def build_report(
         ]
     if errors:
         parts += ["Failed trials:", ""] + [f"- {e}" for e in errors] + [""]
+    if stopped:
+        parts += ["Stopped early by the scheduler (lr / weight-decay samples that lagged):", ""]
+        parts += [f"- {s}" for s in stopped] + [""]
     md = out / "report.md"
     _atomic_text(md, "\n".join(parts))
     res = out / "results.json"

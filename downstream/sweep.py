@@ -313,10 +313,11 @@ def _run_tuner(cfg: SweepConfig, specs: list[InitSpec], out: Path, exp_name: str
     return tuner.fit()
 
 
-def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of finished trials (from their result.json) and one line per failed trial."""
+def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Rows of finished trials (their result.json), one line per failed and per scheduler-stopped trial."""
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
+    stopped: list[str] = []
     by_index = {i: s for i, s in enumerate(specs)}
     for res in grid:
         cfg = res.config or {}
@@ -331,12 +332,12 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
             errors.append(f"trial {key} failed: {line.strip()[:300]}")
             continue
         if not rfile.is_file():
-            errors.append(f"trial {key} stopped before finishing (scheduler) - no test metrics")
+            stopped.append(f"trial {key} stopped early by the scheduler (no test metrics)")
             continue
         row = json.loads(rfile.read_text())
         row.update(init_tag=spec.tag, init_ref=spec.ref, trial_key=key)
         rows.append(row)
-    return rows, errors
+    return rows, errors, stopped
 
 
 def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig) -> dict[str, Any]:
@@ -445,7 +446,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         }
         t0 = time.time()
         grid = _run_tuner(cfg, specs, out, exp_name, extra)
-        rows, errors = _collect(grid, specs, out)
+        rows, errors, stopped = _collect(grid, specs, out)
         log.info(
             "sweep %s: %d finished, %d failed trials in %.1f s", exp_name, len(rows), len(errors), time.time() - t0
         )
@@ -453,7 +454,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         for e in errors:
             log.warning("%s", e)
         budgets = {s.tag: s.info for s in specs if s.task != "random"}
-        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, dataset=dataset)
+        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset)
         for p in rep["files"]:
             parent.log_artifact(p, "report")
         models = _log_best_models(rows, parent, dataset, cfg) if cfg.tracking.enabled else {"models": {}}
@@ -468,6 +469,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     return {
         "rows": rows,
         "errors": errors,
+        "stopped": stopped,
         "report": rep,
         "table": rep["table"],
         "parent_run_id": parent.run_id,
