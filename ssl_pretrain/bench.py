@@ -3,9 +3,10 @@
     python -m ssl_pretrain.bench [--task regression|contrastive] [--steps 40] [--rounds 2]
 
 Synthetic liver phantoms are sharded into a temporary directory and streamed by the real loader
-(one worker per rank). Each rank runs, in turn and repeated ``--rounds`` times to average out
-machine noise: DDP (``torch.optim.AdamW`` + gradient clipping), DeepSpeed ZeRO 0 and ZeRO 1 with
-the optimizer and clipping that ``launch/pretrain.py`` uses. Printed: samples/s, the ratio to
+(one worker per rank and loop). Three loops are built once — DDP (``torch.optim.AdamW`` +
+gradient clipping), DeepSpeed ZeRO 0 and ZeRO 1 with the optimizer and clipping that
+``launch/pretrain.py`` uses — and take turns, ``--steps`` steps at a time, ``--rounds`` times,
+so that the load drifts of a shared machine hit all three alike. Printed: samples/s, the ratio to
 DDP (goal ≥ 0.95 at ZeRO 0 and 1) and the fraction of step time spent waiting for data (goal
 ≤ 5 %). Ratios are reported, never asserted: wall-clock numbers belong to the machine.
 """
@@ -17,10 +18,10 @@ import dataclasses
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,58 +52,77 @@ def _make_shards(root: Path, size: int) -> Path:
     return out
 
 
-def _measure(mode: str, cfg: PretrainConfig, steps: int, warmup: int) -> dict[str, float]:
-    """Samples/s and data-wait fraction of one loop on this rank (all ranks call it together)."""
+def _stepper(mode: str, cfg: PretrainConfig) -> Callable[[dict[str, Any]], None]:
+    """One optimizer step of ``mode`` on a fresh model (all ranks build it together)."""
     import deepspeed
     from torch.nn.parallel import DistributedDataParallel
 
-    rank, world = dist.get_rank(), dist.get_world_size()
     info = init_distributed()
     task = build_task(cfg, info)
-    loader = build_pretrain_loader(cfg.data, rank, world)
-    stream = iter(loader)
     t = cfg.train
     if mode == "ddp":
         model = DistributedDataParallel(task)
         opt = torch.optim.AdamW(task.parameters(), lr=t.lr, betas=tuple(t.betas), eps=1e-8,
                                 weight_decay=t.weight_decay)
 
-        def step(batch: dict[str, Any]) -> None:
+        def ddp_step(batch: dict[str, Any]) -> None:
             loss, _ = model(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(task.parameters(), t.grad_clip)
             opt.step()
-    else:
-        stage = int(mode[-1])
-        ds = deepspeed_config(dataclasses.replace(cfg, train=dataclasses.replace(t, zero_stage=stage)), world)
-        ds.pop("scheduler")  # the DDP loop has none either
-        engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=list(task.parameters()), config=ds,
-                                               dist_init_required=False)
 
-        def step(batch: dict[str, Any]) -> None:
-            loss, _ = engine(batch)
-            engine.backward(loss)
-            engine.step()
+        return ddp_step
+    stage = int(mode[-1])
+    ds = deepspeed_config(dataclasses.replace(cfg, train=dataclasses.replace(t, zero_stage=stage)),
+                          dist.get_world_size())
+    ds.pop("scheduler")  # the DDP loop has none either
+    engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=list(task.parameters()), config=ds,
+                                           dist_init_required=False)
 
-    for _ in range(warmup):
-        step(next(stream))
-    dist.barrier()
-    wait = 0.0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        w0 = time.perf_counter()
-        batch = next(stream)
-        wait += time.perf_counter() - w0
-        step(batch)
-    dist.barrier()
-    elapsed = time.perf_counter() - t0
-    waits = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(waits, torch.tensor([wait / elapsed], dtype=torch.float64))
-    return {
-        "samples_per_s": steps * cfg.data.batch_size * world / elapsed,
-        "data_wait_frac": max(float(w) for w in waits),
-    }
+    def ds_step(batch: dict[str, Any]) -> None:
+        loss, _ = engine(batch)
+        engine.backward(loss)
+        engine.step()
+
+    return ds_step
+
+
+def _measure(cfg: PretrainConfig, steps: int, warmup: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Samples/s and data-wait fraction of every loop on this rank (all ranks call it together).
+
+    The three loops are built once and then run in turns, ``steps`` steps at a time, ``rounds``
+    times: slow drifts of a shared machine's load hit all three alike.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loops = {}
+    for mode in MODES:
+        stream = iter(build_pretrain_loader(cfg.data, rank, world))
+        loops[mode] = (_stepper(mode, cfg), stream)
+        for _ in range(warmup):
+            loops[mode][0](next(stream))
+    elapsed = dict.fromkeys(MODES, 0.0)
+    waited = dict.fromkeys(MODES, 0.0)
+    for _ in range(rounds):
+        for mode, (step, stream) in loops.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                w0 = time.perf_counter()
+                batch = next(stream)
+                waited[mode] += time.perf_counter() - w0
+                step(batch)
+            dist.barrier()
+            elapsed[mode] += time.perf_counter() - t0
+    out = {}
+    for mode in MODES:
+        waits = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(waits, torch.tensor([waited[mode] / elapsed[mode]], dtype=torch.float64))
+        out[mode] = {
+            "samples_per_s": rounds * steps * cfg.data.batch_size * world / elapsed[mode],
+            "data_wait_frac": max(float(w) for w in waits),
+        }
+    return out
 
 
 def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namespace, out: str) -> None:
@@ -117,10 +137,7 @@ def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namesp
         "data.shuffle_buffer=64", "model.widths=[8,16,32]", "train.max_steps=100000", "train.warmup_steps=1",
         "contrastive.proj_hidden=32", "contrastive.proj_dim=16", "track=false",
     ])
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-    for _ in range(args.rounds):
-        for mode in MODES:
-            results[mode].append(_measure(mode, cfg, args.steps, args.warmup))
+    results = _measure(cfg, args.steps, args.warmup, args.rounds)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -130,9 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one line per loop plus the ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=("regression", "contrastive"), default="regression")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per loop")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per turn")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
-    p.add_argument("--rounds", type=int, default=2, help="repetitions of the three loops (the median is shown)")
+    p.add_argument("--rounds", type=int, default=8, help="turns: the three loops take turns this many times")
     p.add_argument("--batch", type=int, default=8, help="micro batch per rank")
     p.add_argument("--size", type=int, default=64, help="slice side in pixels")
     args = p.parse_args(argv)
@@ -142,10 +159,10 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(d) / "result.json"
         mp.spawn(_worker, args=(world, free_port(), str(shards), args, str(out)), nprocs=world, join=True)
         results = json.loads(out.read_text())
-    med = {m: {k: statistics.median(r[k] for r in results[m]) for k in results[m][0]} for m in MODES}
+    med = results
     base = med["ddp"]["samples_per_s"]
     print(f"pretraining step, {world} CPU ranks, task={args.task}, UNet widths (8,16,32), "
-          f"{args.size}x{args.size}, micro batch {args.batch}/rank, {args.steps} steps x {args.rounds} rounds (median)")
+          f"{args.size}x{args.size}, micro batch {args.batch}/rank, {args.rounds} turns of {args.steps} steps per loop")
     for m in MODES:
         print(f"{m:>16}: {med[m]['samples_per_s']:8.1f} samples/s  ratio vs DDP {med[m]['samples_per_s'] / base:5.3f}"
               f"  data wait {100 * med[m]['data_wait_frac']:5.1f} % of step time")
