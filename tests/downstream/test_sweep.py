@@ -145,6 +145,14 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     [mask] = predict(f"models:/{name}@champion", src, tmp_path / "m.nii.gz")
     assert nib.load(mask).shape == nib.load(src).shape
 
+    # a pretraining run's export resolves from a bare runs:/<id> (artifact export/model.pt)
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(export), "export")
+    got = resolve_model_file(f"runs:/{run.info.run_id}", tmp_path / "dl2")
+    assert got.read_bytes() == export.read_bytes()
+
     # running the same sweep again reuses the finished trials (Tuner.restore), nothing is retrained
     stamps = {r["trial_key"]: (Path(r["out_dir"]) / "result.json").stat().st_mtime_ns for r in res["rows"]}
     again = run_sweep(cfg)
