@@ -17,6 +17,10 @@ trial (params, per-evaluation metrics, test Dice/HD95, a contour PNG), the best 
 file), the overall best registered as ``mri-ssl-<dataset>`` with the alias ``champion``, and the
 label-efficiency report (table + plots) as artifacts of the parent run.
 
+Fair comparison: when pretrained inits are in the grid, ``init=random`` is prepared with the first
+pretrained init's preprocessing (a warning says so when ``data.preprocess`` differs), and a warning
+names any export whose widths differ from ``model.widths``.
+
 Testing hook: ``search.fault_at_step=N`` makes the first grid point's trial(s) raise once, right
 after the checkpoint at step ``N`` (see ``train.inject_fault_at_step``).
 """
@@ -82,17 +86,32 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
         if export is None:
             specs.append(InitSpec(ref, "random", "random", "random", {}, random_params))
             continue
-        stem = Path(local).parent.name if Path(local).name == "model.pt" else Path(local).stem
         specs.append(
             InitSpec(
                 ref,
                 str(Path(local).resolve()),
-                export["task"] or stem,
+                export["task"],
                 export["task"],
                 dict(export["info"]),
                 dict(export["preprocessing"]),
             )
         )
+        if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
+            log.warning(
+                "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
+                ref,
+                list(export["model_config"].widths),
+                list(cfg.model.widths),
+            )
+    pretrained = [s for s in specs if s.task != "random"]
+    if pretrained:
+        # the random baseline sees exactly the data the first pretrained init was prepared for
+        ref_params = PreprocessParams.from_dict(pretrained[0].params).to_dict()
+        if cfg.data.preprocess and PreprocessParams.from_dict(dict(cfg.data.preprocess)).to_dict() != ref_params:
+            log.warning("init=random uses the preprocessing of %s, not data.preprocess", pretrained[0].ref)
+        for s in specs:
+            if s.task == "random":
+                s.params = ref_params
     seen: dict[str, int] = {}
     for s in specs:  # unique tags for tables and folders: "contrastive", "contrastive-2", …
         seen[s.tag] = seen.get(s.tag, 0) + 1
@@ -149,6 +168,8 @@ def _trial_config(config: dict[str, Any]) -> tuple[FinetuneConfig, str]:
         seed=config["seed"],
     )
     base["train"].update(lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
+    if spec["local"] == "random":
+        base["data"]["preprocess"] = spec["preprocess"]
     key = trial_key(spec["tag"], config["n_labeled"], config["seed"], config["lr"], config["weight_decay"])
     base["out_dir"] = str(Path(config["out_root"]) / "trials" / key)
     if (
@@ -249,7 +270,7 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
         base["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
     base["train"]["num_threads"] = max(1, int(cfg.search.cpus_per_trial))
     base["train"]["device"] = "auto" if cfg.search.gpus_per_trial > 0 else "cpu"
-    init_items = [{"index": i, "tag": s.tag, "local": s.local} for i, s in enumerate(specs)]
+    init_items = [{"index": i, "tag": s.tag, "local": s.local, "preprocess": s.params} for i, s in enumerate(specs)]
     return {
         "init": tune.grid_search(init_items),
         "n_labeled": tune.grid_search(list(cfg.n_labeled)),
