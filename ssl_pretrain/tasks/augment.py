@@ -30,7 +30,10 @@ class AugmentConfig:
 
     crop_scale: tuple[float, ...] = option((0.5, 1.0), "random resized crop: (min, max) area fraction kept")
     crop_ratio: tuple[float, ...] = option((0.75, 1.333), "random resized crop: (min, max) aspect ratio")
-    flip_prob: float = option(0.5, "probability of a left-right flip (and, separately, of an up-down flip)")
+    flip_prob: float = option(0.5, "probability of a left-right flip")
+    vflip_prob: float = option(
+        0.0, "probability of an up-down flip (off: slices are in canonical RAS, upside-down anatomy is implausible)"
+    )
     rotate_deg: float = option(10.0, "small rotation: angle drawn uniformly in ±rotate_deg degrees")
     brightness: float = option(0.2, "brightness shift: ± this many image standard deviations")
     contrast: float = option(0.2, "contrast factor drawn in 1 ± contrast")
@@ -48,7 +51,7 @@ class AugmentConfig:
             raise ConfigError(f"contrastive.augment.crop_ratio: need 0 < min <= max, got {list(self.crop_ratio)}")
         if len(self.blur_sigma) != 2 or not (0.0 < self.blur_sigma[0] <= self.blur_sigma[1]):
             raise ConfigError(f"contrastive.augment.blur_sigma: need 0 < min <= max, got {list(self.blur_sigma)}")
-        for name in ("flip_prob", "blur_prob"):
+        for name in ("flip_prob", "vflip_prob", "blur_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"contrastive.augment.{name}: must be in [0, 1], got {v}")
@@ -73,7 +76,7 @@ def _random_theta(b: int, cfg: AugmentConfig, g: torch.Generator, device: torch.
     tx = (2 * torch.rand(b, generator=g, device=device) - 1) * (1 - sx)
     ty = (2 * torch.rand(b, generator=g, device=device) - 1) * (1 - sy)
     fx = torch.where(torch.rand(b, generator=g, device=device) < cfg.flip_prob, -1.0, 1.0)
-    fy = torch.where(torch.rand(b, generator=g, device=device) < cfg.flip_prob, -1.0, 1.0)
+    fy = torch.where(torch.rand(b, generator=g, device=device) < cfg.vflip_prob, -1.0, 1.0)
     angle = _uniform(b, -cfg.rotate_deg, cfg.rotate_deg, g, device) * (math.pi / 180)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(b, 2, 3, device=device)
