@@ -9,7 +9,8 @@ The pipeline of one DataLoader worker is a ``wds.DataPipeline`` of four stages::
   (``worker::num_workers``), the same slicing as ``wds.split_by_node`` / ``wds.split_by_worker``
   but with the rank given by the caller instead of read from the environment.
 * **Modes.** ``resampled`` (pretraining): an infinite stream of *rounds*; round ``r`` of a worker
-  draws shards with replacement from all shards with a seed of (seed, rank, worker, r).
+  draws shards with replacement from its own node × worker split of the shards (all shards when
+  there are fewer shards than ranks) with a seed of (seed, rank, worker, r).
   ``epoch`` (evaluation): one round per epoch, shards permuted by (seed, epoch) identically on
   every rank, so every sample is delivered exactly once across ranks × workers.
 * **Equal batch counts.** In epoch mode each worker's sample count is known from the manifest,
@@ -407,11 +408,24 @@ class _SliceStream(IterableDataset):
         )
         return iter(wds.DataPipeline(self._rounds, self._read, self._shuffle, self._batch))
 
+    def _resample_pool(self, worker: int, n_workers: int) -> list[int]:
+        """Shards this rank × worker draws from in resampled mode: its own split of the shard list.
+
+        Split by node, then by worker (as in epoch mode), so nodes read disjoint shards; a level
+        with fewer shards than splits shares its whole list instead (see ``PretrainLoader``).
+        """
+        pool = list(range(len(self.urls)))
+        if len(pool) >= self.world_size:
+            pool = pool[self.rank :: self.world_size]
+        if len(pool) >= n_workers:
+            pool = pool[worker::n_workers]
+        return pool
+
     def _round_shards(self, r: int, worker: int, n_workers: int) -> list[int]:
-        """Shards of round ``r`` of this worker (resampled mode: drawn with replacement)."""
-        per_round = max(1, math.ceil(len(self.urls) / (self.world_size * n_workers)))
+        """Shards of round ``r`` of this worker (resampled mode: drawn with replacement from its split)."""
+        pool = self._resample_pool(worker, n_workers)
         rng = random.Random(f"{self.cfg.seed}-resampled-{self.rank}-{worker}-{r}")
-        return rng.choices(range(len(self.urls)), k=per_round)
+        return rng.choices(pool, k=len(pool))
 
     def _resume_point(self, to_skip: int, worker: int, n_workers: int) -> tuple[int, int]:
         """(first round to read, samples to drop from it): whole consumed rounds are not read at all.
@@ -690,6 +704,10 @@ class PretrainLoader:
         lab = spec.get("label.npy")
         self._label = _NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
         self.num_workers = max(1, cfg.num_workers)
+        if cfg.mode == "resampled" and len(self.urls) < world_size * self.num_workers:
+            logger.warning("data.shards: %d shards for %d ranks x %d workers; ranks or workers that cannot get shards "
+                        "of their own sample from a shared list (write more, smaller shards: --samples-per-shard)",
+                        len(self.urls), world_size, self.num_workers)
         self.epoch = 0
         self.batches = 0
         self.corrupt_skipped = 0

@@ -118,6 +118,23 @@ def test_epoch_every_slice_once_over_2_ranks_x_2_workers(shard_dir: Path) -> Non
     assert again == seen and orders[0] + orders[1] != list(seen)
 
 
+def test_resampled_ranks_and_workers_read_disjoint_shards(shard_dir: Path) -> None:
+    cfg = LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=8, seed=3)
+    loaders = [build_pretrain_loader(cfg, rank, 2) for rank in range(2)]
+    assert len(loaders[0].urls) >= 4  # enough shards for 2 ranks x 2 workers
+    by_rank = [set(_keys(_take(loader, 12))) for loader in loaders]
+    assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
+    owner = {}
+    for url in loaders[0].urls:  # which rank's split each subject's shard belongs to
+        with tarfile.open(url) as tar:
+            for name in tar.getnames():
+                if name.endswith(".meta.json"):
+                    meta = json.load(tar.extractfile(name))
+                    owner[(meta["subject"], meta["slice"])] = loaders[0].urls.index(url) % 2
+    for rank, keys in enumerate(by_rank):
+        assert {owner[k] for k in keys} == {rank}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["resampled", "epoch"])
 def test_resume_continues_with_the_same_next_batches(shard_dir: Path, mode: str) -> None:
