@@ -161,7 +161,13 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(sorted(names))}"
         )
     kwargs = {name: _convert(value, hints[name], prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a dataclass's own __post_init__ check
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(prefix) else f"{prefix.rstrip('.') or cls.__name__}: {msg}") from None
 
 
 def _validate(cfg: Any, prefix: str = "") -> None:

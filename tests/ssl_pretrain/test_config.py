@@ -85,3 +85,22 @@ def test_parse_config_accepts_launcher_flags(capsys, tmp_path):
         parse_config(Run, ["--help"])
     out = capsys.readouterr().out
     assert "train.max_steps" in out and "optimizer steps" in out
+
+
+@dataclass
+class Checked:
+    n: int = option(1, "a count")
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass
+class Holder:
+    data: Checked = option(factory=Checked, help="checked in __post_init__")
+
+
+def test_post_init_errors_become_config_errors():
+    with pytest.raises(ConfigError, match="data: n must be >= 1, got 0"):
+        load_config(Holder, None, ["data.n=0"])
