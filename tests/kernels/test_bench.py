@@ -27,7 +27,7 @@ def test_cpu_table_skips_naive_that_cannot_fit(
     monkeypatch.setattr(bench, "_cpu_case_subprocess", lambda impl, pairs, dim: bench.run_cpu_case(impl, pairs, dim))
     bench.run_cpu_table([8], dim=4)
     out = capsys.readouterr().out
-    assert "naive   skipped: cannot allocate" in out and "8  torch" in out
+    assert "naive   skipped (cannot allocate)" in out and "8  torch" in out
 
 
 def test_gpu_table_code_path_under_interpreter(
