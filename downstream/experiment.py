@@ -70,7 +70,7 @@ SCALES: dict[str, Scale] = {
                   finetune_steps=6, eval_every=3),
     # A 2-core CPU: 64×64 slices, a narrow UNet, a few minutes of pretraining per pretext.
     "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, size=64, spacing=6.0, widths=(16, 32, 64, 128),
-                 pretrain_steps=300, pretrain_batch=32, ckpt_every=50, pretrain_config="debug.yaml",
+                 pretrain_steps=800, pretrain_batch=32, ckpt_every=100, pretrain_config="debug.yaml",
                  sweep_config="sweep_debug.yaml", labeled_counts=(1, 2, 4), seeds=(0, 1),
                  finetune_steps=150, eval_every=25),
     # GPUs: the cluster-sized configs on a larger synthetic cohort.
@@ -124,7 +124,8 @@ def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
         return shards
     subjects, skipped = discover(unlabeled)
     _say(f"sharding {len(subjects)} unlabeled volumes into {shards}")
-    write_shards(subjects, shards, params, workers=min(2, os.cpu_count() or 1))
+    # Small shards (~64 slices): the unit of shard shuffling and of splitting across ranks and workers.
+    write_shards(subjects, shards, params, samples_per_shard=64, workers=min(2, os.cpu_count() or 1), skipped=skipped)
     return shards
 
 
@@ -142,6 +143,7 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
         f"task={task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto",
         f"train.max_steps={scale.pretrain_steps}", f"data.batch_size={scale.pretrain_batch}",
         f"train.ckpt_every={scale.ckpt_every}", f"train.image_every={scale.ckpt_every}",
+        "train.cpu_threads=null",  # debug.yaml pins 1 thread for its tiny model; use the cores here
         f"model.widths={list(scale.widths)}", f"run_name=demo-{task}",
     ]
     gpus = torch.cuda.device_count()
