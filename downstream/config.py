@@ -31,7 +31,7 @@ class DataConfig:
         "", "labeled dataset: MSD layout (imagesTr/, labelsTr/, dataset.json) or image/label folders"
     )
     cache_dir: str | None = option(
-        None, "cache of preprocessed volumes (default: <data.root>/.mri_ssl_cache)"
+        None, "cache of preprocessed volumes (default: <out_dir>/cache; a sweep's trials share the sweep's)"
     )
     n_val: int = option(2, "validation subjects (fixed, used for early stopping and model selection)")
     n_test: int = option(3, "test subjects (fixed, never seen in training or selection)")

@@ -324,7 +324,7 @@ def prepare(
     n_val: int,
     n_test: int,
     split_seed: int,
-    cache_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str],
 ) -> PreparedData:
     """Open a labeled dataset, preprocess every volume into the cache and split the usable ones.
 
@@ -337,7 +337,8 @@ def prepare(
         n_val: Validation subjects.
         n_test: Test subjects.
         split_seed: Seed of the split.
-        cache_dir: Cache folder (default ``<root>/.mri_ssl_cache``).
+        cache_dir: Cache folder of preprocessed volumes (never inside ``root``: data folders may be
+            read-only or shared).
 
     Returns:
         The prepared data.
@@ -347,7 +348,7 @@ def prepare(
     """
     ds = open_labeled(root)
     allowed = tuple(ds.label_names) if ds.declared else None
-    cache = VolumeCache(cache_dir or Path(root) / ".mri_ssl_cache", params, allowed)
+    cache = VolumeCache(cache_dir, params, allowed)
     skipped = list(ds.skipped)
     good: list[str] = []
     for s in ds.subjects:

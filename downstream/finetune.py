@@ -337,7 +337,7 @@ def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None) -> Prepare
         n_val=cfg.data.n_val,
         n_test=cfg.data.n_test,
         split_seed=cfg.data.split_seed,
-        cache_dir=cfg.data.cache_dir,
+        cache_dir=cfg.data.cache_dir or Path(cfg.out_dir) / "cache",
     )
 
 

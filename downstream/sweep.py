@@ -120,6 +120,11 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     return specs
 
 
+def _cache_dir(cfg: SweepConfig) -> Path:
+    """Preprocessed-volume cache shared by the sweep's trials: ``data.cache_dir`` or ``<out_dir>/cache``."""
+    return Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache").resolve()
+
+
 def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     """Preprocess the dataset once per distinct preprocessing (warms the cache) and check n_labeled."""
     name = ""
@@ -139,7 +144,7 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
             n_val=cfg.data.n_val,
             n_test=cfg.data.n_test,
             split_seed=cfg.data.split_seed,
-            cache_dir=cfg.data.cache_dir,
+            cache_dir=_cache_dir(cfg),
         )
         for n in cfg.n_labeled:
             draw_labeled(data.splits.train_pool, n, 0)  # raises one line when n is too large
@@ -266,8 +271,7 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
 
     base = to_dict(FinetuneConfig(data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.tracking))
     base["data"]["root"] = str(Path(cfg.data.root).resolve())
-    if cfg.data.cache_dir:
-        base["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
+    base["data"]["cache_dir"] = str(_cache_dir(cfg))  # every trial reads the volumes prepared once here
     base["train"]["num_threads"] = max(1, int(cfg.search.cpus_per_trial))
     base["train"]["device"] = "auto" if cfg.search.gpus_per_trial > 0 else "cpu"
     init_items = [{"index": i, "tag": s.tag, "local": s.local, "preprocess": s.params} for i, s in enumerate(specs)]
