@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
+from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +225,6 @@ def shw_spacing(volume: Volume) -> tuple[float, float, float]:
     return (z, y, x)
 
 
-def _atomic_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class VolumeCache:
@@ -281,7 +272,7 @@ class VolumeCache:
             vol = preprocess(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
         except (InputError, ValueError) as e:
             reason = str(e).splitlines()[0]
-            _atomic_bytes(err, lambda f: f.write(reason.encode()))
+            atomic_write_text(err, reason)
             return reason
         payload = {
             "image": vol.image.astype(np.float32),
@@ -289,7 +280,8 @@ class VolumeCache:
             "spacing": np.asarray(vol.spacing, dtype=np.float64),
             "geometry": np.asarray(json.dumps(vol.geometry)),
         }
-        _atomic_bytes(npz, lambda f: np.savez(f, **payload))
+        with atomic_path(npz) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **payload)
         return None
 
     def load(self, subject: LabeledSubject) -> Volume:

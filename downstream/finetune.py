@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ from downstream.predict import predict_slices
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import PreprocessParams, Volume
 from ssl_pretrain.export import ExportError, load_export, save_export
+from ssl_pretrain.fileio import atomic_path, atomic_write_text
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tracking import NullLogger, RunLogger
 
@@ -298,27 +298,8 @@ def contour_figure(volumes: dict[str, Volume], preds: dict[str, np.ndarray], tit
     return fig
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None) -> PreparedData:
@@ -438,7 +419,7 @@ def finetune(
         logger.set_tags(
             {"init": cfg.init, "n_labeled": cfg.n_labeled, "seed": cfg.seed, "pretrained": pretrained}
         )
-        _atomic_json(out / "init_load_report.json", load_report)
+        atomic_write_text(out / "init_load_report.json", json.dumps(load_report, indent=1, default=float))
         logger.log_artifact(out / "init_load_report.json")
         logger.log_artifact(out / "config.yaml")
 
@@ -487,21 +468,20 @@ def finetune(
         history.append(row)
         logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
         stop = cfg.train.patience and bad_evals >= cfg.train.patience
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "generator": gen.get_state(),
-                "best_model": best_state,
-                "step": step,
-                "best_dice": best_dice,
-                "best_step": best_step,
-                "bad_evals": bad_evals,
-                "history": history,
-            },
-            ckpt_dir / "state.pt",
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "best_model": best_state,
+            "step": step,
+            "best_dice": best_dice,
+            "best_step": best_step,
+            "bad_evals": bad_evals,
+            "history": history,
+        }
+        with atomic_path(ckpt_dir / "state.pt") as tmp:
+            torch.save(state, tmp)
         if report is not None:
             report({**row, "best_val_dice": best_dice, "final": False}, str(ckpt_dir))
         if cfg.train.inject_fault_at_step == step and not (out / _FAULT_MARKER).exists():
@@ -582,8 +562,8 @@ def finetune(
             )
         },
     )
-    _atomic_json(out / "metrics.json", {"per_volume": per_test, **test})
-    _atomic_json(out / "result.json", result)
+    atomic_write_text(out / "metrics.json", json.dumps({"per_volume": per_test, **test}, indent=1, default=float))
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1, default=float))
     logger.log_metrics(
         {k: v for k, v in test.items() if isinstance(v, float) and math.isfinite(v)}, step=step
     )

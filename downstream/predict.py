@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from downstream.mlflow_uri import resolve_model_file
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
 from ssl_pretrain.export import ExportError, load_export
+from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,8 @@ def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
     img.set_qform(reference.affine, code=1)
     img.set_sform(reference.affine, code=1)
     img.set_data_dtype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def predict(

@@ -15,12 +15,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ssl_pretrain.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +137,6 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     return paths
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_report(
@@ -213,10 +205,10 @@ def build_report(
         parts += ["Stopped early by the scheduler (lr / weight-decay samples that lagged):", ""]
         parts += [f"- {s}" for s in stopped] + [""]
     md = out / "report.md"
-    _atomic_text(md, "\n".join(parts))
+    atomic_write_text(md, "\n".join(parts))
     res = out / "results.json"
     slim = [{k: v for k, v in r.items() if k not in ("history", "test_per_volume")} for r in rows]
-    _atomic_text(
+    atomic_write_text(
         res,
         json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}}, indent=1, default=float),
     )

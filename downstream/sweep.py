@@ -44,6 +44,7 @@ from downstream.finetune import load_init
 from downstream.report import build_report
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
 from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.fileio import atomic_write_text
 from ssl_pretrain.tracking import MLflowLogger, NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
@@ -239,9 +240,7 @@ def _trainable(config: dict[str, Any]) -> None:
     logger.end("FINISHED")
     final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     final.update(final=True, trial_key=key)  # "done" is reserved by Ray Tune (it stops the trial)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, "metrics": final}, default=float))
-    os.replace(tmp, done)
+    atomic_write_text(done, json.dumps({"fingerprint": fp, "metrics": final}, default=float))
 
 
 def _init_ray(cfg: SweepConfig) -> bool:
@@ -456,9 +455,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     )
     if parent.run_id and fp not in state:
         state[fp] = parent.run_id
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, state_file)
+        atomic_write_text(state_file, json.dumps(state))
         parent.log_params(flatten(cfg))
         parent.log_artifact(out / "config.yaml")
     started = _init_ray(cfg)

@@ -22,13 +22,13 @@ info               free-form JSON-able facts: pretraining budget (steps, samples
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ssl_pretrain.config import ConfigError
+from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNetConfig
 
 __all__ = ["EXPORT_FORMAT_VERSION", "ExportError", "save_export", "load_export"]
@@ -90,16 +90,9 @@ def save_export(
         "preprocessing": dict(preprocessing),
         "info": dict(info or {}),
     }
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    p = Path(path)
     return p
 
 

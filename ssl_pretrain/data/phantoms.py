@@ -24,8 +24,6 @@ import argparse
 import gzip
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +31,8 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from ssl_pretrain.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -273,17 +273,6 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary data files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_subject(kind: Kind, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -340,10 +329,10 @@ def make_cohort(kind: Kind, n: int, out: Path, *, seed: int = 0, labels: bool = 
     for i in it:
         sid = f"{kind}_s{seed}_{i:03d}"
         img, label, affine = make_subject(kind, seed, i)
-        _atomic_write(out / "imagesTr" / f"{sid}.nii.gz", _nifti_bytes(img, affine))
+        atomic_write_bytes(out / "imagesTr" / f"{sid}.nii.gz", _nifti_bytes(img, affine))
         entry = {"image": f"./imagesTr/{sid}.nii.gz"}
         if labels:
-            _atomic_write(out / "labelsTr" / f"{sid}.nii.gz", _nifti_bytes(label, affine))
+            atomic_write_bytes(out / "labelsTr" / f"{sid}.nii.gz", _nifti_bytes(label, affine))
             entry["label"] = f"./labelsTr/{sid}.nii.gz"
         training.append(entry)
     meta = {
@@ -360,7 +349,7 @@ def make_cohort(kind: Kind, n: int, out: Path, *, seed: int = 0, labels: bool = 
         "training": training,
         "test": [],
     }
-    _atomic_write(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("wrote %d %s subjects to %s", n, kind, out)
     return out
 

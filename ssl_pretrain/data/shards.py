@@ -37,6 +37,7 @@ import numpy as np
 
 from ssl_pretrain.data.ingest import Subject
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+from ssl_pretrain.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +169,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"{out_dir}: --overwrite refused: not a shard directory (no {FORMAT} manifest.json)")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def write_shards(
@@ -272,7 +269,7 @@ def write_shards(
                                "subjects": [s["id"] for s in m["subjects"]]} for n, m in manifests.items()},
                 "skipped": skips,
             }
-            _write_json(tmp_root / "manifest.json", top)
+            atomic_write_text(tmp_root / "manifest.json", json.dumps(top, indent=1) + "\n")
         _commit(tmp_root, out_dir)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -388,7 +385,7 @@ class _SplitWriter:
             "subjects": self.subjects,
             "skipped": skipped,
         }
-        _write_json(self.out_dir / "manifest.json", manifest)
+        atomic_write_text(self.out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         return manifest
 
 

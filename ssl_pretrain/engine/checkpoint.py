@@ -21,13 +21,14 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from ssl_pretrain.fileio import atomic_write_text
 
 __all__ = ["CheckpointError", "CheckpointDir", "capture_rng", "restore_rng"]
 
@@ -40,17 +41,6 @@ class CheckpointError(ValueError):
     """A checkpoint directory that this run cannot continue from; the message names it and why."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def capture_rng() -> dict[str, Any]:
@@ -171,7 +161,7 @@ class CheckpointDir:
         torch.save(rank_state, tmp_dir / f"trainer_rank{self.rank}.pt")
         _barrier()  # every rank's files are in tmp_dir
         if self.rank == 0:
-            _atomic_write_text(tmp_dir / "meta.json", json.dumps({**meta, "version": META_VERSION, "tag": tag}))
+            atomic_write_text(tmp_dir / "meta.json", json.dumps({**meta, "version": META_VERSION, "tag": tag}))
             if final_dir.exists():  # the same step saved again (e.g. the final save after a resume)
                 old = self.root / f".tmp-old-{tag}"
                 os.replace(final_dir, old)
@@ -179,7 +169,7 @@ class CheckpointDir:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp_dir, final_dir)
-            _atomic_write_text(self.root / "latest", tag)
+            atomic_write_text(self.root / "latest", tag)
             self._prune(keep_tag=tag)
         _barrier()
         log.info("checkpoint %s written", final_dir)
