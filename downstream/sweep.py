@@ -420,6 +420,27 @@ def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str
     return logged
 
 
+def _log_best_models_once(
+    rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig, out: Path
+) -> dict[str, Any]:
+    """:func:`_log_best_models`, skipped when a re-run finds the same finished trials already logged.
+
+    ``<out_dir>/models.json`` records which trials the logged models and the registered version
+    came from, so re-running a finished sweep adds no duplicate models or registry versions.
+    """
+    record = out / "models.json"
+    trials = sorted(r["trial_key"] for r in rows)
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("trials") == trials and previous.get("parent_run_id") == parent.run_id:
+            log.info("best models of these trials are already logged (%s); registered: %s", record,
+                     previous["logged"].get("registered", "nothing"))
+            return previous["logged"]
+    logged = _log_best_models(rows, parent, dataset, cfg)
+    atomic_write_text(record, json.dumps({"trials": trials, "parent_run_id": parent.run_id, "logged": logged}))
+    return logged
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or continue) a sweep and write the label-efficiency report.
 
@@ -479,7 +500,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset)
         for p in rep["files"]:
             parent.log_artifact(p, "report")
-        models = _log_best_models(rows, parent, dataset, cfg) if cfg.tracking.enabled else {"models": {}}
+        models = _log_best_models_once(rows, parent, dataset, cfg, out) if cfg.tracking.enabled else {"models": {}}
         log.info("report and model logging took %.1f s", time.time() - t0)
         parent.end("FINISHED")
     except BaseException:

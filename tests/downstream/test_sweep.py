@@ -161,6 +161,9 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     }
     assert {r["trial_key"]: (Path(r["out_dir"]) / "result.json").stat().st_mtime_ns for r in again["rows"]} == stamps
     assert again["parent_run_id"] == res["parent_run_id"]
+    # ... and logs no duplicate models or registry versions
+    assert again["version"] == res["version"] and again["models"] == res["models"]
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
 
 
 def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys) -> None:
