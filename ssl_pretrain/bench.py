@@ -3,7 +3,7 @@
     python -m ssl_pretrain.bench [--task regression|contrastive] [--steps 40] [--rounds 2]
 
 Synthetic liver phantoms are sharded into a temporary directory and streamed by the real loader
-(one worker per rank and loop). Three loops are built once — DDP (``torch.optim.AdamW`` +
+(``--workers`` per rank and loop, default one). Three loops are built once — DDP (``torch.optim.AdamW`` +
 gradient clipping), DeepSpeed ZeRO 0 and ZeRO 1 with the optimizer and clipping that
 ``launch/pretrain.py`` uses — and take turns, ``--steps`` steps at a time, ``--rounds`` times,
 so that the load drifts of a shared machine hit all three alike. Printed: samples/s, the ratio to
@@ -133,7 +133,7 @@ def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namesp
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     init_distributed()
     cfg = load_config(PretrainConfig, overrides=[
-        f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}", "data.num_workers=1",
+        f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
         "data.shuffle_buffer=64", "model.widths=[8,16,32]", "train.max_steps=100000", "train.warmup_steps=1",
         "contrastive.proj_hidden=32", "contrastive.proj_dim=16", "track=false",
     ])
@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=8, help="turns: the three loops take turns this many times")
     p.add_argument("--batch", type=int, default=8, help="micro batch per rank")
     p.add_argument("--size", type=int, default=64, help="slice side in pixels")
+    p.add_argument("--workers", type=int, default=1,
+                   help="DataLoader workers per rank and loop (0: load in the training process)")
     args = p.parse_args(argv)
     world = 2
     with tempfile.TemporaryDirectory() as d:
