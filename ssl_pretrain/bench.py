@@ -133,7 +133,8 @@ def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namesp
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     init_distributed()
     cfg = load_config(PretrainConfig, overrides=[
-        f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
+        f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
         "data.shuffle_buffer=64", "model.widths=[8,16,32]", "train.max_steps=100000", "train.warmup_steps=1",
         "contrastive.proj_hidden=32", "contrastive.proj_dim=16", "track=false",
     ])
