@@ -24,6 +24,7 @@ from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, sample_at, two_views
+from ssl_pretrain.tasks.figures import image_grid
 
 __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
 
@@ -194,23 +195,9 @@ class ContrastiveTask(nn.Module):
 
         Uses a fixed generator, so drawing a figure never changes the training randomness.
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         x = batch["image"][:n].float().cpu()
         v0, v1, _, _ = two_views(x, self.cfg.augment, torch.Generator().manual_seed(0))
-        cols = [("original", x), ("view 0", v0), ("view 1", v1)]
-        fig, axes = plt.subplots(len(x), 3, figsize=(6, 2 * len(x)), squeeze=False)
-        for i in range(len(x)):
-            for j, (title, imgs) in enumerate(cols):
-                axes[i, j].imshow(imgs[i, 0].numpy(), cmap="gray")
-                axes[i, j].set_axis_off()
-                if i == 0:
-                    axes[i, j].set_title(title)
-        fig.tight_layout()
-        return fig
+        return image_grid([("original", x), ("view 0", v0), ("view 1", v1)])
 
     def rng_state(self) -> torch.Tensor:
         """State of the augmentation generator (saved in checkpoints)."""

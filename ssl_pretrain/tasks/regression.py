@@ -25,6 +25,7 @@ from torch import nn
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
+from ssl_pretrain.tasks.figures import image_grid
 
 __all__ = ["RegressionConfig", "RegressionTask", "corrupt"]
 
@@ -228,11 +229,6 @@ class RegressionTask(nn.Module):
     @torch.no_grad()
     def figure(self, batch: dict[str, Any], n: int = 4) -> Any:
         """Corrupted / restored / original for the first ``n`` samples (fixed corruption seed)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
         param = next(self.parameters())
         x = batch["image"][:n].to(param.device, torch.float32)
         corrupted = corrupt(x, self.cfg, torch.Generator(device=param.device).manual_seed(0))
@@ -242,16 +238,7 @@ class RegressionTask(nn.Module):
             restored = self.restore(corrupted).float()
         finally:
             self.train(was_training)
-        cols = [("corrupted", corrupted), ("restored", restored), ("original", x)]
-        fig, axes = plt.subplots(len(x), 3, figsize=(6, 2 * len(x)), squeeze=False)
-        for i in range(len(x)):
-            for j, (title, imgs) in enumerate(cols):
-                axes[i, j].imshow(imgs[i, 0].cpu().numpy(), cmap="gray")
-                axes[i, j].set_axis_off()
-                if i == 0:
-                    axes[i, j].set_title(title)
-        fig.tight_layout()
-        return fig
+        return image_grid([("corrupted", corrupted), ("restored", restored), ("original", x)])
 
     def rng_state(self) -> torch.Tensor:
         """State of the corruption generator (saved in checkpoints)."""
