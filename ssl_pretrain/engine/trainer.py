@@ -91,10 +91,8 @@ def _git_commit() -> str:
 
 def _preprocessing(manifest: Any) -> dict[str, Any]:
     """The preprocessing parameters recorded in the shard manifest (stored in the export)."""
-    if isinstance(manifest, dict):
-        for key in ("preprocessing", "preprocess", "params"):
-            if isinstance(manifest.get(key), dict):
-                return dict(manifest[key])
+    if isinstance(manifest, dict) and isinstance(manifest.get("preprocess"), dict):
+        return dict(manifest["preprocess"])
     log.warning("shard manifest has no preprocessing parameters; the export records none")
     return {}
 
