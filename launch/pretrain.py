@@ -39,16 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        cfg, args = parse_config(
-            PretrainConfig,
-            argv,
-            doc=__doc__,
-            add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
-        )
-    except ValueError as e:  # a dataclass's own __post_init__ check (e.g. data.batch_size=0)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, args = parse_config(  # a bad key or value exits 2 with one line naming it
+        PretrainConfig,
+        argv,
+        doc=__doc__,
+        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
+    )
     if args.resume:
         cfg.resume = "auto"
     # deepspeed is imported only for a real run, not for --help
