@@ -33,6 +33,11 @@ class DataConfig:
     cache_dir: str | None = option(
         None, "cache of preprocessed volumes (default: <out_dir>/cache; a sweep's trials share the sweep's)"
     )
+    splits: str | None = option(
+        None,
+        "JSON file with train_pool / val / test lists of subject ids: a fixed split instead of the seeded "
+        "one (n_val, n_test, split_seed are then ignored)",
+    )
     n_val: int = option(2, "validation subjects (fixed, used for early stopping and model selection)")
     n_test: int = option(3, "test subjects (fixed, never seen in training or selection)")
     split_seed: int = option(0, "seed of the subject-level split; keep it fixed across a study")

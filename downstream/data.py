@@ -8,7 +8,16 @@ finetuning sees data prepared exactly like pretraining did.
 
 Splits follow Chaitanya et al.: a fixed test set and a fixed validation set (drawn once with
 ``data.split_seed``), and a training pool from which ``n_labeled`` volumes are drawn by the run's
-seed. The test set never depends on ``n_labeled``, the seed or the init.
+seed. The test set never depends on ``n_labeled``, the seed or the init, and the draw depends only
+on (pool, ``n_labeled``, seed): every init of a sweep trains on the same volumes for the same seed,
+which is what makes its comparisons paired. A splits file (``data.splits``: JSON with
+``train_pool``, ``val`` and ``test`` lists of subject ids, as nnU-Net's ``splits_final.json`` fixes
+folds) replaces the seeded split, so a study can hold an external test set fixed; the split used is
+written to ``<out_dir>/splits.json`` either way.
+
+Per-subject attributes (site, scanner, protocol, …) come from a ``subjects.csv`` beside
+``dataset.json`` (a ``subject`` column with the ids below, one column per attribute) and from extra
+keys of ``dataset.json``'s ``training`` entries; the sweep's report breaks test Dice down by them.
 
 Preprocessed volumes are cached as ``.npz`` files keyed by a hash of (image and label path, size,
 mtime, preprocessing parameters, declared labels), written atomically, so the trials of a sweep
@@ -18,6 +27,7 @@ and is skipped (and reported) by every later run.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -42,6 +52,10 @@ __all__ = [
     "VolumeCache",
     "open_labeled",
     "make_splits",
+    "load_splits",
+    "write_splits",
+    "read_attributes",
+    "subject_attributes",
     "draw_labeled",
     "prepare",
     "shw_spacing",
@@ -70,6 +84,7 @@ class LabeledDataset:
         label_names: ``{value: name}`` of the declared labels, background (0) included.
         declared: Whether ``label_names`` came from ``dataset.json`` (then other values are errors).
         skipped: ``(path, reason)`` of inputs that were left out.
+        attributes: ``{subject id: {attribute: value}}`` from ``subjects.csv`` / ``dataset.json``.
     """
 
     root: Path
@@ -78,6 +93,7 @@ class LabeledDataset:
     label_names: dict[int, str]
     declared: bool
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    attributes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -171,7 +187,84 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
             values.update(int(v) for v in np.unique(np.asanyarray(nib.load(s.label).dataobj)))
         label_names = {v: ("background" if v == 0 else f"class{v}") for v in sorted(values | {0})}
     labeled.sort(key=lambda s: s.id)
-    return LabeledDataset(root, _safe_name(name), labeled, label_names, declared, skipped)
+    attributes = read_attributes(root, labeled)
+    return LabeledDataset(root, _safe_name(name), labeled, label_names, declared, skipped, attributes)
+
+
+_ENTRY_KEYS = {"image", "label"}
+
+
+def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]) -> dict[str, dict[str, str]]:
+    """Per-subject attributes of a dataset folder (empty when it declares none).
+
+    Two sources, merged (``subjects.csv`` wins where both give the same attribute):
+
+    * ``subjects.csv`` beside ``dataset.json``: a ``subject`` column with the ids of ``subjects``
+      (file names without ``.nii[.gz]``) and one column per attribute, e.g. ``subject,site,protocol``;
+    * extra keys of ``dataset.json``'s ``training`` entries, e.g.
+      ``{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz", "site": "A"}``.
+
+    Args:
+        root: Dataset folder.
+        subjects: Its labeled subjects (ids and resolved image paths).
+
+    Returns:
+        ``{subject id: {attribute: value as text}}``.
+
+    Raises:
+        ValueError: ``subjects.csv`` has no ``subject`` column, an id that is not a labeled subject,
+            or an id twice (one line naming the file and the id).
+    """
+    root = Path(root)
+    known = {s.id for s in subjects}
+    by_image = {s.image.resolve(): s.id for s in subjects}
+    out: dict[str, dict[str, str]] = {}
+    meta_path = root / "dataset.json"
+    if meta_path.is_file():
+        try:
+            entries = json.loads(meta_path.read_text()).get("training") or []
+        except (json.JSONDecodeError, AttributeError):
+            entries = []  # open_labeled reports a malformed dataset.json
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("image"), str):
+                continue
+            img = Path(e["image"])
+            sid = by_image.get((img if img.is_absolute() else root / img).resolve())
+            extra = {str(k): str(v) for k, v in e.items() if k not in _ENTRY_KEYS and not isinstance(v, (dict, list))}
+            if sid is not None and extra:
+                out.setdefault(sid, {}).update(extra)
+    csv_path = root / "subjects.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in reader.fieldnames or []]
+            if "subject" not in fields:
+                raise ValueError(
+                    f"{csv_path}: no 'subject' column (header {fields}); the first column must be 'subject' "
+                    "with the subject ids"
+                )
+            seen: set[str] = set()
+            for rec in reader:
+                rec = {(k or "").strip(): (v or "").strip() for k, v in rec.items()}
+                sid = rec.pop("subject")
+                if sid not in known:
+                    raise ValueError(
+                        f"{csv_path}: subject {sid!r} is not a labeled subject of {root} "
+                        f"(ids are image file names without .nii.gz, e.g. {sorted(known)[0]!r})"
+                    )
+                if sid in seen:
+                    raise ValueError(f"{csv_path}: subject {sid!r} appears twice")
+                seen.add(sid)
+                out.setdefault(sid, {}).update({k: v for k, v in rec.items() if k})
+    return {k: out[k] for k in sorted(out)}
+
+
+def subject_attributes(root: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
+    """:func:`read_attributes` of a dataset folder, without reading any volume."""
+    from ssl_pretrain.data.ingest import discover
+
+    found, _ = discover(Path(root), labels=True)
+    return read_attributes(root, [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in found if s.label])
 
 
 def _safe_name(name: str) -> str:
@@ -203,6 +296,58 @@ def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split
     val = tuple(sorted(perm[n_test : n_test + n_val]))
     pool = tuple(sorted(perm[n_test + n_val :]))
     return Splits(train_pool=pool, val=val, test=test)
+
+
+_SPLIT_KEYS = ("train_pool", "val", "test")
+
+
+def load_splits(path: str | os.PathLike[str], usable: list[str] | tuple[str, ...]) -> Splits:
+    """Read a fixed split (``data.splits``) and check it against the usable subjects.
+
+    Args:
+        path: JSON file ``{"train_pool": [ids], "val": [ids], "test": [ids]}``.
+        usable: Subject ids that exist and passed preprocessing.
+
+    Raises:
+        ValueError: Unreadable file, a missing or empty list, an unknown (or unusable) subject, or a
+            subject in two lists — one line naming the file and the id.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"data.splits: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"data.splits: {path} is not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object with lists {list(_SPLIT_KEYS)}")
+    known = set(usable)
+    where: dict[str, str] = {}
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in _SPLIT_KEYS:
+        ids = raw.get(key)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(f"{path}: {key!r} must be a list of subject ids")
+        if not ids:
+            raise ValueError(f"{path}: {key!r} is empty; it needs at least one subject")
+        for sid in ids:
+            if sid not in known:
+                raise ValueError(
+                    f"{path}: subject {sid!r} in {key!r} is not a usable labeled subject of the dataset"
+                )
+            if sid in where:
+                raise ValueError(f"{path}: subject {sid!r} is in both {where[sid]!r} and {key!r}")
+            where[sid] = key
+        lists[key] = tuple(sorted(ids))
+    return Splits(train_pool=lists["train_pool"], val=lists["val"], test=lists["test"])
+
+
+def write_splits(splits: Splits, path: str | os.PathLike[str]) -> Path:
+    """Write a split as ``data.splits`` reads it (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({k: list(getattr(splits, k)) for k in _SPLIT_KEYS}, indent=1))
+    return path
 
 
 def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str, ...]:
@@ -317,6 +462,8 @@ def prepare(
     n_test: int,
     split_seed: int,
     cache_dir: str | os.PathLike[str],
+    splits_file: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
 ) -> PreparedData:
     """Open a labeled dataset, preprocess every volume into the cache and split the usable ones.
 
@@ -331,12 +478,15 @@ def prepare(
         split_seed: Seed of the split.
         cache_dir: Cache folder of preprocessed volumes (never inside ``root``: data folders may be
             read-only or shared).
+        splits_file: A fixed split (``data.splits``) used instead of the seeded one (``n_val``,
+            ``n_test`` and ``split_seed`` are then ignored).
+        out_dir: Where the split used is written as ``splits.json`` (not written when ``None``).
 
     Returns:
         The prepared data.
 
     Raises:
-        ValueError: No usable dataset, or too few usable volumes for the splits.
+        ValueError: No usable dataset, too few usable volumes for the splits, or a bad splits file.
     """
     ds = open_labeled(root)
     allowed = tuple(ds.label_names) if ds.declared else None
@@ -351,5 +501,12 @@ def prepare(
             skipped.append((str(s.image), reason))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
-    splits = make_splits(good, n_val, n_test, split_seed)
+    if splits_file:
+        splits = load_splits(splits_file, good)
+        log.info("fixed split from %s: %d train pool, %d val, %d test", splits_file, len(splits.train_pool),
+                 len(splits.val), len(splits.test))
+    else:
+        splits = make_splits(good, n_val, n_test, split_seed)
+    if out_dir is not None:
+        write_splits(splits, Path(out_dir) / "splits.json")
     return PreparedData(ds, params, splits, cache, skipped)

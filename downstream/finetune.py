@@ -319,6 +319,8 @@ def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None) -> Prepare
         n_test=cfg.data.n_test,
         split_seed=cfg.data.split_seed,
         cache_dir=cfg.data.cache_dir or Path(cfg.out_dir) / "cache",
+        splits_file=cfg.data.splits,
+        out_dir=cfg.out_dir,
     )
 
 
@@ -416,6 +418,7 @@ def finetune(
         log.info("resumed from %s at step %d", rpath, step)
     else:
         logger.log_params(flatten(cfg) | {"n_train_volumes": len(train_ids), "init_source": init_source})
+        logger.log_artifact(out / "splits.json")
         logger.set_tags(
             {"init": cfg.init, "n_labeled": cfg.n_labeled, "seed": cfg.seed, "pretrained": pretrained}
         )

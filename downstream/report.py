@@ -1,12 +1,18 @@
-"""The label-efficiency report: test Dice vs number of labeled volumes, one line per init.
+"""The label-efficiency report: how many labeled volumes pretraining saves, with its uncertainty.
 
 From the finished trials of a sweep: per ``(init, n_labeled, seed)`` the trial with the best
-validation Dice is kept (lr / weight-decay selection never looks at the test set), then test Dice
-and HD95 are reported as mean ± std over seeds. Written as ``report.md`` (tables, pretraining
-budget of each pretrained init, failed trials), ``label_efficiency.png`` (the figure the paper is
-about), ``val_dice_curves.png`` (validation Dice vs finetuning step per init: pretrained inits
-often converge faster early and are caught up later, and a reader must see that) and
-``results.json``.
+validation Dice is kept (lr / weight-decay selection never looks at the test set). The report opens
+with one sentence per pretrained init — the labeled volumes random init needs to match it, with a
+bootstrap 95 % interval (:mod:`downstream.stats`) — then gives the paired differences to random init
+(mean, interval, draws won), says which comparisons are too uncertain to resolve a 0.03 Dice
+difference and what sample would, breaks test Dice down by subject attributes (site, protocol, …),
+and shows mean ± std tables of Dice and HD95 over seeds.
+
+Written as ``report.md``, ``label_efficiency.png`` (the figure the paper is about),
+``labels_saved.png`` (random init's curve with the pretrained points projected onto it),
+``subgroups.png`` (when the dataset has attributes), ``val_dice_curves.png`` (validation Dice vs
+finetuning step per init: pretrained inits often converge faster early and are caught up later, and
+a reader must see that) and ``results.json`` (rows, statistics, sentences).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from downstream.stats import RESOLVE, analyze, volume_scores
 from ssl_pretrain.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -137,6 +144,188 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     return paths
 
 
+def _with_nsd(sel: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the rows with ``test_nsd`` (mean over volumes) when their per-volume metrics have NSD; else ``[]``."""
+    if not any("nsd" in v for r in sel for v in (r.get("test_per_volume") or {}).values()):
+        return []
+    out = []
+    for r in sel:
+        per = r.get("test_per_volume") or {}
+        scores = volume_scores(per, sorted(per), "nsd")
+        out.append({**r, "test_nsd": r.get("test_nsd", float(np.nanmean(scores)) if np.isfinite(scores).any()
+                                      else float("nan"))})
+    return out
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _paired_table(stats: dict[str, Any]) -> str:
+    comps = stats["comparisons"]
+    ns = sorted({c["n_labeled"] for c in comps}, key=lambda n: (n == 0, n))
+    head = "| init | " + " | ".join(f"n={n or 'all'}" for n in ns) + " |"
+    lines = [head, "|" + " --- |" * (len(ns) + 1)]
+    for init in dict.fromkeys(c["init"] for c in comps):
+        cells = []
+        for n in ns:
+            c = next((c for c in comps if c["init"] == init and c["n_labeled"] == n), None)
+            p = c and c["paired"]
+            if not p:
+                cells.append("n/a")
+                continue
+            lo, hi = p["ci95"]
+            cells.append(f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}], wins {p['wins']}/{p['draws']}")
+        lines.append(f"| {init} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _labels_table(stats: dict[str, Any]) -> str:
+    lines = ["| init | n | mean test Dice | random init needs | 95 % CI | saved |", "|" + " --- |" * 6]
+    for c in stats["comparisons"]:
+        lab = c["labels"]
+        saved = f"{c['saved']:+.1f}" if c["saved"] is not None and lab["text"][0].isdigit() else "n/a"
+        n = c["n_labeled"] or f"all ({c['n']})"
+        ci = lab["ci_text"].removeprefix("95 % CI ")
+        lines.append(f"| {c['init']} | {n} | {c['mean']:.3f} | {lab['text']} | {ci} | {saved} |")
+    return "\n".join(lines)
+
+
+def _power_lines(stats: dict[str, Any]) -> list[str]:
+    lines = []
+    for c in stats["comparisons"]:
+        p = c["paired"]
+        if not p:
+            continue
+        where = f"{c['init']} vs random, n={c['n_labeled'] or 'all'}"
+        if p["draws"] < 2:
+            lines.append(
+                f"- {where}: 1 draw, so the spread between labeled draws is not measured; the interval covers "
+                "test volumes only (use ≥ 5 seeds at n ≤ 2)"
+            )
+        if p["half_width"] <= RESOLVE:
+            continue
+        vols, draws = p["volumes_needed"], p["draws_needed"]
+        fixes = []
+        if vols is not None:
+            fixes.append(f"about {vols} test volumes (now {p['volumes']}) at {p['draws']} draws")
+        if draws is not None:
+            fixes.append(f"about {draws} draws (now {p['draws']}) at {p['volumes']} test volumes")
+        if not fixes:  # neither alone suffices: scale both by the variance ratio
+            f = (p["half_width"] / RESOLVE) ** 2
+            fixes.append(
+                f"about {math.ceil(p['volumes'] * f)} test volumes (now {p['volumes']}) and "
+                f"{math.ceil(p['draws'] * f)} draws (now {p['draws']}) together"
+            )
+        fix = " or ".join(fixes) + f" would bring it to ±{RESOLVE:g}"
+        lines.append(
+            f"- {where}: CI half-width {p['half_width']:.3f} > {RESOLVE:g}, so a difference of {RESOLVE:g} Dice "
+            f"cannot be resolved; {fix} (from the bootstrap variance)."
+        )
+    return lines
+
+
+def _subgroups(stats: dict[str, Any], attributes: dict[str, dict[str, str]]) -> tuple[str, dict[str, Any]]:
+    """Markdown tables of test Dice per attribute value, and the numbers behind them."""
+    test_ids: list[str] = stats["test_ids"]
+    names = sorted({k for sid in test_ids for k in attributes.get(sid, {})})
+    parts: list[str] = []
+    data: dict[str, Any] = {}
+    cells = sorted(stats["cells"].values(), key=lambda c: (c.init, c.n_labeled == 0, c.n_labeled))
+    for name in names:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for j, sid in enumerate(test_ids):
+            groups[attributes.get(sid, {}).get(name) or "(none)"].append(j)
+        values = sorted(groups)
+        head = "| init | n | " + " | ".join(f"{name}={v} ({len(groups[v])})" for v in values) + " |"
+        lines = [head, "|" + " --- |" * (len(values) + 2)]
+        data[name] = {"volumes": {v: [test_ids[j] for j in groups[v]] for v in values}, "rows": []}
+        for c in cells:
+            per_draw = {v: c.scores[:, groups[v]].mean(1) for v in values}
+            lines.append(
+                f"| {c.init} | {c.n_labeled or 'all'} | "
+                + " | ".join(f"{per_draw[v].mean():.3f} ± {per_draw[v].std():.3f}" for v in values)
+                + " |"
+            )
+            data[name]["rows"].append(
+                {"init": c.init, "n_labeled": c.n_labeled, "n": c.n,
+                 "mean": {v: float(per_draw[v].mean()) for v in values}}
+            )
+        parts += [f"By **{name}** (test volumes per value in brackets; mean ± std over draws):", "", *lines, ""]
+    return "\n".join(parts), data
+
+
+def _labels_plot(stats: dict[str, Any], path: Path, dataset: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = stats["curve"]
+    ns = np.asarray(curve["n"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(ns, curve["mean"], "o", color="k", label="random (measured)")
+    ax.plot(ns, curve["monotone"], "-", color="k", alpha=0.6, label="random (monotone fit)")
+    floor = min(curve["mean"]) - 0.02
+    for k, init in enumerate(dict.fromkeys(c["init"] for c in stats["comparisons"])):
+        color = f"C{k}"
+        comps = [c for c in stats["comparisons"] if c["init"] == init]
+        ax.plot([c["n"] for c in comps], [c["mean"] for c in comps], "s", color=color, label=init)
+        for c in comps:
+            y, lab = c["mean"], c["labels"]
+            # points beyond random init's range are drawn at its edge ("≥ max n" / "≤ min n")
+            x, lo, hi = (min(max(v, ns[0]), ns[-1]) for v in (lab["value"], *lab["ci95"]))
+            ax.annotate("", xy=(x, y), xytext=(c["n"], y),
+                        arrowprops={"arrowstyle": "->", "color": color, "linestyle": "--"})
+            ax.plot([x, x], [floor, y], ":", color=color)
+            ax.hlines(y, lo, hi, color=color, linewidth=4, alpha=0.25)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [f"{x:g}" for x in ns])
+    ax.set_xlabel("labeled training volumes")
+    ax.set_ylabel("mean test Dice")
+    ax.set_title(f"Labels saved — {dataset}\n(arrow: pretrained point projected onto random init; band: 95 % CI)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _subgroup_plot(data: dict[str, Any], path: Path, dataset: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(data)
+    width = max(len(d["volumes"]) for d in data.values())
+    fig, axes = plt.subplots(len(names), width, figsize=(3.6 * width, 3.0 * len(names)), squeeze=False,
+                             sharey=True)
+    for i, name in enumerate(names):
+        values = list(data[name]["volumes"])
+        for j in range(width):
+            ax = axes[i][j]
+            if j >= len(values):
+                ax.axis("off")
+                continue
+            v = values[j]
+            inits = list(dict.fromkeys(r["init"] for r in data[name]["rows"]))
+            for init in inits:
+                pts = sorted((r["n"], r["mean"][v]) for r in data[name]["rows"] if r["init"] == init)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=init)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{name}={v} ({len(data[name]['volumes'][v])} test vols)", fontsize=9)
+            ax.set_xlabel("labeled volumes")
+            ax.grid(alpha=0.3)
+        axes[i][0].set_ylabel("test Dice")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Test Dice by subject attribute — {dataset}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def build_report(
@@ -147,8 +336,10 @@ def build_report(
     errors: list[str] | None = None,
     stopped: list[str] | None = None,
     dataset: str = "dataset",
+    attributes: dict[str, dict[str, str]] | None = None,
+    n_boot: int = 2000,
 ) -> dict[str, Any]:
-    """Write the Markdown report, the two plots and ``results.json``.
+    """Write the Markdown report, its plots and ``results.json``.
 
     Args:
         rows: Finished trials (``result.json`` contents plus ``init_tag``).
@@ -157,18 +348,34 @@ def build_report(
         errors: One line per failed trial.
         stopped: One line per trial the scheduler (ASHA) stopped early.
         dataset: Dataset name for titles.
+        attributes: ``{subject id: {attribute: value}}`` (``downstream.data.subject_attributes``)
+            for the subgroup breakdown.
+        n_boot: Bootstrap replicates of the intervals.
 
     Returns:
-        ``{"table": Markdown Dice table, "markdown": path, "plot": path, "curves": path,
-        "files": every written path}``.
+        ``{"table": Markdown Dice table, "sentences": {init: labels-saved sentence}, "stats": the
+        statistics (:func:`downstream.stats.analyze` without the cells), "markdown": path, "plot":
+        path, "curves": path, "files": every written path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sel = select_rows(rows)
     table = _table(sel, "test_dice", 3) if sel else "(no finished trials)"
-    parts = [
-        f"# Label efficiency — {dataset}",
-        "",
+    stats = analyze(sel, n_boot=n_boot)
+    nsd = _with_nsd(sel)
+    draws = sorted({len(c.seeds) for c in stats["cells"].values()})
+    basis = (
+        f"From {stats['volumes']} test volumes and {'/'.join(map(str, draws)) or 0} labeled draws (seeds) per n; "
+        f"95 % intervals from a hierarchical bootstrap ({n_boot} resamples of the draws, then of the test volumes). "
+        "For a seed, every init trains on the same labeled volumes (checked from each trial's train_ids), so "
+        "differences are paired by draw and by test volume."
+    )
+    parts = [f"# Label efficiency — {dataset}", ""]
+    if stats["sentences"]:
+        parts += [*stats["sentences"].values(), "", basis, ""]
+    if stats["reason"]:
+        parts += [f"No paired statistics: {stats['reason']}.", ""]
+    parts += [
         "Test Dice (3D, per volume, mean over foreground classes), mean ± std over seeds (number of "
         "seeds); per seed the lr / weight decay with the best validation Dice.",
         "",
@@ -176,6 +383,39 @@ def build_report(
         "",
     ]
     files: list[Path] = []
+    if stats["comparisons"]:
+        parts += [
+            "## Paired difference to random init",
+            "",
+            "Test Dice of the init minus random init's, same draw and same test volume: mean [95 % CI], and "
+            "the draws in which the init's mean Dice is higher.",
+            "",
+            _paired_table(stats),
+            "",
+        ]
+        power = _power_lines(stats)
+        parts += ["Power:", "", *power, ""] if power else [
+            f"Power: every interval's half-width is at most {RESOLVE:g} Dice.", ""]
+        parts += [
+            "## Labels saved",
+            "",
+            "Labeled volumes random init needs to reach the init's mean test Dice: random init's curve made "
+            "monotone (isotonic regression) and interpolated in log n; '≥ max n' when beyond the measured range.",
+            "",
+            _labels_table(stats),
+            "",
+        ]
+        files.append(_labels_plot(stats, out / "labels_saved.png", dataset))
+        parts += ["![labels saved](labels_saved.png)", ""]
+    if stats["notes"]:
+        parts += ["Notes:", "", *[f"- {n}" for n in stats["notes"]], ""]
+    subgroups: dict[str, Any] = {}
+    if attributes and stats["cells"]:
+        text, subgroups = _subgroups(stats, attributes)
+        if subgroups:
+            parts += ["## Subgroups", "", text]
+            files.append(_subgroup_plot(subgroups, out / "subgroups.png", dataset))
+            parts += ["![subgroups](subgroups.png)", ""]
     if sel:
         parts += [
             "Test HD95 in mm (mean ± std over seeds; volumes with an undefined HD95 are left out):",
@@ -183,6 +423,13 @@ def build_report(
             _table(sel, "test_hd95", 2),
             "",
         ]
+        if nsd:
+            parts += [
+                "Test NSD (normalised surface Dice, mean ± std over seeds):",
+                "",
+                _table(nsd, "test_nsd", 3),
+                "",
+            ]
         files += _plots(sel, rows, out, dataset)
         parts += [
             "![label efficiency](label_efficiency.png)",
@@ -207,15 +454,20 @@ def build_report(
     md = out / "report.md"
     atomic_write_text(md, "\n".join(parts))
     res = out / "results.json"
-    slim = [{k: v for k, v in r.items() if k not in ("history", "test_per_volume")} for r in rows]
+    slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    public = {k: v for k, v in stats.items() if k != "cells"}
+    public["subgroups"] = subgroups
     atomic_write_text(
         res,
-        json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}}, indent=1, default=float),
+        json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}, "stats": public}, indent=1,
+                   default=float),
     )
     files = [md, res, *files]
-    log.info("label-efficiency report: %s\n%s", md, table)
+    log.info("label-efficiency report: %s\n%s\n%s", md, "\n".join(stats["sentences"].values()), table)
     return {
         "table": table,
+        "sentences": stats["sentences"],
+        "stats": public,
         "markdown": md,
         "plot": out / "label_efficiency.png",
         "curves": out / "val_dice_curves.png",

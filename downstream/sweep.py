@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from downstream.config import FinetuneConfig, SweepConfig
-from downstream.data import draw_labeled, prepare
+from downstream.data import draw_labeled, prepare, subject_attributes
 from downstream.finetune import load_init
 from downstream.report import build_report
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
@@ -146,6 +146,8 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
             n_test=cfg.data.n_test,
             split_seed=cfg.data.split_seed,
             cache_dir=_cache_dir(cfg),
+            splits_file=cfg.data.splits,
+            out_dir=cfg.out_dir,
         )
         for n in cfg.n_labeled:
             draw_labeled(data.splits.train_pool, n, 0)  # raises one line when n is too large
@@ -270,6 +272,8 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
 
     base = to_dict(FinetuneConfig(data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.tracking))
     base["data"]["root"] = str(Path(cfg.data.root).resolve())
+    if cfg.data.splits:  # trials run in other working directories
+        base["data"]["splits"] = str(Path(cfg.data.splits).resolve())
     base["data"]["cache_dir"] = str(_cache_dir(cfg))  # every trial reads the volumes prepared once here
     base["train"]["num_threads"] = max(1, int(cfg.search.cpus_per_trial))
     base["train"]["device"] = "auto" if cfg.search.gpus_per_trial > 0 else "cpu"
@@ -362,6 +366,22 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
         row.update(init_tag=spec.tag, init_ref=spec.ref, trial_key=key)
         rows.append(row)
     return rows, errors, stopped
+
+
+def _log_answer(parent: RunLogger, rep: dict[str, Any]) -> None:
+    """The report's answer on the parent run: one ``labels_saved/<init>`` tag (its sentence) per init, and
+    metrics ``labels_matched_<init>_n<N>`` (random init's labeled volumes for the same Dice; left out when
+    beyond the measured range) and ``paired_delta_<init>_n<N>`` (mean paired test-Dice difference)."""
+    parent.set_tags({f"labels_saved/{init}": sentence for init, sentence in rep["sentences"].items()})
+    metrics: dict[str, float] = {}
+    for c in rep["stats"]["comparisons"]:
+        key = f"{c['init']}_n{c['n_labeled']}"
+        if c["labels"]["text"][0].isdigit():
+            metrics[f"labels_matched_{key}"] = float(c["labels"]["value"])
+        if c["paired"]:
+            metrics[f"paired_delta_{key}"] = float(c["paired"]["mean"])
+    if metrics:
+        parent.log_metrics(metrics)
 
 
 def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig) -> dict[str, Any]:
@@ -497,9 +517,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         for e in errors:
             log.warning("%s", e)
         budgets = {s.tag: s.info for s in specs if s.task != "random"}
-        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset)
+        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset,
+                           attributes=subject_attributes(cfg.data.root))
         for p in rep["files"]:
             parent.log_artifact(p, "report")
+        parent.log_artifact(out / "splits.json")
+        _log_answer(parent, rep)
         models = _log_best_models_once(rows, parent, dataset, cfg, out) if cfg.tracking.enabled else {"models": {}}
         log.info("report and model logging took %.1f s", time.time() - t0)
         parent.end("FINISHED")

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from downstream.data import draw_labeled, make_splits, open_labeled, prepare
+from downstream.data import draw_labeled, load_splits, make_splits, open_labeled, prepare, subject_attributes
 from ssl_pretrain.data.preprocess import PreprocessParams
 
 PARAMS = PreprocessParams(spacing=(10.0, 13.0), size=(32, 32))
@@ -98,3 +98,65 @@ def test_bad_volumes_are_skipped_with_one_line_each(cohort: Path, tmp_path: Path
     assert all("\n" not in r for r in reasons.values())
     with pytest.raises(ValueError, match="is not a directory"):
         open_labeled(tmp_path / "missing")
+
+
+def _write_splits(path: Path, ids: list[str], **override: list[str]) -> Path:
+    lists = {"train_pool": ids[4:], "val": ids[2:4], "test": ids[:2]} | override
+    path.write_text(json.dumps(lists))
+    return path
+
+
+def test_splits_file_replaces_the_seeded_split_and_is_written(cohort: Path, tmp_path: Path) -> None:
+    ids = [s.id for s in open_labeled(cohort).subjects]
+    fixed = _write_splits(tmp_path / "splits_final.json", ids, test=ids[-2:], train_pool=ids[:2] + ids[4:6])
+    data = prepare(cohort, PARAMS, n_val=2, n_test=2, split_seed=0, cache_dir=tmp_path / "c",
+                   splits_file=fixed, out_dir=tmp_path / "run")
+    assert data.splits.test == tuple(ids[-2:]) and data.splits.val == tuple(ids[2:4])
+    assert data.splits.train_pool == tuple(ids[:2] + ids[4:6])
+    written = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert written == {"train_pool": list(data.splits.train_pool), "val": list(data.splits.val),
+                       "test": list(data.splits.test)}
+    # the seeded split is written too, and a written split read back gives the same split
+    seeded = prepare(cohort, PARAMS, n_val=2, n_test=2, split_seed=0, cache_dir=tmp_path / "c", out_dir=tmp_path / "s")
+    again = prepare(cohort, PARAMS, n_val=9, n_test=9, split_seed=5, cache_dir=tmp_path / "c",
+                    splits_file=tmp_path / "s" / "splits.json")
+    assert again.splits == seeded.splits
+
+
+def test_bad_splits_files_give_one_line_naming_file_and_id(cohort: Path, tmp_path: Path) -> None:
+    ids = [s.id for s in open_labeled(cohort).subjects]
+    cases = {
+        "unknown": ({"test": [ids[0], "nobody_07"]}, "subject 'nobody_07' in 'test' is not a usable labeled subject"),
+        "twice": ({"val": [ids[0], ids[3]]}, f"subject '{ids[0]}' is in both 'val' and 'test'"),
+        "empty": ({"test": []}, "'test' is empty"),
+    }
+    for name, (override, message) in cases.items():
+        path = _write_splits(tmp_path / f"{name}.json", ids, **override)
+        with pytest.raises(ValueError) as e:
+            load_splits(path, ids)
+        assert str(e.value).startswith(str(path)) and message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_splits(tmp_path / "missing.json", ids)
+
+
+def test_subject_attributes_from_csv_and_dataset_json(cohort: Path, tmp_path: Path) -> None:
+    root = _copy_cohort(cohort, tmp_path / "attr", 6)
+    meta = json.loads((root / "dataset.json").read_text())
+    for i, e in enumerate(meta["training"]):
+        e["site"] = "A" if i < 3 else "B"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ids = [s.id for s in open_labeled(root).subjects]
+    (root / "subjects.csv").write_text("subject,protocol\n" + "".join(f"{sid},{'t2' if i % 2 else 'dixon'}\n"
+                                                                       for i, sid in enumerate(ids)))
+    ds = open_labeled(root)
+    by_image = {s.image.name: s.id for s in ds.subjects}
+    first = by_image[Path(meta["training"][0]["image"]).name]
+    assert ds.attributes[first]["site"] == "A" and set(ds.attributes[ids[1]]) == {"site", "protocol"}
+    assert ds.attributes[ids[1]]["protocol"] == "t2" and subject_attributes(root) == ds.attributes
+    (root / "subjects.csv").write_text(f"subject,site\n{ids[0]},A\nghost_9,B\n")
+    with pytest.raises(ValueError) as e:
+        open_labeled(root)
+    assert str(e.value).startswith(str(root / "subjects.csv")) and "'ghost_9'" in str(e.value)
+    (root / "subjects.csv").write_text(f"id,site\n{ids[0]},A\n")
+    with pytest.raises(ValueError, match="no 'subject' column"):
+        subject_attributes(root)
