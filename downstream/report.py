@@ -219,7 +219,7 @@ def _power_lines(stats: dict[str, Any]) -> list[str]:
             )
         fix = " or ".join(fixes) + f" would bring it to ±{RESOLVE:g}"
         lines.append(
-            f"- {where}: CI half-width {p['half_width']:.3f} > {RESOLVE:g}, so a difference of {RESOLVE:g} Dice "
+            f"- {where}: CI half-width {p['half_width']:.4f} > {RESOLVE:g}, so a difference of {RESOLVE:g} Dice "
             f"cannot be resolved; {fix} (from the bootstrap variance)."
         )
     return lines
@@ -316,6 +316,8 @@ def _subgroup_plot(data: dict[str, Any], path: Path, dataset: str) -> Path:
                 pts = sorted((r["n"], r["mean"][v]) for r in data[name]["rows"] if r["init"] == init)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=init)
             ax.set_xscale("log", base=2)
+            ticks = sorted({r["n"] for r in data[name]["rows"]})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
             ax.set_title(f"{name}={v} ({len(data[name]['volumes'][v])} test vols)", fontsize=9)
             ax.set_xlabel("labeled volumes")
             ax.grid(alpha=0.3)

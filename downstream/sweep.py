@@ -538,6 +538,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "stopped": stopped,
         "report": rep,
         "table": rep["table"],
+        "sentences": rep["sentences"],
         "parent_run_id": parent.run_id,
         "out_dir": str(out),
         "dataset": dataset,

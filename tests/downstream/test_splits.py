@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from downstream.config import FinetuneConfig
 from downstream.data import open_labeled
 from downstream.finetune import finetune
@@ -37,3 +39,26 @@ def test_finetune_tests_on_the_splits_file(cohort: Path, tmp_path: Path, mlflow_
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
     assert "splits.json" in names
 
+
+
+def test_sweep_trials_receive_the_splits_file_as_an_absolute_path(cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    from downstream.config import SweepConfig
+    from downstream.sweep import InitSpec, _check_data, _space, _trial_config
+
+    ids = [s.id for s in open_labeled(cohort).subjects]
+    (tmp_path / "splits.json").write_text(json.dumps({"train_pool": ids[:3], "val": ids[3:5], "test": ids[5:]}))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(SweepConfig, overrides=[*tiny_overrides(cohort, tmp_path / "sw", size=32),
+                                              "data.splits=splits.json", "n_labeled=[1, 3]"])
+    specs = [InitSpec("random", "random", "random", "random", {}, dict(cfg.data.preprocess))]
+    _check_data(cfg, specs)  # checks n_labeled against the file's pool and writes the split used
+    assert json.loads((tmp_path / "sw" / "splits.json").read_text())["test"] == sorted(ids[5:])
+    space = _space(cfg, specs, {"out_root": str(tmp_path / "sw")})
+    config = {**space, "init": {"index": 0, "tag": "random", "local": "random", "preprocess": specs[0].params},
+              "n_labeled": 1, "seed": 0, "lr": 1e-3, "weight_decay": 1e-4}
+    trial, _ = _trial_config(config)
+    assert trial.data.splits == str(tmp_path / "splits.json")
+    bad = load_config(SweepConfig, overrides=[*tiny_overrides(cohort, tmp_path / "sw2", size=32),
+                                              "data.splits=splits.json", "n_labeled=[4]"])
+    with pytest.raises(ValueError, match="n_labeled: 4 is larger than the training pool of 3"):
+        _check_data(bad, specs)
