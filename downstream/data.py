@@ -235,7 +235,7 @@ def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]
                 out.setdefault(sid, {}).update(extra)
     csv_path = root / "subjects.csv"
     if csv_path.is_file():
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheet exports start with a BOM
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
             if "subject" not in fields:

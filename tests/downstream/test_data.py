@@ -146,7 +146,7 @@ def test_subject_attributes_from_csv_and_dataset_json(cohort: Path, tmp_path: Pa
         e["site"] = "A" if i < 3 else "B"
     (root / "dataset.json").write_text(json.dumps(meta))
     ids = [s.id for s in open_labeled(root).subjects]
-    (root / "subjects.csv").write_text("subject,protocol\n" + "".join(f"{sid},{'t2' if i % 2 else 'dixon'}\n"
+    (root / "subjects.csv").write_text("\ufeffsubject,protocol\n" + "".join(f"{sid},{'t2' if i % 2 else 'dixon'}\n"
                                                                        for i, sid in enumerate(ids)))
     ds = open_labeled(root)
     by_image = {s.image.name: s.id for s in ds.subjects}
