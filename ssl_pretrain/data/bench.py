@@ -35,7 +35,8 @@ from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
-from ssl_pretrain.data.shards import read_manifest, write_shards
+from ssl_pretrain.data.shardformat import read_manifest
+from ssl_pretrain.data.shards import write_shards
 
 
 class NiftiSliceDataset(torch.utils.data.Dataset):

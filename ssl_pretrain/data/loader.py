@@ -18,10 +18,10 @@ The pipeline of one DataLoader worker is a ``wds.DataPipeline`` of four stages::
   (the last one may be short) plus *padding batches* (zeros, ``valid`` all False) so that every
   rank yields the same number of batches (``len(loader)``) and collectives never hang. Every
   batch carries ``valid`` (bool ``(B,)``); only padding batches have False entries.
-* **Fast decode.** The tar stream is parsed directly (512-byte headers, no ``tarfile``), the
-  ``.npy`` header is checked against the expected header bytes once per sample and payloads are
-  copied into a preallocated float16 batch that is converted to float32 in one vectorised op.
-  The shards stay plain tars that ``tar`` and stock ``webdataset`` read.
+* **Fast decode.** The tar stream is parsed directly (512-byte headers, no ``tarfile``; the reader
+  and the format live in :mod:`ssl_pretrain.data.shardformat`), the ``.npy`` header is checked
+  against the expected header bytes once per sample and the float16 payloads are converted into
+  the float32 batch by one vectorised copy per slice.
 * **Resume.** The stream is a pure function of (seed, rank, worker, round). The state is
   (epoch, batches consumed); torch's DataLoader hands out worker batches round-robin (skipping
   exhausted workers), so on restore each worker knows how many of its batches were consumed and
@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -57,15 +56,20 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssl_pretrain.data.shards import FORMAT, read_manifest
+from ssl_pretrain.data.shardformat import (
+    CorruptShardError,
+    NpySpec,
+    is_local,
+    iter_tar_members,
+    open_shard,
+    read_manifest,
+    read_manifest_file,
+    split_name,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-class CorruptShardError(ValueError):
-    """A shard is truncated or holds a corrupt member; the message names the shard."""
 
 
 @dataclass
@@ -106,121 +110,8 @@ class LoaderConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# tar reading
+# the per-worker stream
 # ----------------------------------------------------------------------------------------------
-
-_BLOCK = 512
-_ZERO_BLOCK = b"\x00" * _BLOCK
-
-
-def _octal(field_: bytes) -> int:
-    if field_[:1] in (b"\x80", b"\xff"):  # GNU base-256 encoding of large numbers
-        return int.from_bytes(field_[1:], "big")
-    return int(field_.rstrip(b"\x00 ").strip() or b"0", 8)
-
-
-def _read_exact(stream: Any, n: int, url: str, what: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise CorruptShardError(f"{url}: truncated shard (reading {what}: got {len(data)} of {n} bytes)")
-    return data
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a PAX extended header, if any."""
-    pos = 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        record = data[sp + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        pos += length
-    return None
-
-
-def _parse_header(hdr: bytes, url: str) -> tuple[str, int, bytes]:
-    """(name, size, type flag) of one 512-byte ustar header."""
-    if hdr[257:262] != b"ustar":
-        raise CorruptShardError(f"{url}: corrupt tar header at a member boundary")
-    try:
-        size = _octal(hdr[124:136])
-    except ValueError:
-        raise CorruptShardError(f"{url}: corrupt tar header (size field)") from None
-    name = hdr[:100].split(b"\x00", 1)[0]
-    prefix = hdr[345:500].split(b"\x00", 1)[0]
-    if prefix:
-        name = prefix + b"/" + name
-    return name.decode("utf-8", "replace"), size, hdr[156:157]
-
-
-def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memoryview]]:
-    """Yield ``(name, data)`` of the regular files of a tar (ustar/PAX/GNU long names).
-
-    Args:
-        stream: a readable binary stream, or a bytes-like object holding the whole tar (then the
-            data are zero-copy ``memoryview`` slices of it).
-        url: shard name used in error messages.
-
-    Raises:
-        CorruptShardError: truncated tar or invalid header, naming ``url``.
-    """
-    buf = memoryview(stream) if isinstance(stream, (bytes, bytearray, memoryview, mmap.mmap)) else None
-    pos = 0
-
-    def take(n: int, what: str) -> bytes | memoryview:
-        nonlocal pos
-        if buf is None:
-            return _read_exact(stream, n, url, what)
-        if pos + n > len(buf):
-            raise CorruptShardError(f"{url}: truncated shard (reading {what}: got {len(buf) - pos} of {n} bytes)")
-        pos += n
-        return buf[pos - n : pos]
-
-    long_name: str | None = None
-    while True:
-        if buf is None:
-            hdr = stream.read(_BLOCK)
-        else:
-            hdr = bytes(buf[pos : pos + _BLOCK])
-            pos += len(hdr)
-        if hdr == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        if not hdr:  # every tar writer ends with zero blocks: a bare end means a cut-off file
-            raise CorruptShardError(f"{url}: truncated shard (no end-of-archive marker)")
-        if len(hdr) != _BLOCK:
-            raise CorruptShardError(f"{url}: truncated shard (partial tar header)")
-        name, size, kind = _parse_header(hdr, url)
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if kind in (b"0", b"\x00"):
-            if long_name is not None:
-                name, long_name = long_name, None
-            data = take(size, name)
-            if padded > size:
-                take(padded - size, name + " padding")
-            yield name, data
-        elif kind in (b"x", b"L"):
-            ext = bytes(take(padded, "extended header")[:size])
-            long_name = _pax_path(ext) if kind == b"x" else ext.rstrip(b"\x00").decode("utf-8")
-        elif padded:  # directories, links, global headers: skip their payload
-            take(padded, "member")
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _open(url: str) -> Any:
-    """A local shard is memory-mapped (zero-copy member slices); other URLs are streamed by wds.gopen."""
-    if _is_local(url):
-        with open(url, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return b""
-            # MAP_POPULATE maps the (cached) pages up front instead of faulting 4 KiB at a time
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-    return wds.gopen(url, "rb")
 
 
 @dataclass
@@ -232,60 +123,6 @@ class _Raw:
     meta: dict
     label: memoryview | None
     url: str
-
-
-class _NpySpec:
-    """Expected ``.npy`` layout: header bytes computed once, then checked by prefix comparison."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            buf, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        )
-        self.header = buf.getvalue()
-        self.nbytes = len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
-
-    def payload(self, data: bytes | memoryview, url: str, name: str) -> memoryview:
-        """The array bytes after the ``.npy`` header (zero-copy view), after checking dtype and shape.
-
-        Fast path: the header equals the expected bytes. Otherwise (e.g. another numpy version
-        padded it differently) the header is parsed; a different dtype/shape/order is corrupt.
-
-        Raises:
-            CorruptShardError: not a ``.npy`` of the expected dtype and shape, naming ``url``.
-        """
-        n = len(self.header)
-        if len(data) == self.nbytes and data[:n] == self.header:
-            return memoryview(data)[n:]
-        try:
-            f = io.BytesIO(bytes(data[: 1 << 16]))
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            ok = (tuple(shape), bool(fortran), np.dtype(dtype)) == (self.shape, False, self.dtype)
-            ok = ok and len(data) - f.tell() == self.nbytes - n
-        except (ValueError, OSError):
-            ok = False
-        if not ok:
-            raise CorruptShardError(
-                f"{url}: corrupt {name}: expected a {self.dtype} .npy of shape {self.shape} "
-                f"({self.nbytes} bytes), got {len(data)} bytes starting {bytes(data[:10])!r}"
-            )
-        return memoryview(data)[f.tell() :]
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    prefix = name[: len(name) - len(base)]
-    return prefix + key, ext
-
-
-# ----------------------------------------------------------------------------------------------
-# the per-worker stream
-# ----------------------------------------------------------------------------------------------
 
 
 def epoch_plan(counts: list[int], epoch: int, seed: int, world_size: int, num_workers: int,
@@ -370,7 +207,7 @@ def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class _SliceStream(IterableDataset):
     """The IterableDataset every DataLoader worker runs (see the module docstring)."""
 
-    def __init__(self, urls: list[str], counts: list[int] | None, image: _NpySpec, label: _NpySpec | None,
+    def __init__(self, urls: list[str], counts: list[int] | None, image: NpySpec, label: NpySpec | None,
                  cfg: LoaderConfig, rank: int, world_size: int, epoch: int, start: int) -> None:
         super().__init__()
         self.urls, self.counts = urls, counts
@@ -470,13 +307,13 @@ class _SliceStream(IterableDataset):
 
     def _read_shard(self, url: str) -> Iterator[_Raw]:
         try:
-            stream = _open(url)
+            stream = open_shard(url)
         except OSError as exc:
             raise CorruptShardError(f"{url}: cannot open shard ({exc})") from None
         try:
             key, parts = None, {}
             for name, data in iter_tar_members(stream, url):
-                k, ext = _split_name(name)
+                k, ext = split_name(name)
                 if k != key:
                     if key is not None:
                         sample = self._make(key, parts, url)
@@ -631,7 +468,7 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     spec = cfg.shards.strip()
     if not spec:
         raise ValueError("data.shards: empty; give a shard directory, a brace pattern or pipe: URL(s)")
-    if "://" not in spec and not spec.startswith("pipe:") and Path(spec).is_dir():
+    if is_local(spec) and Path(spec).is_dir():
         shard_dir, manifest = read_manifest(spec, cfg.split)
         urls = [str(shard_dir / s["name"]) for s in manifest["shards"] if s["samples"] > 0]
         if not urls:
@@ -640,7 +477,7 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     urls = list(wds.shardlists.expand_urls(spec))
     if not urls:
         raise ValueError(f"data.shards: {spec!r} expands to no URLs")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise ValueError(f"data.shards: {missing[0]} not found ({len(missing)} of {len(urls)} shards missing)")
@@ -648,14 +485,12 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     manifest = None
     if mpath:
         try:
-            manifest = json.loads(Path(mpath).read_text())
+            manifest = read_manifest_file(mpath)
         except FileNotFoundError:
             if cfg.manifest:
                 raise ValueError(f"data.manifest: {mpath} not found") from None
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"data.manifest: {mpath} unreadable ({exc})") from None
-        if manifest is not None and manifest.get("format") != FORMAT:
-            raise ValueError(f"data.manifest: {mpath} is not an {FORMAT} manifest")
+        except ValueError as exc:
+            raise ValueError(f"data.manifest: {exc}") from None
     return urls, manifest
 
 
@@ -700,9 +535,9 @@ class PretrainLoader:
             raise ValueError(f"data.shards: no manifest.json found for {cfg.shards!r} (set data.manifest)")
         self.manifest: dict[str, Any] = manifest
         spec = manifest["sample"]
-        self._image = _NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
+        self._image = NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
         lab = spec.get("label.npy")
-        self._label = _NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
+        self._label = NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
         self.num_workers = max(1, cfg.num_workers)
         if cfg.mode == "resampled" and len(self.urls) < world_size * self.num_workers:
             logger.warning("data.shards: %d shards for %d ranks x %d workers; ranks or workers that cannot get shards "

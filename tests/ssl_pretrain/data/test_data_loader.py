@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_pretrain.data.loader import (
-    CorruptShardError,
-    LoaderConfig,
-    build_pretrain_loader,
-    epoch_plan,
-    resume_position,
-)
+from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader, epoch_plan, resume_position
+from ssl_pretrain.data.shardformat import CorruptShardError
 
 
 def _take(loader: Any, n: int) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ import webdataset as wds
 from data_helpers import TINY, write_msd
 
 from ssl_pretrain.data.ingest import discover
-from ssl_pretrain.data.shards import read_manifest, write_shards
+from ssl_pretrain.data.shardformat import read_manifest
+from ssl_pretrain.data.shards import write_shards
 
 
 def test_contract_and_manifest(shard_dir: Path, msd_cohort: Path) -> None:
