@@ -3,7 +3,7 @@
 See ``preprocess`` (one preprocessing function for sharding, finetuning and prediction),
 ``ingest`` (input discovery), ``shardformat`` (the shard format: names, ``meta.json`` schema, tar
 writer and reader, manifest), ``shards`` (preprocess subjects into shards), ``loader`` (streaming,
-resumable) and ``phantoms`` (synthetic MRI).
+resumable), ``epochs`` (its epoch / resume arithmetic) and ``phantoms`` (synthetic MRI).
 """
 
 from ssl_pretrain.data.ingest import Subject, discover

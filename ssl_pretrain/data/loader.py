@@ -26,7 +26,8 @@ The pipeline of one DataLoader worker is a ``wds.DataPipeline`` of four stages::
   (epoch, batches consumed); torch's DataLoader hands out worker batches round-robin (skipping
   exhausted workers), so on restore each worker knows how many of its batches were consumed and
   fast-forwards: whole rounds are skipped from the manifest's counts without reading, the rest of
-  the current round is read and shuffled but not decoded. Same config → same next batches.
+  the current round is read and shuffled but not decoded. Same config → same next batches. The
+  arithmetic is in :mod:`ssl_pretrain.data.epochs`.
 * **Corruption.** A truncated tar or a corrupt member raises ``CorruptShardError`` naming the
   shard; with ``skip_corrupt`` the shard's remainder (or the bad sample) is skipped, logged and
   counted in ``loader.corrupt_skipped``.
@@ -56,6 +57,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.shardformat import (
     CorruptShardError,
     NpySpec,
@@ -123,69 +125,6 @@ class _Raw:
     meta: dict
     label: memoryview | None
     url: str
-
-
-def epoch_plan(counts: list[int], epoch: int, seed: int, world_size: int, num_workers: int,
-               batch_size: int) -> tuple[list[list[list[int]]], list[list[int]]]:
-    """Shard assignment and batch counts of one epoch, identical on every rank.
-
-    Args:
-        counts: samples per shard (manifest order).
-        epoch: epoch number.
-        seed: loader seed.
-        world_size: ranks.
-        num_workers: workers per rank (≥ 1).
-        batch_size: per-rank batch size.
-
-    Returns:
-        (shards ``[rank][worker] -> [shard index]``, batches ``[rank][worker] -> count``), where
-        each rank's batch counts sum to the same total (real batches plus padding batches).
-    """
-    order = list(range(len(counts)))
-    random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
-    shards = [[order[r::world_size][w::num_workers] for w in range(num_workers)] for r in range(world_size)]
-    batches = [[math.ceil(sum(counts[i] for i in s) / batch_size) for s in rank] for rank in shards]
-    total = max(sum(b) for b in batches)
-    for b in batches:  # pad each rank to `total`, giving extra batches to its least-loaded workers
-        while sum(b) < total:
-            b[b.index(min(b))] += 1
-    return shards, batches
-
-
-def resume_position(n: int, planned: list[int] | None, num_workers: int) -> tuple[list[int], int]:
-    """Where each worker stands after the DataLoader yielded ``n`` batches.
-
-    torch's DataLoader returns worker batches round-robin starting at worker 0 and skipping
-    workers that are exhausted, so the order is a pure function of the per-worker batch counts.
-
-    Args:
-        n: batches already yielded on this rank.
-        planned: batch count of each worker (``None`` = infinite streams).
-        num_workers: workers (≥ 1).
-
-    Returns:
-        (batches taken from each worker, the worker whose batch comes next in the cycle). A new
-        DataLoader must map its worker 0 to that worker to continue the same order.
-    """
-    limits = planned if planned is not None else [math.inf] * num_workers
-    taken = [0] * num_workers
-    left, last = n, num_workers - 1
-    while left > 0:
-        active = [w for w in range(num_workers) if taken[w] < limits[w]]
-        if not active:
-            break
-        full = min(min(limits[w] - taken[w] for w in active), left // len(active))
-        if full > 0:  # whole cycles at once (they start at worker 0 and end at the last active one)
-            for w in active:
-                taken[w] += int(full)
-            left -= int(full) * len(active)
-            last = active[-1]
-            continue
-        for w in active[:left]:  # the final partial cycle
-            taken[w] += 1
-            last = w
-        left = 0
-    return taken, (last + 1) % num_workers
 
 
 def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

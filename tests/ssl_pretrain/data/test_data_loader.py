@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader, epoch_plan, resume_position
+from ssl_pretrain.data.epochs import epoch_plan, resume_position
+from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
 from ssl_pretrain.data.shardformat import CorruptShardError
 
 
