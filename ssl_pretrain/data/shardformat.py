@@ -378,7 +378,7 @@ def manifest_preprocess(manifest: Any) -> dict[str, Any]:
     """The preprocessing parameters a manifest records (``{}`` with a warning when it has none)."""
     if isinstance(manifest, dict) and isinstance(manifest.get("preprocess"), dict):
         return dict(manifest["preprocess"])
-    logger.warning("shard manifest has no preprocessing parameters")
+    logger.warning("shard manifest has no preprocessing parameters; an export records none")
     return {}
 
 
