@@ -48,7 +48,7 @@ import random
 import re
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.shardformat import (
     CorruptShardError,
@@ -78,37 +79,29 @@ STATE_VERSION = 1
 class LoaderConfig:
     """Streaming loader settings (the ``data:`` section of the pretraining config)."""
 
-    shards: str = field(default="", metadata={"help": "shard directory, brace pattern, or pipe: URL(s)"})
-    batch_size: int = field(default=32, metadata={"help": "per-rank micro batch"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes (0 = in-process)"})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer per worker (≤1: off)"})
-    mode: Literal["resampled", "epoch"] = field(
-        default="resampled", metadata={"help": "resampled: infinite stream; epoch: each sample once per epoch"}
+    shards: str = option("", "shard directory, brace pattern, or pipe: URL(s)")
+    batch_size: int = option(32, "per-rank micro batch")
+    num_workers: int = option(2, "DataLoader worker processes (0 = in-process)")
+    shuffle_buffer: int = option(1000, "sample shuffle buffer per worker (≤1: off)")
+    mode: Literal["resampled", "epoch"] = option(
+        "resampled", "resampled: infinite stream; epoch: each sample once per epoch"
     )
-    skip_corrupt: bool = field(default=False, metadata={"help": "skip and count corrupt shards/samples"})
-    seed: int = field(default=0, metadata={"help": "seed of shard order and sample shuffle"})
-    split: str = field(default="train", metadata={"help": "split to read when shards has train/ and val/"})
-    manifest: str = field(default="", metadata={"help": "manifest.json for URL patterns (default: beside them)"})
-    labels: bool = field(default=True, metadata={"help": "deliver 'label' when every sample has one"})
-    prefetch_factor: int = field(default=2, metadata={"help": "batches prefetched per worker"})
-    pin_memory: bool = field(default=False, metadata={"help": "pin batches (GPU hosts)"})
+    skip_corrupt: bool = option(False, "skip and count corrupt shards/samples")
+    seed: int = option(0, "seed of shard order and sample shuffle")
+    split: str = option("train", "split to read when shards has train/ and val/")
+    manifest: str = option("", "manifest.json for URL patterns (default: beside them)")
+    labels: bool = option(True, "deliver 'label' when every sample has one")
+    prefetch_factor: int = option(2, "batches prefetched per worker")
+    pin_memory: bool = option(False, "pin batches (GPU hosts)")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range values."""
         for name in ("batch_size", "prefetch_factor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"data.{name}: {v!r} must be a positive integer")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "shuffle_buffer", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"data.{name}: {v!r} must be a non-negative integer")
-        if self.mode not in ("resampled", "epoch"):
-            raise ValueError(f"data.mode: {self.mode!r} is not one of 'resampled', 'epoch'")
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name → one-line help."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +451,7 @@ class PretrainLoader:
     def __init__(self, cfg: LoaderConfig, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        cfg.validate()  # a config built in code has not been through the config loader
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.urls, manifest = resolve_shards(cfg)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_pretrain.config import ConfigError, from_dict
 from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
 from ssl_pretrain.data.shardformat import CorruptShardError
@@ -161,10 +162,12 @@ def test_state_mismatch_and_config_errors(shard_dir: Path) -> None:
     b = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=8, num_workers=0), 0, 1)
     with pytest.raises(ValueError, match="loader state: batch_size=4 in the checkpoint but 8 now"):
         b.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="data.batch_size"):
-        LoaderConfig(batch_size=0)
-    with pytest.raises(ValueError, match="data.mode"):
-        LoaderConfig(mode="once")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data.batch_size: must be >= 1, got 0"):
+        from_dict(LoaderConfig, {"batch_size": 0}, "data.")
+    with pytest.raises(ConfigError, match="data.batch_size: must be >= 1"):
+        build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=0), 0, 1)
+    with pytest.raises(ConfigError, match="data.mode: must be one of 'resampled', 'epoch'"):
+        from_dict(LoaderConfig, {"mode": "once"}, "data.")
     with pytest.raises(ValueError, match="data.shards: empty"):
         build_pretrain_loader(LoaderConfig(), 0, 1)
     with pytest.raises(ValueError, match="not found"):
