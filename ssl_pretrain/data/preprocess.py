@@ -96,7 +96,8 @@ def _check_pair(name: str, value: Any, kind: type, *, positive: bool) -> None:
         ok = all(v > 0 for v in value)
     if not ok:
         what = "positive " if positive else ""
-        raise ConfigError(f"preprocess.{name}: {value!r} must be two {what}{kind.__name__}s")
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"preprocess.{name}: {shown!r} must be two {what}{kind.__name__}s")
 
 
 @dataclass
