@@ -67,11 +67,12 @@ MANIFEST = "manifest.json"
 IMAGE, LABEL, META = "image.npy", "label.npy", "meta.json"
 IMAGE_DTYPE, LABEL_DTYPE = "float16", "uint8"
 META_FIELDS = ("subject", "slice", "num_slices", "position", "spacing", "source", "preprocess")
+MAX_MEMBER_BYTES = 1 << 30  # no member of a slice sample comes near this; a larger size is a corrupt header
 
 __all__ = [
     "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION",
     "CorruptShardError", "NpySpec", "TarShardWriter", "is_local", "iter_tar_members", "manifest_preprocess",
-    "meta_fields", "npy_bytes", "open_shard", "read_manifest", "read_manifest_file", "split_name",
+    "meta_fields", "npy_bytes", "open_shard", "plain_name", "read_manifest", "read_manifest_file", "split_name",
 ]
 
 
@@ -174,33 +175,52 @@ def _read_exact(stream: Any, n: int, url: str, what: str) -> bytes:
     return data
 
 
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a PAX extended header, if any."""
+def _name(raw: bytes, url: str, where: str) -> str:
+    """A member name as text; names are UTF-8 (tar writers and PAX say so), anything else is corrupt."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptShardError(f"{url}: corrupt {where}: member name {raw[:60]!r} is not UTF-8") from None
+
+
+def _pax_path(data: bytes, url: str, member: str) -> str | None:
+    """The ``path`` record of a PAX extended header (``"<length> <key>=<value>\\n"`` records), if any.
+
+    Raises:
+        CorruptShardError: a record whose length is not a positive number that ends inside the
+            header on a newline (a length of 0 would otherwise never advance), naming ``url``.
+    """
     pos = 0
     while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        record = data[sp + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
+        sp = data.find(b" ", pos, pos + 21)
+        digits = data[pos:sp] if sp > pos else b""
+        length = int(digits) if digits.isdigit() else 0
+        if length <= sp - pos or pos + length > len(data) or data[pos + length - 1 : pos + length] != b"\n":
+            raise CorruptShardError(f"{url}: corrupt PAX header before {member} (malformed record at byte {pos})")
+        key, eq, value = data[sp + 1 : pos + length - 1].partition(b"=")
+        if not eq:
+            raise CorruptShardError(f"{url}: corrupt PAX header before {member} (record without '=' at byte {pos})")
         if key == b"path":
-            return value.decode("utf-8")
+            return _name(value, url, f"PAX header before {member}")
         pos += length
     return None
 
 
-def _parse_header(hdr: bytes, url: str) -> tuple[str, int, bytes]:
-    """(name, size, type flag) of one 512-byte ustar header."""
+def _parse_header(hdr: bytes, url: str, after: str) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of one 512-byte ustar header; ``after`` names the previous member."""
     if hdr[257:262] != b"ustar":
-        raise CorruptShardError(f"{url}: corrupt tar header at a member boundary")
+        raise CorruptShardError(f"{url}: corrupt tar header after {after}")
     try:
         size = _octal(hdr[124:136])
     except ValueError:
-        raise CorruptShardError(f"{url}: corrupt tar header (size field)") from None
+        raise CorruptShardError(f"{url}: corrupt tar header after {after} (size field)") from None
     name = hdr[:100].split(b"\x00", 1)[0]
     prefix = hdr[345:500].split(b"\x00", 1)[0]
     if prefix:
         name = prefix + b"/" + name
-    return name.decode("utf-8", "replace"), size, hdr[156:157]
+    if not 0 <= size <= MAX_MEMBER_BYTES:
+        raise CorruptShardError(f"{url}: corrupt tar header after {after} (member size {size} bytes)")
+    return _name(name, url, f"tar header after {after}"), size, hdr[156:157]
 
 
 def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memoryview]]:
@@ -212,7 +232,8 @@ def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memor
         url: shard name used in error messages.
 
     Raises:
-        CorruptShardError: truncated tar or invalid header, naming ``url``.
+        CorruptShardError: truncated tar, invalid header, malformed PAX record or a name that is
+            not UTF-8, naming ``url`` and the member.
     """
     buf = memoryview(stream) if isinstance(stream, (bytes, bytearray, memoryview, mmap.mmap)) else None
     pos = 0
@@ -227,6 +248,7 @@ def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memor
         return buf[pos - n : pos]
 
     long_name: str | None = None
+    last = "the start"  # the member before the next header, for error messages
     while True:
         if buf is None:
             hdr = stream.read(_BLOCK)
@@ -236,10 +258,10 @@ def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memor
         if hdr == _ZERO_BLOCK:
             return  # end-of-archive marker
         if not hdr:  # every tar writer ends with zero blocks: a bare end means a cut-off file
-            raise CorruptShardError(f"{url}: truncated shard (no end-of-archive marker)")
+            raise CorruptShardError(f"{url}: truncated shard (no end-of-archive marker after {last})")
         if len(hdr) != _BLOCK:
-            raise CorruptShardError(f"{url}: truncated shard (partial tar header)")
-        name, size, kind = _parse_header(hdr, url)
+            raise CorruptShardError(f"{url}: truncated shard (partial tar header after {last})")
+        name, size, kind = _parse_header(hdr, url, last)
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
         if kind in (b"0", b"\x00"):
             if long_name is not None:
@@ -247,12 +269,16 @@ def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memor
             data = take(size, name)
             if padded > size:
                 take(padded - size, name + " padding")
+            last = name
             yield name, data
         elif kind in (b"x", b"L"):
-            ext = bytes(take(padded, "extended header")[:size])
-            long_name = _pax_path(ext) if kind == b"x" else ext.rstrip(b"\x00").decode("utf-8")
+            ext = bytes(take(padded, f"extended header after {last}")[:size])
+            if kind == b"x":
+                long_name = _pax_path(ext, url, f"the member after {last}")
+            else:
+                long_name = _name(ext.rstrip(b"\x00"), url, f"GNU long name after {last}")
         elif padded:  # directories, links, global headers: skip their payload
-            take(padded, "member")
+            take(padded, f"member after {last}")
 
 
 def is_local(url: str) -> bool:
@@ -306,7 +332,7 @@ class NpySpec:
             shape, fortran, dtype = read(f)
             ok = (tuple(shape), bool(fortran), np.dtype(dtype)) == (self.shape, False, self.dtype)
             ok = ok and len(data) - f.tell() == self.nbytes - n
-        except (ValueError, OSError):
+        except Exception:  # numpy raises several types for a damaged header; all mean "not this array"
             ok = False
         if not ok:
             raise CorruptShardError(
@@ -329,22 +355,79 @@ def split_name(name: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def plain_name(name: Any) -> bool:
+    """Whether ``name`` is a plain file name that stays inside its directory when joined onto it.
+
+    No path separators, no leading dot (``.``, ``..``, hidden files), no ``:`` (so no URL scheme
+    such as ``pipe:``, which webdataset would run as a shell command).
+    """
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and not any(c in name for c in "/\\:\x00")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_shape(v: Any, ndim: int) -> bool:
+    return isinstance(v, list) and len(v) == ndim and all(_is_count(d) and d > 0 for d in v)
+
+
+def _check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
+    """Check the fields readers use; every problem is one ValueError line naming ``mpath`` and the entry."""
+    if "splits" in manifest:
+        splits = manifest["splits"]
+        if not isinstance(splits, dict) or not splits:
+            raise ValueError(f"{mpath}: 'splits' must be a non-empty mapping of split name to entry")
+        for name, entry in splits.items():
+            d = entry.get("dir") if isinstance(entry, dict) else None
+            if not plain_name(d):
+                raise ValueError(f"{mpath}: splits.{name}.dir {d!r} is not a plain directory name inside "
+                                 f"{mpath.parent} (no '/', no leading '.', no ':')")
+        return
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ValueError(f"{mpath}: 'shards' must be a list of shard entries")
+    for i, entry in enumerate(shards):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not plain_name(name):
+            raise ValueError(f"{mpath}: shards[{i}].name {name!r} is not a plain file name inside the shard "
+                             f"directory (no '/', no leading '.', no URL scheme such as 'pipe:')")
+        assert isinstance(entry, dict)  # for the type checker: plain_name(None) is False
+        for key in ("samples", "bytes"):
+            if not _is_count(entry.get(key)):
+                raise ValueError(f"{mpath}: shards[{i}].{key} {entry.get(key)!r} must be a non-negative integer")
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise ValueError(f"{mpath}: shards[{i}].sha256 {sha!r} must be 64 lower-case hex digits")
+    sample = manifest.get("sample")
+    image = sample.get(IMAGE) if isinstance(sample, dict) else None
+    if not (isinstance(image, dict) and image.get("dtype") == IMAGE_DTYPE and _is_shape(image.get("shape"), 3)):
+        raise ValueError(f"{mpath}: sample.{IMAGE} {image!r} must be {{'dtype': '{IMAGE_DTYPE}', 'shape': [C, H, W]}}")
+    label = sample.get(LABEL)
+    if label is not None and not (isinstance(label, dict) and label.get("dtype") == LABEL_DTYPE
+                                  and _is_shape(label.get("shape"), 2)):
+        raise ValueError(f"{mpath}: sample.{LABEL} {label!r} must be null or "
+                         f"{{'dtype': '{LABEL_DTYPE}', 'shape': [H, W]}}")
+
+
 def read_manifest_file(mpath: str | Path) -> dict[str, Any]:
-    """Read and check one ``manifest.json``.
+    """Read and check one ``manifest.json`` (shard names, counts, digests, sample layout).
 
     Raises:
         FileNotFoundError: there is no file at ``mpath``.
-        ValueError: unreadable, or not an :data:`FORMAT` manifest (naming ``mpath``).
+        ValueError: unreadable, not an :data:`FORMAT` manifest, or an entry readers cannot use
+            (e.g. a shard name that is not a plain file name), naming ``mpath`` and the entry.
     """
     mpath = Path(mpath)
     try:
         manifest = json.loads(mpath.read_text())
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{mpath}: unreadable manifest ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{mpath}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{mpath}: not an {FORMAT} manifest")
+    _check_manifest(manifest, mpath)
     return manifest
 
 
@@ -359,7 +442,8 @@ def read_manifest(path: str | Path, split: str = "train") -> tuple[Path, dict[st
         (the shard directory, its manifest).
 
     Raises:
-        ValueError: no manifest, a manifest of another format, or an unknown split.
+        ValueError: no manifest, a manifest of another format or with unusable entries, an
+            unknown split, or a split whose manifest names splits again.
     """
     path = Path(path)
     mpath = path / MANIFEST
@@ -367,11 +451,19 @@ def read_manifest(path: str | Path, split: str = "train") -> tuple[Path, dict[st
         manifest = read_manifest_file(mpath)
     except FileNotFoundError:
         raise ValueError(f"{mpath}: not found; is {path} a shard directory (make_shards.py output)?") from None
-    if "splits" in manifest:
-        if split not in manifest["splits"]:
-            raise ValueError(f"{mpath}: split {split!r} not found (have {', '.join(manifest['splits'])})")
-        return read_manifest(path / manifest["splits"][split]["dir"], split)
-    return path, manifest
+    if "splits" not in manifest:
+        return path, manifest
+    if split not in manifest["splits"]:
+        raise ValueError(f"{mpath}: split {split!r} not found (have {', '.join(manifest['splits'])})")
+    sub = path / manifest["splits"][split]["dir"]
+    try:
+        sub_manifest = read_manifest_file(sub / MANIFEST)
+    except FileNotFoundError:
+        raise ValueError(f"{mpath}: split {split!r} names {sub}, which holds no {MANIFEST}") from None
+    if "splits" in sub_manifest:  # one level only: a split names a shard directory, never splits again
+        raise ValueError(f"{sub / MANIFEST}: the {split!r} split of {mpath} must be a shard directory, "
+                         f"but its manifest names splits again")
+    return sub, sub_manifest
 
 
 def manifest_preprocess(manifest: Any) -> dict[str, Any]:

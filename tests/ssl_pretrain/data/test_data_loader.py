@@ -255,3 +255,31 @@ def test_other_npy_header_versions_are_read_wrong_dtype_is_corrupt(broken: Path)
     victim.with_suffix(".new").replace(victim)
     with pytest.raises(CorruptShardError, match=r"shard-000002\.tar: corrupt .*float16 \.npy of shape \(1, 16, 20\)"):
         _epoch_keys(str(broken))
+
+
+@pytest.mark.parametrize("name", ["pipe:touch PWNED; cat shard-000000.tar", "../s/shard-000000.tar",
+                                  "sub/shard-000000.tar", "file:///etc/passwd", "..", 7])
+def test_manifest_shard_names_must_be_plain_file_names(broken: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       name: Any) -> None:
+    mpath = broken / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["shards"][0]["name"] = name
+    mpath.write_text(json.dumps(manifest))
+    monkeypatch.chdir(broken)  # data.shards=. : a joined name is the name itself
+    with pytest.raises(ValueError, match=r"manifest.json: shards\[0\]\.name .* is not a plain file name") as exc:
+        next(iter(build_pretrain_loader(LoaderConfig(shards=".", batch_size=4, num_workers=0), 0, 1)))
+    assert "\n" not in str(exc.value) and repr(name) in str(exc.value)
+    assert not (broken / "PWNED").exists()
+
+
+def test_split_manifest_cannot_name_itself_or_split_again(broken: Path, tmp_path: Path) -> None:
+    top = {"format": "mri-ssl-shards", "version": 1, "splits": {"train": {"dir": "."}}}
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "manifest.json").write_text(json.dumps(top))
+    with pytest.raises(ValueError, match=r"splits\.train\.dir '\.' is not a plain directory name"):
+        build_pretrain_loader(LoaderConfig(shards=str(tmp_path / "self")), 0, 1)
+    (tmp_path / "loop" / "train").mkdir(parents=True)
+    for d in (tmp_path / "loop", tmp_path / "loop" / "train"):
+        (d / "manifest.json").write_text(json.dumps({**top, "splits": {"train": {"dir": "train"}}}))
+    with pytest.raises(ValueError, match="the 'train' split of .* names splits again"):
+        build_pretrain_loader(LoaderConfig(shards=str(tmp_path / "loop")), 0, 1)
