@@ -28,9 +28,12 @@ The pipeline of one DataLoader worker is a ``wds.DataPipeline`` of four stages::
   fast-forwards: whole rounds are skipped from the manifest's counts without reading, the rest of
   the current round is read and shuffled but not decoded. Same config → same next batches. The
   arithmetic is in :mod:`ssl_pretrain.data.epochs`.
-* **Corruption.** A truncated tar or a corrupt member raises ``CorruptShardError`` naming the
-  shard; with ``skip_corrupt`` the shard's remainder (or the bad sample) is skipped, logged and
-  counted in ``loader.corrupt_skipped``.
+* **Corruption.** Each shard is checked against its manifest entry when opened (``verify``: size,
+  and by default sha256, hashed once per stream and file). A mismatch, a truncated tar or a
+  corrupt member raises ``CorruptShardError`` naming the shard (and member); with
+  ``skip_corrupt`` the shard's remainder (or the bad sample) is skipped, logged and counted in
+  ``loader.corrupt_skipped``, and a resampled stream whose shards all give no sample stops with
+  one ``CorruptShardError`` instead of redrawing them forever.
 
 Example:
     >>> loader = build_pretrain_loader(LoaderConfig(shards="data/shards"), rank=0, world_size=1)  # doctest: +SKIP
@@ -39,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -62,6 +66,7 @@ from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.shardformat import (
     CorruptShardError,
     NpySpec,
+    check_meta,
     is_local,
     iter_tar_members,
     open_shard,
@@ -87,6 +92,9 @@ class LoaderConfig:
         "resampled", "resampled: infinite stream; epoch: each sample once per epoch"
     )
     skip_corrupt: bool = option(False, "skip and count corrupt shards/samples")
+    verify: Literal["none", "size", "sha256"] = option(
+        "sha256", "check each shard against the manifest when opened: none, size (cheap) or size and sha256"
+    )
     seed: int = option(0, "seed of shard order and sample shuffle")
     split: str = option("train", "split to read when shards has train/ and val/")
     manifest: str = option("", "manifest.json for URL patterns (default: beside them)")
@@ -139,10 +147,11 @@ def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class _SliceStream(IterableDataset):
     """The IterableDataset every DataLoader worker runs (see the module docstring)."""
 
-    def __init__(self, urls: list[str], counts: list[int] | None, image: NpySpec, label: NpySpec | None,
-                 cfg: LoaderConfig, rank: int, world_size: int, epoch: int, start: int) -> None:
+    def __init__(self, urls: list[str], counts: list[int] | None, entries: dict[str, dict[str, Any]],
+                 image: NpySpec, label: NpySpec | None, cfg: LoaderConfig, rank: int, world_size: int,
+                 epoch: int, start: int) -> None:
         super().__init__()
-        self.urls, self.counts = urls, counts
+        self.urls, self.counts, self.entries = urls, counts, entries
         self.image, self.label = image, label
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
@@ -172,6 +181,7 @@ class _SliceStream(IterableDataset):
         self._planned = None if planned is None else planned[worker]
         self._skip_batches = taken[worker]
         self._corrupt = 0
+        self._verified: set[tuple[str, int, int, int, int]] = set()  # (url, dev, inode, size, mtime) hashed
         self._first_round, self._skip_samples = self._resume_point(
             taken[worker] * cfg.batch_size, worker, n_workers
         )
@@ -228,20 +238,65 @@ class _SliceStream(IterableDataset):
 
     # stage 2: tar reader → raw samples, tagged with their round
     def _read(self, shards: Iterable[tuple[int, str]]) -> Iterator[tuple[int, _Raw]]:
+        worker, n_workers = self._worker()
+        pool = {self.urls[i] for i in self._resample_pool(worker, n_workers)}
+        dead: set[str] = set()  # shards read since the last good sample that gave none
         for r, url in shards:
+            good = False
             try:
-                yield from ((r, s) for s in self._read_shard(url))
+                for s in self._read_shard(url):
+                    good = True
+                    yield r, s
             except CorruptShardError as exc:
                 if not self.cfg.skip_corrupt:
                     raise
                 self._corrupt += 1
                 logger.warning("skipping the rest of a shard: %s", exc)
+            if good:
+                dead.clear()
+                continue
+            dead.add(url)
+            if self.cfg.mode == "resampled" and dead >= pool:  # redrawing them would spin forever
+                raise CorruptShardError(
+                    f"data.skip_corrupt: none of the {len(pool)} shard(s) of rank {self.rank} worker {worker} "
+                    f"gave a readable sample (e.g. {url}); see the warnings above"
+                )
 
-    def _read_shard(self, url: str) -> Iterator[_Raw]:
+    def _open_verified(self, url: str) -> Any:
+        """Open a shard and check it against its manifest entry (``data.verify``).
+
+        A local shard's sha256 is computed once per stream and file identity (device, inode, size,
+        mtime): the resampled stream reopens the same shards every round. A streamed shard is read
+        whole to be checked (shards are tens of MB).
+
+        Raises:
+            CorruptShardError: cannot be opened, or size / sha256 differ from the manifest.
+        """
+        mode, entry = self.cfg.verify, self.entries.get(url)
         try:
+            ident = (url, *_identity(url)) if is_local(url) and mode == "sha256" else None
             stream = open_shard(url)
+            if mode == "none" or entry is None:
+                return stream
+            if not isinstance(stream, (bytes, mmap.mmap)):
+                with stream:
+                    stream = stream.read()
         except OSError as exc:
             raise CorruptShardError(f"{url}: cannot open shard ({exc})") from None
+        if len(stream) != entry["bytes"]:
+            raise CorruptShardError(f"{url}: {len(stream)} bytes, but the manifest records {entry['bytes']} "
+                                    f"(data.verify={mode}; re-copy the shard)")
+        if mode == "sha256" and (ident is None or ident not in self._verified):
+            digest = hashlib.sha256(stream).hexdigest()
+            if digest != entry["sha256"]:
+                raise CorruptShardError(f"{url}: sha256 {digest[:16]}… differs from the manifest's "
+                                        f"{entry['sha256'][:16]}… (data.verify=sha256; re-copy the shard)")
+            if ident is not None:
+                self._verified.add(ident)
+        return stream
+
+    def _read_shard(self, url: str) -> Iterator[_Raw]:
+        stream = self._open_verified(url)
         try:
             key, parts = None, {}
             for name, data in iter_tar_members(stream, url):
@@ -278,8 +333,8 @@ class _SliceStream(IterableDataset):
                 lab = self.label.payload(lab, url, f"{key}.label.npy")
             try:
                 meta = json.loads(bytes(meta_b))
-                meta["slice"], meta["position"], meta["subject"]  # noqa: B018 - validates the fields
-            except (ValueError, KeyError, TypeError) as exc:
+                check_meta(meta)
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise CorruptShardError(f"{url}: corrupt {key}.meta.json ({exc})") from None
         except CorruptShardError as exc:
             if not self.cfg.skip_corrupt:
@@ -426,6 +481,11 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     return urls, manifest
 
 
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _shard_name(url: str) -> str:
     m = re.search(r"([^/\s]+\.tar)", url)
     return m.group(1) if m else url
@@ -456,11 +516,13 @@ class PretrainLoader:
         self.rank, self.world_size = rank, world_size
         self.urls, manifest = resolve_shards(cfg)
         self.counts: list[int] | None = None
+        self._entries: dict[str, dict[str, Any]] = {}  # url → its manifest entry (samples, bytes, sha256)
         if manifest is not None:
-            by_name = {s["name"]: s["samples"] for s in manifest.get("shards", [])}
+            by_name = {s["name"]: s for s in manifest.get("shards", [])}
             names = [_shard_name(u) for u in self.urls]
             if all(n in by_name for n in names):
-                self.counts = [by_name[n] for n in names]
+                self.counts = [by_name[n]["samples"] for n in names]
+            self._entries = {u: by_name[n] for u, n in zip(self.urls, names, strict=True) if n in by_name}
         if cfg.mode == "epoch" and self.counts is None:
             raise ValueError(f"data.mode: 'epoch' needs per-shard sample counts from a manifest; none found for "
                              f"{cfg.shards!r} (set data.manifest)")
@@ -471,6 +533,10 @@ class PretrainLoader:
         self._image = NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
         lab = spec.get("label.npy")
         self._label = NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
+        unchecked = len(self.urls) - len(self._entries)
+        if cfg.verify != "none" and unchecked:
+            logger.warning("data.verify=%s: %d of %d shards are not listed in the manifest and are read unchecked",
+                           cfg.verify, unchecked, len(self.urls))
         self.num_workers = max(1, cfg.num_workers)
         if cfg.mode == "resampled" and len(self.urls) < world_size * self.num_workers:
             logger.warning("data.shards: %d shards for %d ranks x %d workers; ranks or workers that cannot get shards "
@@ -497,8 +563,8 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Continue from the current state: rest of the epoch (epoch mode) or forever (resampled)."""
         cfg = self.cfg
-        ds = _SliceStream(self.urls, self.counts, self._image, self._label, cfg, self.rank, self.world_size,
-                          self.epoch, self.batches)
+        ds = _SliceStream(self.urls, self.counts, self._entries, self._image, self._label, cfg, self.rank,
+                          self.world_size, self.epoch, self.batches)
         kw: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}

@@ -71,8 +71,9 @@ MAX_MEMBER_BYTES = 1 << 30  # no member of a slice sample comes near this; a lar
 
 __all__ = [
     "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION",
-    "CorruptShardError", "NpySpec", "TarShardWriter", "is_local", "iter_tar_members", "manifest_preprocess",
-    "meta_fields", "npy_bytes", "open_shard", "plain_name", "read_manifest", "read_manifest_file", "split_name",
+    "CorruptShardError", "NpySpec", "TarShardWriter", "check_meta", "is_local", "iter_tar_members",
+    "manifest_preprocess", "meta_fields", "npy_bytes", "open_shard", "plain_name", "read_manifest",
+    "read_manifest_file", "split_name",
 ]
 
 
@@ -478,3 +479,20 @@ def meta_fields(manifest: Any) -> list[str] | None:
     """The ``meta.json`` fields a manifest lists for its samples (``None`` when it lists none)."""
     fields = manifest.get("sample", {}).get(META) if isinstance(manifest, dict) else None
     return list(fields) if isinstance(fields, list) else None
+
+
+def check_meta(meta: Any) -> None:
+    """Check the ``meta.json`` fields the loader delivers (``subject``, ``slice``, ``position``).
+
+    Raises:
+        ValueError: not an object, a missing field, or a value of the wrong type or range.
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected an object, got {type(meta).__name__}")
+    subject, slice_, position = meta.get("subject"), meta.get("slice"), meta.get("position")
+    if not isinstance(subject, str) or not subject:
+        raise ValueError(f"subject {subject!r} must be a non-empty string")
+    if isinstance(slice_, bool) or not isinstance(slice_, int) or slice_ < 0:
+        raise ValueError(f"slice {slice_!r} must be a non-negative integer")
+    if isinstance(position, bool) or not isinstance(position, (int, float)) or not 0.0 <= position <= 1.0:
+        raise ValueError(f"position {position!r} must be a number in [0, 1]")  # NaN fails the range test too
