@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -69,7 +68,7 @@ from ssl_pretrain.data.shardformat import (
     check_meta,
     is_local,
     iter_tar_members,
-    open_shard,
+    open_verified,
     read_manifest,
     read_manifest_file,
     split_name,
@@ -181,7 +180,7 @@ class _SliceStream(IterableDataset):
         self._planned = None if planned is None else planned[worker]
         self._skip_batches = taken[worker]
         self._corrupt = 0
-        self._verified: set[tuple[str, int, int, int, int]] = set()  # (url, dev, inode, size, mtime) hashed
+        self._verified: set[tuple[Any, ...]] = set()  # local shards hashed by this stream (open_verified)
         self._first_round, self._skip_samples = self._resume_point(
             taken[worker] * cfg.batch_size, worker, n_workers
         )
@@ -262,41 +261,8 @@ class _SliceStream(IterableDataset):
                     f"gave a readable sample (e.g. {url}); see the warnings above"
                 )
 
-    def _open_verified(self, url: str) -> Any:
-        """Open a shard and check it against its manifest entry (``data.verify``).
-
-        A local shard's sha256 is computed once per stream and file identity (device, inode, size,
-        mtime): the resampled stream reopens the same shards every round. A streamed shard is read
-        whole to be checked (shards are tens of MB).
-
-        Raises:
-            CorruptShardError: cannot be opened, or size / sha256 differ from the manifest.
-        """
-        mode, entry = self.cfg.verify, self.entries.get(url)
-        try:
-            ident = (url, *_identity(url)) if is_local(url) and mode == "sha256" else None
-            stream = open_shard(url)
-            if mode == "none" or entry is None:
-                return stream
-            if not isinstance(stream, (bytes, mmap.mmap)):
-                with stream:
-                    stream = stream.read()
-        except OSError as exc:
-            raise CorruptShardError(f"{url}: cannot open shard ({exc})") from None
-        if len(stream) != entry["bytes"]:
-            raise CorruptShardError(f"{url}: {len(stream)} bytes, but the manifest records {entry['bytes']} "
-                                    f"(data.verify={mode}; re-copy the shard)")
-        if mode == "sha256" and (ident is None or ident not in self._verified):
-            digest = hashlib.sha256(stream).hexdigest()
-            if digest != entry["sha256"]:
-                raise CorruptShardError(f"{url}: sha256 {digest[:16]}… differs from the manifest's "
-                                        f"{entry['sha256'][:16]}… (data.verify=sha256; re-copy the shard)")
-            if ident is not None:
-                self._verified.add(ident)
-        return stream
-
     def _read_shard(self, url: str) -> Iterator[_Raw]:
-        stream = self._open_verified(url)
+        stream = open_verified(url, self.entries.get(url), self.cfg.verify, self._verified)
         try:
             key, parts = None, {}
             for name, data in iter_tar_members(stream, url):
@@ -479,11 +445,6 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
         except ValueError as exc:
             raise ValueError(f"data.manifest: {exc}") from None
     return urls, manifest
-
-
-def _identity(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _shard_name(url: str) -> str:

@@ -54,7 +54,7 @@ import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -72,7 +72,7 @@ MAX_MEMBER_BYTES = 1 << 30  # no member of a slice sample comes near this; a lar
 __all__ = [
     "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION",
     "CorruptShardError", "NpySpec", "TarShardWriter", "check_meta", "is_local", "iter_tar_members",
-    "manifest_preprocess", "meta_fields", "npy_bytes", "open_shard", "plain_name", "read_manifest",
+    "manifest_preprocess", "meta_fields", "npy_bytes", "open_shard", "open_verified", "plain_name", "read_manifest",
     "read_manifest_file", "split_name",
 ]
 
@@ -299,6 +299,53 @@ def open_shard(url: str) -> Any:
     import webdataset as wds
 
     return wds.gopen(url, "rb")
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def open_verified(url: str, entry: dict[str, Any] | None, verify: Literal["none", "size", "sha256"],
+                  verified: set[tuple[Any, ...]]) -> Any:
+    """:func:`open_shard`, then check the shard against its manifest entry.
+
+    Args:
+        url: the shard.
+        entry: its manifest entry (``bytes``, ``sha256``); ``None`` reads it unchecked.
+        verify: ``"none"``, ``"size"`` (cheap) or ``"sha256"`` (size and digest).
+        verified: identities (url, device, inode, size, mtime) of local shards already hashed by
+            the caller; the digest of an unchanged local file is computed once (a resampled stream
+            reopens the same shards every round). Updated in place.
+
+    Returns:
+        A memory map or bytes of the whole shard (a streamed shard is read whole to be checked;
+        shards are tens of MB), or the open stream when nothing is checked.
+
+    Raises:
+        CorruptShardError: cannot be opened, or size / sha256 differ from the manifest.
+    """
+    try:
+        ident = (url, *_identity(url)) if is_local(url) and verify == "sha256" else None
+        stream = open_shard(url)
+        if verify == "none" or entry is None:
+            return stream
+        if not isinstance(stream, (bytes, mmap.mmap)):
+            with stream:
+                stream = stream.read()
+    except OSError as exc:
+        raise CorruptShardError(f"{url}: cannot open shard ({exc})") from None
+    if len(stream) != entry["bytes"]:
+        raise CorruptShardError(f"{url}: {len(stream)} bytes, but the manifest records {entry['bytes']} "
+                                f"(data.verify={verify}; re-copy the shard)")
+    if verify == "sha256" and (ident is None or ident not in verified):
+        digest = hashlib.sha256(stream).hexdigest()
+        if digest != entry["sha256"]:
+            raise CorruptShardError(f"{url}: sha256 {digest[:16]}… differs from the manifest's "
+                                    f"{entry['sha256'][:16]}… (data.verify=sha256; re-copy the shard)")
+        if ident is not None:
+            verified.add(ident)
+    return stream
 
 
 class NpySpec:
