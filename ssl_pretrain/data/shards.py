@@ -5,13 +5,15 @@ The format (member names, dtypes, the ``meta.json`` schema, the manifest fields)
 validation split (``val_fraction > 0``) the output holds ``train/`` and ``val/``, each a shard
 directory, plus a top-level ``manifest.json`` naming the splits. No subject is in both.
 
-Atomicity: everything is written into a temporary sibling directory (each shard as ``*.tmp`` then
-renamed, the manifest last) that replaces ``out_dir`` in one rename at the end, so a failed or
-interrupted run never leaves a half-written or mixed shard directory.
+Atomicity: everything is written into a temporary sibling directory ``.<out>.tmp-PID`` (each shard
+as ``*.tmp`` then renamed, the manifest last) that replaces ``out_dir`` in one rename at the end, so
+a failed or interrupted run never leaves a half-written or mixed shard directory. The temporaries
+of killed runs (whose PID no longer exists) are removed by the next run, with a warning.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -112,6 +114,30 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove ``.<out>.tmp-PID`` directories that killed runs left beside ``out_dir`` (their PID is gone).
+
+    A temporary of a process that still runs (e.g. a concurrent run) is left alone.
+    """
+    prefix = f".{out_dir.name}.tmp-"
+    for tmp in sorted(out_dir.parent.glob(glob.escape(prefix) + "*")):
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("removed %s: partial shards of an interrupted run (process %s no longer exists)", tmp, pid)
+
+
 def write_shards(
     subjects: Sequence[Subject],
     out_dir: str | Path,
@@ -164,6 +190,7 @@ def write_shards(
         raise InputError(f"{out_dir}: no input subjects to write")
     train, val = split_subjects(subjects, val_fraction, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
     tmp_root = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_root, ignore_errors=True)
     tmp_root.mkdir()

@@ -6,7 +6,11 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
+import os
 import runpy
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -134,3 +138,21 @@ def test_make_shards_flags_are_the_preprocess_fields(msd_cohort: Path, tmp_path:
     with pytest.raises(SystemExit) as exc:
         main([*common, "--output", str(tmp_path / "bad"), "--size", "0", "20"])
     assert exc.value.code == 2 and "preprocess.size: [0, 20] must be two positive ints" in capsys.readouterr().err
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    subjects, _ = discover(write_msd(tmp_path / "c", 2))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    live = tmp_path / f".out.tmp-{os.getppid()}"  # a run that still works (our parent process)
+    other = tmp_path / f".other.tmp-{dead.pid}"  # another output's temporary
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "shard-000000.tar.tmp").write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="ssl_pretrain.data.shards"):
+        write_shards(subjects, tmp_path / "out", TINY, workers=1, progress=False)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert [r.getMessage() for r in caplog.records if "partial shards" in r.getMessage()] == [
+        f"removed {stale}: partial shards of an interrupted run (process {dead.pid} no longer exists)"
+    ]
