@@ -26,18 +26,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.ingest import discover, parse_msd_labels
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
 
 
 def _label_names(path: Path) -> dict[str, str] | None:
+    """``{value: name}`` of an MSD input's declared labels (JSON keys), ``None`` for other inputs."""
     meta = path if path.name.endswith(".json") else path / "dataset.json"
     try:
         labels = json.loads(meta.read_text()).get("labels")
     except (OSError, ValueError, AttributeError):
         return None
-    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None
+    return {str(k): v for k, v in parse_msd_labels(labels, meta).items()} if labels is not None else None
 
 
 def _add_preprocess_flags(ap: argparse.ArgumentParser) -> None:
