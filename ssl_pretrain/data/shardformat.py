@@ -18,19 +18,19 @@ label.npy      uint8 ``(H, W)``           label map (only when the subject has a
 meta.json      object, fields below       where the slice comes from
 =============  =========================  ====================================================
 
-``meta.json`` fields (:data:`META_FIELDS`):
+``meta.json`` fields (:data:`META_FIELDS`; :func:`check_meta` checks those the loader delivers):
 
-==============  ===================  ===========================================================
-field           type                 meaning
-==============  ===================  ===========================================================
-subject         str                  subject id (unique within the shard directory)
-slice           int ≥ 0              axial slice index in the preprocessed volume (inferior → superior)
-num_slices      int ≥ 1              slices of the preprocessed volume
-position        float in [0, 1]      relative position ``slice / (num_slices - 1)`` (0.5 for one slice)
+==============  =====================  ===========================================================
+field           type                   meaning
+==============  =====================  ===========================================================
+subject         str                    subject id (unique within the shard directory)
+slice           int ≥ 0                axial slice index in the preprocessed volume (inferior → superior)
+num_slices      int ≥ 1                slices of the preprocessed volume
+position        float in [0, 1]        relative position ``slice / (num_slices - 1)`` (0.5 for one slice)
 spacing         [float, float, float]  (x, y, z) mm of the output grid (x along W, y along H)
-source          str                  image path relative to the input root
-preprocess      object               ``PreprocessParams.to_dict()`` the slice was made with
-==============  ===================  ===========================================================
+source          str                    image path relative to the input root
+preprocess      object                 ``PreprocessParams.to_dict()`` the slice was made with
+==============  =====================  ===========================================================
 
 ``manifest.json`` records ``format``, ``version``, ``split``, ``preprocess``, ``sample`` (the member
 dtypes/shapes and the meta fields), ``channels``, ``size``, ``has_labels``, ``label_names``,
