@@ -16,42 +16,59 @@ written). An existing output directory is refused unless ``--overwrite``, which 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
-from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.ingest import discover, parse_msd_labels
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
 
 
 def _label_names(path: Path) -> dict[str, str] | None:
+    """``{value: name}`` of an MSD input's declared labels (JSON keys), ``None`` for other inputs."""
     meta = path if path.name.endswith(".json") else path / "dataset.json"
     try:
         labels = json.loads(meta.read_text()).get("labels")
     except (OSError, ValueError, AttributeError):
         return None
-    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None
+    return {str(k): v for k, v in parse_msd_labels(labels, meta).items()} if labels is not None else None
+
+
+def _add_preprocess_flags(ap: argparse.ArgumentParser) -> None:
+    """One flag per :class:`PreprocessParams` field, with its type, default and help."""
+    hints = typing.get_type_hints(PreprocessParams)
+    for f in dataclasses.fields(PreprocessParams):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[...]: its one other type
+            tp = args[0]
+            args = list(typing.get_args(tp))
+        kw: dict[str, Any] = {"help": f.metadata["help"]}
+        if typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = args
+        elif typing.get_origin(tp) is tuple:
+            kw["type"] = args[0]
+            kw["nargs"] = "+" if Ellipsis in args else len(args)
+        else:
+            kw["type"] = tp
+        kw["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+        ap.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, write the shards, return the exit status (1 when --strict and inputs were skipped)."""
-    d = PreprocessParams()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", type=Path, required=True, help="folder, MSD dataset.json or .txt list file")
     ap.add_argument("--output", type=Path, required=True, help="shard directory to create")
-    ap.add_argument("--spacing", type=float, nargs=2, default=list(d.spacing), metavar=("ROW", "COL"),
-                    help="target in-plane spacing in mm (H, W)")
-    ap.add_argument("--size", type=int, nargs=2, default=list(d.size), metavar=("H", "W"),
-                    help="output slice size after centre crop/pad")
-    ap.add_argument("--norm", choices=["zscore", "minmax"], default=d.norm, help="intensity normalisation")
-    ap.add_argument("--clip", type=float, nargs=2, default=list(d.clip), metavar=("LOW", "HIGH"),
-                    help="percentiles clipped before normalising")
-    ap.add_argument("--channels", type=int, nargs="+", default=None,
-                    help="channels kept from 4D inputs (default: all)")
+    _add_preprocess_flags(ap)
     ap.add_argument("--labels", choices=["auto", "yes", "no"], default="auto",
                     help="auto: use labels where found; yes: skip subjects without one; no: ignore labels")
     ap.add_argument("--samples-per-shard", type=int, default=512, help="slices per tar")
@@ -66,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        params = PreprocessParams(spacing=tuple(args.spacing), size=tuple(args.size), norm=args.norm,
-                                  clip=tuple(args.clip), channels=tuple(args.channels) if args.channels else None)
+        params = PreprocessParams.from_dict({f.name: getattr(args, f.name)
+                                             for f in dataclasses.fields(PreprocessParams)})
         labels = {"auto": None, "yes": True, "no": False}[args.labels]
         subjects, skipped = discover(args.input, labels=labels)
         manifest = write_shards(

@@ -1,13 +1,13 @@
 """Data: synthetic cohorts, NIfTI ingest and preprocessing, WebDataset shards, streaming loader.
 
 See ``preprocess`` (one preprocessing function for sharding, finetuning and prediction),
-``ingest`` (input discovery), ``shards`` (writer + manifest), ``loader`` (streaming, resumable)
-and ``phantoms`` (synthetic MRI).
+``ingest`` (input discovery), ``shardformat`` (the shard format: names, ``meta.json`` schema, tar
+writer and reader, manifest), ``shards`` (preprocess subjects into shards), ``loader`` (streaming,
+resumable), ``epochs`` (its epoch / resume arithmetic) and ``phantoms`` (synthetic MRI).
 """
 
 from ssl_pretrain.data.ingest import Subject, discover
 from ssl_pretrain.data.loader import (
-    CorruptShardError,
     LoaderConfig,
     PretrainLoader,
     build_pretrain_loader,
@@ -21,7 +21,8 @@ from ssl_pretrain.data.preprocess import (
     preprocess,
     to_original_grid,
 )
-from ssl_pretrain.data.shards import read_manifest, write_shards
+from ssl_pretrain.data.shardformat import CorruptShardError, read_manifest
+from ssl_pretrain.data.shards import write_shards
 
 __all__ = [
     "CorruptShardError",

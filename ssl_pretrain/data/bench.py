@@ -13,12 +13,17 @@ and deliver float32 tensors ``(B, C, H, W)`` batched, before augmentation:
 * (b) webdataset's stock path ``.decode()`` + ``.to_tuple()`` + ``.batched()`` over the same shards;
 * (c) the raw read rate of the same shard bytes (``cat`` to ``/dev/null``, page cache warm).
 
+The loader is timed twice: ``data.verify=none`` (the ratios) and ``data.verify=sha256`` (the
+default: size and digest of each shard checked against the manifest when a stream first opens it),
+the latter timed from its first batch so that every shard's hash is counted.
+
 MB/s counts the float16 image payload delivered (C·H·W·2 bytes per slice). Prints, never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import resource
 import subprocess
 import tempfile
@@ -35,7 +40,8 @@ from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
-from ssl_pretrain.data.shards import read_manifest, write_shards
+from ssl_pretrain.data.shardformat import read_manifest
+from ssl_pretrain.data.shards import write_shards
 
 
 class NiftiSliceDataset(torch.utils.data.Dataset):
@@ -81,10 +87,18 @@ def _stock_wds(urls: list[str], batch: int) -> Iterator[torch.Tensor]:
             yield torch.from_numpy(np.asarray(images)).to(torch.float32)
 
 
-def _ours(shard_dir: Path, batch: int) -> Iterator[torch.Tensor]:
-    cfg = LoaderConfig(shards=str(shard_dir), batch_size=batch, num_workers=0, mode="resampled")
+def _ours(shard_dir: Path, batch: int, verify: str) -> Iterator[torch.Tensor]:
+    cfg = LoaderConfig(shards=str(shard_dir), batch_size=batch, num_workers=0, mode="resampled", verify=verify)
     for b in build_pretrain_loader(cfg, rank=0, world_size=1):
         yield b["image"]
+
+
+def _sha256_cost(paths: list[Path], samples: int) -> float:
+    """Slices per CPU-second of hashing the shards (what an unconditional re-hash per open would bound)."""
+    c0 = time.process_time()
+    for p in paths:
+        hashlib.sha256(p.read_bytes()).hexdigest()
+    return samples / max(time.process_time() - c0, 1e-9)
 
 
 def _cat_rate(paths: list[Path], samples: int, repeats: int = 5) -> tuple[float, float]:
@@ -122,23 +136,27 @@ def run(work: Path, subjects: int, slices: int, batch: int, naive_slices: int) -
         "cat": _cat_rate(paths, manifest["num_samples"]),
         "nibabel": _rate(_cycle_loader(dl), naive_slices, warmup=1),
         "stock": _rate(_stock_wds([str(p) for p in paths], batch), slices),
-        "ours": _rate(_ours(shard_dir, batch), slices),
+        "ours": _rate(_ours(shard_dir, batch, "none"), slices),
     }
+    verified = _rate(_ours(shard_dir, batch, "sha256"), slices, warmup=0)  # no warm-up: every hash is timed
     print(f"data benchmark: {manifest['num_samples']} slices of {c}x{h}x{w} float16 in {len(paths)} shards, "
           f"batch {batch}, one core (torch threads 1, in-process); rates per CPU-second (wall in brackets)")
     names = {
         "cat": "(c) cat shard bytes > /dev/null",
         "nibabel": "(a) naive nibabel map-style Dataset",
         "stock": "(b) webdataset stock decode/to_tuple/batched",
-        "ours": "mri-ssl streaming loader",
+        "ours": "mri-ssl streaming loader, data.verify=none",
     }
-    for key in ("nibabel", "stock", "cat", "ours"):
-        cpu, wall = rates[key]
-        print(f"  {names[key]:<46s} {cpu:>9,.0f} slices/s {cpu * mb:>7,.0f} MB/s   (wall {wall:>9,.0f} slices/s)")
+    rows = [*((names[k], rates[k]) for k in ("nibabel", "stock", "cat", "ours")),
+            ("mri-ssl streaming loader, data.verify=sha256", verified)]
+    for name, (cpu, wall) in rows:
+        print(f"  {name:<46s} {cpu:>9,.0f} slices/s {cpu * mb:>7,.0f} MB/s   (wall {wall:>9,.0f} slices/s)")
     ours = rates["ours"][0]
     print(f"  ratio loader / nibabel : {ours / rates['nibabel'][0]:8.1f}x   (goal >= 50x)")
     print(f"  ratio loader / stock   : {ours / rates['stock'][0]:8.2f}x   (goal >= 2.5x and >= 10,000 slices/s)")
     print(f"  ratio loader / cat     : {ours / rates['cat'][0]:8.2f}x   (raw read ceiling)")
+    print(f"  ratio verify=sha256 / verify=none : {verified[0] / ours:5.2f}x   (each shard hashed once per "
+          f"stream; hashing every open would cost {_sha256_cost(paths, manifest['num_samples']):,.0f} slices/s)")
     return rates
 
 

@@ -18,10 +18,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 _LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass
@@ -43,16 +45,51 @@ class Subject:
     allowed_labels: tuple[int, ...] | None = None
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
+def is_nifti_name(path: str | Path) -> bool:
+    """Whether a file name ends in ``.nii`` or ``.nii.gz`` (the name only; the file need not exist)."""
+    return Path(path).name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: str | Path) -> str:
+    """The file name without ``.nii`` / ``.nii.gz`` (``case_01.nii.gz`` → ``case_01``); else ``Path.stem``."""
+    path = Path(path)
+    for ext in NIFTI_SUFFIXES:
+        if path.name.endswith(ext):
+            return path.name[: -len(ext)]
     return path.stem
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and (path.name.endswith(".nii") or path.name.endswith(".nii.gz"))
+def parse_msd_labels(labels: Any, path: str | Path) -> dict[int, str]:
+    """Read an MSD ``dataset.json`` ``labels`` declaration into ``{value: name}``, background included.
+
+    Accepts ``{"0": "background", "1": "liver"}`` (the MSD form) and ``{"background": 0, ...}``.
+
+    Args:
+        labels: the ``labels`` value of the file.
+        path: the ``dataset.json`` (named in errors).
+
+    Returns:
+        ``{value: name}`` sorted by value, with ``0: "background"`` added when not declared.
+
+    Raises:
+        InputError: not a non-empty mapping, an entry of neither form, or a value outside 0..255.
+    """
+    from ssl_pretrain.data.preprocess import InputError
+
+    if not isinstance(labels, dict) or not labels:
+        raise InputError(f"{path}: 'labels' must be a non-empty mapping of label value to name")
+    out: dict[int, str] = {}
+    for k, v in labels.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            out[int(k)] = str(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out[v] = str(k)
+        else:
+            raise InputError(f"{path}: label entry {k!r}: {v!r} is neither 'value: name' nor 'name: value'")
+    if any(v < 0 or v > 255 for v in out):
+        raise InputError(f"{path}: label values must be in 0..255, got {sorted(out)}")
+    out.setdefault(0, "background")
+    return dict(sorted(out.items()))
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -122,12 +159,12 @@ def discover(path: str | Path, *, labels: bool | None = None) -> tuple[list[Subj
 
 
 def _from_folder(root: Path) -> list[Subject]:
-    files = sorted(p for p in root.rglob("*") if _is_nifti(p))
+    files = sorted(p for p in root.rglob("*") if is_nifti_name(p) and p.is_file())
     label_dirs = {"labelsTr", "labelsTs", "labels", "masks", "segmentations"}
     labels_by_name: dict[str, Path] = {}
     images: list[Path] = []
     for f in files:
-        if f.parent.name in label_dirs or any(_stem(f).endswith(sfx) for sfx in _LABEL_SUFFIXES):
+        if f.parent.name in label_dirs or any(nifti_stem(f).endswith(sfx) for sfx in _LABEL_SUFFIXES):
             labels_by_name[f.name] = f
         elif f.name.startswith("._"):  # macOS resource forks
             continue
@@ -137,7 +174,7 @@ def _from_folder(root: Path) -> list[Subject]:
     for img in images:
         label = None
         for sfx in ("",) + _LABEL_SUFFIXES:
-            stem = _stem(img) + sfx
+            stem = nifti_stem(img) + sfx
             for ext in (".nii.gz", ".nii"):
                 cand = labels_by_name.get(stem + ext)
                 if cand is not None and (sfx or cand.parent != img.parent):
@@ -145,7 +182,7 @@ def _from_folder(root: Path) -> list[Subject]:
                     break
             if label is not None:
                 break
-        subjects.append(Subject(_stem(img), img, label, _rel(img, root)))
+        subjects.append(Subject(nifti_stem(img), img, label, _rel(img, root)))
     return subjects
 
 
@@ -159,12 +196,7 @@ def _from_msd(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
     if not isinstance(meta, dict) or not isinstance(meta.get("training", []), list):
         raise InputError(f"{path}: expected an MSD dataset.json with a 'training' list")
     root = path.parent
-    allowed = None
-    if isinstance(meta.get("labels"), dict):
-        try:
-            allowed = tuple(sorted(int(k) for k in meta["labels"]))
-        except ValueError:
-            raise InputError(f"{path}: 'labels' keys must be integers, got {list(meta['labels'])}") from None
+    allowed = tuple(parse_msd_labels(meta["labels"], path)) if meta.get("labels") is not None else None
     entries: list[tuple[str | None, str | None]] = []
     for e in meta.get("training", []):
         if isinstance(e, dict):
@@ -188,7 +220,7 @@ def _from_msd(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
             if not lab.is_file():
                 skipped.append((str(lab), f"label listed in {path.name} but missing"))
                 continue
-        subjects.append(Subject(_stem(img), img, lab, _rel(img, root), allowed))
+        subjects.append(Subject(nifti_stem(img), img, lab, _rel(img, root), allowed))
     return subjects
 
 
@@ -214,6 +246,6 @@ def _from_list(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
         if missing:
             skipped.append((str(missing[0]), f"listed in {path.name}:{n} but missing"))
             continue
-        subjects.append(Subject(_stem(files[0]), files[0], files[1] if len(files) == 2 else None,
+        subjects.append(Subject(nifti_stem(files[0]), files[0], files[1] if len(files) == 2 else None,
                                 _rel(files[0], root)))
     return subjects

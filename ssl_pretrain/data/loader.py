@@ -18,18 +18,22 @@ The pipeline of one DataLoader worker is a ``wds.DataPipeline`` of four stages::
   (the last one may be short) plus *padding batches* (zeros, ``valid`` all False) so that every
   rank yields the same number of batches (``len(loader)``) and collectives never hang. Every
   batch carries ``valid`` (bool ``(B,)``); only padding batches have False entries.
-* **Fast decode.** The tar stream is parsed directly (512-byte headers, no ``tarfile``), the
-  ``.npy`` header is checked against the expected header bytes once per sample and payloads are
-  copied into a preallocated float16 batch that is converted to float32 in one vectorised op.
-  The shards stay plain tars that ``tar`` and stock ``webdataset`` read.
+* **Fast decode.** The tar stream is parsed directly (512-byte headers, no ``tarfile``; the reader
+  and the format live in :mod:`ssl_pretrain.data.shardformat`), the ``.npy`` header is checked
+  against the expected header bytes once per sample and the float16 payloads are converted into
+  the float32 batch by one vectorised copy per slice.
 * **Resume.** The stream is a pure function of (seed, rank, worker, round). The state is
   (epoch, batches consumed); torch's DataLoader hands out worker batches round-robin (skipping
   exhausted workers), so on restore each worker knows how many of its batches were consumed and
   fast-forwards: whole rounds are skipped from the manifest's counts without reading, the rest of
-  the current round is read and shuffled but not decoded. Same config → same next batches.
-* **Corruption.** A truncated tar or a corrupt member raises ``CorruptShardError`` naming the
-  shard; with ``skip_corrupt`` the shard's remainder (or the bad sample) is skipped, logged and
-  counted in ``loader.corrupt_skipped``.
+  the current round is read and shuffled but not decoded. Same config → same next batches. The
+  arithmetic is in :mod:`ssl_pretrain.data.epochs`.
+* **Corruption.** Each shard is checked against its manifest entry when opened (``verify``: size,
+  and by default sha256, hashed once per stream and file). A mismatch, a truncated tar or a
+  corrupt member raises ``CorruptShardError`` naming the shard (and member); with
+  ``skip_corrupt`` the shard's remainder (or the bad sample) is skipped, logged and counted in
+  ``loader.corrupt_skipped``, and a resampled stream whose shards all give no sample stops with
+  one ``CorruptShardError`` instead of redrawing them forever.
 
 Example:
     >>> loader = build_pretrain_loader(LoaderConfig(shards="data/shards"), rank=0, world_size=1)  # doctest: +SKIP
@@ -38,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -48,7 +51,7 @@ import random
 import re
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,170 +60,60 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssl_pretrain.data.shards import FORMAT, read_manifest
+from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.data.epochs import epoch_plan, resume_position
+from ssl_pretrain.data.shardformat import (
+    CorruptShardError,
+    NpySpec,
+    check_meta,
+    is_local,
+    iter_tar_members,
+    open_verified,
+    read_manifest,
+    read_manifest_file,
+    split_name,
+)
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-class CorruptShardError(ValueError):
-    """A shard is truncated or holds a corrupt member; the message names the shard."""
-
-
 @dataclass
 class LoaderConfig:
     """Streaming loader settings (the ``data:`` section of the pretraining config)."""
 
-    shards: str = field(default="", metadata={"help": "shard directory, brace pattern, or pipe: URL(s)"})
-    batch_size: int = field(default=32, metadata={"help": "per-rank micro batch"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes (0 = in-process)"})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "sample shuffle buffer per worker (≤1: off)"})
-    mode: Literal["resampled", "epoch"] = field(
-        default="resampled", metadata={"help": "resampled: infinite stream; epoch: each sample once per epoch"}
+    shards: str = option("", "shard directory, brace pattern, or pipe: URL(s)")
+    batch_size: int = option(32, "per-rank micro batch")
+    num_workers: int = option(2, "DataLoader worker processes (0 = in-process)")
+    shuffle_buffer: int = option(1000, "sample shuffle buffer per worker (≤1: off)")
+    mode: Literal["resampled", "epoch"] = option(
+        "resampled", "resampled: infinite stream; epoch: each sample once per epoch"
     )
-    skip_corrupt: bool = field(default=False, metadata={"help": "skip and count corrupt shards/samples"})
-    seed: int = field(default=0, metadata={"help": "seed of shard order and sample shuffle"})
-    split: str = field(default="train", metadata={"help": "split to read when shards has train/ and val/"})
-    manifest: str = field(default="", metadata={"help": "manifest.json for URL patterns (default: beside them)"})
-    labels: bool = field(default=True, metadata={"help": "deliver 'label' when every sample has one"})
-    prefetch_factor: int = field(default=2, metadata={"help": "batches prefetched per worker"})
-    pin_memory: bool = field(default=False, metadata={"help": "pin batches (GPU hosts)"})
+    skip_corrupt: bool = option(False, "skip and count corrupt shards/samples")
+    verify: Literal["none", "size", "sha256"] = option(
+        "sha256", "check each shard against the manifest when opened: none, size (cheap) or size and sha256"
+    )
+    seed: int = option(0, "seed of shard order and sample shuffle")
+    split: str = option("train", "split to read when shards has train/ and val/")
+    manifest: str = option("", "manifest.json for URL patterns (default: beside them)")
+    labels: bool = option(True, "deliver 'label' when every sample has one")
+    prefetch_factor: int = option(2, "batches prefetched per worker")
+    pin_memory: bool = option(False, "pin batches (GPU hosts)")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range values."""
         for name in ("batch_size", "prefetch_factor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"data.{name}: {v!r} must be a positive integer")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "shuffle_buffer", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"data.{name}: {v!r} must be a non-negative integer")
-        if self.mode not in ("resampled", "epoch"):
-            raise ValueError(f"data.mode: {self.mode!r} is not one of 'resampled', 'epoch'")
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name → one-line help."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------
-# tar reading
+# the per-worker stream
 # ----------------------------------------------------------------------------------------------
-
-_BLOCK = 512
-_ZERO_BLOCK = b"\x00" * _BLOCK
-
-
-def _octal(field_: bytes) -> int:
-    if field_[:1] in (b"\x80", b"\xff"):  # GNU base-256 encoding of large numbers
-        return int.from_bytes(field_[1:], "big")
-    return int(field_.rstrip(b"\x00 ").strip() or b"0", 8)
-
-
-def _read_exact(stream: Any, n: int, url: str, what: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise CorruptShardError(f"{url}: truncated shard (reading {what}: got {len(data)} of {n} bytes)")
-    return data
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a PAX extended header, if any."""
-    pos = 0
-    while pos < len(data):
-        sp = data.index(b" ", pos)
-        length = int(data[pos:sp])
-        record = data[sp + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8")
-        pos += length
-    return None
-
-
-def _parse_header(hdr: bytes, url: str) -> tuple[str, int, bytes]:
-    """(name, size, type flag) of one 512-byte ustar header."""
-    if hdr[257:262] != b"ustar":
-        raise CorruptShardError(f"{url}: corrupt tar header at a member boundary")
-    try:
-        size = _octal(hdr[124:136])
-    except ValueError:
-        raise CorruptShardError(f"{url}: corrupt tar header (size field)") from None
-    name = hdr[:100].split(b"\x00", 1)[0]
-    prefix = hdr[345:500].split(b"\x00", 1)[0]
-    if prefix:
-        name = prefix + b"/" + name
-    return name.decode("utf-8", "replace"), size, hdr[156:157]
-
-
-def iter_tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes | memoryview]]:
-    """Yield ``(name, data)`` of the regular files of a tar (ustar/PAX/GNU long names).
-
-    Args:
-        stream: a readable binary stream, or a bytes-like object holding the whole tar (then the
-            data are zero-copy ``memoryview`` slices of it).
-        url: shard name used in error messages.
-
-    Raises:
-        CorruptShardError: truncated tar or invalid header, naming ``url``.
-    """
-    buf = memoryview(stream) if isinstance(stream, (bytes, bytearray, memoryview, mmap.mmap)) else None
-    pos = 0
-
-    def take(n: int, what: str) -> bytes | memoryview:
-        nonlocal pos
-        if buf is None:
-            return _read_exact(stream, n, url, what)
-        if pos + n > len(buf):
-            raise CorruptShardError(f"{url}: truncated shard (reading {what}: got {len(buf) - pos} of {n} bytes)")
-        pos += n
-        return buf[pos - n : pos]
-
-    long_name: str | None = None
-    while True:
-        if buf is None:
-            hdr = stream.read(_BLOCK)
-        else:
-            hdr = bytes(buf[pos : pos + _BLOCK])
-            pos += len(hdr)
-        if hdr == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        if not hdr:  # every tar writer ends with zero blocks: a bare end means a cut-off file
-            raise CorruptShardError(f"{url}: truncated shard (no end-of-archive marker)")
-        if len(hdr) != _BLOCK:
-            raise CorruptShardError(f"{url}: truncated shard (partial tar header)")
-        name, size, kind = _parse_header(hdr, url)
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if kind in (b"0", b"\x00"):
-            if long_name is not None:
-                name, long_name = long_name, None
-            data = take(size, name)
-            if padded > size:
-                take(padded - size, name + " padding")
-            yield name, data
-        elif kind in (b"x", b"L"):
-            ext = bytes(take(padded, "extended header")[:size])
-            long_name = _pax_path(ext) if kind == b"x" else ext.rstrip(b"\x00").decode("utf-8")
-        elif padded:  # directories, links, global headers: skip their payload
-            take(padded, "member")
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _open(url: str) -> Any:
-    """A local shard is memory-mapped (zero-copy member slices); other URLs are streamed by wds.gopen."""
-    if _is_local(url):
-        with open(url, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return b""
-            # MAP_POPULATE maps the (cached) pages up front instead of faulting 4 KiB at a time
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
-    return wds.gopen(url, "rb")
 
 
 @dataclass
@@ -232,123 +125,6 @@ class _Raw:
     meta: dict
     label: memoryview | None
     url: str
-
-
-class _NpySpec:
-    """Expected ``.npy`` layout: header bytes computed once, then checked by prefix comparison."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(dtype)
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            buf, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        )
-        self.header = buf.getvalue()
-        self.nbytes = len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
-
-    def payload(self, data: bytes | memoryview, url: str, name: str) -> memoryview:
-        """The array bytes after the ``.npy`` header (zero-copy view), after checking dtype and shape.
-
-        Fast path: the header equals the expected bytes. Otherwise (e.g. another numpy version
-        padded it differently) the header is parsed; a different dtype/shape/order is corrupt.
-
-        Raises:
-            CorruptShardError: not a ``.npy`` of the expected dtype and shape, naming ``url``.
-        """
-        n = len(self.header)
-        if len(data) == self.nbytes and data[:n] == self.header:
-            return memoryview(data)[n:]
-        try:
-            f = io.BytesIO(bytes(data[: 1 << 16]))
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(f)
-            ok = (tuple(shape), bool(fortran), np.dtype(dtype)) == (self.shape, False, self.dtype)
-            ok = ok and len(data) - f.tell() == self.nbytes - n
-        except (ValueError, OSError):
-            ok = False
-        if not ok:
-            raise CorruptShardError(
-                f"{url}: corrupt {name}: expected a {self.dtype} .npy of shape {self.shape} "
-                f"({self.nbytes} bytes), got {len(data)} bytes starting {bytes(data[:10])!r}"
-            )
-        return memoryview(data)[f.tell() :]
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    base = name.rsplit("/", 1)[-1]
-    key, _, ext = base.partition(".")
-    prefix = name[: len(name) - len(base)]
-    return prefix + key, ext
-
-
-# ----------------------------------------------------------------------------------------------
-# the per-worker stream
-# ----------------------------------------------------------------------------------------------
-
-
-def epoch_plan(counts: list[int], epoch: int, seed: int, world_size: int, num_workers: int,
-               batch_size: int) -> tuple[list[list[list[int]]], list[list[int]]]:
-    """Shard assignment and batch counts of one epoch, identical on every rank.
-
-    Args:
-        counts: samples per shard (manifest order).
-        epoch: epoch number.
-        seed: loader seed.
-        world_size: ranks.
-        num_workers: workers per rank (≥ 1).
-        batch_size: per-rank batch size.
-
-    Returns:
-        (shards ``[rank][worker] -> [shard index]``, batches ``[rank][worker] -> count``), where
-        each rank's batch counts sum to the same total (real batches plus padding batches).
-    """
-    order = list(range(len(counts)))
-    random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
-    shards = [[order[r::world_size][w::num_workers] for w in range(num_workers)] for r in range(world_size)]
-    batches = [[math.ceil(sum(counts[i] for i in s) / batch_size) for s in rank] for rank in shards]
-    total = max(sum(b) for b in batches)
-    for b in batches:  # pad each rank to `total`, giving extra batches to its least-loaded workers
-        while sum(b) < total:
-            b[b.index(min(b))] += 1
-    return shards, batches
-
-
-def resume_position(n: int, planned: list[int] | None, num_workers: int) -> tuple[list[int], int]:
-    """Where each worker stands after the DataLoader yielded ``n`` batches.
-
-    torch's DataLoader returns worker batches round-robin starting at worker 0 and skipping
-    workers that are exhausted, so the order is a pure function of the per-worker batch counts.
-
-    Args:
-        n: batches already yielded on this rank.
-        planned: batch count of each worker (``None`` = infinite streams).
-        num_workers: workers (≥ 1).
-
-    Returns:
-        (batches taken from each worker, the worker whose batch comes next in the cycle). A new
-        DataLoader must map its worker 0 to that worker to continue the same order.
-    """
-    limits = planned if planned is not None else [math.inf] * num_workers
-    taken = [0] * num_workers
-    left, last = n, num_workers - 1
-    while left > 0:
-        active = [w for w in range(num_workers) if taken[w] < limits[w]]
-        if not active:
-            break
-        full = min(min(limits[w] - taken[w] for w in active), left // len(active))
-        if full > 0:  # whole cycles at once (they start at worker 0 and end at the last active one)
-            for w in active:
-                taken[w] += int(full)
-            left -= int(full) * len(active)
-            last = active[-1]
-            continue
-        for w in active[:left]:  # the final partial cycle
-            taken[w] += 1
-            last = w
-        left = 0
-    return taken, (last + 1) % num_workers
 
 
 def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -370,10 +146,11 @@ def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class _SliceStream(IterableDataset):
     """The IterableDataset every DataLoader worker runs (see the module docstring)."""
 
-    def __init__(self, urls: list[str], counts: list[int] | None, image: _NpySpec, label: _NpySpec | None,
-                 cfg: LoaderConfig, rank: int, world_size: int, epoch: int, start: int) -> None:
+    def __init__(self, urls: list[str], counts: list[int] | None, entries: dict[str, dict[str, Any]],
+                 image: NpySpec, label: NpySpec | None, cfg: LoaderConfig, rank: int, world_size: int,
+                 epoch: int, start: int) -> None:
         super().__init__()
-        self.urls, self.counts = urls, counts
+        self.urls, self.counts, self.entries = urls, counts, entries
         self.image, self.label = image, label
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
@@ -403,6 +180,7 @@ class _SliceStream(IterableDataset):
         self._planned = None if planned is None else planned[worker]
         self._skip_batches = taken[worker]
         self._corrupt = 0
+        self._verified: set[tuple[Any, ...]] = set()  # local shards hashed by this stream (open_verified)
         self._first_round, self._skip_samples = self._resume_point(
             taken[worker] * cfg.batch_size, worker, n_workers
         )
@@ -459,24 +237,36 @@ class _SliceStream(IterableDataset):
 
     # stage 2: tar reader → raw samples, tagged with their round
     def _read(self, shards: Iterable[tuple[int, str]]) -> Iterator[tuple[int, _Raw]]:
+        worker, n_workers = self._worker()
+        pool = {self.urls[i] for i in self._resample_pool(worker, n_workers)}
+        dead: set[str] = set()  # shards read since the last good sample that gave none
         for r, url in shards:
+            good = False
             try:
-                yield from ((r, s) for s in self._read_shard(url))
+                for s in self._read_shard(url):
+                    good = True
+                    yield r, s
             except CorruptShardError as exc:
                 if not self.cfg.skip_corrupt:
                     raise
                 self._corrupt += 1
                 logger.warning("skipping the rest of a shard: %s", exc)
+            if good:
+                dead.clear()
+                continue
+            dead.add(url)
+            if self.cfg.mode == "resampled" and dead >= pool:  # redrawing them would spin forever
+                raise CorruptShardError(
+                    f"data.skip_corrupt: none of the {len(pool)} shard(s) of rank {self.rank} worker {worker} "
+                    f"gave a readable sample (e.g. {url}); see the warnings above"
+                )
 
     def _read_shard(self, url: str) -> Iterator[_Raw]:
-        try:
-            stream = _open(url)
-        except OSError as exc:
-            raise CorruptShardError(f"{url}: cannot open shard ({exc})") from None
+        stream = open_verified(url, self.entries.get(url), self.cfg.verify, self._verified)
         try:
             key, parts = None, {}
             for name, data in iter_tar_members(stream, url):
-                k, ext = _split_name(name)
+                k, ext = split_name(name)
                 if k != key:
                     if key is not None:
                         sample = self._make(key, parts, url)
@@ -509,8 +299,8 @@ class _SliceStream(IterableDataset):
                 lab = self.label.payload(lab, url, f"{key}.label.npy")
             try:
                 meta = json.loads(bytes(meta_b))
-                meta["slice"], meta["position"], meta["subject"]  # noqa: B018 - validates the fields
-            except (ValueError, KeyError, TypeError) as exc:
+                check_meta(meta)
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise CorruptShardError(f"{url}: corrupt {key}.meta.json ({exc})") from None
         except CorruptShardError as exc:
             if not self.cfg.skip_corrupt:
@@ -631,7 +421,7 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     spec = cfg.shards.strip()
     if not spec:
         raise ValueError("data.shards: empty; give a shard directory, a brace pattern or pipe: URL(s)")
-    if "://" not in spec and not spec.startswith("pipe:") and Path(spec).is_dir():
+    if is_local(spec) and Path(spec).is_dir():
         shard_dir, manifest = read_manifest(spec, cfg.split)
         urls = [str(shard_dir / s["name"]) for s in manifest["shards"] if s["samples"] > 0]
         if not urls:
@@ -640,7 +430,7 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     urls = list(wds.shardlists.expand_urls(spec))
     if not urls:
         raise ValueError(f"data.shards: {spec!r} expands to no URLs")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.exists(u)]
     if missing:
         raise ValueError(f"data.shards: {missing[0]} not found ({len(missing)} of {len(urls)} shards missing)")
@@ -648,14 +438,12 @@ def resolve_shards(cfg: LoaderConfig) -> tuple[list[str], dict[str, Any] | None]
     manifest = None
     if mpath:
         try:
-            manifest = json.loads(Path(mpath).read_text())
+            manifest = read_manifest_file(mpath)
         except FileNotFoundError:
             if cfg.manifest:
                 raise ValueError(f"data.manifest: {mpath} not found") from None
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"data.manifest: {mpath} unreadable ({exc})") from None
-        if manifest is not None and manifest.get("format") != FORMAT:
-            raise ValueError(f"data.manifest: {mpath} is not an {FORMAT} manifest")
+        except ValueError as exc:
+            raise ValueError(f"data.manifest: {exc}") from None
     return urls, manifest
 
 
@@ -684,15 +472,18 @@ class PretrainLoader:
     def __init__(self, cfg: LoaderConfig, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        cfg.validate()  # a config built in code has not been through the config loader
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.urls, manifest = resolve_shards(cfg)
         self.counts: list[int] | None = None
+        self._entries: dict[str, dict[str, Any]] = {}  # url → its manifest entry (samples, bytes, sha256)
         if manifest is not None:
-            by_name = {s["name"]: s["samples"] for s in manifest.get("shards", [])}
+            by_name = {s["name"]: s for s in manifest.get("shards", [])}
             names = [_shard_name(u) for u in self.urls]
             if all(n in by_name for n in names):
-                self.counts = [by_name[n] for n in names]
+                self.counts = [by_name[n]["samples"] for n in names]
+            self._entries = {u: by_name[n] for u, n in zip(self.urls, names, strict=True) if n in by_name}
         if cfg.mode == "epoch" and self.counts is None:
             raise ValueError(f"data.mode: 'epoch' needs per-shard sample counts from a manifest; none found for "
                              f"{cfg.shards!r} (set data.manifest)")
@@ -700,9 +491,13 @@ class PretrainLoader:
             raise ValueError(f"data.shards: no manifest.json found for {cfg.shards!r} (set data.manifest)")
         self.manifest: dict[str, Any] = manifest
         spec = manifest["sample"]
-        self._image = _NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
+        self._image = NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
         lab = spec.get("label.npy")
-        self._label = _NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
+        self._label = NpySpec(tuple(lab["shape"]), lab["dtype"]) if lab and manifest.get("has_labels") else None
+        unchecked = len(self.urls) - len(self._entries)
+        if cfg.verify != "none" and unchecked:
+            logger.warning("data.verify=%s: %d of %d shards are not listed in the manifest and are read unchecked",
+                           cfg.verify, unchecked, len(self.urls))
         self.num_workers = max(1, cfg.num_workers)
         if cfg.mode == "resampled" and len(self.urls) < world_size * self.num_workers:
             logger.warning("data.shards: %d shards for %d ranks x %d workers; ranks or workers that cannot get shards "
@@ -729,8 +524,8 @@ class PretrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Continue from the current state: rest of the epoch (epoch mode) or forever (resampled)."""
         cfg = self.cfg
-        ds = _SliceStream(self.urls, self.counts, self._image, self._label, cfg, self.rank, self.world_size,
-                          self.epoch, self.batches)
+        ds = _SliceStream(self.urls, self.counts, self._entries, self._image, self._label, cfg, self.rank,
+                          self.world_size, self.epoch, self.batches)
         kw: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,8 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ssl_pretrain.config import ConfigError, from_dict, option, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -40,66 +42,49 @@ class InputError(ValueError):
 class PreprocessParams:
     """Deterministic preprocessing of one volume (stored in manifests and model exports).
 
-    Args:
-        spacing: target in-plane spacing in mm as (row, column) = (H axis, W axis). Default (1.5, 1.5).
-        size: output (H, W) after centre crop/pad. Default (256, 256).
-        norm: ``"zscore"`` (mean 0, std 1 per channel and volume) or ``"minmax"`` ([0, 1]).
-        clip: intensity percentiles (low, high) clipped before normalising. Default (0.5, 99.5).
-        channels: channel indices kept from a 4D input; ``None`` keeps all channels.
+    A config dataclass like every other (``option`` fields, :meth:`validate`, :class:`ConfigError`):
+    build it from a dict with :meth:`from_dict`, which converts and validates; ``launch/make_shards.py``
+    derives its flags from these fields.
     """
 
-    spacing: tuple[float, float] = (1.5, 1.5)
-    size: tuple[int, int] = (256, 256)
-    norm: Literal["zscore", "minmax"] = "zscore"
-    clip: tuple[float, float] = (0.5, 99.5)
-    channels: tuple[int, ...] | None = None
+    spacing: tuple[float, float] = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
+    size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad")
+    norm: Literal["zscore", "minmax"] = option(
+        "zscore", "zscore: mean 0, std 1 per channel and volume; minmax: [0, 1]"
+    )
+    clip: tuple[float, float] = option((0.5, 99.5), "intensity percentiles (low, high) clipped before normalising")
+    channels: tuple[int, ...] | None = option(None, "channel indices kept from a 4D input; null keeps all")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ConfigError for out-of-range values (keys named ``preprocess.<field>``)."""
         _check_pair("spacing", self.spacing, float, positive=True)
         _check_pair("size", self.size, int, positive=True)
         if self.norm not in ("zscore", "minmax"):
-            raise ValueError(f"preprocess.norm: {self.norm!r} is not one of 'zscore', 'minmax'")
+            raise ConfigError(f"preprocess.norm: must be one of 'zscore', 'minmax'; got {self.norm!r}")
         _check_pair("clip", self.clip, float, positive=False)
         lo, hi = self.clip
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"preprocess.clip: {self.clip!r} must be percentiles 0 <= low < high <= 100")
+            raise ConfigError(f"preprocess.clip: {list(self.clip)} must be percentiles 0 <= low < high <= 100")
         if self.channels is not None:
             if not isinstance(self.channels, (tuple, list)) or not self.channels:
-                raise ValueError(f"preprocess.channels: {self.channels!r} must be null or a non-empty list")
+                raise ConfigError(f"preprocess.channels: {self.channels!r} must be null or a non-empty list")
             if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.channels):
-                raise ValueError(f"preprocess.channels: {self.channels!r} must be non-negative integers")
-            object.__setattr__(self, "channels", tuple(self.channels))
+                raise ConfigError(f"preprocess.channels: {list(self.channels)} must be non-negative integers")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (tuples become lists)."""
-        d = asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        """Return a JSON-able dict (tuples become lists); :func:`ssl_pretrain.config.to_dict`."""
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessParams:
-        """Build from a dict such as :meth:`to_dict` wrote.
+        """Build and validate from a dict such as :meth:`to_dict` wrote; :func:`ssl_pretrain.config.from_dict`.
 
         Raises:
-            ValueError: unknown key or bad value, naming the key.
+            ConfigError: not a mapping, unknown key or bad value, naming ``preprocess.<key>``.
         """
         if not isinstance(d, dict):
-            raise ValueError(f"preprocess: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in d:
-            if key not in known:
-                raise ValueError(f"preprocess.{key}: unknown key (allowed: {', '.join(sorted(known))})")
-        kw: dict[str, Any] = {}
-        for key, value in d.items():
-            if key in ("spacing", "size", "clip"):
-                if not isinstance(value, (list, tuple)):
-                    raise ValueError(f"preprocess.{key}: {value!r} must be a list of two numbers")
-                value = tuple(value)
-            elif key == "channels" and value is not None:
-                if not isinstance(value, (list, tuple)):
-                    raise ValueError(f"preprocess.channels: {value!r} must be null or a list of integers")
-                value = tuple(value)
-            kw[key] = value
-        return cls(**kw)
+            raise ConfigError(f"preprocess: expected a mapping, got {type(d).__name__}")
+        return from_dict(cls, d, "preprocess.")
 
 
 def _check_pair(name: str, value: Any, kind: type, *, positive: bool) -> None:
@@ -111,7 +96,8 @@ def _check_pair(name: str, value: Any, kind: type, *, positive: bool) -> None:
         ok = all(v > 0 for v in value)
     if not ok:
         what = "positive " if positive else ""
-        raise ValueError(f"preprocess.{name}: {value!r} must be two {what}{kind.__name__}s")
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"preprocess.{name}: {shown!r} must be two {what}{kind.__name__}s")
 
 
 @dataclass
@@ -271,10 +257,12 @@ def preprocess(
     Raises:
         InputError: unreadable/invalid image or label, label shape mismatch, undeclared label
             values, or a channel index the image does not have.
+        ConfigError: ``params`` out of range.
 
     Example:
         >>> vol = preprocess("img.nii.gz", PreprocessParams(size=(64, 64)))  # doctest: +SKIP
     """
+    params.validate()  # parameters built in code have not been through from_dict
     image_path = Path(image_path)
     img = load_nifti(image_path)
     data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)

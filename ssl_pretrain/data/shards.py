@@ -1,33 +1,24 @@
 """Write preprocessed slices as WebDataset shards with a manifest.
 
-Layout of a shard directory (SPEC §4)::
+The format (member names, dtypes, the ``meta.json`` schema, the manifest fields) is defined in
+:mod:`ssl_pretrain.data.shardformat`; this module preprocesses subjects and fills the shards. With a
+validation split (``val_fraction > 0``) the output holds ``train/`` and ``val/``, each a shard
+directory, plus a top-level ``manifest.json`` naming the splits. No subject is in both.
 
-    shard-000000.tar  …   one sample per axial slice:
-        <key>.image.npy   float16 (C, H, W)
-        <key>.label.npy   uint8 (H, W)       (when the subject has a label)
-        <key>.meta.json   subject, slice, num_slices, position, spacing, source, preprocess
-    manifest.json         preprocessing, shards (samples, bytes, sha256), subjects, skipped inputs
-
-With a validation split (``val_fraction > 0``) the output holds ``train/`` and ``val/``, each a
-shard directory as above, plus a top-level ``manifest.json`` naming the splits. No subject is in
-both. The keys are ``<subject>_<slice:04d>`` (no dots), the tars are plain POSIX tars (mtime 0,
-sorted members) that ``tar`` and stock ``webdataset`` read.
-
-Atomicity: everything is written into a temporary sibling directory (each shard as ``*.tmp`` then
-renamed, the manifest last) that replaces ``out_dir`` in one rename at the end, so a failed or
-interrupted run never leaves a half-written or mixed shard directory.
+Atomicity: everything is written into a temporary sibling directory ``.<out>.tmp-PID`` (each shard
+as ``*.tmp`` then renamed, the manifest last) that replaces ``out_dir`` in one rename at the end, so
+a failed or interrupted run never leaves a half-written or mixed shard directory. The temporaries
+of killed runs (whose PID no longer exists) are removed by the next run, with a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import glob
 import json
 import logging
 import os
 import random
 import shutil
-import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -37,72 +28,23 @@ import numpy as np
 
 from ssl_pretrain.data.ingest import Subject
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+from ssl_pretrain.data.shardformat import (
+    FORMAT,
+    IMAGE,
+    IMAGE_DTYPE,
+    LABEL,
+    LABEL_DTYPE,
+    MANIFEST,
+    META,
+    META_FIELDS,
+    VERSION,
+    TarShardWriter,
+    npy_bytes,
+    read_manifest_file,
+)
 from ssl_pretrain.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "mri-ssl-shards"
-VERSION = 1
-SHARD_PATTERN = "shard-{:06d}.tar"
-
-
-class _ShardWriter:
-    """Rolls samples into ``shard-NNNNNN.tar`` files of at most ``samples_per_shard`` samples."""
-
-    def __init__(self, out_dir: Path, samples_per_shard: int) -> None:
-        self.out_dir = out_dir
-        self.samples_per_shard = samples_per_shard
-        self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
-        self._tmp: Path | None = None
-        self._count = 0
-
-    def _open(self) -> None:
-        name = SHARD_PATTERN.format(len(self.shards))
-        self._tmp = self.out_dir / (name + ".tmp")
-        # stays open across write() calls until the shard is full; closed in _close()
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self._count = 0
-        self.shards.append({"name": name, "samples": 0, "bytes": 0, "sha256": ""})
-
-    def _close(self) -> None:
-        if self._tar is None or self._tmp is None:
-            return
-        self._tar.close()
-        final = self.out_dir / self.shards[-1]["name"]
-        h = hashlib.sha256()
-        with open(self._tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        os.replace(self._tmp, final)
-        self.shards[-1].update(samples=self._count, bytes=final.stat().st_size, sha256=h.hexdigest())
-        self._tar = None
-
-    def write(self, key: str, members: Sequence[tuple[str, bytes]]) -> str:
-        """Add one sample (``key.<ext>`` members); returns the shard name it went to."""
-        if self._tar is None or self._count >= self.samples_per_shard:
-            self._close()
-            self._open()
-        assert self._tar is not None  # for the type checker: _open() set it
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self._count += 1
-        return self.shards[-1]["name"]
-
-    def finish(self) -> list[dict[str, Any]]:
-        self._close()
-        return self.shards
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    return buf.getvalue()
 
 
 def _prepare(job: tuple[Subject, PreprocessParams]) -> tuple[str, Any]:
@@ -151,9 +93,10 @@ def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) 
 
 def _is_shard_dir(path: Path) -> bool:
     try:
-        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        read_manifest_file(path / MANIFEST)
+    except (OSError, ValueError):
         return False
+    return True
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -169,6 +112,30 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"{out_dir}: --overwrite refused: not a shard directory (no {FORMAT} manifest.json)")
 
 
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Remove ``.<out>.tmp-PID`` directories that killed runs left beside ``out_dir`` (their PID is gone).
+
+    A temporary of a process that still runs (e.g. a concurrent run) is left alone.
+    """
+    prefix = f".{out_dir.name}.tmp-"
+    for tmp in sorted(out_dir.parent.glob(glob.escape(prefix) + "*")):
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.warning("removed %s: partial shards of an interrupted run (process %s no longer exists)", tmp, pid)
 
 
 def write_shards(
@@ -223,6 +190,7 @@ def write_shards(
         raise InputError(f"{out_dir}: no input subjects to write")
     train, val = split_subjects(subjects, val_fraction, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out_dir)
     tmp_root = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_root, ignore_errors=True)
     tmp_root.mkdir()
@@ -269,7 +237,7 @@ def write_shards(
                                "subjects": [s["id"] for s in m["subjects"]]} for n, m in manifests.items()},
                 "skipped": skips,
             }
-            atomic_write_text(tmp_root / "manifest.json", json.dumps(top, indent=1) + "\n")
+            atomic_write_text(tmp_root / MANIFEST, json.dumps(top, indent=1) + "\n")
         _commit(tmp_root, out_dir)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -302,7 +270,7 @@ class _SplitWriter:
         self.split = split
         self.params = params
         self.params_dict = params.to_dict()
-        self.writer = _ShardWriter(out_dir, samples_per_shard)
+        self.writer = TarShardWriter(out_dir, samples_per_shard)
         self.mix = mix
         self.rng = random.Random(f"{seed}-{split}")
         self.label_names = label_names
@@ -342,10 +310,10 @@ class _SplitWriter:
                 "source": subject.source or str(subject.image),
                 "preprocess": self.params_dict,
             }
-            members = [("image.npy", _npy_bytes(image[z]))]
+            members = [(IMAGE, npy_bytes(image[z]))]
             if label is not None:
-                members.append(("label.npy", _npy_bytes(label[z])))
-            members.append(("meta.json", json.dumps(meta, separators=(",", ":")).encode()))
+                members.append((LABEL, npy_bytes(label[z])))
+            members.append((META, json.dumps(meta, separators=(",", ":")).encode()))
             shards_of[i].add(self.writer.write(f"{subject.id}_{z:04d}", members))
             self.n_samples += 1
         for i, (subject, image, label, spacing) in enumerate(self.pending):
@@ -371,9 +339,9 @@ class _SplitWriter:
             "split": self.split,
             "preprocess": self.params_dict,
             "sample": {
-                "image.npy": {"dtype": "float16", "shape": [c, h, w]},
-                "label.npy": {"dtype": "uint8", "shape": [h, w]} if self.n_labeled else None,
-                "meta.json": ["subject", "slice", "num_slices", "position", "spacing", "source", "preprocess"],
+                IMAGE: {"dtype": IMAGE_DTYPE, "shape": [c, h, w]},
+                LABEL: {"dtype": LABEL_DTYPE, "shape": [h, w]} if self.n_labeled else None,
+                META: list(META_FIELDS),
             },
             "channels": c,
             "size": [h, w],
@@ -385,35 +353,5 @@ class _SplitWriter:
             "subjects": self.subjects,
             "skipped": skipped,
         }
-        atomic_write_text(self.out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         return manifest
-
-
-def read_manifest(path: str | Path, split: str = "train") -> tuple[Path, dict[str, Any]]:
-    """Find and read the manifest of a shard directory.
-
-    Args:
-        path: a shard directory, or a split output (``train/`` + ``val/``) directory.
-        split: which split to use when ``path`` holds several.
-
-    Returns:
-        (the shard directory, its manifest).
-
-    Raises:
-        ValueError: no manifest, a manifest of another format, or an unknown split.
-    """
-    path = Path(path)
-    mpath = path / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{mpath}: not found; is {path} a shard directory (make_shards.py output)?") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{mpath}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: not an {FORMAT} manifest")
-    if "splits" in manifest:
-        if split not in manifest["splits"]:
-            raise ValueError(f"{mpath}: split {split!r} not found (have {', '.join(manifest['splits'])})")
-        return read_manifest(path / manifest["splits"][split]["dir"], split)
-    return path, manifest

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
+from ssl_pretrain.data.shardformat import manifest_preprocess, meta_fields
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
@@ -89,14 +90,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _preprocessing(manifest: Any) -> dict[str, Any]:
-    """The preprocessing parameters recorded in the shard manifest (stored in the export)."""
-    if isinstance(manifest, dict) and isinstance(manifest.get("preprocess"), dict):
-        return dict(manifest["preprocess"])
-    log.warning("shard manifest has no preprocessing parameters; the export records none")
-    return {}
-
-
 def _fingerprint(module: nn.Module) -> torch.Tensor:
     """Per-parameter (sum, sum |x|, sum x²) in float64: equal on all ranks iff replicas agree (practically)."""
     rows = [torch.stack([p.double().sum(), p.double().abs().sum(), p.double().square().sum()])
@@ -133,8 +126,8 @@ class Trainer:
 
     def _check_manifest(self, manifest: Any, needs_position: bool) -> None:
         """Fields the task needs, as the manifest lists them (before reading any sample)."""
-        fields = manifest.get("sample", {}).get("meta.json") if isinstance(manifest, dict) else None
-        if needs_position and isinstance(fields, list) and "position" not in fields:
+        fields = meta_fields(manifest)
+        if needs_position and fields is not None and "position" not in fields:
             raise ValueError(
                 f"data.shards={self.cfg.data.shards}: contrastive.positives=partition needs each slice's relative "
                 f"position in meta.json, but these shards' meta has only {', '.join(fields)} "
@@ -397,7 +390,7 @@ class Trainer:
                 encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
                 decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
                 if "decoder" in parts else None,
-                preprocessing=_preprocessing(getattr(loader, "manifest", None)),
+                preprocessing=manifest_preprocess(getattr(loader, "manifest", None)),
                 info=info_dict,
             )
             summary.update(info_dict, export=str(self.export_path))

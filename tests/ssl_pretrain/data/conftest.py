@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,4 +27,12 @@ def shard_dir(msd_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     subjects, skipped = discover(msd_cohort)
     out = tmp_path_factory.mktemp("shards") / "s"
     write_shards(subjects, out, TINY, samples_per_shard=10, workers=1, skipped=skipped, progress=False)
+    return out
+
+
+@pytest.fixture
+def broken(shard_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of ``shard_dir`` that a test may damage."""
+    out = tmp_path / "broken"
+    shutil.copytree(shard_dir, out)
     return out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -48,3 +51,17 @@ def write_msd(root: Path, n: int, *, seed: int = 0, labels: dict[str, str] | Non
 
 
 TINY = PreprocessParams(spacing=(2.5, 2.0), size=(16, 20))
+
+
+def rewrite_tar(path: Path, edit: Callable[[tarfile.TarInfo, bytes], bytes], fmt: int = tarfile.PAX_FORMAT) -> None:
+    """Rewrite the tar at ``path`` in place, each member's data passed through ``edit(info, data)``.
+
+    ``edit`` may also change ``info`` (e.g. set ``pax_headers``); the size follows the new data.
+    """
+    tmp = path.with_suffix(".new")
+    with tarfile.open(path) as tin, tarfile.open(tmp, "w", format=fmt) as tout:
+        for m in tin.getmembers():
+            data = edit(m, tin.extractfile(m).read())
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    tmp.replace(path)

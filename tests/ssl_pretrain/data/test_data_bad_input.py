@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from data_helpers import TINY, blob_volume, save, write_msd
 
-from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.ingest import discover, is_nifti_name, nifti_stem, parse_msd_labels
 from ssl_pretrain.data.preprocess import InputError, load_nifti, preprocess
 from ssl_pretrain.data.shards import write_shards
 
@@ -165,3 +165,21 @@ def test_strict_fails_and_writes_nothing(bad_cohort: Path, tmp_path: Path) -> No
     with pytest.raises(InputError, match="skipped and --strict is set"):
         write_shards(subjects, out, TINY, workers=1, strict=True, skipped=skipped, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".strict*"))
+
+
+def test_msd_labels_both_forms_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "dataset.json"
+    assert parse_msd_labels({"1": "liver", "0": "background"}, path) == {0: "background", 1: "liver"}
+    assert parse_msd_labels({"liver": 1}, path) == {0: "background", 1: "liver"}
+    for bad, words in [([], "non-empty mapping"), ({"liver": "x"}, "neither 'value: name'"), ({"300": "x"}, "0..255")]:
+        with pytest.raises(InputError, match=words):
+            parse_msd_labels(bad, path)
+    root = write_msd(tmp_path / "msd", 2, labels={"background": 0, "organ": 1})  # was refused before
+    subjects, _ = discover(root)
+    assert [s.allowed_labels for s in subjects] == [(0, 1), (0, 1)]
+
+
+def test_nifti_name_helpers() -> None:
+    assert nifti_stem("a/case_01.nii.gz") == "case_01" == nifti_stem(Path("case_01.nii"))
+    assert nifti_stem("notes.txt") == "notes"
+    assert is_nifti_name("x.nii.gz") and is_nifti_name("x.nii") and not is_nifti_name("x.nii.gz.bak")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -13,14 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from data_helpers import rewrite_tar
 
-from ssl_pretrain.data.loader import (
-    CorruptShardError,
-    LoaderConfig,
-    build_pretrain_loader,
-    epoch_plan,
-    resume_position,
-)
+from ssl_pretrain.config import ConfigError, from_dict
+from ssl_pretrain.data.epochs import epoch_plan, resume_position
+from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
+from ssl_pretrain.data.shardformat import CorruptShardError
 
 
 def _take(loader: Any, n: int) -> list[dict[str, Any]]:
@@ -165,10 +162,12 @@ def test_state_mismatch_and_config_errors(shard_dir: Path) -> None:
     b = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=8, num_workers=0), 0, 1)
     with pytest.raises(ValueError, match="loader state: batch_size=4 in the checkpoint but 8 now"):
         b.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="data.batch_size"):
-        LoaderConfig(batch_size=0)
-    with pytest.raises(ValueError, match="data.mode"):
-        LoaderConfig(mode="once")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data.batch_size: must be >= 1, got 0"):
+        from_dict(LoaderConfig, {"batch_size": 0}, "data.")
+    with pytest.raises(ConfigError, match="data.batch_size: must be >= 1"):
+        build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=0), 0, 1)
+    with pytest.raises(ConfigError, match="data.mode: must be one of 'resampled', 'epoch'"):
+        from_dict(LoaderConfig, {"mode": "once"}, "data.")
     with pytest.raises(ValueError, match="data.shards: empty"):
         build_pretrain_loader(LoaderConfig(), 0, 1)
     with pytest.raises(ValueError, match="not found"):
@@ -191,19 +190,14 @@ def test_brace_pattern_and_pipe_urls(shard_dir: Path) -> None:
     assert _epoch_keys(pipe, manifest=str(shard_dir / "manifest.json")) == ref
 
 
-@pytest.fixture
-def broken(shard_dir: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "broken"
-    shutil.copytree(shard_dir, out)
-    return out
-
-
 def test_truncated_shard_names_the_shard(broken: Path) -> None:
+    """The tar reader on its own (verify=none): the manifest check would refuse the shard first."""
     victim = broken / "shard-000003.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(CorruptShardError, match=r"shard-000003\.tar: truncated shard"):
-        _epoch_keys(str(broken))
-    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True)
+        _epoch_keys(str(broken), verify="none")
+    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True,
+                       verify="none")
     loader = build_pretrain_loader(cfg, 0, 1)
     keys = _keys(list(loader))
     assert 53 <= len(keys) < 63 and len(set(keys)) == len(keys)
@@ -219,21 +213,17 @@ def test_corrupt_npy_in_tar_names_the_shard(broken: Path) -> None:
     victim.write_bytes(bytes(raw))
     key = member.name.split(".")[0]
     with pytest.raises(CorruptShardError, match=rf"shard-000001\.tar: corrupt {key}\.image\.npy"):
-        _epoch_keys(str(broken))
-    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True)
+        _epoch_keys(str(broken), verify="none")
+    cfg = LoaderConfig(shards=str(broken), batch_size=8, num_workers=0, mode="epoch", skip_corrupt=True,
+                       verify="none")
     loader = build_pretrain_loader(cfg, 0, 1)
     assert len(_keys(list(loader))) == 62 and loader.corrupt_skipped == 1
 
 
-def _rewrite_images(src: Path, dst: Path, convert: Any) -> None:
-    """Copy a tar, passing every image.npy array through ``convert(array) -> npy bytes``."""
-    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
-        for m in tin.getmembers():
-            data = tin.extractfile(m).read()
-            if m.name.endswith(".image.npy"):
-                data = convert(np.load(io.BytesIO(data), allow_pickle=False))
-                m.size = len(data)
-            tout.addfile(m, io.BytesIO(data))
+def _rewrite_images(path: Path, convert: Any) -> None:
+    """Rewrite a tar, passing every image.npy array through ``convert(array) -> npy bytes``."""
+    rewrite_tar(path, lambda m, data: convert(np.load(io.BytesIO(data), allow_pickle=False))
+                if m.name.endswith(".image.npy") else data)
 
 
 def _npy(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
@@ -243,16 +233,43 @@ def _npy(arr: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
 
 
 def test_other_npy_header_versions_are_read_wrong_dtype_is_corrupt(broken: Path) -> None:
-    ref = _epoch_keys(str(broken))
-    cfg = LoaderConfig(shards=str(broken), batch_size=64, num_workers=0, shuffle_buffer=0, mode="epoch")
+    ref = _epoch_keys(str(broken), verify="none")
+    cfg = LoaderConfig(shards=str(broken), batch_size=64, num_workers=0, shuffle_buffer=0, mode="epoch",
+                       verify="none")
     images = next(iter(build_pretrain_loader(cfg, 0, 1)))["image"]
     for shard in broken.glob("shard-*.tar"):  # .npy version 2.0 headers (another numpy might write them)
-        _rewrite_images(shard, shard.with_suffix(".new"), lambda a: _npy(a, (2, 0)))
-        shard.with_suffix(".new").replace(shard)
-    assert _epoch_keys(str(broken)) == ref
+        _rewrite_images(shard, lambda a: _npy(a, (2, 0)))
+    assert _epoch_keys(str(broken), verify="none") == ref
     assert torch.equal(next(iter(build_pretrain_loader(cfg, 0, 1)))["image"], images)
     victim = broken / "shard-000002.tar"
-    _rewrite_images(victim, victim.with_suffix(".new"), lambda a: _npy(a.astype(np.float32)))
-    victim.with_suffix(".new").replace(victim)
+    _rewrite_images(victim, lambda a: _npy(a.astype(np.float32)))
     with pytest.raises(CorruptShardError, match=r"shard-000002\.tar: corrupt .*float16 \.npy of shape \(1, 16, 20\)"):
-        _epoch_keys(str(broken))
+        _epoch_keys(str(broken), verify="none")
+
+
+@pytest.mark.parametrize("name", ["pipe:touch PWNED; cat shard-000000.tar", "../s/shard-000000.tar",
+                                  "sub/shard-000000.tar", "file:///etc/passwd", "..", 7])
+def test_manifest_shard_names_must_be_plain_file_names(broken: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       name: Any) -> None:
+    mpath = broken / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["shards"][0]["name"] = name
+    mpath.write_text(json.dumps(manifest))
+    monkeypatch.chdir(broken)  # data.shards=. : a joined name is the name itself
+    with pytest.raises(ValueError, match=r"manifest.json: shards\[0\]\.name .* is not a plain file name") as exc:
+        next(iter(build_pretrain_loader(LoaderConfig(shards=".", batch_size=4, num_workers=0), 0, 1)))
+    assert "\n" not in str(exc.value) and repr(name) in str(exc.value)
+    assert not (broken / "PWNED").exists()
+
+
+def test_split_manifest_cannot_name_itself_or_split_again(broken: Path, tmp_path: Path) -> None:
+    top = {"format": "mri-ssl-shards", "version": 1, "splits": {"train": {"dir": "."}}}
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "manifest.json").write_text(json.dumps(top))
+    with pytest.raises(ValueError, match=r"splits\.train\.dir '\.' is not a plain directory name"):
+        build_pretrain_loader(LoaderConfig(shards=str(tmp_path / "self")), 0, 1)
+    (tmp_path / "loop" / "train").mkdir(parents=True)
+    for d in (tmp_path / "loop", tmp_path / "loop" / "train"):
+        (d / "manifest.json").write_text(json.dumps({**top, "splits": {"train": {"dir": "train"}}}))
+    with pytest.raises(ValueError, match="the 'train' split of .* names splits again"):
+        build_pretrain_loader(LoaderConfig(shards=str(tmp_path / "loop")), 0, 1)

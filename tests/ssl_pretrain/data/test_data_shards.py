@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import logging
+import os
+import runpy
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +20,9 @@ import webdataset as wds
 from data_helpers import TINY, write_msd
 
 from ssl_pretrain.data.ingest import discover
-from ssl_pretrain.data.shards import read_manifest, write_shards
+from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.data.shardformat import read_manifest
+from ssl_pretrain.data.shards import write_shards
 
 
 def test_contract_and_manifest(shard_dir: Path, msd_cohort: Path) -> None:
@@ -113,3 +121,38 @@ def test_process_pool_gives_same_shards(msd_cohort: Path, shard_dir: Path, tmp_p
     m = write_shards(subjects, tmp_path / "pool", TINY, samples_per_shard=10, workers=2, progress=False)
     first = json.loads((shard_dir / "manifest.json").read_text())
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+def test_make_shards_flags_are_the_preprocess_fields(msd_cohort: Path, tmp_path: Path, capsys) -> None:
+    main = runpy.run_path(str(Path(__file__).resolve().parents[3] / "launch" / "make_shards.py"))["main"]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    for f in dataclasses.fields(PreprocessParams):
+        assert f"--{f.name} " in usage and f.metadata["help"].split()[0] in usage
+    out = tmp_path / "cli"
+    common = ["--input", str(msd_cohort), "--spacing", "2.5", "2.0", "--workers", "1", "--samples-per-shard", "10"]
+    assert main([*common, "--output", str(out), "--size", "16", "20", "--channels", "0", "--norm", "minmax"]) == 0
+    recorded = json.loads((out / "manifest.json").read_text())["preprocess"]
+    assert recorded == {**TINY.to_dict(), "channels": [0], "norm": "minmax"}
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--output", str(tmp_path / "bad"), "--size", "0", "20"])
+    assert exc.value.code == 2 and "preprocess.size: [0, 20] must be two positive ints" in capsys.readouterr().err
+
+
+def test_stale_temporaries_of_killed_runs_are_removed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    subjects, _ = discover(write_msd(tmp_path / "c", 2))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    live = tmp_path / f".out.tmp-{os.getppid()}"  # a run that still works (our parent process)
+    other = tmp_path / f".other.tmp-{dead.pid}"  # another output's temporary
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "shard-000000.tar.tmp").write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="ssl_pretrain.data.shards"):
+        write_shards(subjects, tmp_path / "out", TINY, workers=1, progress=False)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert [r.getMessage() for r in caplog.records if "partial shards" in r.getMessage()] == [
+        f"removed {stale}: partial shards of an interrupted run (process {dead.pid} no longer exists)"
+    ]
