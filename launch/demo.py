@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from downstream.experiment import SCALES, pick_scale, run_experiment
+from experiments.label_efficiency import SCALES, pick_scale, run_experiment
 
 
 def main(argv: list[str] | None = None) -> None:
