@@ -83,6 +83,8 @@ def test_readme_main_command_end_to_end(tmp_path):
     for task in ("contrastive", "regression"):
         assert (out / "pretrain" / task / "export" / "model.pt").is_file()
     assert list((out / "shards").glob("shard-*.tar")) and (out / "shards" / "manifest.json").is_file()
+    # the multi-site scenario: the sweep used the demo's fixed split (labels from site-1, test from every site)
+    assert "data.splits=" in second and (out / "data" / "splits.json").is_file()
 
     # 3. Once more: every stage is reused.
     third = _run(demo, timeout=600)
