@@ -83,6 +83,8 @@ def test_readme_main_command_end_to_end(tmp_path):
     for task in ("contrastive", "regression"):
         assert (out / "pretrain" / task / "export" / "model.pt").is_file()
     assert list((out / "shards").glob("shard-*.tar")) and (out / "shards" / "manifest.json").is_file()
+    # the multi-site scenario: the sweep used the demo's fixed split (labels from site-1, test from every site)
+    assert "data.splits=" in second and (out / "data" / "splits.json").is_file()
 
     # 3. Once more: every stage is reused.
     third = _run(demo, timeout=600)
@@ -110,3 +112,29 @@ def test_readme_main_command_end_to_end(tmp_path):
     versions = client.search_model_versions("name='mri-ssl-syntheticliver'")
     assert versions
     assert client.get_model_version_by_alias("mri-ssl-syntheticliver", "champion").version
+
+
+def test_scenario_labels_from_one_site_val_and_test_from_every_site(tmp_path, capsys):
+    """The multi-site demo's cohorts and splits file (the sweep reads it as ``data.splits``)."""
+    import csv
+    import json
+
+    from experiments.label_efficiency import SCALES, _check_scenario, _cohorts, _splits
+
+    assert SCALES["cpu"].test_per_site >= 4 and SCALES["cpu"].sites >= 2  # the issue's CPU minimum
+    scale = SCALES["tiny"]
+    unlabeled, labeled = _cohorts(tmp_path, "liver", scale, 2)
+    splits = json.loads(_splits(labeled, scale).read_text())
+    with open(labeled / "subjects.csv", newline="") as f:
+        site = {r["subject"]: r["site"] for r in csv.DictReader(f)}
+    with open(unlabeled / "subjects.csv", newline="") as f:
+        assert {r["site"] for r in csv.DictReader(f)} == {"site-1", "site-2"}  # the pool spans every site
+    assert {site[i] for i in splits["train_pool"]} == {"site-1"} and len(splits["train_pool"]) == scale.n_train_pool
+    for part, per_site in (("val", scale.val_per_site), ("test", scale.test_per_site)):
+        assert sorted(site[i] for i in splits[part]) == sorted(["site-1", "site-2"] * per_site)
+    ids = [i for part in splits.values() for i in part]
+    assert sorted(ids) == sorted(site) and len(set(ids)) == len(ids)  # each subject in exactly one list
+    _check_scenario(tmp_path, "liver", scale, 2)
+    _check_scenario(tmp_path, "liver", scale, 2)  # the same scenario again: fine
+    with pytest.raises(SystemExit, match="pass another --out"):
+        _check_scenario(tmp_path, "liver", scale, 1)

@@ -129,8 +129,18 @@ def test_cli_strict_exit_status(tmp_path: Path, capsys) -> None:
 
 
 def test_montage_png(tmp_path: Path) -> None:
-    out = save_montage(tmp_path / "m.png", n=1)
+    out = save_montage(tmp_path / "m.png", kind="prostate", sites=2, n=1)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_synth_sites(tmp_path: Path, capsys) -> None:
+    synth = _script("synth")
+    assert synth.main(["--kind", "liver", "--n", "2", "--sites", "2", "--out", str(tmp_path / "X")]) == 0
+    assert "from 2 site(s)" in capsys.readouterr().out
+    assert (tmp_path / "X" / "subjects.csv").read_text().splitlines()[1].startswith("liver_s0_000,site-1,")
+    with pytest.raises(SystemExit) as exc:
+        synth.main(["--kind", "liver", "--n", "2", "--sites", "9", "--out", str(tmp_path / "Y")])
+    assert exc.value.code == 2 and "sites: 9 must be an integer from 1 to 6" in capsys.readouterr().err
 
 
 def test_benchmark_smoke(tmp_path: Path, capsys) -> None:

@@ -3,7 +3,12 @@
 Stages (each is skipped, with a message, when its output is already complete, so an interrupted
 run picks up where it stopped):
 
-1. ``data/unlabeled`` and ``data/labeled``: two synthetic cohorts with separate subjects.
+1. ``data/unlabeled`` and ``data/labeled``: two synthetic cohorts with separate subjects, and
+   ``data/splits.json``. The scenario is the common one: unlabeled scans pooled from every site
+   (scanners and protocols, :data:`ssl_pretrain.data.phantoms.SITES`), labels from one site
+   (``site-1``, a T2w site, fixed before anything was run: labeled liver and prostate data in the
+   field are T2w), validation and test subjects from every site. ``sites=1`` is the
+   single-protocol cohort of earlier versions with the sweep's own seeded split.
 2. ``shards``: the unlabeled cohort as WebDataset shards.
 3. ``pretrain/contrastive`` and ``pretrain/regression``: ``launch/pretrain.py`` (DeepSpeed; one
    CPU process, or every GPU through the ``deepspeed`` launcher), resumed from the last
@@ -16,6 +21,8 @@ Every stage is the command a user would type; the demo prints each before runnin
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
 import shlex
@@ -29,7 +36,7 @@ from typing import Literal
 import torch
 
 from ssl_pretrain.data.ingest import discover
-from ssl_pretrain.data.phantoms import make_cohort
+from ssl_pretrain.data.phantoms import SITES, make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.data.shards import write_shards
 
@@ -46,8 +53,12 @@ class Scale:
     """How big each stage is."""
 
     name: str
-    n_unlabeled: int  # subjects in the pretraining cohort
-    n_labeled: int  # subjects in the labeled cohort (val + test + training pool)
+    n_unlabeled: int  # subjects in the pretraining cohort (round-robin over the sites)
+    n_labeled: int  # sites=1: subjects in the labeled cohort (val + test + training pool, split by the sweep)
+    sites: int  # default number of sites (scanners / protocols)
+    n_train_pool: int  # sites > 1: labeled training pool, all at site-1
+    val_per_site: int  # sites > 1: validation subjects of every site
+    test_per_site: int  # sites > 1: test subjects of every site
     size: int  # slice height = width after preprocessing
     spacing: float  # in-plane spacing (mm) after preprocessing
     widths: tuple[int, ...]  # UNet channels per level
@@ -64,17 +75,20 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     # A CI-sized smoke run: every stage, seconds each.
-    "tiny": Scale("tiny", n_unlabeled=4, n_labeled=7, size=32, spacing=12.0, widths=(4, 8, 16),
+    "tiny": Scale("tiny", n_unlabeled=4, n_labeled=7, sites=2, n_train_pool=2, val_per_site=1,
+                  test_per_site=1, size=32, spacing=12.0, widths=(4, 8, 16),
                   pretrain_steps=60, pretrain_batch=8, ckpt_every=10, pretrain_config="debug.yaml",
                   sweep_config="sweep_debug.yaml", labeled_counts=(1, 2), seeds=(0,),
                   finetune_steps=6, eval_every=3),
     # A 2-core CPU: 64×64 slices, a narrow UNet, a few minutes of pretraining per pretext.
-    "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, size=64, spacing=6.0, widths=(16, 32, 64, 128),
+    "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, sites=4, n_train_pool=6, val_per_site=1,
+                 test_per_site=4, size=64, spacing=6.0, widths=(16, 32, 64, 128),
                  pretrain_steps=800, pretrain_batch=32, ckpt_every=100, pretrain_config="debug.yaml",
                  sweep_config="sweep_debug.yaml", labeled_counts=(1, 2, 4), seeds=(0, 1),
                  finetune_steps=150, eval_every=25),
     # GPUs: the cluster-sized configs on a larger synthetic cohort.
-    "gpu": Scale("gpu", n_unlabeled=200, n_labeled=30, size=256, spacing=1.5,
+    "gpu": Scale("gpu", n_unlabeled=200, n_labeled=30, sites=6, n_train_pool=16, val_per_site=2,
+                 test_per_site=10, size=256, spacing=1.5,
                  widths=(32, 64, 128, 256, 512), pretrain_steps=5000, pretrain_batch=64, ckpt_every=500,
                  pretrain_config="{task}.yaml", sweep_config="sweep.yaml", labeled_counts=(1, 2, 4, 8),
                  seeds=(0, 1, 2), finetune_steps=2000, eval_every=100),
@@ -102,19 +116,61 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise SystemExit(f"[demo] stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
 
 
-def _cohorts(out: Path, kind: str, scale: Scale) -> tuple[Path, Path]:
+def _check_scenario(out: Path, kind: str, scale: Scale, sites: int) -> None:
+    """Record what ``out`` holds; refuse to mix another kind, scale or number of sites into it."""
+    path = out / "scenario.json"
+    want = {"kind": kind, "scale": scale.name, "sites": sites}
+    if path.is_file():
+        have = json.loads(path.read_text())
+        if have != want:
+            raise SystemExit(f"[demo] {out} holds a run with {have}, not {want}: pass another --out")
+    else:
+        path.write_text(json.dumps(want) + "\n")
+
+
+def _labeled_sites(scale: Scale, sites: int) -> list[int]:
+    """Site of each labeled subject: site-1 holds the training pool, every site its val and test subjects."""
+    per_site = scale.val_per_site + scale.test_per_site
+    return [0] * (scale.n_train_pool + per_site) + [k for k in range(1, sites) for _ in range(per_site)]
+
+
+def _cohorts(out: Path, kind: str, scale: Scale, sites: int) -> tuple[Path, Path]:
+    labeled_sites = _labeled_sites(scale, sites)
     paths = []
     for name, n, seed, labels in (("unlabeled", scale.n_unlabeled, 1, False),
-                                  ("labeled", scale.n_labeled, 2, True)):
+                                  ("labeled", scale.n_labeled if sites == 1 else len(labeled_sites), 2, True)):
         path = out / "data" / name
         # make_cohort writes dataset.json last: its presence means the cohort is complete.
         if (path / "dataset.json").is_file():
             _say(f"reusing {name} cohort at {path}")
         else:
-            _say(f"generating {n} synthetic {kind} subjects ({name}) in {path}")
-            make_cohort(kind, n, path, seed=seed, labels=labels)  # type: ignore[arg-type]
+            _say(f"generating {n} synthetic {kind} subjects ({name}, {sites} site{'s' * (sites > 1)}) in {path}")
+            site_of = labeled_sites if labels and sites > 1 else None
+            make_cohort(kind, n, path, seed=seed, labels=labels, sites=sites, site_of=site_of)  # type: ignore[arg-type]
         paths.append(path)
     return paths[0], paths[1]
+
+
+def _splits(labeled: Path, scale: Scale) -> Path:
+    """Write ``splits.json`` beside the labeled cohort: per site, its first test and val subjects; the rest train.
+
+    Only site-1 has subjects left for the training pool (:func:`_labeled_sites`).
+    """
+    with open(labeled / "subjects.csv", newline="") as f:
+        by_site: dict[str, list[str]] = {}
+        for row in csv.DictReader(f):
+            by_site.setdefault(row["site"], []).append(row["subject"])
+    splits: dict[str, list[str]] = {"train_pool": [], "val": [], "test": []}
+    for site in sorted(by_site):
+        ids = sorted(by_site[site])
+        splits["test"] += ids[:scale.test_per_site]
+        splits["val"] += ids[scale.test_per_site:scale.test_per_site + scale.val_per_site]
+        splits["train_pool"] += ids[scale.test_per_site + scale.val_per_site:]
+    path = labeled.parent / "splits.json"
+    path.write_text(json.dumps(splits, indent=2) + "\n")
+    _say(f"splits {path}: training pool {len(splits['train_pool'])} subjects (site-1), "
+         f"validation {len(splits['val'])} and test {len(splits['test'])} from {len(by_site)} sites")
+    return path
 
 
 def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
@@ -155,7 +211,7 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
     return export
 
 
-def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale) -> Path:
+def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, splits: Path | None) -> Path:
     sweep_dir = out / "sweep"
     inits = ["random", *[str(p) for p in exports.values()]]
     cmd = [
@@ -166,32 +222,45 @@ def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale) -> 
         f"model.widths={list(scale.widths)}",
         f"data.preprocess={{size: [{scale.size}, {scale.size}], spacing: [{scale.spacing}, {scale.spacing}]}}",
     ]
+    if splits is not None:
+        cmd.append(f"data.splits={splits}")
     _run(cmd, out)
     return sweep_dir
 
 
-def run_experiment(out: Path, *, kind: str = "liver", scale: Scale) -> Path:
+def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int | None = None) -> Path:
     """Run (or finish) every stage under ``out`` and print the label-efficiency table.
 
     Args:
         out: Directory for everything the demo writes.
         kind: ``"liver"`` or ``"prostate"`` phantoms.
         scale: Sizes of the stages (:func:`pick_scale`).
+        sites: Scanners / protocols in the cohorts (default: the scale's); 1 is the
+            single-protocol cohort of earlier versions, split by the sweep's seed.
 
     Returns:
         The sweep directory holding the report.
     """
     t0 = time.time()
+    sites = scale.sites if sites is None else sites
+    if isinstance(sites, bool) or not isinstance(sites, int) or not 1 <= sites <= len(SITES[kind]):
+        raise ValueError(f"--sites: must be an integer from 1 to {len(SITES[kind])}, got {sites!r}")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _say(f"scale '{scale.name}': {scale.n_unlabeled} unlabeled + {scale.n_labeled} labeled subjects, "
+    _check_scenario(out, kind, scale, sites)
+    n_labeled = scale.n_labeled if sites == 1 else len(_labeled_sites(scale, sites))
+    scenario = ("one protocol" if sites == 1 else
+                f"{sites} sites; labels from site-1 ({scale.n_train_pool} in the training pool), "
+                f"{scale.val_per_site} validation + {scale.test_per_site} test subjects per site")
+    _say(f"scale '{scale.name}': {scale.n_unlabeled} unlabeled + {n_labeled} labeled subjects ({scenario}), "
          f"{scale.size}x{scale.size} slices, UNet widths {list(scale.widths)}, "
          f"{scale.pretrain_steps} pretraining steps per pretext; everything goes under {out}")
     params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
-    unlabeled, labeled = _cohorts(out, kind, scale)
+    unlabeled, labeled = _cohorts(out, kind, scale, sites)
+    splits = None if sites == 1 else _splits(labeled, scale)
     shards = _shards(out, unlabeled, params)
     exports = {task: _pretrain(out, task, shards, scale) for task in ("contrastive", "regression")}
-    sweep_dir = _sweep(out, labeled, exports, scale)  # prints the label-efficiency table
+    sweep_dir = _sweep(out, labeled, exports, scale, splits)  # prints the label-efficiency table
     # The stages run with `out` as working directory, so MLflow's local default store lands there.
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     _say(f"finished in {(time.time() - t0) / 60:.1f} min")
