@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_pretrain.fileio import atomic_write_text
+from ssl_pretrain.fileio import atomic_savefig, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     ax.legend()
     fig.tight_layout()
     paths.append(out / "label_efficiency.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic_savefig(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     ns = sorted({r["n_labeled"] for r in rows}, key=lambda n: (n == 0, n))
@@ -132,7 +132,7 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     axes[0][-1].legend()
     fig.tight_layout()
     paths.append(out / "val_dice_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic_savefig(fig, paths[-1], dpi=110)
     plt.close(fig)
     return paths
 

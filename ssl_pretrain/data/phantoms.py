@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ssl_pretrain.fileio import atomic_write_bytes
+from ssl_pretrain.fileio import atomic_savefig, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -386,8 +386,7 @@ def save_montage(out_png: Path, *, n: int = 4, seed: int = 0) -> Path:
             ax.axis("off")
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=72)
+    atomic_savefig(fig, out_png, dpi=72)
     plt.close(fig)
     return out_png
 
