@@ -322,3 +322,13 @@ def test_the_tests_ray_session_listens_on_loopback_only(ray_session) -> None:
 
     ray.get([pid.remote() for _ in range(2)])
     _assert_loopback_only(_ray_listeners(os.getpid()))
+
+
+def test_local_ray_refuses_when_ray_was_imported_without_the_switch(tmp_path: Path) -> None:
+    code = "import ray\nfrom downstream.sweep import start_local_ray\nstart_local_ray(1)\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode != 0
+    assert "RuntimeError: ray was imported before a loopback-only local instance could be set up" in r.stderr
