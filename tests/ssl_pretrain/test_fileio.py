@@ -154,3 +154,19 @@ def test_make_shards_refuses_while_another_writes_the_output(tmp_path):
     assert r.returncode == 1
     assert f"{out} is in use by another run (pid {holder.pid} " in _error_line(r)
     assert not out.exists()
+
+
+def test_lock_output_dir_names_a_file_in_the_way_and_a_planted_lock_link(tmp_path):
+    from ssl_pretrain.fileio import lock_output_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file is not a directory; expected an output directory there"), \
+            lock_output_dir(tmp_path / "file"):
+        pass
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"run/\.lock is a symbolic link"), lock_output_dir(tmp_path / "run"):
+        pass
+    assert (tmp_path / "file").read_text() == "x"
+    with lock_output_dir(tmp_path / "new") as lock:
+        assert lock == tmp_path / "new" / ".lock" and lock.read_text() == f"{os.getpid()}\n"
