@@ -41,7 +41,7 @@ from downstream.predict import predict_slices
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import PreprocessParams, Volume
 from ssl_pretrain.export import ExportError, load_export, save_export
-from ssl_pretrain.fileio import atomic_path, atomic_write_text
+from ssl_pretrain.fileio import atomic_path, atomic_savefig, atomic_write_text
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tracking import NullLogger, RunLogger
 
@@ -488,7 +488,7 @@ def finetune(
         if report is not None:
             report({**row, "best_val_dice": best_dice, "final": False}, str(ckpt_dir))
         if cfg.train.inject_fault_at_step == step and not (out / _FAULT_MARKER).exists():
-            (out / _FAULT_MARKER).write_text(f"fault injected after the checkpoint at step {step}\n")
+            atomic_write_text(out / _FAULT_MARKER, f"fault injected after the checkpoint at step {step}\n")
             raise InjectedFault(f"train.inject_fault_at_step={step}: injected fault after the checkpoint")
         if stop:
             stopped_early = True
@@ -505,7 +505,7 @@ def finetune(
         preds,
         f"init={Path(cfg.init).name if cfg.init != 'random' else 'random'} n={cfg.n_labeled} seed={cfg.seed}",
     )
-    fig.savefig(out / "contours.png", dpi=100, bbox_inches="tight")
+    atomic_savefig(fig, out / "contours.png", dpi=100, bbox_inches="tight")
     logger.log_figure(fig, "plots/contours.png")
     import matplotlib.pyplot as plt
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.mlflow_uri import resolve_model_file
+from downstream.mlflow_uri import local_model_file
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
 from ssl_pretrain.export import ExportError, load_export
 from ssl_pretrain.fileio import atomic_path
@@ -73,11 +73,11 @@ def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> 
     Raises:
         ValueError: The reference does not resolve, or the export has no segmentation head.
     """
-    path = resolve_model_file(ref, key="--model")
-    export = load_export(path)
+    with local_model_file(ref, key="--model") as path:  # MLflow downloads are removed once loaded
+        export = load_export(path)
     if export["head"] is None or not export["num_classes"]:
         raise ExportError(
-            f"{path}: export of task {export['task']!r} has no segmentation head; finetune it first"
+            f"{ref}: export of task {export['task']!r} has no segmentation head; finetune it first"
         )
     model = UNet(export["model_config"], int(export["num_classes"]))
     model.encoder.load_state_dict(export["encoder"])
@@ -90,12 +90,28 @@ def _is_nifti(p: Path) -> bool:
     return p.name.endswith(_NIFTI_SUFFIXES)
 
 
-def _output_path(src: Path, output: Path, many: bool) -> Path:
-    if not many and _is_nifti(output):
-        return output
-    name = src.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
-    return output / f"{stem}_mask.nii.gz"
+def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
+    """The mask path of each input: ``output`` itself (one input, a ``.nii.gz`` path) or
+    ``output/<name>_mask.nii.gz``.
+
+    Raises:
+        ValueError: Two inputs would share a mask (``a.nii`` and ``a.nii.gz``), or a mask would
+            replace an input; nothing is written then.
+    """
+    def stem(p: Path) -> str:
+        return p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.name[: -len(".nii")]
+
+    dsts = [output] if not many and _is_nifti(output) else [output / f"{stem(f)}_mask.nii.gz" for f in files]
+    inputs = {f.resolve(): f for f in files}
+    first: dict[Path, Path] = {}
+    for f, dst in zip(files, dsts, strict=True):
+        key = dst.resolve()
+        if key in first:
+            raise ValueError(f"--input: {first[key]} and {f} would both be written to {dst}; rename one of them")
+        if key in inputs:
+            raise ValueError(f"--output: {dst} would overwrite the input {inputs[key]}")
+        first[key] = f
+    return dsts
 
 
 def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
@@ -128,8 +144,8 @@ def predict(
         The written mask files (uint8 labels; shape and affine of each input).
 
     Raises:
-        ValueError: Missing input, no NIfTI files, unusable model; a bad volume among several is
-            skipped with a one-line warning instead.
+        ValueError: Missing input, no NIfTI files, two inputs with one mask name, a mask over an
+            input, unusable model; a bad volume among several is skipped with a one-line warning instead.
     """
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -143,11 +159,12 @@ def predict(
         files = [src]
     else:
         raise ValueError(f"--input: {src} does not exist")
+    many = src.is_dir()
+    dsts = _output_paths(files, out, many)
     net, export = load_segmentation_model(str(model), device=dev)
     params = PreprocessParams.from_dict(export["preprocessing"])
-    many = src.is_dir()
     written: list[Path] = []
-    for f in tqdm(files, desc="predict", unit="vol", disable=len(files) < 2):
+    for f, dst in tqdm(list(zip(files, dsts, strict=True)), desc="predict", unit="vol", disable=len(files) < 2):
         try:
             vol = preprocess(f, params)
             if vol.image.shape[1] != export["model_config"].in_channels:
@@ -162,7 +179,6 @@ def predict(
                 raise
             log.warning("skipped %s: %s", f, str(e).splitlines()[0])
             continue
-        dst = _output_path(f, out, many)
         _save_mask(original, load_nifti(f), dst)
         written.append(dst)
         log.info("%s -> %s", f, dst)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from downstream.stats import RESOLVE, analyze, volume_scores
-from ssl_pretrain.fileio import atomic_write_text
+from ssl_pretrain.fileio import atomic_savefig, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     ax.legend()
     fig.tight_layout()
     paths.append(out / "label_efficiency.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic_savefig(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     ns = sorted({r["n_labeled"] for r in rows}, key=lambda n: (n == 0, n))
@@ -139,7 +139,7 @@ def _plots(sel: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path, dat
     axes[0][-1].legend()
     fig.tight_layout()
     paths.append(out / "val_dice_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    atomic_savefig(fig, paths[-1], dpi=110)
     plt.close(fig)
     return paths
 
@@ -288,7 +288,7 @@ def _labels_plot(stats: dict[str, Any], path: Path, dataset: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -325,7 +325,7 @@ def _subgroup_plot(data: dict[str, Any], path: Path, dataset: str) -> Path:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Test Dice by subject attribute — {dataset}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -7,8 +7,8 @@ its last checkpoint; a trial that keeps failing is reported in one line and does
 sweep; an interrupted sweep is continued with ``Tuner.restore`` by running the same command with
 the same ``out_dir`` again (finished trials are reused, not re-run).
 
-Ray: a local instance (``ray.init(num_cpus=…, include_dashboard=False)``) unless ``RAY_ADDRESS``
-names an existing cluster, or the caller already initialised Ray.
+Ray: a local instance bound to 127.0.0.1 without a dashboard (:func:`start_local_ray`) unless
+``RAY_ADDRESS`` names an existing cluster, or the caller already initialised Ray.
 
 Tracking: one MLflow parent run per sweep (experiment ``tracking.experiment``), a nested run per
 trial (params, per-evaluation metrics, test Dice/HD95, a contour PNG), the best model per
@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from ssl_pretrain.tracking import MLflowLogger, NullLogger, RunLogger, start_log
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_sweep", "InitSpec"]
+__all__ = ["run_sweep", "InitSpec", "start_local_ray"]
 
 
 @dataclass
@@ -225,7 +226,7 @@ def _trainable(config: dict[str, Any]) -> None:
             tracking_uri=config["tracking_uri"],
             tags=None if run_id else {"trial": key, "init_tag": config["init"]["tag"]},
         )
-        run_id_file.write_text(str(logger.run_id))
+        atomic_write_text(run_id_file, str(logger.run_id))
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         metrics = {**metrics, "trial_key": key}
@@ -245,22 +246,54 @@ def _trainable(config: dict[str, Any]) -> None:
     atomic_write_text(done, json.dumps({"fingerprint": fp, "metrics": final}, default=float))
 
 
-def _init_ray(cfg: SweepConfig) -> bool:
-    """Connect to RAY_ADDRESS or start a local instance; return whether this call started Ray."""
-    import ray
+# Ray's switch for a single-machine instance: with it, the node IP is 127.0.0.1 and every Ray
+# server (GCS, raylet's node and object managers, workers, runtime-env and dashboard agents)
+# binds to loopback. Without it, Linux Ray turns even _node_ip_address="127.0.0.1" back into the
+# host's address and listens on all interfaces. Ray reads it once, when ray is imported.
+_RAY_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
-    if ray.is_initialized():
+
+def start_local_ray(num_cpus: int) -> None:
+    """Start a local Ray instance that listens on 127.0.0.1 only, without a dashboard.
+
+    Sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` for this process and its children before Ray is
+    imported, so this process cannot join a multi-node cluster later (``RAY_ADDRESS`` sweeps
+    connect through :func:`_init_ray` without calling this).
+
+    Args:
+        num_cpus: CPUs the instance offers to trials.
+
+    Raises:
+        RuntimeError: Ray was imported earlier without the switch, or still chose another address.
+    """
+    os.environ[_RAY_SINGLE_NODE_ENV] = "0"
+    import ray
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            f"ray was imported before a loopback-only local instance could be set up; set "
+            f"{_RAY_SINGLE_NODE_ENV}=0 in the environment, or start Ray yourself (ray.init / RAY_ADDRESS)"
+        )
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"local Ray chose node IP {ray.util.get_node_ip_address()}, not 127.0.0.1; stopped it")
+
+
+def _init_ray(cfg: SweepConfig) -> bool:
+    """Connect to RAY_ADDRESS or start a loopback-only local instance; return whether this call started Ray."""
+    imported = sys.modules.get("ray")  # not imported here: start_local_ray must see Ray's import
+    if imported is not None and imported.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        import ray
+
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address)
     else:
-        ray.init(
-            num_cpus=cfg.search.ray_num_cpus or os.cpu_count() or 1,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        start_local_ray(cfg.search.ray_num_cpus or os.cpu_count() or 1)
     return True
 
 
@@ -474,8 +507,6 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     Raises:
         ValueError: Bad dataset, init or ``n_labeled`` (checked before any trial starts).
     """
-    import ray
-
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -531,6 +562,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         raise
     finally:
         if started:
+            import ray
+
             ray.shutdown()
     return {
         "rows": rows,

@@ -13,12 +13,14 @@ written to ``<out_dir>/model.pt`` together with its head and preprocessing, read
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
 
 from downstream.config import FinetuneConfig
 from ssl_pretrain.config import parse_config
+from ssl_pretrain.fileio import lock_output_dir
 from ssl_pretrain.tracking import start_logger
 
 
@@ -33,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
             "--resume", action="store_true", help="continue from <out_dir>/checkpoint/state.pt"
         ),
     )
+    try:  # one run per out_dir
+        with lock_output_dir(cfg.out_dir):
+            return _run(cfg, args)
+    except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
     from downstream.finetune import finetune
 
     ckpt = Path(cfg.out_dir) / "checkpoint" / "state.pt"

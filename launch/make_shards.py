@@ -29,6 +29,7 @@ from typing import Any
 from ssl_pretrain.data.ingest import discover, parse_msd_labels
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
+from ssl_pretrain.fileio import OutputLockedError, lock_output_dir
 
 
 def _label_names(path: Path) -> dict[str, str] | None:
@@ -87,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                                              for f in dataclasses.fields(PreprocessParams)})
         labels = {"auto": None, "yes": True, "no": False}[args.labels]
         subjects, skipped = discover(args.input, labels=labels)
-        manifest = write_shards(
-            subjects, args.output, params, samples_per_shard=args.samples_per_shard,
-            val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, strict=args.strict,
-            overwrite=args.overwrite, skipped=skipped, mix_subjects=args.mix_subjects,
-            label_names=_label_names(args.input) if labels is not False else None,
-        )
-    except InputError as exc:
+        # one writer per output; the lock sits beside it because the output is replaced whole
+        with lock_output_dir(args.output, beside=True):
+            manifest = write_shards(
+                subjects, args.output, params, samples_per_shard=args.samples_per_shard,
+                val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, strict=args.strict,
+                overwrite=args.overwrite, skipped=skipped, mix_subjects=args.mix_subjects,
+                label_names=_label_names(args.input) if labels is not False else None,
+            )
+    except (InputError, OutputLockedError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:

@@ -26,12 +26,22 @@ import sys
 
 from downstream.config import SweepConfig
 from ssl_pretrain.config import parse_config
+from ssl_pretrain.fileio import lock_output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the sweep, print the report table. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, _ = parse_config(SweepConfig, argv, doc=__doc__)
+    try:  # one sweep per out_dir; its trials (under trials/) take no lock of their own
+        with lock_output_dir(cfg.out_dir):
+            return _run(cfg)
+    except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg: SweepConfig) -> int:
     from downstream.sweep import run_sweep
 
     try:

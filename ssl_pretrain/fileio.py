@@ -1,9 +1,15 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a half-written one.
+"""Safe file writes and output-directory locks.
 
 Everything mri-ssl writes that a user or a later run reads (configs, manifests, exports,
-checkpoints' ``latest``, masks, reports, caches) goes through :func:`atomic_path`: the content is
-written under a temporary name in the destination's directory and renamed over the destination
-in one ``os.replace`` once it is complete.
+checkpoints' ``latest``, masks, reports, figures, caches) goes through :func:`atomic_path`: the
+content is written under a temporary name in the destination's directory and renamed over the
+destination in one ``os.replace`` once it is complete. A reader sees the old file or the complete
+new one, never a half-written one, and a symbolic link planted at the destination is replaced,
+not written through. Logs that grow line by line (``metrics.jsonl``) go through
+:func:`append_text`, which refuses a symbolic link in place of the file.
+
+:func:`lock_output_dir` makes a run the only writer of its output directory: a second run on the
+same directory refuses with one line naming the directory and the holder's pid.
 
 Example:
     >>> with atomic_path("runs/x/model.pt") as tmp:  # doctest: +SKIP
@@ -12,13 +18,24 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "OutputLockedError",
+    "append_text",
+    "atomic_path",
+    "atomic_savefig",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "lock_output_dir",
+]
 
 
 @contextmanager
@@ -57,3 +74,88 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically and durably. Returns the path."""
     return atomic_write_bytes(path, text.encode())
+
+
+def atomic_savefig(figure: Any, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Save a Matplotlib figure to ``path`` atomically (format from the extension). Returns the path."""
+    p = Path(path)
+    with atomic_path(p, suffix=p.suffix) as tmp:
+        figure.savefig(tmp, **kwargs)
+    return p
+
+
+def _open_no_follow(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link as the last component with a one-line ``ValueError``."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(
+                f"{path} is a symbolic link; mri-ssl writes only its own files there (remove the link)"
+            ) from None
+        raise
+
+
+def append_text(path: str | os.PathLike[str], text: str) -> None:
+    """Append ``text`` (UTF-8) to ``path``, creating it; a symbolic link there is refused.
+
+    Raises:
+        ValueError: ``path`` is a symbolic link.
+    """
+    fd = _open_no_follow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "ab") as f:
+        f.write(text.encode())
+
+
+class OutputLockedError(ValueError):
+    """Another process holds the lock of an output directory."""
+
+
+@contextmanager
+def lock_output_dir(
+    directory: str | os.PathLike[str], *, beside: bool = False, enabled: bool = True
+) -> Iterator[Path | None]:
+    """Hold an exclusive lock on an output directory for the duration of the block.
+
+    The lock is ``fcntl.flock`` on ``<directory>/.lock`` (``<parent>/.<name>.lock`` with
+    ``beside``, for outputs that are replaced whole); the holder's pid is written into the file
+    for the message a second run prints. The kernel drops the lock when the holder exits, however
+    it exits, so a killed run never leaves a stale lock behind. The file itself stays (removing it
+    would let two runs lock two different files of the same name).
+
+    Args:
+        directory: The output directory (created unless ``beside``).
+        beside: Lock a file next to ``directory`` instead of inside it.
+        enabled: ``False`` yields ``None`` without locking (ranks other than 0).
+
+    Yields:
+        The lock file, or ``None`` when not enabled.
+
+    Raises:
+        OutputLockedError: Another process holds the lock (one line: directory and holder's pid).
+        ValueError: ``directory`` (or its parent) is a file, or the lock file is a symbolic link.
+    """
+    if not enabled:
+        yield None
+        return
+    d = Path(directory)
+    lock = d.parent / f".{d.name}.lock" if beside else d / ".lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{lock.parent} is not a directory; expected an output directory there") from None
+    fd = _open_no_follow(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputLockedError(
+                f"{d} is in use by another run (pid {holder} holds {lock}); wait for it to end or use another "
+                "output directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock

@@ -56,7 +56,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ssl_pretrain.fileio import atomic_write_bytes
+from ssl_pretrain.fileio import atomic_savefig, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -818,7 +818,7 @@ def save_montage(out_png: Path, *, kind: Kind = "liver", sites: int = 6, n: int 
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
+    atomic_savefig(fig, out_png, dpi=80)
     plt.close(fig)
     return out_png
 

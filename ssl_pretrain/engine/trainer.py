@@ -32,6 +32,7 @@ from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, captu
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.export import save_export
+from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text
 from ssl_pretrain.tasks.contrastive import ContrastiveTask
 from ssl_pretrain.tasks.regression import RegressionTask
 from ssl_pretrain.tracking import RunLogger, start_logger
@@ -318,8 +319,7 @@ class Trainer:
                     }
                     if info.is_main:
                         self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                        with metrics_file.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        append_text(metrics_file, json.dumps(row) + "\n")
                         pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
                     win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
                 if info.is_main and step % t.image_every == 0:
@@ -353,7 +353,7 @@ class Trainer:
         fig = task.figure(batch)
         path = self.out / "plots" / f"{self.cfg.task}-step{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         assert self.logger is not None
         self.logger.log_artifact(path, "plots")
@@ -394,7 +394,7 @@ class Trainer:
                 info=info_dict,
             )
             summary.update(info_dict, export=str(self.export_path))
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             curve = self._loss_curve()
             for path, where in ((self.export_path, "export"), (curve, "plots"), (self.out / "summary.json", None)):
                 if path is not None:
@@ -426,6 +426,6 @@ class Trainer:
         ax.set_title(f"pretraining loss ({self.cfg.task})")
         out = self.out / "plots" / "loss.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100, bbox_inches="tight")
+        atomic_savefig(fig, out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out

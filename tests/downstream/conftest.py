@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from downstream.sweep import start_local_ray
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams, preprocess
 from ssl_pretrain.export import save_export
@@ -99,13 +101,13 @@ def tiny_overrides(root: Path, out_dir: Path, *, size: int = 64) -> list[str]:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for all sweep tests (Ray startup is slow)."""
-    import ray
-
+    """One local Ray instance for all sweep tests (Ray startup is slow), started as sweeps start it."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    started = not ray.is_initialized()
+    started = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=2)  # this machine has 2 cores; 127.0.0.1 only
     yield
     if started:
+        import ray
+
         ray.shutdown()

@@ -7,6 +7,7 @@ One Ray session is shared by all tests of the module (see ``ray_session`` in con
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import signal
 import socket
@@ -190,3 +191,144 @@ def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, 
     report = (tmp_path / "sw" / "report" / "report.md").read_text()
     assert "Failed trials" in report and "| random | " in report
     assert (tmp_path / "sw" / "trials").is_dir() and len(list((tmp_path / "sw" / "trials").glob("*/result.json"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# local Ray listens on loopback only
+# ---------------------------------------------------------------------------------------------
+
+
+def _listening() -> dict[str, tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+    """Socket inode → (address, port) of every listening TCP socket, from /proc/net/tcp and tcp6."""
+    found = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            hex_addr, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_addr)
+            if v6:  # four host-order 32-bit words
+                addr = ipaddress.IPv6Address(b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4)))
+            else:
+                addr = ipaddress.IPv4Address(raw[::-1])
+            found[fields[9]] = (addr, int(hex_port, 16))
+    return found
+
+
+def _process_tree(root: int) -> dict[int, str]:
+    """pid → command of ``root`` and all its descendants (Ray's servers, agents and workers)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    cmds = {}
+    for p in tree:
+        try:
+            cmds[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+        except OSError:
+            continue
+    return cmds
+
+
+def _ray_listeners(root: int) -> list[tuple[str, str, int]]:
+    """(command, address, port) of each listening socket held by ``root`` or its descendants."""
+    socks = _listening()
+    out = []
+    for pid, cmd in _process_tree(root).items():
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            inode = target[len("socket:[") : -1] if target.startswith("socket:[") else None
+            if inode in socks:
+                addr, port = socks[inode]
+                out.append((cmd, str(addr), port))
+    return out
+
+
+def _assert_loopback_only(listeners: list[tuple[str, str, int]]) -> None:
+    def loopback(a: str) -> bool:
+        ip = ipaddress.ip_address(a)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return (mapped or ip).is_loopback
+
+    # the scan must have found Ray itself, or the check below would pass on nothing
+    assert any("gcs_server" in c for c, _, _ in listeners) and any("raylet" in c for c, _, _ in listeners)
+    assert any("ray::" in c for c, _, _ in listeners)  # workers
+    wide = [(c, a, p) for c, a, p in listeners if not loopback(a)]
+    assert not wide, f"Ray listens beyond loopback: {wide}"
+
+
+_SWEEP_RAY = """
+import os, sys
+from downstream.config import SearchConfig, SweepConfig
+from downstream.sweep import _init_ray
+assert _init_ray(SweepConfig(search=SearchConfig(ray_num_cpus=2)))
+import ray
+
+@ray.remote
+def pid():
+    return os.getpid()
+
+@ray.remote
+class Actor:  # Tune runs trials in actors
+    def pid(self):
+        return os.getpid()
+
+a = Actor.remote()
+print(sorted(set(ray.get([pid.remote() for _ in range(4)]))), ray.get(a.pid.remote()), flush=True)
+sys.stdin.readline()
+ray.shutdown()
+"""
+
+
+def test_the_sweeps_local_ray_listens_on_loopback_only(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the sweep must set it up itself
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _SWEEP_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True, env=env, cwd=tmp_path)
+        try:
+            assert proc.stdout.readline(), (tmp_path / "stderr.txt").read_text()[-3000:]
+            _assert_loopback_only(_ray_listeners(proc.pid))
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=120)
+
+
+def test_the_tests_ray_session_listens_on_loopback_only(ray_session) -> None:
+    import ray
+
+    @ray.remote
+    def pid() -> int:
+        return os.getpid()
+
+    ray.get([pid.remote() for _ in range(2)])
+    _assert_loopback_only(_ray_listeners(os.getpid()))
+
+
+def test_local_ray_refuses_when_ray_was_imported_without_the_switch(tmp_path: Path) -> None:
+    code = "import ray\nfrom downstream.sweep import start_local_ray\nstart_local_ray(1)\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode != 0
+    assert "RuntimeError: ray was imported before a loopback-only local instance could be set up" in r.stderr
