@@ -39,6 +39,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from ssl_pretrain.data.ingest import discover, parse_msd_labels
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
@@ -126,24 +127,6 @@ class PreparedData:
         return {i: self.cache.load(by_id[i]) for i in ids}
 
 
-def _parse_labels(labels: Any, path: Path) -> dict[int, str]:
-    """Read MSD ``labels``: ``{"0": "background", "1": "liver"}`` or ``{"background": 0, ...}``."""
-    if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{path}: 'labels' must be a non-empty mapping of label value to name")
-    out: dict[int, str] = {}
-    for k, v in labels.items():
-        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
-            out[int(k)] = str(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            out[v] = str(k)
-        else:
-            raise ValueError(f"{path}: label entry {k!r}: {v!r} is neither 'value: name' nor 'name: value'")
-    if any(v < 0 or v > 255 for v in out):
-        raise ValueError(f"{path}: label values must be in 0..255, got {sorted(out)}")
-    out.setdefault(0, "background")
-    return dict(sorted(out.items()))
-
-
 def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
     """Find the labeled subjects of a dataset folder.
 
@@ -156,8 +139,6 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
     Raises:
         ValueError: ``root`` does not exist, its ``dataset.json`` is malformed, or no subject has a label.
     """
-    from ssl_pretrain.data.ingest import discover
-
     if not str(root):
         raise ValueError("data.root: required - a labeled dataset folder (MSD layout or imagesTr/ + labelsTr/)")
     root = Path(root)
@@ -178,7 +159,7 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: not valid JSON (line {e.lineno})") from None
         if "labels" in meta:
-            label_names = _parse_labels(meta["labels"], meta_path)
+            label_names = parse_msd_labels(meta["labels"], meta_path)
             declared = True
         name = str(meta.get("name") or name)
     if not declared:
@@ -261,8 +242,6 @@ def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]
 
 def subject_attributes(root: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
     """:func:`read_attributes` of a dataset folder, without reading any volume."""
-    from ssl_pretrain.data.ingest import discover
-
     found, _ = discover(Path(root), labels=True)
     return read_attributes(root, [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in found if s.label])
 

@@ -160,3 +160,15 @@ def test_subject_attributes_from_csv_and_dataset_json(cohort: Path, tmp_path: Pa
     (root / "subjects.csv").write_text(f"id,site\n{ids[0]},A\n")
     with pytest.raises(ValueError, match="no 'subject' column"):
         subject_attributes(root)
+
+
+def test_malformed_msd_labels_name_dataset_json(cohort: Path, tmp_path: Path) -> None:
+    root = _copy_cohort(cohort, tmp_path / "labels", 6)
+    meta = json.loads((root / "dataset.json").read_text())
+    for labels, words in [({"liver": "x"}, "neither 'value: name'"), ({"300": "x"}, "0..255")]:
+        (root / "dataset.json").write_text(json.dumps(meta | {"labels": labels}))
+        with pytest.raises(ValueError) as e:
+            open_labeled(root)
+        assert str(e.value).startswith(str(root / "dataset.json")) and words in str(e.value)
+    (root / "dataset.json").write_text(json.dumps(meta | {"labels": {"0": "background", "1": "liver"}}))
+    assert open_labeled(root).label_names == {0: "background", 1: "liver"}
