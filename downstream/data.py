@@ -39,7 +39,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ssl_pretrain.data.ingest import discover, parse_msd_labels
+from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
@@ -253,7 +253,7 @@ def _safe_name(name: str) -> str:
 
 
 def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split_seed: int) -> Splits:
-    """Split subject ids into fixed test and validation sets and a training pool.
+    """Split subject ids into fixed test and validation sets and a training pool (by :func:`split_ids`).
 
     Args:
         ids: Usable subject ids.
@@ -264,16 +264,12 @@ def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split
     Raises:
         ValueError: Fewer than ``n_val + n_test + 1`` subjects.
     """
-    ids = sorted(ids)
     if len(ids) < n_val + n_test + 1:
         raise ValueError(
             f"data: {len(ids)} usable labeled volumes, need at least data.n_val + data.n_test + 1 = "
             f"{n_val + n_test + 1}"
         )
-    perm = [ids[i] for i in np.random.default_rng(split_seed).permutation(len(ids))]
-    test = tuple(sorted(perm[:n_test]))
-    val = tuple(sorted(perm[n_test : n_test + n_val]))
-    pool = tuple(sorted(perm[n_test + n_val :]))
+    test, val, pool = split_ids(ids, (n_test, n_val), split_seed)
     return Splits(train_pool=pool, val=val, test=test)
 
 
@@ -330,7 +326,7 @@ def write_splits(splits: Splits, path: str | os.PathLike[str]) -> Path:
 
 
 def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str, ...]:
-    """Draw ``n_labeled`` training volumes from the pool by ``seed`` (0 = the whole pool).
+    """Draw ``n_labeled`` training volumes from the pool by ``seed`` (0 = the whole pool), by :func:`split_ids`.
 
     Raises:
         ValueError: ``n_labeled`` is larger than the pool.
@@ -339,8 +335,7 @@ def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str,
         return tuple(pool)
     if n_labeled > len(pool):
         raise ValueError(f"n_labeled: {n_labeled} is larger than the training pool of {len(pool)} volumes")
-    idx = np.random.default_rng(seed).permutation(len(pool))[:n_labeled]
-    return tuple(sorted(pool[i] for i in idx))
+    return split_ids(pool, (n_labeled,), seed)[0]
 
 
 def shw_spacing(volume: Volume) -> tuple[float, float, float]:
