@@ -387,7 +387,6 @@ class VolumeCache:
         if err.is_file():
             return err.read_text().strip()
         try:
-            _check_affines(subject)
             vol = preprocess(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
         except (InputError, ValueError) as e:
             reason = str(e).splitlines()[0]
@@ -419,13 +418,6 @@ class VolumeCache:
                 spacing=tuple(float(s) for s in z["spacing"]),  # type: ignore[arg-type]
                 geometry=json.loads(str(z["geometry"])),
             )
-
-
-def _check_affines(subject: LabeledSubject) -> None:
-    """Reject a label whose voxel grid (affine) differs from its image's (shape is checked by preprocess)."""
-    img, lab = nib.load(subject.image), nib.load(subject.label)
-    if not np.allclose(img.affine, lab.affine, atol=1e-3):
-        raise InputError(f"{subject.label}: label affine differs from image {subject.image.name} affine")
 
 
 def prepare(

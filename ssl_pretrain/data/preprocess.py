@@ -5,9 +5,11 @@ One function, :func:`preprocess`, prepares data for sharding, finetuning and pre
 sees data prepared the same way. :func:`to_original_grid` inverts the geometric part so a predicted
 mask can be saved on the input file's voxel grid with the input's affine.
 
-Steps: read all bytes (gzip CRC checked) → validate → reorient to RAS (``as_closest_canonical``) →
-in-plane resample to ``spacing`` (image linear with antialiasing, label nearest) → per-volume
-percentile clip + z-score or [0, 1] → centre crop/pad to ``size`` → axial slices ``(S, C, H, W)``.
+Steps: read all bytes (gzip CRC checked) → validate (a label must have its image's shape and, within
+:data:`LABEL_AFFINE_ATOL`, its affine: :func:`check_label_affine`) → reorient to RAS
+(``as_closest_canonical``) → in-plane resample to ``spacing`` (image linear with antialiasing, label
+nearest) → per-volume percentile clip + z-score or [0, 1] → centre crop/pad to ``size`` → axial
+slices ``(S, C, H, W)``.
 
 Slice display convention: rows (H) run anterior → posterior (−y), columns (W) run patient right →
 left (+x), i.e. the radiological view; slice index runs inferior → superior (+z).
@@ -16,7 +18,6 @@ left (+x), i.e. the radiological view; slice index runs inferior → superior (+
 from __future__ import annotations
 
 import gzip
-import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ import torch.nn.functional as F
 
 from ssl_pretrain.config import ConfigError, from_dict, option, to_dict
 
-logger = logging.getLogger(__name__)
-
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+LABEL_AFFINE_ATOL = 1e-3
+"""Largest accepted difference of any label affine element from the image's (mm, or mm per voxel)."""
 
 
 class InputError(ValueError):
@@ -255,8 +257,9 @@ def preprocess(
         :class:`Volume` with image ``(S, C, H, W)`` float32 and label ``(S, H, W)`` uint8.
 
     Raises:
-        InputError: unreadable/invalid image or label, label shape mismatch, undeclared label
-            values, or a channel index the image does not have.
+        InputError: unreadable/invalid image or label, label shape or affine mismatch (see
+            :func:`check_label_affine`), undeclared label values, or a channel index the image does
+            not have.
         ConfigError: ``params`` out of range.
 
     Example:
@@ -317,6 +320,33 @@ def preprocess(
     return Volume(image=image, label=label, spacing=spacing, geometry=geometry)
 
 
+def check_label_affine(
+    image_affine: np.ndarray, label_affine: np.ndarray, image_path: str | Path, label_path: str | Path
+) -> None:
+    """Reject a label that is not on its image's voxel grid: the project's one label/image affine policy.
+
+    A label whose affine differs from the image's by more than :data:`LABEL_AFFINE_ATOL` (any element)
+    marks other voxels than the image shows; using it with the image geometry would train on, or
+    score, misplaced masks, so it is an error rather than a warning. Smaller differences are the
+    float32 rounding of NIfTI headers written by different tools and are accepted.
+
+    Args:
+        image_affine: ``(4, 4)`` voxel → world (mm) affine of the image.
+        label_affine: The label's affine.
+        image_path: The image (named in the error).
+        label_path: The label (named in the error).
+
+    Raises:
+        InputError: The affines differ by more than the tolerance.
+    """
+    diff = float(np.max(np.abs(np.asarray(label_affine, float) - np.asarray(image_affine, float))))
+    if not diff <= LABEL_AFFINE_ATOL:  # written so that a NaN affine is rejected too
+        raise InputError(
+            f"{label_path}: label affine differs from image {Path(image_path).name} affine by up to {diff:.4g} "
+            f"(tolerance {LABEL_AFFINE_ATOL:g}); the label must be on the image's voxel grid"
+        )
+
+
 def _load_label(
     label_path: Path,
     image_path: Path,
@@ -334,6 +364,7 @@ def _load_label(
     if lab.shape != tuple(img.shape[:3]):
         raise InputError(f"{label_path}: label shape {lab.shape} differs from image {image_path.name} "
                          f"shape {tuple(img.shape[:3])}")
+    check_label_affine(img.affine, lab_img.affine, image_path, label_path)
     if lab.dtype.kind == "f" and (not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab))):
         raise InputError(f"{label_path}: label values must be integers")
     values = np.unique(lab)
@@ -341,9 +372,6 @@ def _load_label(
     bad = [int(v) for v in values if int(v) not in allowed]
     if bad:
         raise InputError(f"{label_path}: label values {bad} not among declared labels {sorted(allowed)[:16]}")
-    if not np.allclose(lab_img.affine, img.affine, atol=1e-3):
-        logger.warning("%s: label affine differs from image %s; using the image geometry", label_path,
-                       image_path.name)
     lab = nib.orientations.apply_orientation(lab.astype(np.uint8), ornt)
     ix = _nearest_index(lab.shape[0], out_xy[0])
     iy = _nearest_index(lab.shape[1], out_xy[1])
