@@ -13,6 +13,18 @@ slices ``(S, C, H, W)``.
 
 Slice display convention: rows (H) run anterior → posterior (−y), columns (W) run patient right →
 left (+x), i.e. the radiological view; slice index runs inferior → superior (+z).
+
+Spacings (voxel sizes in mm) come in three orders, each with its own type:
+
+=============== ============= ==============================================================
+type            order         where
+=============== ============= ==============================================================
+``SpacingHW``   (H, W)        :attr:`PreprocessParams.spacing`: the target in-plane grid
+``SpacingXYZ``  (x, y, z) RAS :attr:`Volume.spacing` and the shards' ``meta.json`` ``spacing``
+                              (x along W, y along H, z along S)
+``SpacingSHW``  (S, H, W)     :attr:`Volume.array_spacing`: the order of the axes of
+                              ``Volume.label``, as metrics such as HD95 take it
+=============== ============= ==============================================================
 """
 
 from __future__ import annotations
@@ -32,6 +44,13 @@ from ssl_pretrain.config import ConfigError, from_dict, option, to_dict
 
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
+SpacingHW = tuple[float, float]
+"""In-plane spacing in mm as (row, column) = (H, W) (see the table above)."""
+SpacingXYZ = tuple[float, float, float]
+"""Voxel size in mm along RAS (x, y, z); x runs along W, y along H, z along S."""
+SpacingSHW = tuple[float, float, float]
+"""Voxel size in mm along the array axes (S, H, W) of a preprocessed volume."""
+
 LABEL_AFFINE_ATOL = 1e-3
 """Largest accepted difference of any label affine element from the image's (mm, or mm per voxel)."""
 
@@ -49,7 +68,7 @@ class PreprocessParams:
     derives its flags from these fields.
     """
 
-    spacing: tuple[float, float] = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
+    spacing: SpacingHW = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
     size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad")
     norm: Literal["zscore", "minmax"] = option(
         "zscore", "zscore: mean 0, std 1 per channel and volume; minmax: [0, 1]"
@@ -109,14 +128,21 @@ class Volume:
     Args:
         image: float32 ``(S, C, H, W)`` axial slices after preprocessing.
         label: uint8 ``(S, H, W)`` or ``None``.
-        spacing: (x, y, z) mm of the output grid (x along W, y along H).
+        spacing: (x, y, z) mm of the output grid (x along W, y along H); :attr:`array_spacing` is
+            the same in the order of the array axes.
         geometry: JSON-able record of everything :func:`to_original_grid` needs.
     """
 
     image: np.ndarray
     label: np.ndarray | None
-    spacing: tuple[float, float, float]
+    spacing: SpacingXYZ
     geometry: dict
+
+    @property
+    def array_spacing(self) -> SpacingSHW:
+        """Voxel size in mm along the ``(S, H, W)`` axes of ``label`` (and the last three of ``image``)."""
+        x, y, z = self.spacing
+        return (z, y, x)
 
 
 def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -> nib.Nifti1Image:
