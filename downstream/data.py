@@ -39,7 +39,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
+from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
+from ssl_pretrain.data.preprocess import InputError, PreprocessParams, SpacingSHW, Volume, preprocess
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -126,24 +127,6 @@ class PreparedData:
         return {i: self.cache.load(by_id[i]) for i in ids}
 
 
-def _parse_labels(labels: Any, path: Path) -> dict[int, str]:
-    """Read MSD ``labels``: ``{"0": "background", "1": "liver"}`` or ``{"background": 0, ...}``."""
-    if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{path}: 'labels' must be a non-empty mapping of label value to name")
-    out: dict[int, str] = {}
-    for k, v in labels.items():
-        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
-            out[int(k)] = str(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
-            out[v] = str(k)
-        else:
-            raise ValueError(f"{path}: label entry {k!r}: {v!r} is neither 'value: name' nor 'name: value'")
-    if any(v < 0 or v > 255 for v in out):
-        raise ValueError(f"{path}: label values must be in 0..255, got {sorted(out)}")
-    out.setdefault(0, "background")
-    return dict(sorted(out.items()))
-
-
 def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
     """Find the labeled subjects of a dataset folder.
 
@@ -156,8 +139,6 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
     Raises:
         ValueError: ``root`` does not exist, its ``dataset.json`` is malformed, or no subject has a label.
     """
-    from ssl_pretrain.data.ingest import discover
-
     if not str(root):
         raise ValueError("data.root: required - a labeled dataset folder (MSD layout or imagesTr/ + labelsTr/)")
     root = Path(root)
@@ -178,7 +159,7 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: not valid JSON (line {e.lineno})") from None
         if "labels" in meta:
-            label_names = _parse_labels(meta["labels"], meta_path)
+            label_names = parse_msd_labels(meta["labels"], meta_path)
             declared = True
         name = str(meta.get("name") or name)
     if not declared:
@@ -261,8 +242,6 @@ def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]
 
 def subject_attributes(root: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
     """:func:`read_attributes` of a dataset folder, without reading any volume."""
-    from ssl_pretrain.data.ingest import discover
-
     found, _ = discover(Path(root), labels=True)
     return read_attributes(root, [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in found if s.label])
 
@@ -274,7 +253,7 @@ def _safe_name(name: str) -> str:
 
 
 def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split_seed: int) -> Splits:
-    """Split subject ids into fixed test and validation sets and a training pool.
+    """Split subject ids into fixed test and validation sets and a training pool (by :func:`split_ids`).
 
     Args:
         ids: Usable subject ids.
@@ -285,16 +264,12 @@ def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split
     Raises:
         ValueError: Fewer than ``n_val + n_test + 1`` subjects.
     """
-    ids = sorted(ids)
     if len(ids) < n_val + n_test + 1:
         raise ValueError(
             f"data: {len(ids)} usable labeled volumes, need at least data.n_val + data.n_test + 1 = "
             f"{n_val + n_test + 1}"
         )
-    perm = [ids[i] for i in np.random.default_rng(split_seed).permutation(len(ids))]
-    test = tuple(sorted(perm[:n_test]))
-    val = tuple(sorted(perm[n_test : n_test + n_val]))
-    pool = tuple(sorted(perm[n_test + n_val :]))
+    test, val, pool = split_ids(ids, (n_test, n_val), split_seed)
     return Splits(train_pool=pool, val=val, test=test)
 
 
@@ -351,7 +326,7 @@ def write_splits(splits: Splits, path: str | os.PathLike[str]) -> Path:
 
 
 def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str, ...]:
-    """Draw ``n_labeled`` training volumes from the pool by ``seed`` (0 = the whole pool).
+    """Draw ``n_labeled`` training volumes from the pool by ``seed`` (0 = the whole pool), by :func:`split_ids`.
 
     Raises:
         ValueError: ``n_labeled`` is larger than the pool.
@@ -360,14 +335,15 @@ def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str,
         return tuple(pool)
     if n_labeled > len(pool):
         raise ValueError(f"n_labeled: {n_labeled} is larger than the training pool of {len(pool)} volumes")
-    idx = np.random.default_rng(seed).permutation(len(pool))[:n_labeled]
-    return tuple(sorted(pool[i] for i in idx))
+    return split_ids(pool, (n_labeled,), seed)[0]
 
 
-def shw_spacing(volume: Volume) -> tuple[float, float, float]:
-    """Voxel size in mm along the ``(S, H, W)`` axes of a preprocessed volume (``spacing`` is x, y, z)."""
-    x, y, z = volume.spacing
-    return (z, y, x)
+def shw_spacing(volume: Volume) -> SpacingSHW:
+    """Old name of :attr:`Volume.array_spacing <ssl_pretrain.data.preprocess.Volume.array_spacing>`.
+
+    Kept only because ``downstream/finetune.py`` imports it; use ``volume.array_spacing``.
+    """
+    return volume.array_spacing
 
 
 
@@ -413,7 +389,6 @@ class VolumeCache:
         if err.is_file():
             return err.read_text().strip()
         try:
-            _check_affines(subject)
             vol = preprocess(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
         except (InputError, ValueError) as e:
             reason = str(e).splitlines()[0]
@@ -445,13 +420,6 @@ class VolumeCache:
                 spacing=tuple(float(s) for s in z["spacing"]),  # type: ignore[arg-type]
                 geometry=json.loads(str(z["geometry"])),
             )
-
-
-def _check_affines(subject: LabeledSubject) -> None:
-    """Reject a label whose voxel grid (affine) differs from its image's (shape is checked by preprocess)."""
-    img, lab = nib.load(subject.image), nib.load(subject.label)
-    if not np.allclose(img.affine, lab.affine, atol=1e-3):
-        raise InputError(f"{subject.label}: label affine differs from image {subject.image.name} affine")
 
 
 def prepare(

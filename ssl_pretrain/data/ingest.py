@@ -9,6 +9,8 @@
   relative paths are relative to the list file; ``#`` starts a comment.
 
 Discovery never raises for one bad entry: missing files are returned as ``skipped`` with a reason.
+:func:`split_ids` is the one subject-level split of the project (shard validation split, finetuning
+test/validation/pool split, and the draw of labeled training volumes).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,40 @@ def parse_msd_labels(labels: Any, path: str | Path) -> dict[int, str]:
         raise InputError(f"{path}: label values must be in 0..255, got {sorted(out)}")
     out.setdefault(0, "background")
     return dict(sorted(out.items()))
+
+
+def split_ids(ids: Iterable[str], sizes: Sequence[int], seed: int) -> tuple[tuple[str, ...], ...]:
+    """Subject-level split: cut a seeded permutation of the sorted ids into parts of the given sizes.
+
+    The ids are sorted first, so the split depends only on the set of ids and the seed, never on
+    the order of discovery; the permutation is ``numpy.random.default_rng(seed).permutation``.
+
+    Args:
+        ids: Unique subject ids.
+        sizes: Sizes of the leading parts, e.g. ``(n_test, n_val)``.
+        seed: Seed of the permutation (the same ids and seed always give the same parts).
+
+    Returns:
+        ``len(sizes) + 1`` tuples of ids, each sorted: the first ``sizes[0]`` ids of the permutation,
+        the next ``sizes[1]``, …, and last the rest.
+
+    Raises:
+        ValueError: An id appears twice, a size is negative, or the sizes add up to more than the ids.
+
+    Example:
+        >>> test, val, pool = split_ids([f"s{i}" for i in range(10)], (2, 1), seed=0)
+        >>> len(test), len(val), len(pool)
+        (2, 1, 7)
+    """
+    ordered = sorted(ids)
+    twice = sorted({a for a, b in pairwise(ordered) if a == b})
+    if twice:
+        raise ValueError(f"subject ids must be unique; {twice[:5]} appear more than once")
+    if any(n < 0 for n in sizes) or sum(sizes) > len(ordered):
+        raise ValueError(f"split sizes {list(sizes)} must be ≥ 0 and add up to at most the {len(ordered)} subjects")
+    perm = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
+    bounds = np.cumsum([0, *sizes, len(ordered) - sum(sizes)]).tolist()
+    return tuple(tuple(sorted(perm[a:b])) for a, b in pairwise(bounds))
 
 
 def _rel(path: Path, root: Path) -> str:

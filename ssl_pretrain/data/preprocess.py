@@ -5,18 +5,31 @@ One function, :func:`preprocess`, prepares data for sharding, finetuning and pre
 sees data prepared the same way. :func:`to_original_grid` inverts the geometric part so a predicted
 mask can be saved on the input file's voxel grid with the input's affine.
 
-Steps: read all bytes (gzip CRC checked) → validate → reorient to RAS (``as_closest_canonical``) →
-in-plane resample to ``spacing`` (image linear with antialiasing, label nearest) → per-volume
-percentile clip + z-score or [0, 1] → centre crop/pad to ``size`` → axial slices ``(S, C, H, W)``.
+Steps: read all bytes (gzip CRC checked) → validate (a label must have its image's shape and, within
+:data:`LABEL_AFFINE_ATOL`, its affine: :func:`check_label_affine`) → reorient to RAS
+(``as_closest_canonical``) → in-plane resample to ``spacing`` (image linear with antialiasing, label
+nearest) → per-volume percentile clip + z-score or [0, 1] → centre crop/pad to ``size`` → axial
+slices ``(S, C, H, W)``.
 
 Slice display convention: rows (H) run anterior → posterior (−y), columns (W) run patient right →
 left (+x), i.e. the radiological view; slice index runs inferior → superior (+z).
+
+Spacings (voxel sizes in mm) come in three orders, each with its own type:
+
+=============== ============= ==============================================================
+type            order         where
+=============== ============= ==============================================================
+``SpacingHW``   (H, W)        :attr:`PreprocessParams.spacing`: the target in-plane grid
+``SpacingXYZ``  (x, y, z) RAS :attr:`Volume.spacing` and the shards' ``meta.json`` ``spacing``
+                              (x along W, y along H, z along S)
+``SpacingSHW``  (S, H, W)     :attr:`Volume.array_spacing`: the order of the axes of
+                              ``Volume.label``, as metrics such as HD95 take it
+=============== ============= ==============================================================
 """
 
 from __future__ import annotations
 
 import gzip
-import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +42,17 @@ import torch.nn.functional as F
 
 from ssl_pretrain.config import ConfigError, from_dict, option, to_dict
 
-logger = logging.getLogger(__name__)
-
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+SpacingHW = tuple[float, float]
+"""In-plane spacing in mm as (row, column) = (H, W) (see the table above)."""
+SpacingXYZ = tuple[float, float, float]
+"""Voxel size in mm along RAS (x, y, z); x runs along W, y along H, z along S."""
+SpacingSHW = tuple[float, float, float]
+"""Voxel size in mm along the array axes (S, H, W) of a preprocessed volume."""
+
+LABEL_AFFINE_ATOL = 1e-3
+"""Largest accepted difference of any label affine element from the image's (mm, or mm per voxel)."""
 
 
 class InputError(ValueError):
@@ -47,7 +68,7 @@ class PreprocessParams:
     derives its flags from these fields.
     """
 
-    spacing: tuple[float, float] = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
+    spacing: SpacingHW = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
     size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad")
     norm: Literal["zscore", "minmax"] = option(
         "zscore", "zscore: mean 0, std 1 per channel and volume; minmax: [0, 1]"
@@ -107,14 +128,21 @@ class Volume:
     Args:
         image: float32 ``(S, C, H, W)`` axial slices after preprocessing.
         label: uint8 ``(S, H, W)`` or ``None``.
-        spacing: (x, y, z) mm of the output grid (x along W, y along H).
+        spacing: (x, y, z) mm of the output grid (x along W, y along H); :attr:`array_spacing` is
+            the same in the order of the array axes.
         geometry: JSON-able record of everything :func:`to_original_grid` needs.
     """
 
     image: np.ndarray
     label: np.ndarray | None
-    spacing: tuple[float, float, float]
+    spacing: SpacingXYZ
     geometry: dict
+
+    @property
+    def array_spacing(self) -> SpacingSHW:
+        """Voxel size in mm along the ``(S, H, W)`` axes of ``label`` (and the last three of ``image``)."""
+        x, y, z = self.spacing
+        return (z, y, x)
 
 
 def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -> nib.Nifti1Image:
@@ -255,8 +283,9 @@ def preprocess(
         :class:`Volume` with image ``(S, C, H, W)`` float32 and label ``(S, H, W)`` uint8.
 
     Raises:
-        InputError: unreadable/invalid image or label, label shape mismatch, undeclared label
-            values, or a channel index the image does not have.
+        InputError: unreadable/invalid image or label, label shape or affine mismatch (see
+            :func:`check_label_affine`), undeclared label values, or a channel index the image does
+            not have.
         ConfigError: ``params`` out of range.
 
     Example:
@@ -317,6 +346,33 @@ def preprocess(
     return Volume(image=image, label=label, spacing=spacing, geometry=geometry)
 
 
+def check_label_affine(
+    image_affine: np.ndarray, label_affine: np.ndarray, image_path: str | Path, label_path: str | Path
+) -> None:
+    """Reject a label that is not on its image's voxel grid: the project's one label/image affine policy.
+
+    A label whose affine differs from the image's by more than :data:`LABEL_AFFINE_ATOL` (any element)
+    marks other voxels than the image shows; using it with the image geometry would train on, or
+    score, misplaced masks, so it is an error rather than a warning. Smaller differences are the
+    float32 rounding of NIfTI headers written by different tools and are accepted.
+
+    Args:
+        image_affine: ``(4, 4)`` voxel → world (mm) affine of the image.
+        label_affine: The label's affine.
+        image_path: The image (named in the error).
+        label_path: The label (named in the error).
+
+    Raises:
+        InputError: The affines differ by more than the tolerance.
+    """
+    diff = float(np.max(np.abs(np.asarray(label_affine, float) - np.asarray(image_affine, float))))
+    if not diff <= LABEL_AFFINE_ATOL:  # written so that a NaN affine is rejected too
+        raise InputError(
+            f"{label_path}: label affine differs from image {Path(image_path).name} affine by up to {diff:.4g} "
+            f"(tolerance {LABEL_AFFINE_ATOL:g}); the label must be on the image's voxel grid"
+        )
+
+
 def _load_label(
     label_path: Path,
     image_path: Path,
@@ -334,6 +390,7 @@ def _load_label(
     if lab.shape != tuple(img.shape[:3]):
         raise InputError(f"{label_path}: label shape {lab.shape} differs from image {image_path.name} "
                          f"shape {tuple(img.shape[:3])}")
+    check_label_affine(img.affine, lab_img.affine, image_path, label_path)
     if lab.dtype.kind == "f" and (not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab))):
         raise InputError(f"{label_path}: label values must be integers")
     values = np.unique(lab)
@@ -341,9 +398,6 @@ def _load_label(
     bad = [int(v) for v in values if int(v) not in allowed]
     if bad:
         raise InputError(f"{label_path}: label values {bad} not among declared labels {sorted(allowed)[:16]}")
-    if not np.allclose(lab_img.affine, img.affine, atol=1e-3):
-        logger.warning("%s: label affine differs from image %s; using the image geometry", label_path,
-                       image_path.name)
     lab = nib.orientations.apply_orientation(lab.astype(np.uint8), ornt)
     ix = _nearest_index(lab.shape[0], out_xy[0])
     iy = _nearest_index(lab.shape[1], out_xy[1])

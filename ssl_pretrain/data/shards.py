@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_pretrain.data.ingest import Subject
+from ssl_pretrain.data.ingest import Subject, split_ids
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
 from ssl_pretrain.data.shardformat import (
     FORMAT,
@@ -74,20 +74,19 @@ def _results(jobs: list[tuple[Subject, PreprocessParams]], workers: int) -> Iter
 
 
 def split_subjects(subjects: Sequence[Subject], val_fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
-    """Subject-level split: a seeded permutation, the first ``round(val_fraction * n)`` go to val.
+    """Subject-level split by :func:`~ssl_pretrain.data.ingest.split_ids`: ``round(val_fraction * n)`` go to val.
 
     At least one subject goes to each side when ``0 < val_fraction < 1`` and there are ≥ 2 subjects.
+    Both lists keep the order of ``subjects``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction: {val_fraction!r} must be in [0, 1)")
     subjects = list(subjects)
     if val_fraction == 0.0 or not subjects:
         return subjects, []
-    order = sorted(subjects, key=lambda s: s.id)
-    random.Random(seed).shuffle(order)
-    n_val = int(round(val_fraction * len(order)))
-    n_val = min(max(n_val, 1), len(order) - 1) if len(order) >= 2 else 0
-    val_ids = {s.id for s in order[:n_val]}
+    n_val = int(round(val_fraction * len(subjects)))
+    n_val = min(max(n_val, 1), len(subjects) - 1) if len(subjects) >= 2 else 0
+    val_ids, _ = split_ids([s.id for s in subjects], (n_val,), seed)
     return [s for s in subjects if s.id not in val_ids], [s for s in subjects if s.id in val_ids]
 
 

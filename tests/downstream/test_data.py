@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from downstream.data import draw_labeled, load_splits, make_splits, open_labeled, prepare, subject_attributes
+from ssl_pretrain.data.ingest import Subject, split_ids
 from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.data.shards import split_subjects
 
 PARAMS = PreprocessParams(spacing=(10.0, 13.0), size=(32, 32))
 
@@ -160,3 +162,34 @@ def test_subject_attributes_from_csv_and_dataset_json(cohort: Path, tmp_path: Pa
     (root / "subjects.csv").write_text(f"id,site\n{ids[0]},A\n")
     with pytest.raises(ValueError, match="no 'subject' column"):
         subject_attributes(root)
+
+
+def test_malformed_msd_labels_name_dataset_json(cohort: Path, tmp_path: Path) -> None:
+    root = _copy_cohort(cohort, tmp_path / "labels", 6)
+    meta = json.loads((root / "dataset.json").read_text())
+    for labels, words in [({"liver": "x"}, "neither 'value: name'"), ({"300": "x"}, "0..255")]:
+        (root / "dataset.json").write_text(json.dumps(meta | {"labels": labels}))
+        with pytest.raises(ValueError) as e:
+            open_labeled(root)
+        assert str(e.value).startswith(str(root / "dataset.json")) and words in str(e.value)
+    (root / "dataset.json").write_text(json.dumps(meta | {"labels": {"0": "background", "1": "liver"}}))
+    assert open_labeled(root).label_names == {0: "background", 1: "liver"}
+
+
+def test_one_subject_split_serves_shards_finetuning_splits_and_draws() -> None:
+    ids = [f"case_{i:02d}" for i in range(12)]
+    parts = split_ids(ids, (3, 2), seed=4)
+    assert split_ids(list(reversed(ids)), (3, 2), seed=4) == parts  # order of discovery does not matter
+    assert [len(p) for p in parts] == [3, 2, 7] and sorted(sum(parts, ())) == ids
+    assert all(list(p) == sorted(p) for p in parts)
+    s = make_splits(ids, 2, 3, split_seed=4)
+    assert (s.test, s.val, s.train_pool) == parts
+    assert draw_labeled(s.train_pool, 3, seed=1) == split_ids(s.train_pool, (3,), seed=1)[0]
+    subjects = [Subject(i, Path(f"{i}.nii.gz"), None) for i in reversed(ids)]
+    train, val = split_subjects(subjects, 0.25, seed=4)
+    assert tuple(sorted(v.id for v in val)) == split_ids(ids, (3,), seed=4)[0]
+    assert [t.id for t in train] == [i for i in reversed(ids) if i not in {v.id for v in val}]  # input order kept
+    with pytest.raises(ValueError, match=r"\['case_01'\] appear more than once"):
+        split_ids([*ids, "case_01"], (1,), seed=0)
+    with pytest.raises(ValueError, match="add up to at most the 12 subjects"):
+        split_ids(ids, (10, 3), seed=0)

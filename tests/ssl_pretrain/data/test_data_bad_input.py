@@ -9,10 +9,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from data_helpers import TINY, blob_volume, save, write_msd
+from data_helpers import TINY, blob_volume, lps_affine, save, write_msd
 
 from ssl_pretrain.data.ingest import discover, is_nifti_name, nifti_stem, parse_msd_labels
-from ssl_pretrain.data.preprocess import InputError, load_nifti, preprocess
+from ssl_pretrain.data.preprocess import LABEL_AFFINE_ATOL, InputError, load_nifti, preprocess
 from ssl_pretrain.data.shards import write_shards
 
 
@@ -88,6 +88,22 @@ def test_label_shape_mismatch(tmp_path: Path) -> None:
     _one_line(exc, lab)
 
 
+def test_label_affine_beyond_tolerance_is_rejected(tmp_path: Path) -> None:
+    img = _good(tmp_path)
+    label = blob_volume(1, 5)[1]
+    shifted = lps_affine()
+    shifted[:3, 3] += 2.0  # the label marks voxels 2 mm away from what the image shows
+    lab = save(tmp_path / "lab.nii.gz", label, shifted)
+    with pytest.raises(InputError, match=r"label affine differs from image good.nii.gz affine by up to 2 ") as exc:
+        preprocess(img, TINY, lab)
+    _one_line(exc, lab)
+    # header rounding below LABEL_AFFINE_ATOL is accepted, and the label is the same as on the exact grid
+    exact = preprocess(img, TINY, save(tmp_path / "exact.nii.gz", label)).label
+    nudged = lps_affine()
+    nudged[:3, 3] += LABEL_AFFINE_ATOL / 4
+    assert np.array_equal(preprocess(img, TINY, save(tmp_path / "near.nii.gz", label, nudged)).label, exact)
+
+
 def test_label_values_outside_declared(tmp_path: Path) -> None:
     img = _good(tmp_path)
     lab_arr = blob_volume(1, 5)[1] * 3
@@ -125,13 +141,16 @@ def bad_cohort(tmp_path: Path) -> Path:
     nan[0, 0, 0] = np.nan
     save(imgs / "nan.nii.gz", nan)
     save(imgs / "const.nii.gz", np.zeros((24, 20, 5), np.int16))
-    for name in ("shape", "values"):
+    for name in ("shape", "values", "affine"):
         save(imgs / f"{name}.nii.gz", blob_volume(7, 5)[0])
     save(labs / "shape.nii.gz", np.zeros((24, 20, 6), np.uint8))
     save(labs / "values.nii.gz", blob_volume(7, 5)[1] * 2)
-    for name in ("trunc", "text", "empty", "flat", "nan", "const", "shape", "values"):
+    shifted = lps_affine()
+    shifted[:3, 3] += 10.0
+    save(labs / "affine.nii.gz", blob_volume(7, 5)[1], shifted)  # a label 10 mm off its image's grid
+    for name in ("trunc", "text", "empty", "flat", "nan", "const", "shape", "values", "affine"):
         entry = {"image": f"./imagesTr/{name}.nii.gz"}
-        if name in ("shape", "values"):
+        if name in ("shape", "values", "affine"):
             entry["label"] = f"./labelsTr/{name}.nii.gz"
         meta["training"].append(entry)
     meta["training"].append({"image": "./imagesTr/missing.nii.gz"})
@@ -148,7 +167,8 @@ def test_bad_inputs_are_skipped_and_recorded(bad_cohort: Path, tmp_path: Path, c
     expected = {
         "trunc.nii.gz": "truncated gzip", "text.nii.gz": "not a NIfTI", "empty.nii.gz": "empty file",
         "flat.nii.gz": "2D image", "nan.nii.gz": "NaN or Inf", "const.nii.gz": "constant",
-        "shape.nii.gz": "label shape", "values.nii.gz": "not among declared labels", "missing.nii.gz": "missing",
+        "shape.nii.gz": "label shape", "values.nii.gz": "not among declared labels",
+        "affine.nii.gz": "label affine differs", "missing.nii.gz": "missing",
     }
     assert set(recorded) == set(expected)
     for name, words in expected.items():

@@ -100,6 +100,10 @@ def test_to_original_grid_after_resampling(tmp_path: Path) -> None:
     save(tmp_path / "l.nii.gz", lab)
     vol = preprocess(tmp_path / "i.nii.gz", PreprocessParams(spacing=(3.1, 3.7), size=(32, 32)), tmp_path / "l.nii.gz")
     assert vol.spacing[0] == pytest.approx(3.7, rel=0.05) and vol.spacing[1] == pytest.approx(3.1, rel=0.05)
+    # the three spacing orders: params (H, W), Volume.spacing (x, y, z), array_spacing (S, H, W)
+    s, h, w = vol.array_spacing
+    assert s == 6.0 and h == pytest.approx(3.1, rel=0.05) and w == pytest.approx(3.7, rel=0.05)
+    assert (w, h, s) == vol.spacing
     back = to_original_grid(vol.label, vol.geometry)
     dice = 2 * (back & lab).sum() / (back.sum() + lab.sum())
     assert dice > 0.9
