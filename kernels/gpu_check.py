@@ -12,7 +12,8 @@ against the fp64 reference, fp32 / bf16 / fp16, pairs, groups, batched, strided 
 CUDA through the compiled Triton kernels and through the torch path, and every autotuning
 candidate of both kernels is checked; then the GPU half of ``python -m kernels.bench`` runs
 (eager naive, ``torch.compile``d naive, Triton; bf16; 4k-64k pairs). It stops starting
-benchmark cases at ``BUDGET_S`` so that the whole check ends within 5 minutes on one GPU.
+baseline benchmark cases at ``BUDGET_S`` so that the whole check ends within 5 minutes on one
+GPU (the Triton rows, seconds each, always run).
 
 Exit status: 0 when everything passed, or when there is no GPU (it says so in one line);
 1 when a check or a Triton benchmark row failed; 2 when it cannot check (triton missing,
@@ -36,8 +37,9 @@ from kernels import ntxent
 from kernels.bench import DIM, GPU_PAIRS, MIB, gpu_ratios, run_gpu_table
 from kernels.ntxent_reference import CASES, check_every_block_config
 
-#: Seconds after the start past which no further benchmark case starts (the check must end in 5 minutes).
-BUDGET_S = 240.0
+#: Seconds after the start past which no further baseline benchmark case starts: the longest
+#: one (a ``torch.compile``) takes about a minute and the whole check must end within 5 minutes.
+BUDGET_S = 220.0
 IMPLS = ("triton", "torch")
 #: dtypes of the every-candidate check (fp16 takes bf16's code path with another element type).
 CONFIG_DTYPES = (torch.float32, torch.bfloat16)
@@ -101,7 +103,7 @@ def summary(device: str, results: dict[str, dict], table: dict | None, seconds: 
     failed = [name for name, res in results.items() if not res["ok"]]
     lines = [
         f"device   {device}",
-        f"checks   {len(results) - len(failed)}/{len(results)} passed vs the fp64 reference"
+        f"checks   {len(results) - len(failed)}/{len(results)} passed"
         + (f"; FAILED: {', '.join(failed)}" if failed else ""),
     ]
     ok = not failed
@@ -114,7 +116,7 @@ def summary(device: str, results: dict[str, dict], table: dict | None, seconds: 
         by_key = {(row["impl"], row["pairs"]): row for row in table["rows"]}
         for pairs in sorted({row["pairs"] for row in table["rows"]}):
             eager, comp, tri = (by_key.get((impl, pairs), {}) for impl in ("eager", "compiled", "triton"))
-            if "error" in tri and tri["error"] != "skipped (time budget)":
+            if "error" in tri:
                 ok = False
             blocks = "; ".join(f"{k} {v}" for k, v in tri.get("blocks", {}).items())
             cells = (

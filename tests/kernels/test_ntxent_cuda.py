@@ -81,7 +81,7 @@ def test_summary_of_a_benchmark_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "compile", lambda fn: fn)
     table = run_gpu_table([20, 40], 16, torch.device("cpu"), torch.float16, matmul_size=64)
     table["rows"].append({"pairs": 80, "impl": "eager", "error": "out of memory"})
-    table["rows"].append({"pairs": 80, "impl": "triton", "error": "skipped (time budget)"})
+    table["rows"].append({"pairs": 80, "impl": "compiled", "error": "skipped (time budget)"})
     results = {"a[triton]": {"ok": True, "seconds": 0.1, "error": ""}}
     lines, ok = gpu_check.summary("a card", results, table, 12.0)
     text = "\n".join(lines)
@@ -89,7 +89,7 @@ def test_summary_of_a_benchmark_table(monkeypatch: pytest.MonkeyPatch) -> None:
     row_20 = next(line for line in lines if line.split()[:1] == ["20"])
     assert "forward BLOCK_M=" in row_20 and "backward BLOCK_M=" in row_20
     row_80 = next(line for line in lines if line.split()[:1] == ["80"])
-    assert row_80.split()[1:4] == ["OOM", "-", "skipped"]
+    assert row_80.split()[1:4] == ["OOM", "skipped", "-"]
     assert "speed-up vs compiled" in text
-    table["rows"][-1]["error"] = "RuntimeError: boom"  # a failed Triton row fails the check
+    table["rows"].append({"pairs": 80, "impl": "triton", "error": "RuntimeError: boom"})  # fails the check
     assert gpu_check.summary("a card", results, table, 12.0)[1] is False
