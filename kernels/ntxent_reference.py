@@ -212,7 +212,7 @@ def check_every_block_config(device: torch.device, dtype: torch.dtype = torch.fl
     Raises:
         AssertionError: a candidate's ``lse`` or gradient differs from the torch path's.
     """
-    from kernels.ntxent_triton import BWD_CONFIGS, FWD_CONFIGS, ntxent_backward, ntxent_forward
+    from kernels.ntxent_triton import BWD_CONFIGS, FWD_CONFIGS, describe_config, ntxent_backward, ntxent_forward
 
     gen = torch.Generator().manual_seed(11)
     # Rounded to dtype first: the torch path then sees exactly the kernels' inputs.
@@ -224,10 +224,10 @@ def check_every_block_config(device: torch.device, dtype: torch.dtype = torch.fl
     tol = TOLERANCE[dtype]
     for config in FWD_CONFIGS:
         got = ntxent_forward(z_dev, 0, 150, 0.1, config=config)
-        torch.testing.assert_close(got.cpu(), lse, **tol, msg=lambda m, c=config: f"forward {c}: {m}")
+        torch.testing.assert_close(got.cpu(), lse, **tol, msg=lambda m, c=config: f"forward {describe_config(c)}: {m}")
     scale = dz.abs().max()
     for config in BWD_CONFIGS:
         got = ntxent_backward(z_dev, lse.to(device), weight.to(device), 0, 150, 0.1, config=config)
         torch.testing.assert_close(
-            got.cpu().double() / scale, dz / scale, **tol, msg=lambda m, c=config: f"backward {c}: {m}"
+            got.cpu().double() / scale, dz / scale, **tol, msg=lambda m, c=config: f"backward {describe_config(c)}: {m}"
         )

@@ -330,7 +330,7 @@ def ntxent_backward(
     return dz
 
 
-def _describe(config: triton.Config) -> str:
+def describe_config(config: triton.Config) -> str:
     """One-line form of a block configuration, e.g. ``BLOCK_M=128 BLOCK_N=64 warps=8 stages=3``."""
     blocks = " ".join(f"{name}={value}" for name, value in config.kwargs.items())
     return f"{blocks} warps={config.num_warps} stages={config.num_stages}"
@@ -345,7 +345,7 @@ def chosen_configs() -> dict[str, str]:
     """
     kernels = {"forward": _ntxent_fwd_kernel, "backward": _ntxent_bwd_kernel}
     return {
-        name: _describe(kernel.best_config)
+        name: describe_config(kernel.best_config)
         for name, kernel in kernels.items()
         if getattr(kernel, "best_config", None) is not None
     }
