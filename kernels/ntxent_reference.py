@@ -207,7 +207,8 @@ def check_every_block_config(device: torch.device, dtype: torch.dtype = torch.fl
     """Every autotuning candidate of both kernels computes what the torch path computes.
 
     Autotuning launches whichever candidate is fastest, so each must be right, not only the
-    one the other cases happen to get. 150 rows and D = 40 are multiples of no block.
+    one the other cases happen to get. 150 key rows, the 130 query rows from row 20 on (a
+    rank's slice, as with ``gather_distributed``) and D = 24 are multiples of no block.
 
     Raises:
         AssertionError: a candidate's ``lse`` or gradient differs from the torch path's.
@@ -215,19 +216,22 @@ def check_every_block_config(device: torch.device, dtype: torch.dtype = torch.fl
     from kernels.ntxent_triton import BWD_CONFIGS, FWD_CONFIGS, describe_config, ntxent_backward, ntxent_forward
 
     gen = torch.Generator().manual_seed(11)
+    rows, first, count, tau = 150, 20, 130, 0.1
     # Rounded to dtype first: the torch path then sees exactly the kernels' inputs.
-    z = F.normalize(torch.randn(2, 150, 40, generator=gen), dim=-1).to(dtype).float()
-    weight = torch.rand(2, 150, generator=gen) - 0.3
-    lse = lse_forward_torch(z, 0, 150, 0.1)
-    dz = lse_backward_torch(z, lse, weight, 0, 150, 0.1).double()
-    z_dev = z.to(device, dtype)
+    z = F.normalize(torch.randn(1, rows, 24, generator=gen), dim=-1).to(dtype).float()
+    weight = torch.rand(1, rows, generator=gen) - 0.3
+    lse = lse_forward_torch(z, 0, rows, tau)
+    dz = lse_backward_torch(z, lse, weight, first, count, tau).double()
+    z_dev, lse_dev, weight_dev = z.to(device, dtype), lse.to(device), weight.to(device)
     tol = TOLERANCE[dtype]
     for config in FWD_CONFIGS:
-        got = ntxent_forward(z_dev, 0, 150, 0.1, config=config)
-        torch.testing.assert_close(got.cpu(), lse, **tol, msg=lambda m, c=config: f"forward {describe_config(c)}: {m}")
+        got = ntxent_forward(z_dev, first, count, tau, config=config)
+        torch.testing.assert_close(
+            got.cpu(), lse[:, first:], **tol, msg=lambda m, c=config: f"forward {describe_config(c)}: {m}"
+        )
     scale = dz.abs().max()
     for config in BWD_CONFIGS:
-        got = ntxent_backward(z_dev, lse.to(device), weight.to(device), 0, 150, 0.1, config=config)
+        got = ntxent_backward(z_dev, lse_dev, weight_dev, first, count, tau, config=config)
         torch.testing.assert_close(
             got.cpu().double() / scale, dz / scale, **tol, msg=lambda m, c=config: f"backward {describe_config(c)}: {m}"
         )
