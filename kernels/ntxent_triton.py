@@ -11,6 +11,7 @@ Block sizes are autotuned on GPUs per (rows, query rows, D, dtypes): ``FWD_CONFI
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -46,7 +47,7 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs: objec
     return configs[:1] if named_args["R"] * named_args["num_rows"] < TUNE_MIN_LOGITS else configs
 
 
-def _autotune(configs: list[triton.Config]):  # noqa: ANN202 - triton's decorator type
+def _autotune(configs: list[triton.Config]) -> Callable[[triton.runtime.JITFunction], triton.runtime.Autotuner]:
     """``triton.autotune`` over ``configs`` on the GPU; the first config alone under the interpreter."""
     return triton.autotune(
         configs=configs[:1] if INTERPRETED else configs,
