@@ -79,7 +79,7 @@ def test_run_checks_reports_failures(monkeypatch: pytest.MonkeyPatch, capsys: py
 def test_summary_of_a_benchmark_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """The summary block from a real (interpreted, CPU) run of the GPU table's code."""
     monkeypatch.setattr(torch, "compile", lambda fn: fn)
-    table = run_gpu_table([20, 40], 16, torch.device("cpu"), torch.float16, matmul_size=64)
+    table = run_gpu_table([20], 16, torch.device("cpu"), torch.float16, matmul_size=64)
     table["rows"].append({"pairs": 80, "impl": "eager", "error": "out of memory"})
     table["rows"].append({"pairs": 80, "impl": "compiled", "error": "skipped (time budget)"})
     results = {"a[triton]": {"ok": True, "seconds": 0.1, "error": ""}}
