@@ -13,7 +13,9 @@ CPU: forward + backward in fp32 at D = 128, each (size, implementation) in its o
 subprocess so peak RSS is per case; the fp32 matmul rate is measured in the same process
 right before the case, because other work on the machine moves both numbers together.
 GPU: bf16, eager naive vs ``torch.compile``d naive vs the Triton kernels, timed with
-``triton.testing.do_bench``; memory is ``max_memory_allocated`` above the inputs.
+``triton.testing.do_bench``; memory is ``max_memory_allocated`` above the inputs; each Triton
+row is followed by the block configurations the autotuner chose for that size.
+``python -m kernels.gpu_check`` runs this GPU half after the CUDA correctness checks.
 FLOPs are counted as 3 matmuls of the (2N x 2N x D) similarity: ``3 * 2 * (2N)^2 * D``.
 """
 
@@ -263,54 +265,104 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
 
 
 def run_gpu_table(
-    pairs_list: Sequence[int], dim: int, device: torch.device, dtype: torch.dtype, matmul_size: int = 8192
-) -> None:
-    """Print eager naive vs compiled naive vs Triton, with the ratios the issue asks for."""
+    pairs_list: Sequence[int],
+    dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    matmul_size: int = 8192,
+    deadline: float | None = None,
+) -> dict:
+    """Print eager naive vs compiled naive vs Triton, with the ratios the issue asks for.
+
+    Args:
+        pairs_list: sizes N (2N rows).
+        dim: the embedding size D.
+        device: where to run (CUDA, or the CPU for an interpreter smoke run).
+        dtype: the input dtype.
+        matmul_size: side of the matmul cube whose rate is the 100 % mark.
+        deadline: a ``time.monotonic()`` value after which the remaining baseline cases are
+            skipped (the GPU check's time budget); default None, no limit.
+
+    Returns:
+        ``{"device", "dim", "matmul_tflops", "rows"}``; every row has ``pairs`` and ``impl``, then
+        either ``ms``, ``tflops``, ``share`` (of the matmul rate), ``peak_bytes`` (None off
+        CUDA) and for Triton ``blocks`` (the autotuned configs), or ``error``.
+    """
+    from kernels.ntxent_triton import chosen_configs  # triton is needed here anyway (do_bench)
+
     peak_tflops = matmul_tflops(device, dtype, matmul_size)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (interpreter smoke run)"
     print(f"GPU: {name}, {dtype}, D={dim}, tau={TEMPERATURE}, forward+backward; matmul {peak_tflops:.1f} TFLOP/s")
     print(f"  {'pairs':>6} {'impl':>9} {'ms':>9} {'TFLOP/s':>8} {'%matmul':>8} {'peak_MiB':>9}")
     compiled = torch.compile(naive_nt_xent)
     impls: dict[str, LossFn] = {"eager": naive_nt_xent, "compiled": compiled, "triton": triton_path}
-    times: dict[tuple[str, int], float] = {}
+    rows: list[dict] = []
     for pairs in pairs_list:
         z0, z1 = (torch.randn(pairs, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         for impl, loss_fn in impls.items():
+            row: dict = {"pairs": pairs, "impl": impl}
+            rows.append(row)
+            # Past the deadline only Triton still runs: seconds per size, against the baselines' compiles.
+            if deadline is not None and impl != "triton" and time.monotonic() > deadline:
+                row["error"] = "skipped (time budget)"
+                print(f"  {pairs:>6} {impl:>9}   {row['error']}")
+                continue
             call = partial(forward_backward, loss_fn, z0, z1)
             try:
                 ms = _time_ms(call, [z0, z1], device)
                 peak = _peak_bytes(call, device)
-            except torch.OutOfMemoryError:
-                print(f"  {pairs:>6} {impl:>9}   out of memory")
+            except Exception as error:  # noqa: BLE001 - one failing row must not lose the table
+                row["error"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else _one_line(error)
+                print(f"  {pairs:>6} {impl:>9}   {row['error']}")
                 z0.grad = z1.grad = None
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
-            times[(impl, pairs)] = ms
             tflops = loss_flops(pairs, dim) / (ms * 1e-3) / 1e12
+            row.update(ms=ms, tflops=tflops, share=tflops / peak_tflops, peak_bytes=peak)
             peak_text = "-" if peak is None else f"{peak / MIB:.1f}"
             print(
                 f"  {pairs:>6} {impl:>9} {ms:>9.3f} {tflops:>8.2f} {100 * tflops / peak_tflops:>7.1f}% "
                 f"{peak_text:>9}"
             )
-    _print_gpu_ratios(times, dim, peak_tflops)
+            if impl == "triton":
+                row["blocks"] = chosen_configs()
+                print(f"  {'':>6} {'blocks':>9}   " + "; ".join(f"{k} {v}" for k, v in row["blocks"].items()))
+    for line in gpu_ratios(rows, dim, peak_tflops):
+        print(f"  {line}")
+    return {"device": name, "dim": dim, "matmul_tflops": peak_tflops, "rows": rows}
 
 
-def _print_gpu_ratios(times: dict[tuple[str, int], float], dim: int, peak_tflops: float) -> None:
-    """Print the GPU goals of the issue next to the measured ratios."""
+def _one_line(error: BaseException) -> str:
+    """The first line of an exception, with its type, cut to 120 characters."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:120]
+
+
+def gpu_ratios(rows: Sequence[dict], dim: int, peak_tflops: float) -> list[str]:
+    """Return the lines that put the GPU goals of the issue next to the measured ratios.
+
+    Args:
+        rows: the ``rows`` of :func:`run_gpu_table`.
+        dim: the embedding size D.
+        peak_tflops: the measured matmul rate.
+    """
+    times = {(row["impl"], row["pairs"]): row["ms"] for row in rows if "ms" in row}
     triton_pairs = sorted(p for impl, p in times if impl == "triton")
     if not triton_pairs:
-        return
+        return []
     at = 32768 if 32768 in triton_pairs else triton_pairs[-1]
     share = loss_flops(at, dim) / (times[("triton", at)] * 1e-3) / 1e12 / peak_tflops
-    print(f"  ratios: triton at {at} pairs: {100 * share:.0f}% of the matmul rate (goal at 32768: >= 50%)")
+    lines = [f"ratios: triton at {at} pairs: {100 * share:.0f}% of the matmul rate (goal at 32768: >= 50%)"]
     for baseline, goal in (("eager", 3.0), ("compiled", 1.5)):
         both = [p for p in triton_pairs if (baseline, p) in times]
         if both:
             p = both[-1]
-            print(
-                f"    speed-up vs {baseline} at {p} pairs (largest it fits): "
+            lines.append(
+                f"  speed-up vs {baseline} at {p} pairs (largest it fits): "
                 f"{times[(baseline, p)] / times[('triton', p)]:.2f}x (goal >= {goal}x)"
             )
+    return lines
 
 
 # --------------------------------------- main ------------------------------------------

@@ -3,15 +3,57 @@
 Imported by ``kernels/ntxent.py`` when triton is installed (a Linux-only dependency); without
 it the chunked PyTorch path of ``kernels/ntxent_torch.py`` serves every call. ``INTERPRETED``
 tells whether ``TRITON_INTERPRET=1`` was set before import (the kernels then run on the CPU).
+
+Block sizes are autotuned on GPUs per (rows, query rows, D, dtypes): ``FWD_CONFIGS`` and
+``BWD_CONFIGS`` are the candidates, :func:`chosen_configs` says what the last launch used.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
+
+#: ``triton.jit`` reads TRITON_INTERPRET when it decorates, i.e. when this module is imported.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+# Candidate blocks, the first of each list being the untuned choice. Under the interpreter
+# only that one runs: tuning there would time numpy and multiply the CPU tests' runtime.
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+]
+BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+]
+#: Problems with fewer logits (rows x query rows) run the first config untuned: timing every
+#: candidate (one compile and ~0.1 s of launches each) costs more than it could save there.
+TUNE_MIN_LOGITS = 2048 * 2048
+#: The autotuning key: a change of any of these (or of an input dtype, which triton adds) tunes again.
+TUNE_KEY = ["R", "num_rows", "D"]
+
+
+def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Keep only the first config for problems below ``TUNE_MIN_LOGITS`` (see there)."""
+    return configs[:1] if named_args["R"] * named_args["num_rows"] < TUNE_MIN_LOGITS else configs
+
+
+def _autotune(configs: list[triton.Config]) -> Callable[[triton.runtime.JITFunction], triton.runtime.Autotuner]:
+    """``triton.autotune`` over ``configs`` on the GPU; the first config alone under the interpreter."""
+    return triton.autotune(
+        configs=configs[:1] if INTERPRETED else configs,
+        key=TUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_small},
+    )
 
 # ---------------------------------------------------------------------------------------
 # Derivation
@@ -80,6 +122,7 @@ def _similarity_tile(
     return s
 
 
+@_autotune(FWD_CONFIGS)
 @triton.jit
 def _ntxent_fwd_kernel(
     z_ptr,
@@ -125,6 +168,7 @@ def _ntxent_fwd_kernel(
     tl.store(lse_ptr + pid_b * stride_lb + offs_m, lse, mask=row_mask)
 
 
+@_autotune(BWD_CONFIGS)
 @triton.jit
 def _ntxent_bwd_kernel(
     z_ptr,
@@ -205,7 +249,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def ntxent_forward(z: torch.Tensor, row_offset: int, num_rows: int, temperature: float) -> torch.Tensor:
+def _launcher(kernel: triton.runtime.Autotuner, config: triton.Config | None) -> tuple[object, dict]:
+    """Return the kernel to launch and its extra launch arguments: autotuned, or ``config`` forced."""
+    return (kernel, {}) if config is None else (kernel.fn, config.all_kwargs())
+
+
+def ntxent_forward(
+    z: torch.Tensor, row_offset: int, num_rows: int, temperature: float, config: triton.Config | None = None
+) -> torch.Tensor:
     """Launch the forward kernel: masked row log-sum-exp for some rows of ``z`` against all.
 
     Args:
@@ -213,19 +264,23 @@ def ntxent_forward(z: torch.Tensor, row_offset: int, num_rows: int, temperature:
         row_offset: index of the first query row.
         num_rows: number of query rows.
         temperature: the softmax temperature ``tau > 0``.
+        config: one of ``FWD_CONFIGS`` to launch instead of the autotuned choice (the checks
+            run every candidate); default None.
 
     Returns:
         (B, num_rows) fp32 row log-sum-exps (see ``lse_forward_torch``).
     """
     batch, total, dim = z.shape
     lse = torch.empty(batch, num_rows, dtype=torch.float32, device=z.device)
-    block_m, block_n = 128, 64
-    grid = (triton.cdiv(num_rows, block_m), batch)
-    _ntxent_fwd_kernel[grid](
+    kernel, launch_args = _launcher(_ntxent_fwd_kernel, config)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(num_rows, meta["BLOCK_M"]), batch
+
+    kernel[grid](
         z, lse, z.stride(0), z.stride(1), z.stride(2), lse.stride(0),
         total, dim, row_offset, num_rows, math.log2(math.e) / temperature,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(dim),
-        INPUT_PRECISION=_input_precision(z.dtype), num_warps=8, num_stages=3,
+        BLOCK_D=_block_d(dim), INPUT_PRECISION=_input_precision(z.dtype), **launch_args,
     )
     return lse
 
@@ -237,6 +292,7 @@ def ntxent_backward(
     row_offset: int,
     num_rows: int,
     temperature: float,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """Launch the backward kernel: gradient of ``sum_i weight_i lse_i`` for the query rows.
 
@@ -247,6 +303,7 @@ def ntxent_backward(
         row_offset: index of the first row whose gradient is wanted.
         num_rows: number of those rows.
         temperature: the softmax temperature ``tau > 0``.
+        config: one of ``BWD_CONFIGS`` to launch instead of the autotuned choice; default None.
 
     Returns:
         (B, num_rows, D) in ``z.dtype`` (see ``lse_backward_torch``).
@@ -258,17 +315,39 @@ def ntxent_backward(
     # the scale on the fp32 accumulator.
     w_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     weight = weight / w_scale
-    block_m, block_n, block_d = 64, 64, _block_d(dim)
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(dim, block_d), batch)
-    _ntxent_bwd_kernel[grid](
+    block_d = _block_d(dim)
+    kernel, launch_args = _launcher(_ntxent_bwd_kernel, config)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(dim, block_d), batch
+
+    kernel[grid](
         z, lse, weight, w_scale, dz,
         z.stride(0), z.stride(1), z.stride(2), lse.stride(0),
         dz.stride(0), dz.stride(1), dz.stride(2),
         total, dim, row_offset, num_rows, math.log2(math.e) / temperature, 1.0 / temperature,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        INPUT_PRECISION=_input_precision(z.dtype), num_warps=4, num_stages=2,
+        BLOCK_D=block_d, INPUT_PRECISION=_input_precision(z.dtype), **launch_args,
     )
     return dz
 
 
-INTERPRETED = not isinstance(_ntxent_fwd_kernel, triton.runtime.JITFunction)
+def describe_config(config: triton.Config) -> str:
+    """One-line form of a block configuration, e.g. ``BLOCK_M=128 BLOCK_N=64 warps=8 stages=3``."""
+    blocks = " ".join(f"{name}={value}" for name, value in config.kwargs.items())
+    return f"{blocks} warps={config.num_warps} stages={config.num_stages}"
+
+
+def chosen_configs() -> dict[str, str]:
+    """Return the block configuration of each kernel's last autotuned launch, by kernel name.
+
+    Returns:
+        ``{"forward": ..., "backward": ...}``, one-line descriptions; a kernel not launched
+        yet is absent.
+    """
+    kernels = {"forward": _ntxent_fwd_kernel, "backward": _ntxent_bwd_kernel}
+    return {
+        name: describe_config(kernel.best_config)
+        for name, kernel in kernels.items()
+        if getattr(kernel, "best_config", None) is not None
+    }
+

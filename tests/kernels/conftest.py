@@ -2,7 +2,9 @@
 
 ``triton.jit`` decides between compiling and interpreting when the kernel is decorated, i.e.
 when ``kernels.ntxent_triton`` is imported. If another test package imported ``kernels`` first, the
-modules are reloaded here so the kernels tested below are the interpreted ones.
+modules are reloaded here so the kernels tested below are the interpreted ones. The compiled
+kernels are tested on CUDA in a fresh interpreter without the variable (``test_ntxent_cuda.py``),
+so this session interprets on every machine, with or without a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-if "kernels.ntxent" in sys.modules:  # imported before this conftest, compiled mode: reload
-    importlib.reload(sys.modules["kernels.ntxent_triton"])
-    importlib.reload(sys.modules["kernels.ntxent"])
-    importlib.reload(sys.modules["kernels"])
+# Imported before this conftest, in compiled mode: reload, dependencies first.
+for name in ("kernels.ntxent_triton", "kernels.ntxent", "kernels.ntxent_reference", "kernels.bench", "kernels"):
+    if name in sys.modules:
+        importlib.reload(sys.modules[name])

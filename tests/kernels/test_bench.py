@@ -40,3 +40,13 @@ def test_gpu_table_code_path_under_interpreter(
     for impl in ("eager", "compiled", "triton"):
         assert f"20 {impl:>9}" in out
     assert "speed-up vs compiled" in out
+
+
+def test_gpu_table_past_its_deadline_runs_only_triton(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    table = bench.run_gpu_table([20], 16, torch.device("cpu"), torch.float16, matmul_size=64, deadline=0.0)
+    errors = {row["impl"]: row.get("error") for row in table["rows"]}
+    assert errors == {"eager": "skipped (time budget)", "compiled": "skipped (time budget)", "triton": None}
+    assert "20    triton" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """NT-Xent loss: Triton kernels (interpreted on the CPU) and the chunked torch path against a
-deliberately naive reference that builds the whole similarity matrix in float64."""
+deliberately naive reference that builds the whole similarity matrix in float64
+(``kernels/ntxent_reference.py``, whose cases ``python -m kernels.gpu_check`` runs on CUDA)."""
 
 from __future__ import annotations
 
@@ -10,140 +11,36 @@ import torch
 import torch.nn.functional as F
 
 from kernels import NTXentLoss, nt_xent
+from kernels.ntxent_reference import CASES, Case, check_against_reference, check_every_block_config
 from kernels.ntxent_torch import lse_backward_torch, lse_forward_torch
 
-#: The one dtype -> tolerance table: inputs of this dtype are compared with the fp64 reference.
-TOLERANCE = {
-    torch.float32: {"atol": 5e-5, "rtol": 2e-4},
-    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
-    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
-}
 IMPLS = ["triton", "torch"]
-GRAD_OUTPUT = 1.7
-
-
-def naive_nt_xent(
-    z0: torch.Tensor, z1: torch.Tensor | None, groups: torch.Tensor | None, temperature: float
-) -> torch.Tensor:
-    """Textbook NT-Xent / SupCon: materialise the (B, R, R) matrix, positives as a boolean mask."""
-    z = z0 if z1 is None else torch.cat([z0, z1], dim=-2)
-    if z.dim() == 2:
-        z = z[None]
-    batch, rows, _ = z.shape
-    n = z0.shape[-2]
-    if groups is None:
-        ids = torch.arange(n).repeat(2).expand(batch, rows)
-    else:
-        ids = groups.expand(batch, n)
-        ids = ids if z1 is None else torch.cat([ids, ids], dim=1)
-    z = F.normalize(z.double(), dim=-1)
-    sim = torch.einsum("bid,bjd->bij", z, z) / temperature
-    diag_mask = torch.eye(rows, dtype=torch.bool)
-    pos_mask = (ids[:, :, None] == ids[:, None, :]) & ~diag_mask
-    log_prob = sim - torch.logsumexp(sim.masked_fill(diag_mask, -math.inf), dim=-1, keepdim=True)
-    loss = -(log_prob * pos_mask).sum(-1) / pos_mask.sum(-1)
-    return loss.mean()
-
-
-def check_against_naive(
-    impl: str,
-    z0: torch.Tensor,
-    z1: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
-    temperature: float = 0.1,
-) -> None:
-    """Assert loss and both inputs' gradients (upstream gradient != 1) match the reference."""
-    inputs = [z0] if z1 is None else [z0, z1]
-    leaves = [x.detach().requires_grad_() for x in inputs]
-    ref_leaves = [x.detach().double().requires_grad_() for x in inputs]
-    loss = nt_xent(*leaves, groups=groups, temperature=temperature, impl=impl)
-    loss.backward(torch.tensor(GRAD_OUTPUT))
-    ref = naive_nt_xent(*ref_leaves, *([None] if z1 is None else []), groups, temperature)
-    ref.backward(torch.tensor(GRAD_OUTPUT, dtype=torch.float64))
-    tol = TOLERANCE[z0.dtype]
-    torch.testing.assert_close(loss.double(), ref, **tol)
-    # Gradients are sums of terms of size ~ 1 / (rows * tau) that may cancel (to exactly 0 at
-    # N = 1): compare them relative to their largest entry, or to that term size if larger.
-    term = 1.0 / (sum(x.numel() for x in inputs) / z0.shape[-1] * temperature)
-    for leaf, ref_leaf in zip(leaves, ref_leaves, strict=True):
-        scale = ref_leaf.grad.abs().max().clamp_min(term)
-        torch.testing.assert_close(leaf.grad.double() / scale, ref_leaf.grad / scale, **tol)
-
-
-# Every N, D and tau of the issue appears at least once (not the whole product: the
-# interpreter is slow); 130 pairs = 260 rows span several row and column blocks, D = 130 two
-# D chunks.
-GRID = [(1, 16, 0.05), (2, 130, 0.1), (3, 1, 0.5), (17, 64, 1.0), (130, 130, 0.05), (130, 1, 0.1)]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize(("n", "dim", "temperature"), GRID)
-def test_pairs_match_naive(impl: str, n: int, dim: int, temperature: float) -> None:
-    gen = torch.Generator().manual_seed(n * 1000 + dim)
-    z0, z1 = torch.randn(2, n, dim, generator=gen)
-    check_against_naive(impl, z0, z1, temperature=temperature)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_inputs(impl: str) -> None:
-    gen = torch.Generator().manual_seed(1)
-    z0 = torch.randn(40, 70, generator=gen).T  # (70, 40), column-major
-    z1 = torch.randn(70, 80, generator=gen)[:, ::2]
-    assert not z0.is_contiguous() and not z1.is_contiguous()
-    check_against_naive(impl, z0, z1, temperature=0.2)
-    groups = torch.arange(70) % 9
-    check_against_naive(impl, z0, None, groups=groups, temperature=0.2)  # z0 reaches the kernel strided
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grouped_single_view(impl: str) -> None:
-    gen = torch.Generator().manual_seed(2)
-    z = torch.randn(150, 24, generator=gen)
-    groups = torch.randint(0, 12, (150,), generator=gen) * 7 - 30  # arbitrary, non-contiguous ids
-    groups[:24] = torch.arange(12).repeat(2) * 7 - 30  # every id appears at least twice
-    check_against_naive(impl, z, None, groups=groups, temperature=0.1)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_pairs_with_partition_groups(impl: str) -> None:
-    gen = torch.Generator().manual_seed(3)
-    z0, z1 = torch.randn(2, 66, 32, generator=gen)
-    groups = torch.randint(0, 5, (66,), generator=gen)  # a singleton group still has its partner
-    check_against_naive(impl, z0, z1, groups=groups, temperature=0.1)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_batched(impl: str) -> None:
-    gen = torch.Generator().manual_seed(4)
-    z0, z1 = torch.randn(2, 3, 37, 20, generator=gen)
-    check_against_naive(impl, z0, z1, temperature=0.1)
-    groups = torch.randint(0, 4, (3, 37), generator=gen)  # different groups per problem
-    groups[:, :8] = torch.arange(4).repeat(2)
-    check_against_naive(impl, z0, None, groups=groups, temperature=0.5)
-
+CPU = torch.device("cpu")
 
 INTERPRETER_BF16 = pytest.mark.xfail(
     strict=True,
     reason="the Triton interpreter keeps bf16 as uint16 and tl.dot multiplies the raw bits; "
-    "compiled kernels on a GPU are not affected",
+    "compiled kernels on a GPU are not affected (test_ntxent_cuda.py checks them)",
 )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(impl: str, dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
-    if impl == "triton" and dtype == torch.bfloat16:
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_matches_reference(impl: str, case: Case, request: pytest.FixtureRequest) -> None:
+    """Loss and both gradients against the fp64 reference (the cases gpu_check runs on CUDA)."""
+    if impl == "triton" and case.dtype == torch.bfloat16:
         request.applymarker(INTERPRETER_BF16)
-    gen = torch.Generator().manual_seed(5)
-    # 600 rows: several row and column blocks in 16-bit.
-    z0, z1 = torch.randn(2, 300, 32, generator=gen).to(dtype)
-    check_against_naive(impl, z0, z1, temperature=0.5)
+    case.run(impl, CPU)
+
+
+def test_every_block_config_under_interpreter() -> None:
+    check_every_block_config(CPU)
 
 
 def test_torch_path_large() -> None:
     gen = torch.Generator().manual_seed(6)
     z0, z1 = torch.randn(2, 2000, 32, generator=gen)
-    check_against_naive("torch", z0, z1, temperature=0.1)
+    check_against_reference("torch", z0, z1, temperature=0.1)
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.01])  # fixed-shift tiles and the fallback
@@ -157,16 +54,6 @@ def test_torch_path_tiles_match_one_tile(temperature: float) -> None:
     dz = lse_backward_torch(z, lse, weight, 0, 300, temperature, block_rows=300, block_cols=300)
     torch.testing.assert_close(lse_backward_torch(z, lse, weight, 0, 300, temperature, 7, 33), dz)
     torch.testing.assert_close(lse_forward_torch(z, 100, 50, temperature, 7, 33), lse[:, 100:150])
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("temperature", [0.01, 0.025])
-def test_small_temperature_and_antipodal_views(impl: str, temperature: float) -> None:
-    """Below / at the torch path's fixed-shift limit, with partners at s = -1/tau."""
-    gen = torch.Generator().manual_seed(10)
-    z0 = torch.randn(9, 8, generator=gen)
-    check_against_naive(impl, z0, -z0, temperature=temperature)
-    check_against_naive(impl, z0, torch.randn(9, 8, generator=gen), temperature=temperature)
 
 
 # ------------------------------- closed form and properties -----------------------------
