@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.models.unet import UNetConfig
 
 __all__ = [
     "DataConfig",
@@ -55,6 +56,10 @@ class ModelConfig:
     widths: tuple[int, ...] = option((32, 64, 128, 256), "channels per level for init=random")
     norm: Literal["instance", "batch"] = option("instance", "normalisation layer for init=random")
     dropout: float = option(0.0, "bottleneck dropout for init=random")
+
+    def unet_config(self, in_channels: int) -> UNetConfig:
+        """The architecture of a random init for data with ``in_channels`` channels."""
+        return UNetConfig(in_channels=in_channels, widths=tuple(self.widths), norm=self.norm, dropout=self.dropout)
 
 
 @dataclass

@@ -40,9 +40,9 @@ from downstream.mlflow_uri import resolve_model_file
 from downstream.predict import predict_slices
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import PreprocessParams, Volume
-from ssl_pretrain.export import ExportError, load_export, save_export
+from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
-from ssl_pretrain.models.unet import UNet, UNetConfig
+from ssl_pretrain.models.unet import UNet
 from ssl_pretrain.tracking import NullLogger, RunLogger
 
 log = logging.getLogger(__name__)
@@ -87,29 +87,6 @@ def load_init(init: str, download_dir: Path | None = None) -> tuple[dict[str, An
         raise ExportError(f"init: {e}") from None
 
 
-def _load_part(
-    module: torch.nn.Module, state: dict[str, torch.Tensor] | None, part: str, source: str
-) -> dict[str, list[str]]:
-    """Load ``state`` into ``module`` non-strictly, refusing shape mismatches with one line."""
-    own = module.state_dict()
-    if state is None:
-        return {"loaded": [], "missing": [f"{part}.{k}" for k in own], "unexpected": []}
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            raise ExportError(
-                f"init: {source}: {part}.{k} has shape {tuple(v.shape)}, the model needs "
-                f"{tuple(own[k].shape)} "
-                "(export widths / channels do not match its weights)"
-            )
-    res = module.load_state_dict(state, strict=False)
-    loaded = [f"{part}.{k}" for k in state if k in own]
-    return {
-        "loaded": loaded,
-        "missing": [f"{part}.{k}" for k in res.missing_keys],
-        "unexpected": [f"{part}.{k}" for k in res.unexpected_keys],
-    }
-
-
 def _build_model(
     cfg: FinetuneConfig,
     export: dict[str, Any] | None,
@@ -117,47 +94,19 @@ def _build_model(
     in_channels: int,
     num_classes: int,
     size: tuple[int, int],
-) -> tuple[UNet, dict[str, Any]]:
-    if export is None:
-        mcfg = UNetConfig(
-            in_channels=in_channels,
-            widths=tuple(cfg.model.widths),
-            norm=cfg.model.norm,
-            dropout=cfg.model.dropout,
-        )
-    else:
-        mcfg = export["model_config"]
-        if mcfg.in_channels != in_channels:
-            raise ExportError(
-                f"init: {source}: export has in_channels={mcfg.in_channels}, the data has "
-                f"{in_channels} channel(s)"
-            )
+) -> tuple[UNet, LoadReport]:
+    mcfg = cfg.model.unet_config(in_channels) if export is None else export["model_config"]
     if size[0] % mcfg.divisor or size[1] % mcfg.divisor:
         raise ValueError(
             f"data.preprocess.size: {list(size)} must be divisible by {mcfg.divisor} for "
             f"widths {list(mcfg.widths)}"
         )
-    model = UNet(mcfg, num_classes)
-    report: dict[str, Any] = {"loaded": [], "missing": [], "unexpected": [], "source": source}
-    if export is not None:
-        parts = [
-            _load_part(model.encoder, export["encoder"], "encoder", source),
-            _load_part(model.decoder, export["decoder"], "decoder", source),
-        ]
-        head = export["head"] if export["num_classes"] == num_classes else None
-        parts.append(_load_part(model.head, head, "head", source))
-        for key in ("loaded", "missing", "unexpected"):
-            report[key] = [k for p in parts for k in p[key]]
-        log.info(
-            "init %s: loaded %d tensors, missing %d (trained from scratch), unexpected %d",
-            source,
-            len(report["loaded"]),
-            len(report["missing"]),
-            len(report["unexpected"]),
+    try:
+        return build_unet(
+            export, num_classes, source=source, strict=False, model_config=mcfg, in_channels=in_channels
         )
-        if report["unexpected"]:
-            log.warning("init %s: unexpected keys %s", source, report["unexpected"][:8])
-    return model, report
+    except ExportError as e:
+        raise ExportError(f"init: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +251,12 @@ def contour_figure(volumes: dict[str, Volume], preds: dict[str, np.ndarray], tit
 
 
 
-def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None) -> PreparedData:
-    if export is not None:
-        params = PreprocessParams.from_dict(export["preprocessing"])
-        if cfg.data.preprocess:
-            log.info("data.preprocess ignored: the init's export brings its own preprocessing")
-    else:
-        try:
-            params = PreprocessParams.from_dict(dict(cfg.data.preprocess))
-        except ValueError as e:
-            raise ValueError(f"data.{e}") from None
+def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: str) -> PreparedData:
+    try:
+        configured = PreprocessParams.from_dict(dict(cfg.data.preprocess))
+    except ValueError as e:
+        raise ValueError(f"data.{e}") from None
+    params = choose_preprocessing(configured, [(source, export)] if export is not None else [])
     return prepare(
         cfg.data.root,
         params,
@@ -368,7 +313,7 @@ def finetune(
     device = _device(cfg.train.device)
 
     export, init_source = load_init(cfg.init, out / "init")
-    data = _prepare_data(cfg, export)
+    data = _prepare_data(cfg, export, init_source)
     train_ids = draw_labeled(data.splits.train_pool, cfg.n_labeled, cfg.seed)
     train_vols = list(data.volumes(train_ids).values())
     val_vols = data.volumes(data.splits.val)
@@ -377,7 +322,7 @@ def finetune(
     torch.manual_seed(cfg.seed)
     model, load_report = _build_model(cfg, export, init_source, in_channels, num_classes, data.params.size)
     model.to(device)
-    pretrained = export is not None and bool(load_report["loaded"])
+    pretrained = export is not None and bool(load_report.loaded)
 
     from monai.losses import DiceCELoss
 
@@ -419,7 +364,7 @@ def finetune(
         logger.set_tags(
             {"init": cfg.init, "n_labeled": cfg.n_labeled, "seed": cfg.seed, "pretrained": pretrained}
         )
-        atomic_write_text(out / "init_load_report.json", json.dumps(load_report, indent=1, default=float))
+        atomic_write_text(out / "init_load_report.json", json.dumps(load_report.to_dict(), indent=1))
         logger.log_artifact(out / "init_load_report.json")
         logger.log_artifact(out / "config.yaml")
 
@@ -532,7 +477,7 @@ def finetune(
         "test_per_volume": per_test,
         "history": history,
         "pretrain_info": pretrain_info,
-        "load_report": {k: len(v) if isinstance(v, list) else v for k, v in load_report.items()},
+        "load_report": load_report.counts(),
         "dataset": data.dataset.name,
         "num_classes": num_classes,
         "label_names": {str(k): v for k, v in data.dataset.label_names.items()},

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from downstream.mlflow_uri import resolve_model_file
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
-from ssl_pretrain.export import ExportError, load_export
+from ssl_pretrain.export import build_unet, load_export
 from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet
 
@@ -75,14 +75,7 @@ def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> 
     """
     path = resolve_model_file(ref, key="--model")
     export = load_export(path)
-    if export["head"] is None or not export["num_classes"]:
-        raise ExportError(
-            f"{path}: export of task {export['task']!r} has no segmentation head; finetune it first"
-        )
-    model = UNet(export["model_config"], int(export["num_classes"]))
-    model.encoder.load_state_dict(export["encoder"])
-    model.decoder.load_state_dict(export["decoder"])
-    model.head.load_state_dict(export["head"])
+    model, _ = build_unet(export, int(export["num_classes"] or 0), source=str(path), strict=True)
     return model.to(device).eval(), export
 
 

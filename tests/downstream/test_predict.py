@@ -68,3 +68,26 @@ def test_predict_bad_inputs(tmp_path: Path, capsys, mlflow_uri: str) -> None:
     assert "does not resolve" in capsys.readouterr().err
     assert mod.main(["--model", "m.pt", "--input", str(tmp_path / "missing"), "--output", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_prediction_loads_strictly_what_finetuning_loads_partially(tmp_path: Path) -> None:
+    import torch
+
+    from downstream.predict import load_segmentation_model
+    from ssl_pretrain.export import ExportError, build_unet, load_export
+
+    from .conftest import make_export
+
+    pre = load_export(make_export(tmp_path / "pre.pt"))  # encoder only, as pretraining writes it
+    model, report = build_unet(pre, 2, source="pre.pt", strict=False)
+    assert report.loaded and all(k.startswith("encoder.") for k in report.loaded)
+    assert {k.split(".")[0] for k in report.missing} == {"decoder", "head"}
+    with pytest.raises(ExportError, match="has no segmentation head"):
+        load_segmentation_model(str(tmp_path / "pre.pt"))
+    # a head that lacks a tensor: finetuning would train it from scratch, prediction refuses it
+    payload = torch.load(tmp_path / "pre.pt", weights_only=True)
+    payload.update(task="segmentation", num_classes=2, decoder=model.decoder.state_dict(),
+                   head={k: v for k, v in list(model.head.state_dict().items())[:-1]})
+    torch.save(payload, tmp_path / "cut.pt")
+    with pytest.raises(ExportError, match="does not match its model config"):
+        load_segmentation_model(str(tmp_path / "cut.pt"))
