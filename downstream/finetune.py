@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from ssl_pretrain.tracking import NullLogger, RunLogger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finetune", "load_init", "InjectedFault", "Report"]
+__all__ = ["finetune", "load_init", "FinetuneState", "InjectedFault", "Report"]
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 """``report(metrics, checkpoint_dir)``: called after every evaluation (with the checkpoint folder)
@@ -267,6 +268,88 @@ def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: st
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# the run: state, setup, loop, final evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneState:
+    """Everything of a run that changes while it trains, besides the modules; saved at every evaluation.
+
+    Args:
+        step: Optimizer steps taken.
+        best_dice: Best validation Dice so far (``-1`` before the first evaluation).
+        best_step: Step of ``best_dice``.
+        bad_evals: Evaluations since the last improvement (early stopping).
+        history: One row per evaluation (step, train loss, val Dice, lr, encoder frozen).
+        best_model: State dict of the best model so far.
+    """
+
+    step: int = 0
+    best_dice: float = -1.0
+    best_step: int = 0
+    bad_evals: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def save(self, path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+             gen: torch.Generator) -> None:
+        """Write this state with the model, optimizer, schedule and generator atomically to ``path``."""
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "best_model": self.best_model,
+            "step": self.step,
+            "best_dice": self.best_dice,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "history": self.history,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+
+    @classmethod
+    def restore(cls, path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                gen: torch.Generator) -> FinetuneState:
+        """Load a :meth:`save` file into the modules and return the state."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        opt.load_state_dict(payload["optimizer"])
+        sched.load_state_dict(payload["scheduler"])
+        gen.set_state(payload["generator"])
+        return cls(payload["step"], payload["best_dice"], payload["best_step"], payload["bad_evals"],
+                   list(payload["history"]), payload["best_model"])
+
+
+@dataclass
+class _Run:
+    """What one finetuning run is built from (fixed while it trains)."""
+
+    cfg: FinetuneConfig
+    out: Path
+    device: torch.device
+    export: dict[str, Any] | None
+    init_source: str
+    data: PreparedData
+    train_ids: tuple[str, ...]
+    model: UNet
+    load_report: LoadReport
+    opt: torch.optim.Optimizer
+    sched: Any
+    gen: torch.Generator
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.dataset.num_classes
+
+    @property
+    def pretrained(self) -> bool:
+        return self.export is not None and bool(self.load_report.loaded)
+
+
 def _device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -275,9 +358,29 @@ def _device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-# ---------------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------------
+def _build_run(cfg: FinetuneConfig) -> _Run:
+    """Prepare the data, draw the labeled volumes, build model, optimizer, schedule and generator."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = _device(cfg.train.device)
+    export, init_source = load_init(cfg.init, out / "init")
+    data = _prepare_data(cfg, export, init_source)
+    train_ids = draw_labeled(data.splits.train_pool, cfg.n_labeled, cfg.seed)
+    first = data.volumes(train_ids[:1])[train_ids[0]]
+    torch.manual_seed(cfg.seed)
+    model, load_report = _build_model(
+        cfg, export, init_source, int(first.image.shape[1]), data.dataset.num_classes, data.params.size
+    )
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule)
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _Run(cfg, out, device, export, init_source, data, train_ids, model, load_report, opt, sched, gen)
 
 
 def finetune(
@@ -305,184 +408,157 @@ def finetune(
     """
     logger = logger or NullLogger()
     t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = _device(cfg.train.device)
-
-    export, init_source = load_init(cfg.init, out / "init")
-    data = _prepare_data(cfg, export, init_source)
-    train_ids = draw_labeled(data.splits.train_pool, cfg.n_labeled, cfg.seed)
-    train_vols = list(data.volumes(train_ids).values())
-    val_vols = data.volumes(data.splits.val)
-    num_classes = data.dataset.num_classes
-    in_channels = int(train_vols[0].image.shape[1])
-    torch.manual_seed(cfg.seed)
-    model, load_report = _build_model(cfg, export, init_source, in_channels, num_classes, data.params.size)
-    model.to(device)
-    pretrained = export is not None and bool(load_report.loaded)
-
-    from monai.losses import DiceCELoss
-
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    total = cfg.train.max_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, cfg.train.warmup_steps, total, cfg.train.schedule)
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = SliceSampler(train_vols, cfg.train.batch_size, cfg.train.foreground_fraction)
-
-    step, best_dice, best_step, bad_evals = 0, -1.0, 0, 0
-    best_state = copy.deepcopy(model.state_dict())
-    history: list[dict[str, float]] = []
+    run = _build_run(cfg)
+    state = FinetuneState(best_model=copy.deepcopy(run.model.state_dict()))
     resumed_from: int | None = None
-    ckpt_dir = out / "checkpoint"
     if resume is not None:
         rpath = Path(resume)
-        state = torch.load(
-            rpath / "state.pt" if rpath.is_dir() else rpath, map_location="cpu", weights_only=True
-        )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        best_state = state["best_model"]
-        step, best_dice, best_step, bad_evals = (
-            state["step"],
-            state["best_dice"],
-            state["best_step"],
-            state["bad_evals"],
-        )
-        history = list(state["history"])
-        resumed_from = step
-        log.info("resumed from %s at step %d", rpath, step)
+        state = FinetuneState.restore(rpath / "state.pt" if rpath.is_dir() else rpath, run.model, run.opt,
+                                      run.sched, run.gen)
+        resumed_from = state.step
+        log.info("resumed from %s at step %d", rpath, state.step)
     else:
-        logger.log_params(flatten(cfg) | {"n_train_volumes": len(train_ids), "init_source": init_source})
-        logger.set_tags(
-            {"init": cfg.init, "n_labeled": cfg.n_labeled, "seed": cfg.seed, "pretrained": pretrained}
-        )
-        atomic_write_text(out / "init_load_report.json", json.dumps(load_report.to_dict(), indent=1))
-        logger.log_artifact(out / "init_load_report.json")
-        logger.log_artifact(out / "config.yaml")
+        _log_start(run, logger)
+    stopped_early = _train(run, state, report, logger)
+    result = _final_evaluation(run, state, logger)
+    result.update(stopped_early=stopped_early, resumed_from_step=resumed_from, wall_time_s=time.time() - t0)
+    _write_outputs(run, state, result, report, logger)
+    return result
 
-    def set_frozen(frozen: bool) -> None:
-        for p in model.encoder.parameters():
-            p.requires_grad_(not frozen)
 
-    stopped_early = False
+def _log_start(run: _Run, logger: RunLogger) -> None:
+    """Params, tags, the init load report and the config of a run that starts at step 0."""
+    cfg = run.cfg
+    logger.log_params(flatten(cfg) | {"n_train_volumes": len(run.train_ids), "init_source": run.init_source})
+    logger.set_tags({"init": cfg.init, "n_labeled": cfg.n_labeled, "seed": cfg.seed, "pretrained": run.pretrained})
+    atomic_write_text(run.out / "init_load_report.json", json.dumps(run.load_report.to_dict(), indent=1))
+    logger.log_artifact(run.out / "init_load_report.json")
+    logger.log_artifact(run.out / "config.yaml")
+
+
+def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLogger) -> bool:
+    """Train from ``state.step`` to ``train.max_steps`` (or an early stop); return whether it stopped early."""
+    from monai.losses import DiceCELoss
+
+    cfg, model = run.cfg, run.model
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    sampler = SliceSampler(list(run.data.volumes(run.train_ids).values()), cfg.train.batch_size,
+                           cfg.train.foreground_fraction)
+    val_vols = run.data.volumes(run.data.splits.val)
+    total = cfg.train.max_steps
     running: list[float] = []
     model.train()
     # a progress bar for interactive runs; sweep trials (report given) log through Ray instead
-    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=report is not None)
-    while step < total:
-        frozen = pretrained and step < cfg.train.freeze_encoder_steps
-        set_frozen(frozen)
-        image, label = sampler.sample(gen)
-        if cfg.train.augment:
-            image, label = augment(image, label, gen)
-        image, label = image.to(device), label.to(device)
-        loss = loss_fn(model(image), label[:, None])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        running.append(float(loss.detach()))  # host sync once per step: CPU-sized runs, cheap
-        if step % cfg.train.eval_every and step != total:
-            continue
-        per, _ = evaluate(model, val_vols, num_classes, device, hd95=False)
-        val_dice = summarize(list(per.values()))["dice"]
-        model.train()
-        if val_dice > best_dice:
-            best_dice, best_step, bad_evals = val_dice, step, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_evals += 1
-        row = {
-            "step": step,
-            "train_loss": float(np.mean(running)),
-            "val_dice": val_dice,
-            "lr": opt.param_groups[0]["lr"],
-            "encoder_frozen": float(frozen),
-        }
-        running = []
-        history.append(row)
-        logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-        stop = cfg.train.patience and bad_evals >= cfg.train.patience
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
-            "best_model": best_state,
-            "step": step,
-            "best_dice": best_dice,
-            "best_step": best_step,
-            "bad_evals": bad_evals,
-            "history": history,
-        }
-        with atomic_path(ckpt_dir / "state.pt") as tmp:
-            torch.save(state, tmp)
-        if report is not None:
-            report({**row, "best_val_dice": best_dice, "final": False}, str(ckpt_dir))
-        if cfg.train.inject_fault_at_step == step and not (out / _FAULT_MARKER).exists():
-            (out / _FAULT_MARKER).write_text(f"fault injected after the checkpoint at step {step}\n")
-            raise InjectedFault(f"train.inject_fault_at_step={step}: injected fault after the checkpoint")
-        if stop:
-            stopped_early = True
-            log.info("early stop at step %d: no validation Dice gain for %d evaluations", step, bad_evals)
-            break
+    bar = tqdm(total=total, initial=state.step, desc="finetune", unit="step", disable=report is not None)
+    try:
+        while state.step < total:
+            frozen = run.pretrained and state.step < cfg.train.freeze_encoder_steps
+            for p in model.encoder.parameters():
+                p.requires_grad_(not frozen)
+            image, label = sampler.sample(run.gen)
+            if cfg.train.augment:
+                image, label = augment(image, label, run.gen)
+            image, label = image.to(run.device), label.to(run.device)
+            loss = loss_fn(model(image), label[:, None])
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            run.sched.step()
+            state.step += 1
+            bar.update(1)
+            running.append(float(loss.detach()))  # host sync once per step: CPU-sized runs, cheap
+            if state.step % cfg.train.eval_every and state.step != total:
+                continue
+            row = _evaluation(run, state, val_vols, float(np.mean(running)), frozen, logger)
+            running = []
+            if report is not None:
+                report({**row, "best_val_dice": state.best_dice, "final": False}, str(run.out / "checkpoint"))
+            _maybe_inject_fault(cfg, run.out, state.step)
+            if cfg.train.patience and state.bad_evals >= cfg.train.patience:
+                log.info("early stop at step %d: no validation Dice gain for %d evaluations", state.step,
+                         state.bad_evals)
+                return True
+    finally:
+        bar.close()
+    return False
 
-    bar.close()
-    model.load_state_dict(best_state)
-    test_vols = data.volumes(data.splits.test)
-    per_test, preds = evaluate(model, test_vols, num_classes, device)
+
+def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], train_loss: float,
+                frozen: bool, logger: RunLogger) -> dict[str, float]:
+    """Validate, keep the best model, log the row, checkpoint; return the row."""
+    per, _ = evaluate(run.model, val_vols, run.num_classes, run.device, hd95=False)
+    val_dice = summarize(list(per.values()))["dice"]
+    run.model.train()
+    if val_dice > state.best_dice:
+        state.best_dice, state.best_step, state.bad_evals = val_dice, state.step, 0
+        state.best_model = copy.deepcopy(run.model.state_dict())
+    else:
+        state.bad_evals += 1
+    row = {"step": state.step, "train_loss": train_loss, "val_dice": val_dice,
+           "lr": run.opt.param_groups[0]["lr"], "encoder_frozen": float(frozen)}
+    state.history.append(row)
+    logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=state.step)
+    state.save(run.out / "checkpoint" / "state.pt", run.model, run.opt, run.sched, run.gen)
+    return row
+
+
+def _maybe_inject_fault(cfg: FinetuneConfig, out: Path, step: int) -> None:
+    if cfg.train.inject_fault_at_step == step and not (out / _FAULT_MARKER).exists():
+        (out / _FAULT_MARKER).write_text(f"fault injected after the checkpoint at step {step}\n")
+        raise InjectedFault(f"train.inject_fault_at_step={step}: injected fault after the checkpoint")
+
+
+def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dict[str, Any]:
+    """Test metrics of the best model, the contour figure, and the result dict (without timings)."""
+    cfg, out = run.cfg, run.out
+    run.model.load_state_dict(state.best_model)
+    test_vols = run.data.volumes(run.data.splits.test)
+    per_test, preds = evaluate(run.model, test_vols, run.num_classes, run.device)
     test = summarize(list(per_test.values()), "test_")
-    fig = contour_figure(
-        test_vols,
-        preds,
-        f"init={Path(cfg.init).name if cfg.init != 'random' else 'random'} n={cfg.n_labeled} seed={cfg.seed}",
-    )
+    init_name = Path(cfg.init).name if cfg.init != "random" else "random"
+    fig = contour_figure(test_vols, preds, f"init={init_name} n={cfg.n_labeled} seed={cfg.seed}")
     fig.savefig(out / "contours.png", dpi=100, bbox_inches="tight")
     logger.log_figure(fig, "plots/contours.png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-
-    pretrain_info = dict(export["info"]) if export is not None else {}
-    result: dict[str, Any] = {
+    data, export = run.data, run.export
+    return {
         "out_dir": str(out),
         "model_path": str(out / "model.pt"),
         "init": cfg.init,
-        "init_source": init_source,
+        "init_source": run.init_source,
         "init_task": export["task"] if export is not None else "random",
         "n_labeled": cfg.n_labeled,
         "seed": cfg.seed,
         "lr": cfg.train.lr,
         "weight_decay": cfg.train.weight_decay,
-        "train_ids": list(train_ids),
+        "train_ids": list(run.train_ids),
         "val_ids": list(data.splits.val),
         "test_ids": list(data.splits.test),
         "skipped": [list(s) for s in data.skipped],
-        "steps": step,
-        "best_step": best_step,
-        "best_val_dice": best_dice,
-        "stopped_early": stopped_early,
-        "resumed_from_step": resumed_from,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "best_val_dice": state.best_dice,
         **test,
         "test_per_volume": per_test,
-        "history": history,
-        "pretrain_info": pretrain_info,
-        "load_report": load_report.counts(),
+        "history": state.history,
+        "pretrain_info": dict(export["info"]) if export is not None else {},
+        "load_report": run.load_report.counts(),
         "dataset": data.dataset.name,
-        "num_classes": num_classes,
+        "num_classes": run.num_classes,
         "label_names": {str(k): v for k, v in data.dataset.label_names.items()},
-        "wall_time_s": time.time() - t0,
     }
+
+
+_EXPORT_INFO = ("init", "init_task", "n_labeled", "seed", "best_val_dice", "test_dice", "dataset", "label_names",
+                "pretrain_info")
+
+
+def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], report: Report | None,
+                   logger: RunLogger) -> None:
+    """``model.pt``, ``metrics.json``, ``result.json``, the final metrics and the final report."""
+    out, model, step = run.out, run.model, state.step
     save_export(
         out / "model.pt",
         task="segmentation",
@@ -490,49 +566,22 @@ def finetune(
         encoder_state=model.encoder.state_dict(),
         decoder_state=model.decoder.state_dict(),
         head_state=model.head.state_dict(),
-        num_classes=num_classes,
-        preprocessing=data.params.to_dict(),
-        info={
-            k: result[k]
-            for k in (
-                "init",
-                "init_task",
-                "n_labeled",
-                "seed",
-                "best_val_dice",
-                "test_dice",
-                "dataset",
-                "label_names",
-                "pretrain_info",
-            )
-        },
+        num_classes=run.num_classes,
+        preprocessing=run.data.params.to_dict(),
+        info={k: result[k] for k in _EXPORT_INFO},
     )
-    atomic_write_text(out / "metrics.json", json.dumps({"per_volume": per_test, **test}, indent=1, default=float))
+    test = {k: v for k, v in result.items() if k.startswith("test_") and k not in ("test_ids", "test_per_volume")}
+    atomic_write_text(out / "metrics.json",
+                      json.dumps({"per_volume": result["test_per_volume"], **test}, indent=1, default=float))
     atomic_write_text(out / "result.json", json.dumps(result, indent=1, default=float))
-    logger.log_metrics(
-        {k: v for k, v in test.items() if isinstance(v, float) and math.isfinite(v)}, step=step
-    )
-    logger.log_metrics({"best_val_dice": best_dice}, step=step)
+    logger.log_metrics({k: v for k, v in test.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
+    logger.log_metrics({"best_val_dice": state.best_dice}, step=step)
     logger.log_artifact(out / "metrics.json")
     if report is not None:
-        report(
-            {
-                "step": step,
-                "val_dice": history[-1]["val_dice"] if history else float("nan"),
-                "best_val_dice": best_dice,
-                "final": True,
-                **{k: v for k, v in test.items()},
-            },
-            None,
-        )
+        last = state.history[-1]["val_dice"] if state.history else float("nan")
+        report({"step": step, "val_dice": last, "best_val_dice": state.best_dice, "final": True, **test}, None)
     log.info(
-        "finetune %s n=%d seed=%d: val Dice %.3f (step %d), test Dice %.3f ± %.3f",
-        cfg.init,
-        cfg.n_labeled,
-        cfg.seed,
-        best_dice,
-        best_step,
-        test.get("test_dice", float("nan")),
+        "finetune %s n=%d seed=%d: val Dice %.3f (step %d), test Dice %.3f ± %.3f", run.cfg.init, run.cfg.n_labeled,
+        run.cfg.seed, state.best_dice, state.best_step, test.get("test_dice", float("nan")),
         test.get("test_dice_std", float("nan")),
     )
-    return result
