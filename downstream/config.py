@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.models.unet import UNetConfig
 
 __all__ = [
@@ -37,9 +38,9 @@ class DataConfig:
     n_val: int = option(2, "validation subjects (fixed, used for early stopping and model selection)")
     n_test: int = option(3, "test subjects (fixed, never seen in training or selection)")
     split_seed: int = option(0, "seed of the subject-level split; keep it fixed across a study")
-    preprocess: dict = option(
-        factory=dict,
-        help="PreprocessParams overrides for a random init (an export's own parameters win when given)",
+    preprocess: PreprocessParams = option(
+        factory=PreprocessParams,
+        help="preprocessing of a random init (a pretrained init's own parameters win, see choose_preprocessing)",
     )
 
     def validate(self) -> None:

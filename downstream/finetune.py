@@ -40,7 +40,7 @@ from downstream.metrics import summarize, volume_metrics
 from downstream.mlflow_uri import resolve_model_file
 from downstream.predict import predict_slices
 from ssl_pretrain.config import flatten, save_config
-from ssl_pretrain.data.preprocess import PreprocessParams, Volume
+from ssl_pretrain.data.preprocess import Volume
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 from ssl_pretrain.models.unet import UNet
@@ -253,11 +253,7 @@ def contour_figure(volumes: dict[str, Volume], preds: dict[str, np.ndarray], tit
 
 
 def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: str) -> PreparedData:
-    try:
-        configured = PreprocessParams.from_dict(dict(cfg.data.preprocess))
-    except ValueError as e:
-        raise ValueError(f"data.{e}") from None
-    params = choose_preprocessing(configured, [(source, export)] if export is not None else [])
+    params = choose_preprocessing(cfg.data.preprocess, [(source, export)] if export is not None else [])
     return prepare(
         cfg.data.root,
         params,

@@ -82,10 +82,6 @@ def _absolute_tracking_uri() -> str:
 
 def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     specs: list[InitSpec] = []
-    try:
-        configured = PreprocessParams.from_dict(dict(cfg.data.preprocess))
-    except ValueError as e:
-        raise ValueError(f"data.{e}") from None
     pretrained: list[tuple[str, dict[str, Any]]] = []
     for i, ref in enumerate(cfg.init):
         export, local = load_init(ref, out / "inits" / str(i))
@@ -111,7 +107,7 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
                 list(cfg.model.widths),
             )
     # init=random sees exactly the data the first pretrained init was prepared for (the one rule)
-    random_params = choose_preprocessing(configured, pretrained).to_dict()
+    random_params = choose_preprocessing(cfg.data.preprocess, pretrained).to_dict()
     for s in specs:
         if s.task == "random":
             s.params = random_params

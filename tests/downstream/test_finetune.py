@@ -88,3 +88,17 @@ def test_launch_finetune_cli_prints_one_line_on_bad_input(cohort: Path, tmp_path
     code = mod.main([*tiny_overrides(cohort, tmp_path / "cli", size=32), "n_labeled=9"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: n_labeled: 9 is larger")
+
+
+def test_data_preprocess_is_typed_and_checked_by_the_config_loader(cohort: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError, flatten
+    from ssl_pretrain.data.preprocess import PreprocessParams
+
+    cfg = _cfg(cohort, tmp_path / "t")
+    assert isinstance(cfg.data.preprocess, PreprocessParams) and cfg.data.preprocess.size == (32, 32)
+    assert flatten(cfg)["data.preprocess.size"] == [32, 32]  # YAML / MLflow see plain lists
+    with pytest.raises(ConfigError) as e:
+        _cfg(cohort, tmp_path / "t", "data.preprocess.norm=max")
+    assert "data.preprocess" in str(e.value) and "norm" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="data.preprocess.sizes: unknown key"):
+        _cfg(cohort, tmp_path / "t", "data.preprocess.sizes=[4, 4]")
