@@ -91,6 +91,17 @@ def _output_path(src: Path, output: Path, many: bool) -> Path:
     return output / f"{stem}_mask.nii.gz"
 
 
+def _output_folder(folder: Path) -> None:
+    """Create the folder the masks go to, or say in one line why it cannot be."""
+    bad = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise ValueError(f"--output: {bad} is a file; the masks need a folder {folder}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output: cannot create the folder {folder} ({e.strerror})") from None
+
+
 def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
     img = nib.Nifti1Image(mask.astype(np.uint8), reference.affine)
     img.set_qform(reference.affine, code=1)
@@ -136,9 +147,10 @@ def predict(
         files = [src]
     else:
         raise ValueError(f"--input: {src} does not exist")
+    many = src.is_dir()
+    _output_folder(out if many or not _is_nifti(out) else out.parent)
     net, export = load_segmentation_model(str(model), device=dev)
     params = PreprocessParams.from_dict(export["preprocessing"])
-    many = src.is_dir()
     written: list[Path] = []
     for f in tqdm(files, desc="predict", unit="vol", disable=len(files) < 2):
         try:

@@ -68,6 +68,12 @@ def test_predict_bad_inputs(tmp_path: Path, capsys, mlflow_uri: str) -> None:
     assert "does not resolve" in capsys.readouterr().err
     assert mod.main(["--model", "m.pt", "--input", str(tmp_path / "missing"), "--output", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for dst in (afile / "o.nii.gz", afile / "masks"):  # the output's folder is a file
+        assert mod.main(["--model", str(tmp_path / "none.pt"), "--input", str(vol), "--output", str(dst)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --output:") and str(afile) in err and len(err.splitlines()) == 1
 
 
 def test_prediction_loads_strictly_what_finetuning_loads_partially(tmp_path: Path) -> None:
