@@ -62,6 +62,9 @@ class ModelConfig:
         """The architecture of a random init for data with ``in_channels`` channels."""
         return UNetConfig(in_channels=in_channels, widths=tuple(self.widths), norm=self.norm, dropout=self.dropout)
 
+    def validate(self) -> None:
+        self.unet_config(1).validate()  # one rule for widths / dropout; its messages name model.*
+
 
 @dataclass
 class TrainConfig:
@@ -123,6 +126,11 @@ class FinetuneConfig:
         "random", "random | path to an export model.pt | runs:/<id>/<path> | models:/<name>@<alias>"
     )
     n_labeled: int = option(1, "labeled training volumes drawn from the training pool (0 = all)")
+    resume: Literal["never", "auto"] = option(
+        "auto",
+        "auto: continue from <out_dir>/checkpoint/ when it holds a checkpoint of the same config; "
+        "never: out_dir must hold none",
+    )
     data: DataConfig = option(factory=DataConfig, help="labeled data")
     model: ModelConfig = option(factory=ModelConfig, help="architecture for init=random")
     train: TrainConfig = option(factory=TrainConfig, help="optimisation")

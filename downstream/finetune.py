@@ -7,9 +7,11 @@ loss, on-the-fly augmentation and AdamW with warmup + cosine schedule, optionall
 encoder first, evaluates 3D validation Dice every ``train.eval_every`` steps with early stopping,
 and finally evaluates the best model on the fixed test set (3D Dice and HD95 in mm per volume).
 
-Everything resuming needs (weights, optimizer, schedule, step, the one random generator, best
-model, history) is saved in ``<out_dir>/checkpoint/state.pt`` at every evaluation, so a crashed
-run (or Ray trial) continues exactly where it was.
+Everything resuming needs (:class:`FinetuneState`: weights, optimizer, schedule, step, the one
+random generator, best model, history; plus the result-deciding config and the MLflow run id) is
+saved in ``<out_dir>/checkpoint/state.pt`` at every evaluation (the previous one kept as
+``state.prev.pt``), so re-running the same command (``resume: auto``) or a retried Ray trial
+continues exactly where it was, in the same MLflow run.
 
 Outputs under ``out_dir``: ``model.pt`` (export format + head + preprocessing: all that
 ``predict.py`` needs), ``config.yaml``, ``metrics.json`` (per-volume test metrics),
@@ -44,11 +46,11 @@ from ssl_pretrain.data.preprocess import Volume
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 from ssl_pretrain.models.unet import UNet
-from ssl_pretrain.tracking import NullLogger, RunLogger
+from ssl_pretrain.tracking import NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finetune", "load_init", "FinetuneState", "InjectedFault", "Report"]
+__all__ = ["finetune", "load_init", "FinetuneState", "read_checkpoint", "result_config", "InjectedFault", "Report"]
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 """``report(metrics, checkpoint_dir)``: called after every evaluation (with the checkpoint folder)
@@ -289,35 +291,153 @@ class FinetuneState:
     history: list[dict[str, float]] = field(default_factory=list)
     best_model: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def save(self, path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-             gen: torch.Generator) -> None:
-        """Write this state with the model, optimizer, schedule and generator atomically to ``path``."""
+    def save(self, path: Path, run: _Run, logger: RunLogger) -> None:
+        """Write this state with the run's modules, config and MLflow run id atomically to ``path``.
+
+        The checkpoint it replaces is kept as ``state.prev.pt``, the fallback when ``path`` turns out
+        truncated (a disk full or a kill during a copy).
+        """
         payload = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "generator": run.gen.get_state(),
             "best_model": self.best_model,
             "step": self.step,
             "best_dice": self.best_dice,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
             "history": self.history,
+            "config": result_config(run.cfg),
+            "mlflow_run_id": logger.run_id,
         }
+        if path.is_file():
+            os.replace(path, path.with_name(_PREV))
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
 
     @classmethod
-    def restore(cls, path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-                gen: torch.Generator) -> FinetuneState:
-        """Load a :meth:`save` file into the modules and return the state."""
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(payload["model"])
-        opt.load_state_dict(payload["optimizer"])
-        sched.load_state_dict(payload["scheduler"])
-        gen.set_state(payload["generator"])
+    def restore(cls, payload: dict[str, Any], run: _Run) -> FinetuneState:
+        """Load a checkpoint payload (see :func:`read_checkpoint`) into the run's modules; return the state."""
+        run.model.load_state_dict(payload["model"])
+        run.opt.load_state_dict(payload["optimizer"])
+        run.sched.load_state_dict(payload["scheduler"])
+        run.gen.set_state(payload["generator"])
         return cls(payload["step"], payload["best_dice"], payload["best_step"], payload["bad_evals"],
                    list(payload["history"]), payload["best_model"])
+
+
+_CKPT, _PREV = "state.pt", "state.prev.pt"
+# config keys that do not change what a run computes: they may differ between a run and its resume
+_NOT_RESULT = ("out_dir", "resume", "data.cache_dir", "train.device", "train.num_threads",
+               "train.inject_fault_at_step")
+
+
+def result_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The flat config keys that decide a run's result (init, n_labeled, seed, data, model, train)."""
+    flat = flatten(cfg)
+    flat["data.root"] = str(Path(cfg.data.root).resolve())
+    return {k: v for k, v in flat.items() if k not in _NOT_RESULT and not k.startswith("tracking.")}
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """Read a finetuning checkpoint, falling back to the previous kept one when it is unreadable.
+
+    Args:
+        path: A checkpoint folder (``state.pt``, ``state.prev.pt``) or one checkpoint file.
+
+    Returns:
+        ``(the file read, its payload)``.
+
+    Raises:
+        ValueError: One line when no readable checkpoint is there.
+    """
+    p = Path(path)
+    folder, first = (p, p / _CKPT) if p.is_dir() else (p.parent, p)
+    bad: list[str] = []
+    for c in [first, folder / _PREV] if first.name == _CKPT else [first]:
+        if not c.is_file():
+            continue
+        try:
+            payload = torch.load(c, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or "step" not in payload:
+                raise TypeError("not a finetuning checkpoint")
+        except Exception as e:  # torch raises many types for truncated files
+            bad.append(f"{c} ({type(e).__name__})")
+            continue
+        if bad:
+            log.warning("checkpoint %s is unreadable; resuming from the previous one, %s", bad[0], c)
+        return c, payload
+    if not bad:
+        raise ValueError(f"resume: {first} does not exist")
+    raise ValueError(
+        f"{first}: unreadable checkpoint ({', '.join(bad)}) and no readable previous one; "
+        f"delete {folder} to start over"
+    )
+
+
+def _check_same_config(payload: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint whose run would compute something else than ``cfg``."""
+    saved, now = payload.get("config"), result_config(cfg)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: checkpoint records no config (older mri-ssl); delete it or use another out_dir")
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k)!r} (this run: {now.get(k)!r})" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ValueError(
+            f"{path}: checkpoint of another config: {shown}{more}; rerun with its values to resume, "
+            "or use another out_dir"
+        )
+
+
+def _resume_source(cfg: FinetuneConfig, resume: str | os.PathLike[str] | None) -> Path | None:
+    """The checkpoint to continue: the one given, else ``<out_dir>/checkpoint`` with ``resume=auto``."""
+    if resume is not None:
+        return Path(resume)
+    folder = Path(cfg.out_dir) / "checkpoint"
+    if not ((folder / _CKPT).is_file() or (folder / _PREV).is_file()):
+        return None
+    if cfg.resume == "never":
+        raise ValueError(f"{folder}: holds a checkpoint; set resume=auto to continue it or choose another out_dir")
+    return folder
+
+
+def _prepare_out_dir(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {out} is a file; expected a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir: cannot create {out} ({e.strerror}: a parent is a file?)") from None
+    return out
+
+
+def _start_logger(cfg: FinetuneConfig, out: Path, payload: dict[str, Any] | None) -> RunLogger:
+    """The run's own MLflow run: the checkpoint's (a resume continues it) or a new one.
+
+    Its id is also written to ``<out_dir>/mlflow_run_id`` at once, so a run killed before its first
+    checkpoint is found and marked KILLED by the run that takes over instead of staying RUNNING.
+    """
+    if not cfg.tracking.enabled:
+        return NullLogger()
+    run_id = payload.get("mlflow_run_id") if payload is not None else None
+    id_file = out / "mlflow_run_id"
+    orphan = id_file.read_text().strip() if id_file.is_file() else ""
+    if orphan and orphan != run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        try:
+            if client.get_run(orphan).info.status == "RUNNING":
+                client.set_terminated(orphan, status="KILLED")
+                log.warning("MLflow run %s of %s was left RUNNING by a killed run: marked KILLED", orphan, out)
+        except Exception as e:  # not in this tracking store (any more): nothing to mark
+            log.info("MLflow run %s named in %s not found (%s)", orphan, id_file, type(e).__name__)
+    logger = start_logger(True, cfg.tracking.experiment, run_name=out.name, run_id=run_id)
+    atomic_write_text(id_file, str(logger.run_id))
+    return logger
 
 
 @dataclass
@@ -357,7 +477,6 @@ def _device(choice: str) -> torch.device:
 def _build_run(cfg: FinetuneConfig) -> _Run:
     """Prepare the data, draw the labeled volumes, build model, optimizer, schedule and generator."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -388,37 +507,54 @@ def finetune(
 ) -> dict[str, Any]:
     """Finetune one model and evaluate it on the fixed test set.
 
+    Re-running with the same ``out_dir`` continues from its checkpoint (``resume=auto``), refusing
+    one whose config differs in anything that changes the result.
+
     Args:
         cfg: The run's config (data, init, n_labeled, seed, train).
         report: Called after each evaluation with metrics and the checkpoint folder, and at the end.
-        resume: A checkpoint folder (or its ``state.pt``) to continue from.
-        logger: Where params, metrics and figures go (default: no tracking).
+        resume: A checkpoint folder (or its ``state.pt``) to continue from (default: ``cfg.resume``).
+        logger: Where params, metrics and figures go; the caller ends it. Default: the run's own
+            MLflow run when ``tracking.enabled`` (continued on resume, ended here), else nothing.
 
     Returns:
         The result: ids, steps, best validation Dice, test Dice/HD95 mean ± std, per-eval history,
-        init load report and pretraining budget, ``model_path``.
+        init load report and pretraining budget, ``model_path``, ``mlflow_run_id``.
 
     Raises:
-        ValueError: Bad data, ``n_labeled`` larger than the pool, incompatible init.
+        ValueError: Bad data or out_dir, ``n_labeled`` larger than the pool, incompatible init, a
+            checkpoint of another config or none readable.
         InjectedFault: The ``train.inject_fault_at_step`` testing hook fired.
     """
-    logger = logger or NullLogger()
     t0 = time.time()
-    run = _build_run(cfg)
-    state = FinetuneState(best_model=copy.deepcopy(run.model.state_dict()))
-    resumed_from: int | None = None
-    if resume is not None:
-        rpath = Path(resume)
-        state = FinetuneState.restore(rpath / "state.pt" if rpath.is_dir() else rpath, run.model, run.opt,
-                                      run.sched, run.gen)
-        resumed_from = state.step
-        log.info("resumed from %s at step %d", rpath, state.step)
-    else:
-        _log_start(run, logger)
-    stopped_early = _train(run, state, report, logger)
-    result = _final_evaluation(run, state, logger)
-    result.update(stopped_early=stopped_early, resumed_from_step=resumed_from, wall_time_s=time.time() - t0)
-    _write_outputs(run, state, result, report, logger)
+    out = _prepare_out_dir(cfg)
+    source = _resume_source(cfg, resume)
+    payload: dict[str, Any] | None = None
+    if source is not None:
+        source, payload = read_checkpoint(source)
+        _check_same_config(payload, cfg, source)
+    own = logger is None
+    logger = _start_logger(cfg, out, payload) if own else logger
+    try:
+        run = _build_run(cfg)
+        state = FinetuneState(best_model=copy.deepcopy(run.model.state_dict()))
+        if payload is not None:
+            state = FinetuneState.restore(payload, run)
+            log.info("resumed from %s at step %d", source, state.step)
+        else:
+            _log_start(run, logger)
+        resumed_from = state.step if payload is not None else None
+        stopped_early = _train(run, state, report, logger)
+        result = _final_evaluation(run, state, logger)
+        result.update(stopped_early=stopped_early, resumed_from_step=resumed_from, mlflow_run_id=logger.run_id,
+                      wall_time_s=time.time() - t0)
+        _write_outputs(run, state, result, report, logger)
+    except BaseException as e:
+        if own:
+            logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if own:
+        logger.end("FINISHED")
     return result
 
 
@@ -447,7 +583,7 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
     # a progress bar for interactive runs; sweep trials (report given) log through Ray instead
     bar = tqdm(total=total, initial=state.step, desc="finetune", unit="step", disable=report is not None)
     try:
-        while state.step < total:
+        while state.step < total and not _patience_spent(cfg, state):
             frozen = run.pretrained and state.step < cfg.train.freeze_encoder_steps
             for p in model.encoder.parameters():
                 p.requires_grad_(not frozen)
@@ -470,13 +606,17 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
             if report is not None:
                 report({**row, "best_val_dice": state.best_dice, "final": False}, str(run.out / "checkpoint"))
             _maybe_inject_fault(cfg, run.out, state.step)
-            if cfg.train.patience and state.bad_evals >= cfg.train.patience:
+            if _patience_spent(cfg, state):
                 log.info("early stop at step %d: no validation Dice gain for %d evaluations", state.step,
                          state.bad_evals)
-                return True
+                break
     finally:
         bar.close()
-    return False
+    return _patience_spent(cfg, state)
+
+
+def _patience_spent(cfg: FinetuneConfig, state: FinetuneState) -> bool:
+    return bool(cfg.train.patience) and state.bad_evals >= cfg.train.patience
 
 
 def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], train_loss: float,
@@ -494,7 +634,7 @@ def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], tr
            "lr": run.opt.param_groups[0]["lr"], "encoder_frozen": float(frozen)}
     state.history.append(row)
     logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=state.step)
-    state.save(run.out / "checkpoint" / "state.pt", run.model, run.opt, run.sched, run.gen)
+    state.save(run.out / "checkpoint" / _CKPT, run, logger)
     return row
 
 

@@ -8,18 +8,18 @@ One process, CPU or one GPU::
 ``init`` is ``random``, a path to an export ``model.pt``, or an MLflow URI (``runs:/<id>`` of a
 pretraining run, ``models:/mri-ssl-<dataset>@champion``). The best model (validation Dice) is
 written to ``<out_dir>/model.pt`` together with its head and preprocessing, ready for
-``launch/predict.py``. ``--resume`` continues from ``<out_dir>/checkpoint/`` after an interruption.
+``launch/predict.py``. Re-running the same command continues from ``<out_dir>/checkpoint/`` after an
+interruption, in the same MLflow run (``resume: auto``; ``--resume`` is the same). A checkpoint of a
+different config (init, n_labeled, seed, data, model, train) is refused with one line.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from downstream.config import FinetuneConfig
 from ssl_pretrain.config import parse_config
-from ssl_pretrain.tracking import start_logger
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,24 +29,17 @@ def main(argv: list[str] | None = None) -> int:
         FinetuneConfig,
         argv,
         doc=__doc__,
-        add_flags=lambda p: p.add_argument(
-            "--resume", action="store_true", help="continue from <out_dir>/checkpoint/state.pt"
-        ),
+        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
     )
+    if args.resume:
+        cfg.resume = "auto"
     from downstream.finetune import finetune
 
-    ckpt = Path(cfg.out_dir) / "checkpoint" / "state.pt"
-    logger = start_logger(cfg.tracking.enabled, cfg.tracking.experiment, run_name=Path(cfg.out_dir).name)
     try:
-        result = finetune(cfg, resume=ckpt if args.resume and ckpt.is_file() else None, logger=logger)
+        result = finetune(cfg)  # tracking: the run's own MLflow run, continued on resume
     except ValueError as e:  # bad input: one clear line, no traceback
-        logger.end("FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BaseException:
-        logger.end("FAILED")
-        raise
-    logger.end("FINISHED")
     print(
         f"model: {result['model_path']}\n"
         f"test Dice {result['test_dice']:.4f} ± {result['test_dice_std']:.4f}, "

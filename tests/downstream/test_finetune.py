@@ -27,8 +27,8 @@ def test_finetune_outputs_and_exact_resume_after_a_crash(cohort: Path, tmp_path:
     with pytest.raises(InjectedFault):
         finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"))
     assert (out / "checkpoint" / "state.pt").is_file() and not (out / "model.pt").exists()
-    resumed = finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"),
-                       resume=out / "checkpoint")
+    # re-running the same command continues from the checkpoint (resume: auto)
+    resumed = finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"))
     assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
     # same batches, augmentation and weights after the resume: identical curve and test metrics
     assert [h["val_dice"] for h in resumed["history"]] == [h["val_dice"] for h in plain["history"]]
@@ -102,3 +102,88 @@ def test_data_preprocess_is_typed_and_checked_by_the_config_loader(cohort: Path,
     assert "data.preprocess" in str(e.value) and "norm" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="data.preprocess.sizes: unknown key"):
         _cfg(cohort, tmp_path / "t", "data.preprocess.sizes=[4, 4]")
+
+
+def _crash(cohort: Path, out: Path, at: int, *extra: str) -> None:
+    with pytest.raises(InjectedFault):
+        finetune(_cfg(cohort, out, "n_labeled=2", f"train.inject_fault_at_step={at}", *extra))
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _crash(cohort, out, 10)
+    written = (out / "config.yaml").read_text()
+
+    def refused(*extra: str) -> str:
+        with pytest.raises(ValueError) as e:
+            finetune(_cfg(cohort, out, *extra))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    msg = refused("n_labeled=1", "seed=7")  # would write a result.json claiming 1 volume, seed 7
+    assert "n_labeled" in msg and "seed" in msg and "state.pt" in msg
+    assert "model.widths" in refused("n_labeled=2", "model.widths=[4, 8, 16]")
+    assert "train.lr" in refused("n_labeled=2", "train.lr=1e-2")
+    assert "resume=auto" in refused("n_labeled=2", "resume=never")
+    assert (out / "config.yaml").read_text() == written  # a refused run changes nothing
+    # what does not change the result may differ: threads, fault hook, tracking
+    res = finetune(_cfg(cohort, out, "n_labeled=2", "train.num_threads=1"))
+    assert res["resumed_from_step"] == 10
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(cohort: Path, tmp_path: Path, caplog) -> None:
+    plain = finetune(_cfg(cohort, tmp_path / "plain", "n_labeled=2", "train.max_steps=30"))
+    out = tmp_path / "run"
+    _crash(cohort, out, 20, "train.max_steps=30")
+    state = out / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        res = finetune(_cfg(cohort, out, "n_labeled=2", "train.max_steps=30"))
+    assert any(str(state) in r.getMessage() and "state.prev.pt" in r.getMessage() for r in caplog.records)
+    assert res["resumed_from_step"] == 10 and res["test_dice"] == plain["test_dice"]
+    # nothing readable left: one line, no traceback
+    out2 = tmp_path / "run2"
+    _crash(cohort, out2, 20, "train.max_steps=30")
+    for name in ("state.pt", "state.prev.pt"):
+        (out2 / "checkpoint" / name).write_bytes(b"\x80\x02 truncated")
+    with pytest.raises(ValueError) as e:
+        finetune(_cfg(cohort, out2, "n_labeled=2", "train.max_steps=30"))
+    assert "state.pt" in str(e.value) and "unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resumed_run_continues_its_mlflow_run(cohort: Path, tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    out = tmp_path / "run"
+    _crash(cohort, out, 10, "tracking.enabled=true")
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["mlflow_run_id"] == run_id
+    client.update_run(run_id, status="RUNNING")  # as a kill -9 leaves it
+    res = finetune(_cfg(cohort, out, "n_labeled=2", "tracking.enabled=true"))
+    assert res["resumed_from_step"] == 10 and res["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["n_labeled"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_dice")] == [10, 20]
+    # killed before its first checkpoint: the orphan is marked KILLED, a fresh run takes over
+    out2 = tmp_path / "run2"
+    exp = client.get_experiment_by_name("mri-ssl/finetune").experiment_id
+    orphan = client.create_run(exp).info.run_id
+    out2.mkdir()
+    (out2 / "mlflow_run_id").write_text(orphan)
+    res2 = finetune(_cfg(cohort, out2, "n_labeled=2", "tracking.enabled=true", "train.max_steps=10"))
+    assert client.get_run(orphan).info.status == "KILLED" and res2["mlflow_run_id"] != orphan
+
+
+def test_unusable_out_dir_and_widths_give_one_line(cohort: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(ValueError) as e:
+            finetune(_cfg(cohort, out))
+        assert "out_dir" in str(e.value) and str(afile) in str(e.value) and "\n" not in str(e.value)
+    for widths in ("[]", "[0, 8]"):
+        with pytest.raises(ConfigError, match=r"model.widths: need at least 2 positive widths"):
+            _cfg(cohort, tmp_path / "w", f"model.widths={widths}")
