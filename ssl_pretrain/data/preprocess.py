@@ -46,6 +46,9 @@ class PreprocessParams:
         norm: ``"zscore"`` (mean 0, std 1 per channel and volume) or ``"minmax"`` ([0, 1]).
         clip: intensity percentiles (low, high) clipped before normalising. Default (0.5, 99.5).
         channels: channel indices kept from a 4D input; ``None`` keeps all channels.
+        field_of_view: ``"crop"`` centre-crops/pads every slice to ``size`` (fixed-size shards);
+            ``"pad"`` keeps the whole resampled slice and only pads it up to ``size`` where it is
+            smaller (finetuning, evaluation, prediction: ``size`` is then the patch size).
     """
 
     spacing: tuple[float, float] = (1.5, 1.5)
@@ -53,8 +56,11 @@ class PreprocessParams:
     norm: Literal["zscore", "minmax"] = "zscore"
     clip: tuple[float, float] = (0.5, 99.5)
     channels: tuple[int, ...] | None = None
+    field_of_view: Literal["crop", "pad"] = "crop"
 
     def __post_init__(self) -> None:
+        if self.field_of_view not in ("crop", "pad"):
+            raise ValueError(f"preprocess.field_of_view: {self.field_of_view!r} is not one of 'crop', 'pad'")
         _check_pair("spacing", self.spacing, float, positive=True)
         _check_pair("size", self.size, int, positive=True)
         if self.norm not in ("zscore", "minmax"):
@@ -298,6 +304,8 @@ def preprocess(
     res = _resample_image(np.ascontiguousarray(canon), (nx, ny))
     res = _normalise(res, params)
     h, w = params.size
+    if params.field_of_view == "pad":  # the whole slice, padded up to the patch size where smaller
+        h, w = max(h, ny), max(w, nx)
     # the display grid is (H=-y, W=x); crop/pad in canonical (x, y) order with matching offsets
     offset = ((nx - w) // 2, (ny - h) // 2)
     fill = res.min(axis=(0, 1, 2))  # background after normalisation (clip low), per channel
