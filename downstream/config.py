@@ -40,7 +40,8 @@ class DataConfig:
     split_seed: int = option(0, "seed of the subject-level split; keep it fixed across a study")
     preprocess: PreprocessParams = option(
         factory=PreprocessParams,
-        help="preprocessing of a random init (a pretrained init's own parameters win, see choose_preprocessing)",
+        help="preprocessing; size is the training patch and the sliding window (a pretrained init's own "
+        "parameters win; field_of_view is always pad here: see choose_preprocessing)",
     )
 
     def validate(self) -> None:
@@ -80,6 +81,9 @@ class TrainConfig:
     augment: bool = option(True, "on-the-fly augmentation (flip, small affine, intensity)")
     foreground_fraction: float = option(0.5, "share of training slices drawn from slices with foreground")
     eval_every: int = option(100, "steps between validation evaluations (and checkpoints)")
+    sw_overlap: float = option(
+        0.5, "overlap of the Gaussian-weighted sliding windows of validation and test inference, in [0, 1)"
+    )
     patience: int = option(10, "evaluations without validation-Dice improvement before stopping; 0 = never")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "cuda when available with auto")
     num_threads: int = option(0, "torch CPU threads (0 = torch default)")
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0 or self.freeze_encoder_steps < 0 or self.patience < 0:
             raise ConfigError("train.warmup_steps / freeze_encoder_steps / patience: must be >= 0")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ConfigError(f"train.sw_overlap: must be in [0, 1), got {self.sw_overlap}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"train.foreground_fraction: must be in [0, 1], got {self.foreground_fraction}")
 

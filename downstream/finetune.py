@@ -1,11 +1,14 @@
 """Finetune a UNet for segmentation on ``n_labeled`` volumes from a random or pretrained init.
 
 One function, :func:`finetune`, serves ``launch/finetune.py`` and every Ray Tune trial of a sweep.
-It prepares the labeled data (with the init's preprocessing), builds the UNet from the init's
-export (reporting which keys were loaded, missing and unexpected), trains with MONAI's Dice + CE
-loss, on-the-fly augmentation and AdamW with warmup + cosine schedule, optionally with a frozen
-encoder first, evaluates 3D validation Dice every ``train.eval_every`` steps with early stopping,
-and finally evaluates the best model on the fixed test set (3D Dice and HD95 in mm per volume).
+It prepares the labeled data (with the init's preprocessing, whole slices: see
+:func:`~ssl_pretrain.export.choose_preprocessing`), builds the UNet from the init's export
+(:func:`~ssl_pretrain.export.build_unet`, reporting which keys were loaded, missing and unexpected),
+trains on ``data.preprocess.size`` patches (foreground-biased) with MONAI's Dice + CE loss,
+on-the-fly augmentation and AdamW with warmup + cosine schedule, optionally with a frozen encoder
+first, evaluates 3D validation Dice every ``train.eval_every`` steps with early stopping, and
+finally evaluates the best model on the fixed test set: whole-slice sliding-window predictions
+mapped back to each file's grid, 3D Dice and HD95 in mm against the original label files.
 
 Everything resuming needs (:class:`FinetuneState`: weights, optimizer, schedule, step, the one
 random generator, best model, history; plus the result-deciding config and the MLflow run id) is
@@ -37,12 +40,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from downstream.config import FinetuneConfig
-from downstream.data import PreparedData, draw_labeled, prepare, shw_spacing
-from downstream.metrics import summarize, volume_metrics
+from downstream.data import PreparedData, draw_labeled, prepare
+from downstream.metrics import dice_score, summarize, volume_metrics
 from downstream.mlflow_uri import resolve_model_file
 from downstream.predict import predict_slices
 from ssl_pretrain.config import flatten, save_config
-from ssl_pretrain.data.preprocess import Volume
+from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 from ssl_pretrain.models.unet import UNet
@@ -117,30 +120,52 @@ def _build_model(
 # ---------------------------------------------------------------------------------------------
 
 
-class SliceSampler:
-    """Draws training batches of slices; a share comes from slices that contain foreground.
+class PatchSampler:
+    """Draws training batches of ``size`` patches from whole slices; a share is centred on foreground.
+
+    Slices keep their whole field of view (any ``H, W`` at least ``size``); a foreground draw picks a
+    slice with foreground and centres the patch on one of its foreground pixels (clamped inside the
+    slice), the other draws pick any slice and a uniform patch position.
 
     Args:
-        volumes: Training volumes (image ``(S, C, H, W)``, label ``(S, H, W)``).
-        batch_size: Slices per batch.
-        foreground_fraction: Share of each batch drawn from foreground slices.
+        volumes: Training volumes (image ``(S, C, H, W)``, label ``(S, H, W)``; ``H, W`` may differ
+            between volumes).
+        batch_size: Patches per batch.
+        foreground_fraction: Share of each batch centred on foreground.
+        size: Patch ``(h, w)``.
     """
 
-    def __init__(self, volumes: list[Volume], batch_size: int, foreground_fraction: float) -> None:
-        self.images = torch.from_numpy(np.concatenate([v.image for v in volumes]))
-        self.labels = torch.from_numpy(np.concatenate([v.label for v in volumes]).astype(np.int64))
-        self.fg = torch.nonzero(self.labels.flatten(1).amax(dim=1) > 0).flatten()
-        self.batch_size = batch_size
-        self.n_fg = round(batch_size * foreground_fraction) if len(self.fg) else 0
+    def __init__(
+        self, volumes: list[Volume], batch_size: int, foreground_fraction: float, size: tuple[int, int]
+    ) -> None:
+        self.images = [torch.from_numpy(v.image) for v in volumes]
+        self.labels = [torch.from_numpy(v.label.astype(np.int64)) for v in volumes]
+        self.slices = [(vi, s) for vi, v in enumerate(volumes) for s in range(v.image.shape[0])]
+        self.fg = [i for i, (vi, s) in enumerate(self.slices) if bool(self.labels[vi][s].any())]
+        self.batch_size, self.size = batch_size, (int(size[0]), int(size[1]))
+        self.n_fg = round(batch_size * foreground_fraction) if self.fg else 0
+
+    def _corner(self, vi: int, s: int, centred: bool, gen: torch.Generator) -> tuple[int, int]:
+        (h, w), (big_h, big_w) = self.size, self.images[vi].shape[-2:]
+        if centred:
+            pix = torch.nonzero(self.labels[vi][s])
+            cy, cx = pix[int(torch.randint(len(pix), (1,), generator=gen))].tolist()
+            return min(max(cy - h // 2, 0), big_h - h), min(max(cx - w // 2, 0), big_w - w)
+        top = int(torch.randint(big_h - h + 1, (1,), generator=gen))
+        return top, int(torch.randint(big_w - w + 1, (1,), generator=gen))
 
     def sample(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(image (B, C, H, W), label (B, H, W) int64)``."""
-        idx_any = torch.randint(len(self.images), (self.batch_size - self.n_fg,), generator=gen)
-        idx_fg = (
-            self.fg[torch.randint(len(self.fg), (self.n_fg,), generator=gen)] if self.n_fg else idx_any[:0]
-        )
-        idx = torch.cat([idx_fg, idx_any])
-        return self.images[idx], self.labels[idx]
+        """Return ``(image (B, C, h, w), label (B, h, w) int64)``."""
+        idx_any = torch.randint(len(self.slices), (self.batch_size - self.n_fg,), generator=gen).tolist()
+        idx_fg = [self.fg[i] for i in torch.randint(len(self.fg), (self.n_fg,), generator=gen).tolist()]
+        images, labels = [], []
+        for k, centred in [(i, True) for i in idx_fg] + [(i, False) for i in idx_any]:
+            vi, s = self.slices[k]
+            top, left = self._corner(vi, s, centred, gen)
+            h, w = self.size
+            images.append(self.images[vi][s, :, top : top + h, left : left + w])
+            labels.append(self.labels[vi][s, top : top + h, left : left + w])
+        return torch.stack(images), torch.stack(labels)
 
 
 def augment(
@@ -199,28 +224,51 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     *,
-    hd95: bool = True,
-) -> tuple[dict[str, dict[str, list[float]]], dict[str, np.ndarray]]:
-    """3D metrics of every volume, on the volume reassembled from its slice predictions.
+    roi_size: tuple[int, int],
+    overlap: float,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Mean foreground Dice of every volume on its preprocessed grid (validation, model selection).
 
     Returns:
-        ``({id: {"dice": [...], "hd95": [...]}}, {id: prediction (S, H, W)})``.
+        ``({id: Dice}, {id: prediction (S, H, W)})``.
     """
-    per: dict[str, dict[str, list[float]]] = {}
+    per: dict[str, float] = {}
     preds: dict[str, np.ndarray] = {}
     for sid, vol in volumes.items():
-        pred = predict_slices(model, vol.image, device=device)
+        pred = predict_slices(model, vol.image, roi_size=roi_size, overlap=overlap, device=device)
         preds[sid] = pred
-        if hd95:
-            per[sid] = volume_metrics(pred, vol.label, spacing=shw_spacing(vol), num_classes=num_classes)
-        else:
-            from downstream.metrics import dice_score
-
-            per[sid] = {
-                "dice": [dice_score(pred == c, vol.label == c) for c in range(1, num_classes)],
-                "hd95": [float("nan")] * (num_classes - 1),
-            }
+        per[sid] = float(np.mean([dice_score(pred == c, vol.label == c) for c in range(1, num_classes)]))
     return per, preds
+
+
+def _original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The label map of a subject on its file's own voxel grid, with that grid's spacing in mm."""
+    img = load_nifti(path, kind="label")
+    lab = np.asanyarray(img.dataobj)
+    lab = lab[..., 0] if lab.ndim == 4 else lab
+    return np.rint(lab).astype(np.uint8), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def evaluate_test(
+    model: torch.nn.Module, data: PreparedData, ids: tuple[str, ...], device: torch.device, *, overlap: float
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, Volume], dict[str, np.ndarray]]:
+    """3D Dice / HD95 of whole-volume predictions mapped back to each file's grid, against its label file.
+
+    Nothing is cropped away: a structure anywhere in the field of view counts.
+
+    Returns:
+        ``({id: {"dice": [...], "hd95": [...]}}, {id: preprocessed volume}, {id: prediction on it})``.
+    """
+    by_id = {s.id: s for s in data.dataset.subjects}
+    vols = data.volumes(ids)
+    per: dict[str, dict[str, list[float]]] = {}
+    preds: dict[str, np.ndarray] = {}
+    for sid, vol in vols.items():
+        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap, device=device)
+        truth, spacing = _original_label(by_id[sid].label)
+        pred = to_original_grid(preds[sid], vol.geometry)
+        per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes)
+    return per, vols, preds
 
 
 def contour_figure(volumes: dict[str, Volume], preds: dict[str, np.ndarray], title: str, n: int = 4) -> Any:
@@ -574,8 +622,8 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
 
     cfg, model = run.cfg, run.model
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    sampler = SliceSampler(list(run.data.volumes(run.train_ids).values()), cfg.train.batch_size,
-                           cfg.train.foreground_fraction)
+    sampler = PatchSampler(list(run.data.volumes(run.train_ids).values()), cfg.train.batch_size,
+                           cfg.train.foreground_fraction, run.data.params.size)
     val_vols = run.data.volumes(run.data.splits.val)
     total = cfg.train.max_steps
     running: list[float] = []
@@ -622,8 +670,9 @@ def _patience_spent(cfg: FinetuneConfig, state: FinetuneState) -> bool:
 def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], train_loss: float,
                 frozen: bool, logger: RunLogger) -> dict[str, float]:
     """Validate, keep the best model, log the row, checkpoint; return the row."""
-    per, _ = evaluate(run.model, val_vols, run.num_classes, run.device, hd95=False)
-    val_dice = summarize(list(per.values()))["dice"]
+    per, _ = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.data.params.size,
+                      overlap=run.cfg.train.sw_overlap)
+    val_dice = float(np.mean(list(per.values())))
     run.model.train()
     if val_dice > state.best_dice:
         state.best_dice, state.best_step, state.bad_evals = val_dice, state.step, 0
@@ -648,8 +697,8 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
     """Test metrics of the best model, the contour figure, and the result dict (without timings)."""
     cfg, out = run.cfg, run.out
     run.model.load_state_dict(state.best_model)
-    test_vols = run.data.volumes(run.data.splits.test)
-    per_test, preds = evaluate(run.model, test_vols, run.num_classes, run.device)
+    per_test, test_vols, preds = evaluate_test(run.model, run.data, run.data.splits.test, run.device,
+                                              overlap=cfg.train.sw_overlap)
     test = summarize(list(per_test.values()), "test_")
     init_name = Path(cfg.init).name if cfg.init != "random" else "random"
     fig = contour_figure(test_vols, preds, f"init={init_name} n={cfg.n_labeled} seed={cfg.seed}")

@@ -2,9 +2,11 @@
 
 The finetuned ``model.pt`` holds the architecture, the weights (encoder, decoder, head), the
 number of classes and the preprocessing parameters, so nothing else is needed: every input goes
-through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did, the slices are
-segmented, and :func:`~ssl_pretrain.data.preprocess.to_original_grid` undoes crop/pad, in-plane
-resampling and reorientation, so the mask has the input's shape, affine and orientation.
+through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did (whole slices,
+padded only), every slice is segmented whole by Gaussian-weighted sliding windows of the training
+patch size (:func:`predict_probabilities`), and :func:`~ssl_pretrain.data.preprocess.to_original_grid`
+undoes padding, in-plane resampling and reorientation, so the mask has the input's shape, affine and
+orientation and nothing outside a patch is dropped.
 
 Example:
     >>> predict("runs/ft/model.pt", "case_001.nii.gz", "case_001_mask.nii.gz")  # doctest: +SKIP
@@ -30,34 +32,68 @@ from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict_slices", "load_segmentation_model", "predict"]
+__all__ = ["predict_probabilities", "predict_slices", "load_segmentation_model", "predict"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+_MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))  # none, W, H, both (of B, K, H, W)
+
+
 @torch.no_grad()
-def predict_slices(
-    model: torch.nn.Module, image: np.ndarray, *, device: str | torch.device = "cpu", batch_size: int = 32
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    roi_size: tuple[int, int] | list[int],
+    overlap: float = 0.5,
+    mirror: bool = False,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
 ) -> np.ndarray:
-    """Segment a preprocessed volume slice by slice.
+    """Class probabilities of every pixel of a preprocessed volume, whole slices at any size.
+
+    Each slice is segmented by MONAI's Gaussian-weighted ``sliding_window_inference`` with windows
+    of the training patch size, so a slice larger than a patch is covered completely.
 
     Args:
-        model: Segmentation network mapping ``(B, C, H, W)`` to ``(B, K, H, W)`` logits.
-        image: ``(S, C, H, W)`` float32 slices.
+        model: Segmentation network mapping ``(B, C, h, w)`` to ``(B, K, h, w)`` logits.
+        image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
+        roi_size: Window ``(h, w)``: the patch size the model was trained on.
+        overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
+        mirror: Test-time augmentation: average over the four in-plane mirrorings (each flipped back).
         device: Where the model runs.
-        batch_size: Slices per forward pass.
+        batch_size: Slices (and windows) per forward pass.
 
     Returns:
-        ``(S, H, W)`` uint8 label map (argmax over classes).
+        ``(S, K, H, W)`` float32 softmax probabilities.
     """
+    from monai.inferers import sliding_window_inference
+
     was_training = model.training
     model.eval()
+    flips = _MIRROR_AXES if mirror else _MIRROR_AXES[:1]
     out = []
     for i in range(0, image.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
-        out.append(model(x).argmax(dim=1).to(torch.uint8).cpu().numpy())
+        acc = None
+        for axes in flips:
+            xi = x.flip(axes) if axes else x
+            logits = sliding_window_inference(
+                xi, roi_size=tuple(roi_size), sw_batch_size=batch_size, predictor=model, overlap=overlap,
+                mode="gaussian",
+            )
+            p = torch.softmax(torch.as_tensor(logits).float(), dim=1)
+            p = p.flip(axes) if axes else p
+            acc = p if acc is None else acc + p
+        out.append((acc / len(flips)).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out, axis=0)
+
+
+def predict_slices(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``(S, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
+    return predict_probabilities(model, image, **kwargs).argmax(axis=1).astype(np.uint8)
 
 
 def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
@@ -117,7 +153,8 @@ def predict(
     output: str | os.PathLike[str],
     *,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int = 16,
+    overlap: float = 0.5,
 ) -> list[Path]:
     """Segment one NIfTI volume or every NIfTI file of a folder.
 
@@ -127,6 +164,7 @@ def predict(
         output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         batch_size: Slices per forward pass.
+        overlap: Sliding-window overlap in ``[0, 1)`` (windows of the model's patch size).
 
     Returns:
         The written mask files (uint8 labels; shape and affine of each input).
@@ -135,6 +173,8 @@ def predict(
         ValueError: Missing input, no NIfTI files, unusable model; a bad volume among several is
             skipped with a one-line warning instead.
     """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap: must be in [0, 1), got {overlap}")
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
@@ -160,7 +200,8 @@ def predict(
                     f"{f}: {vol.image.shape[1]} channel(s), the model expects "
                     f"{export['model_config'].in_channels}"
                 )
-            mask = predict_slices(net, vol.image, device=dev, batch_size=batch_size)
+            mask = predict_slices(net, vol.image, roi_size=params.size, overlap=overlap, device=dev,
+                                  batch_size=batch_size)
             original = to_original_grid(mask, vol.geometry)
         except ValueError as e:
             if not many:

@@ -96,7 +96,7 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
                 export["task"],
                 export["task"],
                 dict(export["info"]),
-                dict(export["preprocessing"]),
+                choose_preprocessing(cfg.data.preprocess, [(ref, export)]).to_dict(),  # what its trials use
             )
         )
         if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:

@@ -6,7 +6,8 @@ One volume, or every ``.nii``/``.nii.gz`` of a folder (progress bar; ``<name>_ma
     python launch/predict.py --model models:/mri-ssl-syntheticliver@champion --input scans/ --output masks/
 
 ``--model`` is a finetuned ``model.pt`` or an MLflow URI (``runs:/…``, ``models:/<name>@<alias>``;
-the tracking store is ``MLFLOW_TRACKING_URI``).
+the tracking store is ``MLFLOW_TRACKING_URI``). Every slice is segmented whole, by Gaussian-weighted
+sliding windows of the model's patch size (``--overlap``), and mapped back to the input's grid.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help=".nii/.nii.gz file or folder of them")
     parser.add_argument("--output", required=True, help="output .nii.gz (one input) or folder")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the model runs")
-    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices (and windows) per forward pass")
+    parser.add_argument("--overlap", type=float, default=0.5,
+                        help="overlap of the Gaussian-weighted sliding windows (model patch size), in [0, 1)")
     args = parser.parse_args(argv)
     from downstream.predict import predict
 
     try:
-        written = predict(args.model, args.input, args.output, device=args.device, batch_size=args.batch_size)
+        written = predict(args.model, args.input, args.output, device=args.device, batch_size=args.batch_size,
+                          overlap=args.overlap)
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

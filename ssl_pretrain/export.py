@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,12 +265,14 @@ def build_unet(
 def choose_preprocessing(
     configured: PreprocessParams, exports: Sequence[tuple[str, dict[str, Any]]], *, key: str = "data.preprocess"
 ) -> PreprocessParams:
-    """Whose preprocessing a run uses: the rule, in one place.
+    """Whose preprocessing a finetuning run (and the models it writes) uses: the rule, in one place.
 
     A pretrained export was trained on data prepared its own way, so its parameters win over the
     config's. A random init with pretrained inits beside it (a sweep) takes the first pretrained
     init's, so every init of a comparison sees exactly the same data. Only without any export does
-    the configured preprocessing apply. A log line says when the configured value is overridden.
+    the configured preprocessing apply. A warning says when the configured value is overridden.
+    The field of view is always ``"pad"``: finetuning, evaluation and prediction keep the whole
+    slice (``size`` is the patch size); only pretraining shards crop.
 
     Args:
         configured: The config's preprocessing (``data.preprocess``).
@@ -279,12 +281,16 @@ def choose_preprocessing(
 
     Returns:
         The parameters to prepare the data with.
+
+    Raises:
+        ExportError: The export's preprocessing record is unusable.
     """
+    configured = replace(configured, field_of_view="pad")
     if not exports:
         return configured
     source, export = exports[0]
     try:
-        params = PreprocessParams.from_dict(export["preprocessing"])
+        params = replace(PreprocessParams.from_dict(export["preprocessing"]), field_of_view="pad")
     except ValueError as e:
         raise ExportError(f"{source}: {e}") from None
     if params != configured:

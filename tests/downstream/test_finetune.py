@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ssl_pretrain.export import load_export
 from ssl_pretrain.models.unet import UNet, UNetConfig
 
 from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
+
+PARAMS_FOV32 = dataclasses.replace(PARAMS32, field_of_view="pad")  # finetuning keeps whole slices
 
 
 def _cfg(cohort: Path, out: Path, *extra: str) -> FinetuneConfig:
@@ -37,7 +40,7 @@ def test_finetune_outputs_and_exact_resume_after_a_crash(cohort: Path, tmp_path:
     assert 0.0 < plain["test_dice"] <= 1.0 and len(plain["test_per_volume"]) == 2
     export = load_export(tmp_path / "plain" / "model.pt")
     assert export["task"] == "segmentation" and export["num_classes"] == 2 and export["head"] is not None
-    assert export["preprocessing"] == PARAMS32.to_dict()
+    assert export["preprocessing"] == PARAMS_FOV32.to_dict()
     for name in ("config.yaml", "metrics.json", "result.json", "contours.png"):
         assert (tmp_path / "plain" / name).is_file()
 
@@ -53,7 +56,7 @@ def test_pretrained_init_reports_loaded_and_missing_keys(cohort: Path, tmp_path:
     assert res["pretrain_info"] == BUDGET and res["init_task"] == "contrastive"
     assert res["history"][0]["encoder_frozen"] == 0.0  # frozen for steps 0-4, the eval at step 10 is after
     # the export's preprocessing (32×32) wins over data.preprocess
-    assert load_export(tmp_path / "ft" / "model.pt")["preprocessing"] == PARAMS32.to_dict()
+    assert load_export(tmp_path / "ft" / "model.pt")["preprocessing"] == PARAMS_FOV32.to_dict()
 
 
 def test_bad_inits_and_n_labeled_give_one_line(cohort: Path, tmp_path: Path, mlflow_uri: str) -> None:
@@ -187,3 +190,61 @@ def test_unusable_out_dir_and_widths_give_one_line(cohort: Path, tmp_path: Path)
     for widths in ("[]", "[0, 8]"):
         with pytest.raises(ConfigError, match=r"model.widths: need at least 2 positive widths"):
             _cfg(cohort, tmp_path / "w", f"model.widths={widths}")
+
+
+def _wide_cohort(root: Path, n: int = 8) -> Path:
+    """Volumes with a field of view twice the 32-pixel patch and a disc off-centre, partly outside the
+    central 32×32 window (the old centre crop)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(n):
+        cx, cy = rng.choice([12, 52]) + rng.integers(-2, 3), rng.choice([12, 52]) + rng.integers(-2, 3)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= 10**2  # indexed [x, y]: voxel axes are (X, Y)
+        label = np.repeat(disc[:, :, None], 6, axis=2).astype(np.uint8)
+        image = (label * 1.0 + rng.normal(0, 0.15, label.shape)).astype(np.float32)
+        affine = np.diag([1.0, 1.0, 4.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"w{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"w{i}.nii.gz")
+    training = [{"image": f"./imagesTr/w{i}.nii.gz", "label": f"./labelsTr/w{i}.nii.gz"} for i in range(n)]
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "wide", "labels": {"0": "background", "1": "disc"}, "training": training})
+    )
+    return root
+
+
+def test_whole_field_of_view_structure_outside_the_old_crop_window_is_predicted_and_counted(
+    tmp_path: Path,
+) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from downstream.metrics import dice_score
+    from downstream.predict import predict
+
+    root = _wide_cohort(tmp_path / "wide")
+    cfg = load_config(FinetuneConfig, overrides=[
+        f"data.root={root}", f"out_dir={tmp_path / 'ft'}",
+        "data.preprocess={spacing: [1.0, 1.0], size: [32, 32], norm: minmax, clip: [0.0, 100.0]}",
+        "data.n_val=2", "data.n_test=2", "n_labeled=0", "model.widths=[8, 16, 32]", "train.max_steps=60",
+        "train.eval_every=30", "train.batch_size=8", "train.warmup_steps=2", "train.lr=3e-3",
+        "tracking.enabled=false"])
+    res = finetune(cfg)
+    outside = np.ones((64, 64, 6), bool)
+    outside[16:48, 16:48] = False  # everything the old 32×32 centre crop dropped
+    for sid in res["test_ids"]:
+        truth = np.asarray(nib.load(root / "labelsTr" / f"{sid}.nii.gz").dataobj) == 1
+        assert truth[outside].sum() > 0.4 * truth.sum()  # much of the structure lies outside the window
+        (mask_path,) = predict(res["model_path"], root / "imagesTr" / f"{sid}.nii.gz", tmp_path / f"{sid}.nii.gz")
+        mask = np.asarray(nib.load(mask_path).dataobj) == 1
+        assert mask.shape == truth.shape
+        assert (mask & truth)[outside].sum() > 0.7 * truth[outside].sum()  # predicted outside the window too
+        # the test Dice is the Dice of the whole structure on the original grid, as predict.py writes it
+        assert res["test_per_volume"][sid]["dice"][0] == pytest.approx(dice_score(mask, truth), abs=1e-9)
+    assert res["test_dice"] > 0.6
