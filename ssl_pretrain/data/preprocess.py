@@ -379,11 +379,13 @@ def to_original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
     inverse RAS reorientation. Save the result with the input image's affine.
 
     Args:
-        mask: ``(S, H, W)`` integer mask (e.g. a prediction), S = number of slices of the input.
+        mask: ``(S, H, W)`` integer mask (e.g. a prediction), S = number of slices of the input, or a
+            float map (e.g. one class's probabilities), mapped the same way.
         geometry: ``Volume.geometry`` of the same input.
 
     Returns:
-        uint8 array with the input image's spatial shape ``(X, Y, Z)``.
+        Array with the input image's spatial shape ``(X, Y, Z)``: uint8 for an integer mask, the
+        float map's own dtype for a float map.
 
     Raises:
         ValueError: ``mask`` shape does not match ``geometry``.
@@ -399,8 +401,9 @@ def to_original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
     res = _crop_pad(canon, (-ox, -oy), (nx, ny), 0)
     ix = _nearest_index(nx, cx)
     iy = _nearest_index(ny, cy)
-    back = res[ix][:, iy].astype(np.uint8)
+    dtype = mask.dtype if mask.dtype.kind == "f" else np.uint8
+    back = res[ix][:, iy].astype(dtype)
     ornt = np.asarray(geometry["ornt"], dtype=float)
     inv = nib.orientations.ornt_transform(_RAS_ORNT, ornt)
     out = nib.orientations.apply_orientation(back, inv)
-    return np.ascontiguousarray(out.astype(np.uint8))
+    return np.ascontiguousarray(out.astype(dtype))
