@@ -84,6 +84,10 @@ class TrainConfig:
     sw_overlap: float = option(
         0.5, "overlap of the Gaussian-weighted sliding windows of validation and test inference, in [0, 1)"
     )
+    test_tta: bool = option(False, "mirroring test-time augmentation (rows, columns) in the test evaluation")
+    test_largest_component: bool = option(
+        False, "test evaluation keeps the largest component of the classes chosen on validation (--largest-component)"
+    )
     patience: int = option(10, "evaluations without validation-Dice improvement before stopping; 0 = never")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "cuda when available with auto")
     num_threads: int = option(0, "torch CPU threads (0 = torch default)")

@@ -43,7 +43,7 @@ from downstream.config import FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare
 from downstream.metrics import dice_score, summarize, volume_metrics
 from downstream.mlflow_uri import resolve_model_file
-from downstream.predict import predict_slices
+from downstream.predict import choose_largest_component, keep_largest_component, predict_slices
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
@@ -250,11 +250,19 @@ def _original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]
 
 
 def evaluate_test(
-    model: torch.nn.Module, data: PreparedData, ids: tuple[str, ...], device: torch.device, *, overlap: float
+    model: torch.nn.Module,
+    data: PreparedData,
+    ids: tuple[str, ...],
+    device: torch.device,
+    *,
+    overlap: float,
+    mirror_axes: tuple[int, ...] = (),
+    largest_component: list[int] | tuple[int, ...] = (),
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, Volume], dict[str, np.ndarray]]:
     """3D Dice / HD95 of whole-volume predictions mapped back to each file's grid, against its label file.
 
-    Nothing is cropped away: a structure anywhere in the field of view counts.
+    Nothing is cropped away: a structure anywhere in the field of view counts. The prediction is
+    made exactly as ``predict.py`` makes it (mirroring TTA and largest-component classes included).
 
     Returns:
         ``({id: {"dice": [...], "hd95": [...]}}, {id: preprocessed volume}, {id: prediction on it})``.
@@ -264,9 +272,10 @@ def evaluate_test(
     per: dict[str, dict[str, list[float]]] = {}
     preds: dict[str, np.ndarray] = {}
     for sid, vol in vols.items():
-        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap, device=device)
+        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap,
+                                    mirror_axes=mirror_axes, device=device)
         truth, spacing = _original_label(by_id[sid].label)
-        pred = to_original_grid(preds[sid], vol.geometry)
+        pred = keep_largest_component(to_original_grid(preds[sid], vol.geometry), largest_component)
         per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes)
     return per, vols, preds
 
@@ -697,8 +706,16 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
     """Test metrics of the best model, the contour figure, and the result dict (without timings)."""
     cfg, out = run.cfg, run.out
     run.model.load_state_dict(state.best_model)
-    per_test, test_vols, preds = evaluate_test(run.model, run.data, run.data.splits.test, run.device,
-                                              overlap=cfg.train.sw_overlap)
+    val_vols = run.data.volumes(run.data.splits.val)
+    _, val_preds = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.data.params.size,
+                            overlap=cfg.train.sw_overlap)
+    lcc = choose_largest_component([val_preds[i] for i in val_vols], [v.label for v in val_vols.values()],
+                                   run.num_classes)
+    per_test, test_vols, preds = evaluate_test(
+        run.model, run.data, run.data.splits.test, run.device, overlap=cfg.train.sw_overlap,
+        mirror_axes=(2, 3) if cfg.train.test_tta else (),
+        largest_component=[int(c) for c, on in lcc.items() if on] if cfg.train.test_largest_component else (),
+    )
     test = summarize(list(per_test.values()), "test_")
     init_name = Path(cfg.init).name if cfg.init != "random" else "random"
     fig = contour_figure(test_vols, preds, f"init={init_name} n={cfg.n_labeled} seed={cfg.seed}")
@@ -725,6 +742,7 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
         "steps": state.step,
         "best_step": state.best_step,
         "best_val_dice": state.best_dice,
+        "largest_component": lcc,
         **test,
         "test_per_volume": per_test,
         "history": state.history,
@@ -737,7 +755,7 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
 
 
 _EXPORT_INFO = ("init", "init_task", "n_labeled", "seed", "best_val_dice", "test_dice", "dataset", "label_names",
-                "pretrain_info")
+                "pretrain_info", "largest_component")
 
 
 def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], report: Report | None,

@@ -14,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,6 @@ __all__ = ["predict_probabilities", "predict_slices", "load_segmentation_model",
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-_MIRROR_AXES: tuple[tuple[int, ...], ...] = ((), (3,), (2,), (2, 3))  # none, W, H, both (of B, K, H, W)
-
-
 @torch.no_grad()
 def predict_probabilities(
     model: torch.nn.Module,
@@ -47,7 +46,7 @@ def predict_probabilities(
     *,
     roi_size: tuple[int, int] | list[int],
     overlap: float = 0.5,
-    mirror: bool = False,
+    mirror_axes: tuple[int, ...] = (),
     device: str | torch.device = "cpu",
     batch_size: int = 16,
 ) -> np.ndarray:
@@ -61,7 +60,9 @@ def predict_probabilities(
         image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
         roi_size: Window ``(h, w)``: the patch size the model was trained on.
         overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
-        mirror: Test-time augmentation: average over the four in-plane mirrorings (each flipped back).
+        mirror_axes: Test-time augmentation: the probabilities are averaged over every combination of
+            mirrorings along these axes of ``(B, C, H, W)`` (``(2, 3)``: the four in-plane ones), each
+            flipped back; ``()`` for none.
         device: Where the model runs.
         batch_size: Slices (and windows) per forward pass.
 
@@ -72,7 +73,7 @@ def predict_probabilities(
 
     was_training = model.training
     model.eval()
-    flips = _MIRROR_AXES if mirror else _MIRROR_AXES[:1]
+    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     out = []
     for i in range(0, image.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
@@ -138,6 +139,97 @@ def _output_folder(folder: Path) -> None:
         raise ValueError(f"--output: cannot create the folder {folder} ({e.strerror})") from None
 
 
+def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Keep only the largest 3D connected component of each class in ``classes`` (others: background).
+
+    Args:
+        mask: Integer label map, any 3D grid.
+        classes: Label values to clean; other labels are left as they are.
+
+    Returns:
+        A cleaned copy.
+    """
+    from scipy import ndimage
+
+    out = mask.copy()
+    for c in classes:
+        comp, n = ndimage.label(mask == c, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            largest = int(np.bincount(comp.ravel())[1:].argmax()) + 1
+            out[(comp > 0) & (comp != largest)] = 0
+    return out
+
+
+def choose_largest_component(
+    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int
+) -> dict[str, bool]:
+    """Per class, whether keeping its largest component raises mean validation Dice (nnU-Net's rule).
+
+    Returns:
+        ``{"1": True, ...}`` for every foreground class (JSON-able, recorded in the model's export).
+    """
+    from downstream.metrics import dice_score
+
+    choice: dict[str, bool] = {}
+    for c in range(1, num_classes):
+        base = np.mean([dice_score(p == c, t == c) for p, t in zip(preds, labels, strict=True)])
+        post = np.mean([dice_score(keep_largest_component(p, [c]) == c, t == c)
+                        for p, t in zip(preds, labels, strict=True)])
+        choice[str(c)] = bool(post > base)
+    return choice
+
+
+def _mirror_axes(tta: str | None) -> tuple[int, ...]:
+    """``--tta`` letters (``h`` rows, ``w`` columns) → axes of ``(B, C, H, W)``."""
+    if tta is None:
+        return ()
+    if not tta or any(ch not in "hw" for ch in tta.lower()):
+        raise ValueError(f"--tta: a 2D model mirrors in-plane only: give h, w or hw (rows, columns), got {tta!r}")
+    return tuple(sorted({"h": 2, "w": 3}[ch] for ch in set(tta.lower())))
+
+
+def _load_ensemble(refs: Sequence[str], device: torch.device) -> tuple[list[UNet], list[dict[str, Any]]]:
+    """Load the models of an ensemble; all must share label set and preprocessing."""
+    loaded = [load_segmentation_model(str(r), device=device) for r in refs]
+    first_ref, (_, first) = refs[0], loaded[0]
+    for ref, (_, exp) in zip(refs[1:], loaded[1:], strict=True):
+        for what, get in (("label set", lambda e: (e["num_classes"], e["info"].get("label_names"))),
+                          ("preprocessing", lambda e: PreprocessParams.from_dict(e["preprocessing"]))):
+            if get(exp) != get(first):
+                raise ValueError(f"--model: {ref} and {first_ref} differ in {what}: {get(exp)} vs {get(first)}")
+    return [net for net, _ in loaded], [exp for _, exp in loaded]
+
+
+def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, Any]]) -> list[int]:
+    """Classes every model of the ensemble chose (on its validation set) to keep one component of."""
+    chosen: set[int] | None = None
+    for ref, exp in zip(refs, exports, strict=True):
+        record = exp["info"].get("largest_component")
+        if not isinstance(record, dict):
+            raise ValueError(f"--largest-component: {ref} records no per-class choice (finetune it again)")
+        classes = {int(c) for c, on in record.items() if on}
+        chosen = classes if chosen is None else chosen & classes
+    return sorted(chosen or ())
+
+
+def _save_probabilities(probs: np.ndarray, geometry: dict, reference: nib.Nifti1Image, path: Path) -> None:
+    """``(X, Y, Z, K)`` probabilities on the input's grid; 2 bytes a voxel (NIfTI has no float16:
+    uint16 with ``scl_slope`` = 1/65535, read back as floats)."""
+    maps = np.stack([to_original_grid(probs[:, k], geometry) for k in range(probs.shape[1])], axis=-1)
+    img = nib.Nifti1Image(np.rint(np.clip(maps, 0, 1) * 65535).astype(np.uint16), reference.affine)
+    img.set_qform(reference.affine, code=1)
+    img.set_sform(reference.affine, code=1)
+    img.set_data_dtype(np.uint16)
+    img.header.set_slope_inter(1.0 / 65535, 0.0)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def _probabilities_path(mask_path: Path) -> Path:
+    name = mask_path.name[: -len(".nii.gz")] if mask_path.name.endswith(".nii.gz") else mask_path.stem
+    return mask_path.with_name(f"{name.removesuffix('_mask')}_probabilities.nii.gz")
+
+
 def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
     img = nib.Nifti1Image(mask.astype(np.uint8), reference.affine)
     img.set_qform(reference.affine, code=1)
@@ -148,33 +240,46 @@ def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
 
 
 def predict(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     device: str = "auto",
     batch_size: int = 16,
     overlap: float = 0.5,
+    tta: str | None = None,
+    save_probabilities: bool = False,
+    largest_component: bool = False,
 ) -> list[Path]:
     """Segment one NIfTI volume or every NIfTI file of a folder.
 
     Args:
-        model: Finetuned ``model.pt`` path or MLflow URI.
+        model: Finetuned ``model.pt`` path or MLflow URI, or several (an ensemble: their probabilities
+            are averaged; label sets and preprocessing must agree).
         input: A ``.nii``/``.nii.gz`` file or a folder of them.
         output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         batch_size: Slices per forward pass.
         overlap: Sliding-window overlap in ``[0, 1)`` (windows of the model's patch size).
+        tta: Mirroring test-time augmentation: ``"hw"`` (rows and columns), ``"h"``, ``"w"`` or ``None``.
+        save_probabilities: Also write ``<name>_probabilities.nii.gz``: ``(X, Y, Z, K)`` softmax on
+            the input's grid.
+        largest_component: Keep the largest connected component of the classes the model(s) chose
+            on their validation set (recorded in the export).
 
     Returns:
         The written mask files (uint8 labels; shape and affine of each input).
 
     Raises:
-        ValueError: Missing input, no NIfTI files, unusable model; a bad volume among several is
-            skipped with a one-line warning instead.
+        ValueError: Missing input, no NIfTI files, unusable model, a bad option or an ensemble that
+            does not agree; a bad volume among several is skipped with a one-line warning instead.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"--overlap: must be in [0, 1), got {overlap}")
+    axes = _mirror_axes(tta)
+    refs = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
+    if not refs:
+        raise ValueError("--model: give at least one model")
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
@@ -189,7 +294,9 @@ def predict(
         raise ValueError(f"--input: {src} does not exist")
     many = src.is_dir()
     _output_folder(out if many or not _is_nifti(out) else out.parent)
-    net, export = load_segmentation_model(str(model), device=dev)
+    nets, exports = _load_ensemble(refs, dev)
+    export = exports[0]
+    lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
     written: list[Path] = []
     for f in tqdm(files, desc="predict", unit="vol", disable=len(files) < 2):
@@ -200,16 +307,20 @@ def predict(
                     f"{f}: {vol.image.shape[1]} channel(s), the model expects "
                     f"{export['model_config'].in_channels}"
                 )
-            mask = predict_slices(net, vol.image, roi_size=params.size, overlap=overlap, device=dev,
-                                  batch_size=batch_size)
-            original = to_original_grid(mask, vol.geometry)
+            probs = np.mean([predict_probabilities(net, vol.image, roi_size=params.size, overlap=overlap,
+                                                   mirror_axes=axes, device=dev, batch_size=batch_size)
+                             for net in nets], axis=0)
+            original = keep_largest_component(to_original_grid(probs.argmax(axis=1), vol.geometry), lcc)
         except ValueError as e:
             if not many:
                 raise
             log.warning("skipped %s: %s", f, str(e).splitlines()[0])
             continue
         dst = _output_path(f, out, many)
-        _save_mask(original, load_nifti(f), dst)
+        reference = load_nifti(f)
+        _save_mask(original, reference, dst)
+        if save_probabilities:
+            _save_probabilities(probs, vol.geometry, reference, _probabilities_path(dst))
         written.append(dst)
         log.info("%s -> %s", f, dst)
     return written
