@@ -78,6 +78,8 @@ class TrainConfig:
     warmup_steps: int = option(50, "linear learning-rate warmup steps")
     schedule: Literal["cosine", "constant"] = option("cosine", "learning-rate schedule after warmup")
     freeze_encoder_steps: int = option(0, "steps with a frozen (pretrained) encoder before full finetuning")
+    pretrained_lr_scale: float = option(1.0, "learning rate of the parameters loaded from the init, times lr")
+    bf16: bool = option(True, "bf16 autocast of the training forward pass on GPUs (CPUs stay float32)")
     augment: bool = option(True, "on-the-fly augmentation (flip, small affine, intensity)")
     foreground_fraction: float = option(0.5, "share of training slices drawn from slices with foreground")
     eval_every: int = option(100, "steps between validation evaluations (and checkpoints)")
@@ -103,6 +105,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.pretrained_lr_scale < 0:
+            raise ConfigError(f"train.pretrained_lr_scale: must be >= 0, got {self.pretrained_lr_scale}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0 or self.freeze_encoder_steps < 0 or self.patience < 0:
@@ -136,6 +140,10 @@ class FinetuneConfig:
         "random", "random | path to an export model.pt | runs:/<id>/<path> | models:/<name>@<alias>"
     )
     n_labeled: int = option(1, "labeled training volumes drawn from the training pool (0 = all)")
+    transfer: Literal["encoder", "encoder+decoder"] = option(
+        "encoder+decoder",
+        "parts of a pretrained init that are loaded: encoder only, or all it has (encoder, decoder, a matching head)",
+    )
     resume: Literal["never", "auto"] = option(
         "auto",
         "auto: continue from <out_dir>/checkpoint/ when it holds a checkpoint of the same config; "

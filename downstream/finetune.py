@@ -109,7 +109,8 @@ def _build_model(
         )
     try:
         return build_unet(
-            export, num_classes, source=source, strict=False, model_config=mcfg, in_channels=in_channels
+            export, num_classes, source=source, strict=False, model_config=mcfg, in_channels=in_channels,
+            parts=("encoder",) if cfg.transfer == "encoder" else ("encoder", "decoder", "head"),
         )
     except ExportError as e:
         raise ExportError(f"init: {e}") from None
@@ -531,6 +532,18 @@ def _device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _optimizer(cfg: FinetuneConfig, model: UNet, load_report: LoadReport) -> torch.optim.Optimizer:
+    """AdamW; parameters loaded from the init train at ``train.pretrained_lr_scale`` × ``train.lr``."""
+    loaded = set(load_report.loaded)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n in loaded], "lr": cfg.train.lr * cfg.train.pretrained_lr_scale},
+        {"params": [p for n, p in named if n not in loaded], "lr": cfg.train.lr},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr,
+                             weight_decay=cfg.train.weight_decay)
+
+
 def _build_run(cfg: FinetuneConfig) -> _Run:
     """Prepare the data, draw the labeled volumes, build model, optimizer, schedule and generator."""
     out = Path(cfg.out_dir)
@@ -547,7 +560,7 @@ def _build_run(cfg: FinetuneConfig) -> _Run:
         cfg, export, init_source, int(first.image.shape[1]), data.dataset.num_classes, data.params.size
     )
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = _optimizer(cfg, model, load_report)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule)
     )
@@ -648,7 +661,9 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
             if cfg.train.augment:
                 image, label = augment(image, label, run.gen)
             image, label = image.to(run.device), label.to(run.device)
-            loss = loss_fn(model(image), label[:, None])
+            # bf16 autocast on GPUs (train.bf16); CPUs keep float32
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.bf16 and run.device.type == "cuda"):
+                loss = loss_fn(model(image).float(), label[:, None])
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()

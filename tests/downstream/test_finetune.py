@@ -248,3 +248,21 @@ def test_whole_field_of_view_structure_outside_the_old_crop_window_is_predicted_
         # the test Dice is the Dice of the whole structure on the original grid, as predict.py writes it
         assert res["test_per_volume"][sid]["dice"][0] == pytest.approx(dice_score(mask, truth), abs=1e-9)
     assert res["test_dice"] > 0.6
+
+
+def test_transfer_parts_and_pretrained_lr_scale(cohort: Path, tmp_path: Path) -> None:
+    from downstream.finetune import _build_run
+
+    exp = make_export(tmp_path / "pre.pt", with_decoder=True)
+    n_enc = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).encoder.state_dict())
+    n_dec = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).decoder.state_dict())
+    both = _build_run(_cfg(cohort, tmp_path / "a", f"init={exp}"))
+    assert len(both.load_report.loaded) == n_enc + n_dec
+    enc = _build_run(_cfg(cohort, tmp_path / "b", f"init={exp}", "transfer=encoder", "train.pretrained_lr_scale=0.1"))
+    assert len(enc.load_report.loaded) == n_enc
+    assert {k.split(".")[0] for k in enc.load_report.missing} == {"decoder", "head"}
+    slow, fast = enc.opt.param_groups
+    assert slow["initial_lr"] == pytest.approx(3e-4) and fast["initial_lr"] == pytest.approx(3e-3)
+    loaded_params = {id(p) for n, p in enc.model.named_parameters() if n.startswith("encoder.")}
+    assert {id(p) for p in slow["params"]} == loaded_params
+    assert sum(len(g["params"]) for g in enc.opt.param_groups) == len(list(enc.model.parameters()))
