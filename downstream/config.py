@@ -86,6 +86,7 @@ class TrainConfig:
     sw_overlap: float = option(
         0.5, "overlap of the Gaussian-weighted sliding windows of validation and test inference, in [0, 1)"
     )
+    nsd_tolerance_mm: float = option(2.0, "tolerance in mm of the test normalised surface Dice (test_nsd)")
     test_tta: bool = option(False, "mirroring test-time augmentation (rows, columns) in the test evaluation")
     test_largest_component: bool = option(
         False, "test evaluation keeps the largest component of the classes chosen on validation (--largest-component)"
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.nsd_tolerance_mm <= 0:
+            raise ConfigError(f"train.nsd_tolerance_mm: must be > 0, got {self.nsd_tolerance_mm}")
         if self.pretrained_lr_scale < 0:
             raise ConfigError(f"train.pretrained_lr_scale: must be >= 0, got {self.pretrained_lr_scale}")
         if self.weight_decay < 0:

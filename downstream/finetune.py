@@ -259,6 +259,7 @@ def evaluate_test(
     overlap: float,
     mirror_axes: tuple[int, ...] = (),
     largest_component: list[int] | tuple[int, ...] = (),
+    nsd_tolerance: float | None = None,
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, Volume], dict[str, np.ndarray]]:
     """3D Dice / HD95 of whole-volume predictions mapped back to each file's grid, against its label file.
 
@@ -277,7 +278,8 @@ def evaluate_test(
                                     mirror_axes=mirror_axes, device=device)
         truth, spacing = _original_label(by_id[sid].label)
         pred = keep_largest_component(to_original_grid(preds[sid], vol.geometry), largest_component)
-        per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes)
+        per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes,
+                                  nsd_tolerance=nsd_tolerance)
     return per, vols, preds
 
 
@@ -730,6 +732,7 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
         run.model, run.data, run.data.splits.test, run.device, overlap=cfg.train.sw_overlap,
         mirror_axes=(2, 3) if cfg.train.test_tta else (),
         largest_component=[int(c) for c, on in lcc.items() if on] if cfg.train.test_largest_component else (),
+        nsd_tolerance=cfg.train.nsd_tolerance_mm,
     )
     test = summarize(list(per_test.values()), "test_")
     init_name = Path(cfg.init).name if cfg.init != "random" else "random"

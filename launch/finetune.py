@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model: {result['model_path']}\n"
         f"test Dice {result['test_dice']:.4f} ± {result['test_dice_std']:.4f}, "
-        f"HD95 {result['test_hd95']:.2f} ± {result['test_hd95_std']:.2f} mm "
+        f"HD95 {result['test_hd95']:.2f} ± {result['test_hd95_std']:.2f} mm, "
+        f"NSD {result['test_nsd']:.4f} ± {result['test_nsd_std']:.4f} "
         f"({len(result['test_ids'])} test volumes)"
     )
     return 0

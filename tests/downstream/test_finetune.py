@@ -38,6 +38,7 @@ def test_finetune_outputs_and_exact_resume_after_a_crash(cohort: Path, tmp_path:
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in plain["history"]]
     assert resumed["test_dice"] == plain["test_dice"]
     assert 0.0 < plain["test_dice"] <= 1.0 and len(plain["test_per_volume"]) == 2
+    assert 0.0 <= plain["test_nsd"] <= 1.0 and all("nsd" in v for v in plain["test_per_volume"].values())
     export = load_export(tmp_path / "plain" / "model.pt")
     assert export["task"] == "segmentation" and export["num_classes"] == 2 and export["head"] is not None
     assert export["preprocessing"] == PARAMS_FOV32.to_dict()
