@@ -17,6 +17,7 @@ from ssl_pretrain.models.unet import UNetConfig
 __all__ = [
     "DataConfig",
     "ModelConfig",
+    "AugmentConfig",
     "TrainConfig",
     "TrackingConfig",
     "FinetuneConfig",
@@ -68,6 +69,28 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """On-the-fly MONAI augmentation of training patches: one strength knob, one probability per transform."""
+
+    strength: float = option(1.0, "scales every transform's range (0 = identity, 1 = nnU-Net-like, 2 = strong)")
+    p_affine: float = option(0.5, "random rotation (±15°), scale (±15 %) and shift (±6 %)")
+    p_elastic: float = option(0.2, "elastic deformation")
+    p_bias_field: float = option(0.2, "smooth multiplicative bias field")
+    p_gamma: float = option(0.3, "gamma (contrast) change")
+    p_noise: float = option(0.15, "additive Gaussian noise")
+    p_smooth: float = option(0.1, "Gaussian smoothing")
+    p_low_resolution: float = option(0.2, "low-resolution simulation (down- then upsampling)")
+    p_flip: float = option(0.5, "left-right mirroring")
+
+    def validate(self) -> None:
+        if self.strength < 0:
+            raise ConfigError(f"train.aug.strength: must be >= 0, got {self.strength}")
+        for name in [n for n in self.__dataclass_fields__ if n.startswith("p_")]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.aug.{name}: a probability in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, augmentation, evaluation and early stopping."""
 
@@ -80,7 +103,8 @@ class TrainConfig:
     freeze_encoder_steps: int = option(0, "steps with a frozen (pretrained) encoder before full finetuning")
     pretrained_lr_scale: float = option(1.0, "learning rate of the parameters loaded from the init, times lr")
     bf16: bool = option(True, "bf16 autocast of the training forward pass on GPUs (CPUs stay float32)")
-    augment: bool = option(True, "on-the-fly augmentation (flip, small affine, intensity)")
+    augment: bool = option(True, "on-the-fly MONAI augmentation of training patches (train.aug)")
+    aug: AugmentConfig = option(factory=AugmentConfig, help="augmentation strength and probabilities")
     foreground_fraction: float = option(0.5, "share of training slices drawn from slices with foreground")
     eval_every: int = option(100, "steps between validation evaluations (and checkpoints)")
     sw_overlap: float = option(

@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from downstream.config import FinetuneConfig
+from downstream.config import AugmentConfig, FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare
 from downstream.metrics import dice_score, summarize, volume_metrics
 from downstream.mlflow_uri import resolve_model_file
@@ -169,40 +168,68 @@ class PatchSampler:
         return torch.stack(images), torch.stack(labels)
 
 
+def build_augmentation(aug: AugmentConfig, size: tuple[int, int]) -> Any:
+    """The MONAI transforms of one ``{"image": (C, h, w), "label": (1, h, w)}`` training sample.
+
+    Affine and elastic deformation (image bilinear, label nearest), bias field, gamma, Gaussian noise
+    and smoothing, low-resolution simulation, left-right mirroring; ranges scale with
+    ``aug.strength``; shifts and the elastic grid follow the patch ``size``. Seeded per batch from the
+    run's generator (:func:`augment`), never globally.
+    """
+    from monai.transforms import (
+        Compose,
+        Rand2DElasticd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandBiasFieldd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandSimulateLowResolutiond,
+    )
+
+    s, both, img = aug.strength, ("image", "label"), ("image",)
+    geo = {"mode": ("bilinear", "nearest"), "padding_mode": ("border", "zeros")}
+    return Compose([
+        RandAffined(both, prob=aug.p_affine, rotate_range=math.radians(15) * s, scale_range=(0.15 * s, 0.15 * s),
+                    translate_range=(0.06 * size[0] * s, 0.06 * size[1] * s), **geo),
+        Rand2DElasticd(both, spacing=(max(4, size[0] // 4), max(4, size[1] // 4)), magnitude_range=(0.0, 1.5 * s),
+                       prob=aug.p_elastic, **geo),
+        RandBiasFieldd(img, prob=aug.p_bias_field, coeff_range=(0.0, 0.2 * s)),
+        RandAdjustContrastd(img, prob=aug.p_gamma, gamma=(max(0.1, 1 - 0.3 * s), 1 + 0.5 * s)),
+        RandGaussianNoised(img, prob=aug.p_noise, std=0.1 * s),
+        RandGaussianSmoothd(img, prob=aug.p_smooth, sigma_x=(0.25, 0.25 + 0.75 * s),
+                            sigma_y=(0.25, 0.25 + 0.75 * s)),
+        RandSimulateLowResolutiond(img, prob=aug.p_low_resolution, upsample_mode="bilinear",
+                                   zoom_range=(max(0.25, 1 - 0.5 * s), 1.0)),
+        RandFlipd(both, prob=aug.p_flip, spatial_axis=1),
+    ])
+
+
 def augment(
-    image: torch.Tensor, label: torch.Tensor, gen: torch.Generator
+    transforms: Any, image: torch.Tensor, label: torch.Tensor, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flip, rotation (±15°), scale (0.85–1.15), shift (±6 %), intensity scale/shift and noise.
+    """Apply :func:`build_augmentation`'s transforms to every sample, seeded from the run's generator.
+
+    The seed of the batch is drawn from ``gen`` (whose state the checkpoint holds), so a resumed run
+    augments exactly as an uninterrupted one.
 
     Args:
-        image: ``(B, C, H, W)`` float.
-        label: ``(B, H, W)`` int64.
-        gen: The run's generator (CPU), so augmentation is reproducible and resumable.
+        transforms: The :func:`build_augmentation` compose.
+        image: ``(B, C, h, w)`` float.
+        label: ``(B, h, w)`` int64.
+        gen: The run's generator (CPU).
 
     Returns:
-        Augmented ``(image, label)`` of the same shapes.
+        Augmented ``(image, label)`` of the same shapes and dtypes.
     """
-    b = image.shape[0]
-    u = lambda *shape: torch.rand(*shape, generator=gen)
-    angle = (u(b) * 2 - 1) * math.radians(15)
-    scale = 0.85 + 0.3 * u(b)
-    flip = torch.where(u(b) < 0.5, -1.0, 1.0)
-    shift = (u(b, 2) * 2 - 1) * 0.12
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
-    )  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-    # background after normalisation is the minimum: pad with it instead of 0 (= mean for z-score)
-    low = image.amin(dim=(1, 2, 3), keepdim=True)
-    img = F.grid_sample(image - low, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + low
-    lab = F.grid_sample(
-        label[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )
-    gain = 0.9 + 0.2 * u(b, 1, 1, 1)
-    bias = (u(b, 1, 1, 1) * 2 - 1) * 0.1
-    noise = torch.randn(image.shape, generator=gen) * 0.03 * (u(b, 1, 1, 1) < 0.3)
-    return img * gain + bias + noise, lab[:, 0].round().long()
+    transforms.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    images, labels = [], []
+    for x, y in zip(image, label, strict=True):
+        d = transforms({"image": x, "label": y[None].float()})
+        images.append(torch.as_tensor(d["image"]).float())
+        labels.append(torch.as_tensor(d["label"])[0].round().long())
+    return torch.stack(images), torch.stack(labels)
 
 
 def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -646,6 +673,7 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
 
     cfg, model = run.cfg, run.model
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    transforms = build_augmentation(cfg.train.aug, run.data.params.size) if cfg.train.augment else None
     sampler = PatchSampler(list(run.data.volumes(run.train_ids).values()), cfg.train.batch_size,
                            cfg.train.foreground_fraction, run.data.params.size)
     val_vols = run.data.volumes(run.data.splits.val)
@@ -660,8 +688,8 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
             for p in model.encoder.parameters():
                 p.requires_grad_(not frozen)
             image, label = sampler.sample(run.gen)
-            if cfg.train.augment:
-                image, label = augment(image, label, run.gen)
+            if transforms is not None:
+                image, label = augment(transforms, image, label, run.gen)
             image, label = image.to(run.device), label.to(run.device)
             # bf16 autocast on GPUs (train.bf16); CPUs keep float32
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.bf16 and run.device.type == "cuda"):

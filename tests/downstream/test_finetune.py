@@ -267,3 +267,26 @@ def test_transfer_parts_and_pretrained_lr_scale(cohort: Path, tmp_path: Path) ->
     loaded_params = {id(p) for n, p in enc.model.named_parameters() if n.startswith("encoder.")}
     assert {id(p) for p in slow["params"]} == loaded_params
     assert sum(len(g["params"]) for g in enc.opt.param_groups) == len(list(enc.model.parameters()))
+
+
+def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
+    import numpy as np
+
+    from downstream.config import AugmentConfig
+    from downstream.finetune import augment, build_augmentation
+
+    always = AugmentConfig(**{f: 1.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    transforms = build_augmentation(always, (32, 32))
+    image = torch.randn(3, 1, 32, 32)
+    label = torch.zeros(3, 32, 32, dtype=torch.long)
+    label[:, 8:20, 10:24] = 1
+
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(999 + seed)  # global RNGs must not matter
+        np.random.seed(999 + seed)
+        return augment(transforms, image, label, torch.Generator().manual_seed(seed))
+
+    (a_img, a_lab), (b_img, b_lab), (c_img, _) = run(0), run(0), run(1)
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)  # the generator alone decides
+    assert not torch.equal(a_img, c_img) and not torch.equal(a_img, image)
+    assert a_img.shape == image.shape and a_lab.dtype == torch.long and set(a_lab.unique().tolist()) <= {0, 1}
