@@ -212,6 +212,22 @@ def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, 
     return sorted(chosen or ())
 
 
+def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[str]) -> None:
+    """Warn when an input's in-plane spacing is far from the training spacing; say once that slices
+    smaller than the model's patch are padded."""
+    file_zooms = np.asarray(nib.load(path).header.get_zooms()[:3], dtype=float)
+    canon = np.empty(3)
+    canon[np.asarray(vol.geometry["ornt"])[:, 0].astype(int)] = file_zooms  # (x, y, z) after reorienting
+    rows_cols = [float(canon[1]), float(canon[0])]  # params.spacing is (row = y, column = x)
+    if any(z / t > 2.0 or z / t < 0.5 for z, t in zip(rows_cols, params.spacing, strict=True)):
+        log.warning("%s: in-plane spacing %s mm differs widely from the training spacing %s mm (resampled to it)",
+                    path, [round(z, 3) for z in rows_cols], list(params.spacing))
+    nx, ny = vol.geometry["resampled_shape"]
+    if (ny < params.size[0] or nx < params.size[1]) and "pad" not in said:
+        said.add("pad")
+        log.info("slices smaller than the model's patch %s are padded to it (first: %s)", list(params.size), path)
+
+
 def _save_probabilities(probs: np.ndarray, geometry: dict, reference: nib.Nifti1Image, path: Path) -> None:
     """``(X, Y, Z, K)`` probabilities on the input's grid; 2 bytes a voxel (NIfTI has no float16:
     uint16 with ``scl_slope`` = 1/65535, read back as floats)."""
@@ -299,9 +315,11 @@ def predict(
     lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
     written: list[Path] = []
+    said: set[str] = set()
     for f in tqdm(files, desc="predict", unit="vol", disable=len(files) < 2):
         try:
             vol = preprocess(f, params)
+            _check_geometry(f, vol, params, said)
             if vol.image.shape[1] != export["model_config"].in_channels:
                 raise ValueError(
                     f"{f}: {vol.image.shape[1]} channel(s), the model expects "

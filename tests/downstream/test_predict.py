@@ -188,3 +188,17 @@ def test_ensemble_averages_probabilities_and_saves_them_on_the_input_grid(cohort
     assert mod.main(["--model", str(_seg_export(tmp_path / "old.pt", 4)), "--largest-component", "--input",
                      str(src), "--output", str(tmp_path / "x.nii.gz")]) == 2
     assert "records no per-class choice" in capsys.readouterr().err
+
+
+def test_far_spacing_is_warned_with_both_spacings(tmp_path: Path, caplog) -> None:
+    from downstream.predict import predict
+
+    m = _seg_export(tmp_path / "m.pt", 0)  # trained at PARAMS32's 10 × 13 mm
+    vol = tmp_path / "fine.nii.gz"
+    data = np.random.default_rng(0).random((24, 20, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 3.0, 1.0])), vol)
+    with caplog.at_level("INFO"):
+        predict(m, vol, tmp_path / "out.nii.gz")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("differs widely" in t and "[1.0, 1.0]" in t and "[10.0, 13.0]" in t for t in msgs)
+    assert sum("padded" in t for t in msgs) == 1
