@@ -16,9 +16,10 @@ saved in ``<out_dir>/checkpoint/state.pt`` at every evaluation (the previous one
 ``state.prev.pt``), so re-running the same command (``resume: auto``) or a retried Ray trial
 continues exactly where it was, in the same MLflow run.
 
-Outputs under ``out_dir``: ``model.pt`` (export format + head + preprocessing: all that
-``predict.py`` needs), ``config.yaml``, ``metrics.json`` (per-volume test metrics),
-``result.json`` (the returned dict), ``contours.png``.
+Outputs under ``out_dir``: ``model.pt`` (export format + head + preprocessing + the per-class
+largest-component choice: all that ``predict.py`` needs), ``config.yaml``, ``init_load_report.json``,
+``metrics.json`` (per-volume test Dice / HD95 / NSD), ``result.json`` (the returned dict),
+``contours.png``, ``checkpoint/state.pt`` (+ ``state.prev.pt``) and, with tracking, ``mlflow_run_id``.
 """
 
 from __future__ import annotations

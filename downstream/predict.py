@@ -128,6 +128,18 @@ def _output_path(src: Path, output: Path, many: bool) -> Path:
     return output / f"{stem}_mask.nii.gz"
 
 
+def _input_files(src: Path) -> list[Path]:
+    """The NIfTI files of ``--input``: the file itself or a folder's (hidden files left out)."""
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if _is_nifti(p) and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
+        return files
+    if src.is_file():
+        return [src]
+    raise ValueError(f"--input: {src} does not exist")
+
+
 def _output_folder(folder: Path) -> None:
     """Create the folder the masks go to, or say in one line why it cannot be."""
     bad = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
@@ -300,15 +312,7 @@ def predict(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     src, out = Path(input), Path(output)
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if _is_nifti(p) and not p.name.startswith("."))
-        if not files:
-            raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
-    elif src.is_file():
-        files = [src]
-    else:
-        raise ValueError(f"--input: {src} does not exist")
-    many = src.is_dir()
+    files, many = _input_files(src), src.is_dir()
     _output_folder(out if many or not _is_nifti(out) else out.parent)
     nets, exports = _load_ensemble(refs, dev)
     export = exports[0]
