@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.models.unet import UNetConfig
 
 __all__ = [
     "DataConfig",
     "ModelConfig",
+    "AugmentConfig",
     "TrainConfig",
     "TrackingConfig",
     "FinetuneConfig",
@@ -41,9 +44,10 @@ class DataConfig:
     n_val: int = option(2, "validation subjects (fixed, used for early stopping and model selection)")
     n_test: int = option(3, "test subjects (fixed, never seen in training or selection)")
     split_seed: int = option(0, "seed of the subject-level split; keep it fixed across a study")
-    preprocess: dict = option(
-        factory=dict,
-        help="PreprocessParams overrides for a random init (an export's own parameters win when given)",
+    preprocess: PreprocessParams = option(
+        factory=PreprocessParams,
+        help="preprocessing; size is the training patch and the sliding window (a pretrained init's own "
+        "parameters win; field_of_view is always pad here: see choose_preprocessing)",
     )
 
     def validate(self) -> None:
@@ -61,6 +65,35 @@ class ModelConfig:
     norm: Literal["instance", "batch"] = option("instance", "normalisation layer for init=random")
     dropout: float = option(0.0, "bottleneck dropout for init=random")
 
+    def unet_config(self, in_channels: int) -> UNetConfig:
+        """The architecture of a random init for data with ``in_channels`` channels."""
+        return UNetConfig(in_channels=in_channels, widths=tuple(self.widths), norm=self.norm, dropout=self.dropout)
+
+    def validate(self) -> None:
+        self.unet_config(1).validate()  # one rule for widths / dropout; its messages name model.*
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly MONAI augmentation of training patches: one strength knob, one probability per transform."""
+
+    strength: float = option(1.0, "scales every transform's range (0 = identity, 1 = nnU-Net-like, 2 = strong)")
+    p_affine: float = option(0.5, "random rotation (±15°), scale (±15 %) and shift (±6 %)")
+    p_elastic: float = option(0.2, "elastic deformation")
+    p_bias_field: float = option(0.2, "smooth multiplicative bias field")
+    p_gamma: float = option(0.3, "gamma (contrast) change")
+    p_noise: float = option(0.15, "additive Gaussian noise")
+    p_smooth: float = option(0.1, "Gaussian smoothing")
+    p_low_resolution: float = option(0.2, "low-resolution simulation (down- then upsampling)")
+    p_flip: float = option(0.5, "left-right mirroring")
+
+    def validate(self) -> None:
+        if self.strength < 0:
+            raise ConfigError(f"train.aug.strength: must be >= 0, got {self.strength}")
+        for name in [n for n in self.__dataclass_fields__ if n.startswith("p_")]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.aug.{name}: a probability in [0, 1], got {getattr(self, name)}")
+
 
 @dataclass
 class TrainConfig:
@@ -73,9 +106,20 @@ class TrainConfig:
     warmup_steps: int = option(50, "linear learning-rate warmup steps")
     schedule: Literal["cosine", "constant"] = option("cosine", "learning-rate schedule after warmup")
     freeze_encoder_steps: int = option(0, "steps with a frozen (pretrained) encoder before full finetuning")
-    augment: bool = option(True, "on-the-fly augmentation (flip, small affine, intensity)")
+    pretrained_lr_scale: float = option(1.0, "learning rate of the parameters loaded from the init, times lr")
+    bf16: bool = option(True, "bf16 autocast of the training forward pass on GPUs (CPUs stay float32)")
+    augment: bool = option(True, "on-the-fly MONAI augmentation of training patches (train.aug)")
+    aug: AugmentConfig = option(factory=AugmentConfig, help="augmentation strength and probabilities")
     foreground_fraction: float = option(0.5, "share of training slices drawn from slices with foreground")
     eval_every: int = option(100, "steps between validation evaluations (and checkpoints)")
+    sw_overlap: float = option(
+        0.5, "overlap of the Gaussian-weighted sliding windows of validation and test inference, in [0, 1)"
+    )
+    nsd_tolerance_mm: float = option(2.0, "tolerance in mm of the test normalised surface Dice (test_nsd)")
+    test_tta: bool = option(False, "mirroring test-time augmentation (rows, columns) in the test evaluation")
+    test_largest_component: bool = option(
+        False, "test evaluation keeps the largest component of the classes chosen on validation (--largest-component)"
+    )
     patience: int = option(10, "evaluations without validation-Dice improvement before stopping; 0 = never")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "cuda when available with auto")
     num_threads: int = option(0, "torch CPU threads (0 = torch default)")
@@ -91,10 +135,16 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.nsd_tolerance_mm <= 0:
+            raise ConfigError(f"train.nsd_tolerance_mm: must be > 0, got {self.nsd_tolerance_mm}")
+        if self.pretrained_lr_scale < 0:
+            raise ConfigError(f"train.pretrained_lr_scale: must be >= 0, got {self.pretrained_lr_scale}")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
         if self.warmup_steps < 0 or self.freeze_encoder_steps < 0 or self.patience < 0:
             raise ConfigError("train.warmup_steps / freeze_encoder_steps / patience: must be >= 0")
+        if not 0.0 <= self.sw_overlap < 1.0:
+            raise ConfigError(f"train.sw_overlap: must be in [0, 1), got {self.sw_overlap}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
             raise ConfigError(f"train.foreground_fraction: must be in [0, 1], got {self.foreground_fraction}")
 
@@ -122,6 +172,15 @@ class FinetuneConfig:
         "random", "random | path to an export model.pt | runs:/<id>/<path> | models:/<name>@<alias>"
     )
     n_labeled: int = option(1, "labeled training volumes drawn from the training pool (0 = all)")
+    transfer: Literal["encoder", "encoder+decoder"] = option(
+        "encoder+decoder",
+        "parts of a pretrained init that are loaded: encoder only, or all it has (encoder, decoder, a matching head)",
+    )
+    resume: Literal["never", "auto"] = option(
+        "auto",
+        "auto: continue from <out_dir>/checkpoint/ when it holds a checkpoint of the same config; "
+        "never: out_dir must hold none",
+    )
     data: DataConfig = option(factory=DataConfig, help="labeled data")
     model: ModelConfig = option(factory=ModelConfig, help="architecture for init=random")
     train: TrainConfig = option(factory=TrainConfig, help="optimisation")

@@ -40,7 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams, SpacingSHW, Volume, preprocess
+from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ __all__ = [
     "subject_attributes",
     "draw_labeled",
     "prepare",
-    "shw_spacing",
 ]
 
 _CACHE_VERSION = 1
@@ -336,16 +335,6 @@ def draw_labeled(pool: tuple[str, ...], n_labeled: int, seed: int) -> tuple[str,
     if n_labeled > len(pool):
         raise ValueError(f"n_labeled: {n_labeled} is larger than the training pool of {len(pool)} volumes")
     return split_ids(pool, (n_labeled,), seed)[0]
-
-
-def shw_spacing(volume: Volume) -> SpacingSHW:
-    """Old name of :attr:`Volume.array_spacing <ssl_pretrain.data.preprocess.Volume.array_spacing>`.
-
-    Kept only because ``downstream/finetune.py`` imports it; use ``volume.array_spacing``.
-    """
-    return volume.array_spacing
-
-
 
 
 class VolumeCache:

@@ -2,9 +2,11 @@
 
 The finetuned ``model.pt`` holds the architecture, the weights (encoder, decoder, head), the
 number of classes and the preprocessing parameters, so nothing else is needed: every input goes
-through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did, the slices are
-segmented, and :func:`~ssl_pretrain.data.preprocess.to_original_grid` undoes crop/pad, in-plane
-resampling and reorientation, so the mask has the input's shape, affine and orientation.
+through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did (whole slices,
+padded only), every slice is segmented whole by Gaussian-weighted sliding windows of the training
+patch size (:func:`predict_probabilities`), and :func:`~ssl_pretrain.data.preprocess.to_original_grid`
+undoes padding, in-plane resampling and reorientation, so the mask has the input's shape, affine and
+orientation and nothing outside a patch is dropped.
 
 Example:
     >>> predict("runs/ft/model.pt", "case_001.nii.gz", "case_001_mask.nii.gz")  # doctest: +SKIP
@@ -12,8 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +27,74 @@ import torch
 from tqdm import tqdm
 
 from downstream.mlflow_uri import local_model_file
+from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
-from ssl_pretrain.export import ExportError, load_export
+from ssl_pretrain.export import build_unet, load_export
 from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict_slices", "load_segmentation_model", "predict"]
+__all__ = ["predict_probabilities", "predict_slices", "load_segmentation_model", "predict"]
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @torch.no_grad()
-def predict_slices(
-    model: torch.nn.Module, image: np.ndarray, *, device: str | torch.device = "cpu", batch_size: int = 32
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    roi_size: tuple[int, int] | list[int],
+    overlap: float = 0.5,
+    mirror_axes: tuple[int, ...] = (),
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
 ) -> np.ndarray:
-    """Segment a preprocessed volume slice by slice.
+    """Class probabilities of every pixel of a preprocessed volume, whole slices at any size.
+
+    Each slice is segmented by MONAI's Gaussian-weighted ``sliding_window_inference`` with windows
+    of the training patch size, so a slice larger than a patch is covered completely.
 
     Args:
-        model: Segmentation network mapping ``(B, C, H, W)`` to ``(B, K, H, W)`` logits.
-        image: ``(S, C, H, W)`` float32 slices.
+        model: Segmentation network mapping ``(B, C, h, w)`` to ``(B, K, h, w)`` logits.
+        image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
+        roi_size: Window ``(h, w)``: the patch size the model was trained on.
+        overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
+        mirror_axes: Test-time augmentation: the probabilities are averaged over every combination of
+            mirrorings along these axes of ``(B, C, H, W)`` (``(2, 3)``: the four in-plane ones), each
+            flipped back; ``()`` for none.
         device: Where the model runs.
-        batch_size: Slices per forward pass.
+        batch_size: Slices (and windows) per forward pass.
 
     Returns:
-        ``(S, H, W)`` uint8 label map (argmax over classes).
+        ``(S, K, H, W)`` float32 softmax probabilities.
     """
+    from monai.inferers import sliding_window_inference
+
     was_training = model.training
     model.eval()
+    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     out = []
     for i in range(0, image.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
-        out.append(model(x).argmax(dim=1).to(torch.uint8).cpu().numpy())
+        acc = None
+        for axes in flips:
+            xi = x.flip(axes) if axes else x
+            logits = sliding_window_inference(
+                xi, roi_size=tuple(roi_size), sw_batch_size=batch_size, predictor=model, overlap=overlap,
+                mode="gaussian",
+            )
+            p = torch.softmax(torch.as_tensor(logits).float(), dim=1)
+            p = p.flip(axes) if axes else p
+            acc = p if acc is None else acc + p
+        out.append((acc / len(flips)).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out, axis=0)
+
+
+def predict_slices(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``(S, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
+    return predict_probabilities(model, image, **kwargs).argmax(axis=1).astype(np.uint8)
 
 
 def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
@@ -75,19 +112,8 @@ def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> 
     """
     with local_model_file(ref, key="--model") as path:  # MLflow downloads are removed once loaded
         export = load_export(path)
-    if export["head"] is None or not export["num_classes"]:
-        raise ExportError(
-            f"{ref}: export of task {export['task']!r} has no segmentation head; finetune it first"
-        )
-    model = UNet(export["model_config"], int(export["num_classes"]))
-    model.encoder.load_state_dict(export["encoder"])
-    model.decoder.load_state_dict(export["decoder"])
-    model.head.load_state_dict(export["head"])
+        model, _ = build_unet(export, int(export["num_classes"] or 0), source=ref, strict=True)
     return model.to(device).eval(), export
-
-
-def _is_nifti(p: Path) -> bool:
-    return p.name.endswith(_NIFTI_SUFFIXES)
 
 
 def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
@@ -98,10 +124,7 @@ def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
         ValueError: Two inputs would share a mask (``a.nii`` and ``a.nii.gz``), or a mask would
             replace an input; nothing is written then.
     """
-    def stem(p: Path) -> str:
-        return p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.name[: -len(".nii")]
-
-    dsts = [output] if not many and _is_nifti(output) else [output / f"{stem(f)}_mask.nii.gz" for f in files]
+    dsts = [output] if not many and is_nifti_name(output) else [output / f"{nifti_stem(f)}_mask.nii.gz" for f in files]
     inputs = {f.resolve(): f for f in files}
     first: dict[Path, Path] = {}
     for f, dst in zip(files, dsts, strict=True):
@@ -114,6 +137,135 @@ def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
     return dsts
 
 
+def _input_files(src: Path) -> list[Path]:
+    """The NIfTI files of ``--input``: the file itself or a folder's (hidden files left out)."""
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if is_nifti_name(p) and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
+        return files
+    if src.is_file():
+        return [src]
+    raise ValueError(f"--input: {src} does not exist")
+
+
+def _output_folder(folder: Path) -> None:
+    """Create the folder the masks go to, or say in one line why it cannot be."""
+    bad = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise ValueError(f"--output: {bad} is a file; the masks need a folder {folder}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output: cannot create the folder {folder} ({e.strerror})") from None
+
+
+def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Keep only the largest 3D connected component of each class in ``classes`` (others: background).
+
+    Args:
+        mask: Integer label map, any 3D grid.
+        classes: Label values to clean; other labels are left as they are.
+
+    Returns:
+        A cleaned copy.
+    """
+    from scipy import ndimage
+
+    out = mask.copy()
+    for c in classes:
+        comp, n = ndimage.label(mask == c, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            largest = int(np.bincount(comp.ravel())[1:].argmax()) + 1
+            out[(comp > 0) & (comp != largest)] = 0
+    return out
+
+
+def choose_largest_component(
+    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int
+) -> dict[str, bool]:
+    """Per class, whether keeping its largest component raises mean validation Dice (nnU-Net's rule).
+
+    Returns:
+        ``{"1": True, ...}`` for every foreground class (JSON-able, recorded in the model's export).
+    """
+    from downstream.metrics import dice_score
+
+    choice: dict[str, bool] = {}
+    for c in range(1, num_classes):
+        base = np.mean([dice_score(p == c, t == c) for p, t in zip(preds, labels, strict=True)])
+        post = np.mean([dice_score(keep_largest_component(p, [c]) == c, t == c)
+                        for p, t in zip(preds, labels, strict=True)])
+        choice[str(c)] = bool(post > base)
+    return choice
+
+
+def _mirror_axes(tta: str | None) -> tuple[int, ...]:
+    """``--tta`` letters (``h`` rows, ``w`` columns) → axes of ``(B, C, H, W)``."""
+    if tta is None:
+        return ()
+    if not tta or any(ch not in "hw" for ch in tta.lower()):
+        raise ValueError(f"--tta: a 2D model mirrors in-plane only: give h, w or hw (rows, columns), got {tta!r}")
+    return tuple(sorted({"h": 2, "w": 3}[ch] for ch in set(tta.lower())))
+
+
+def _load_ensemble(refs: Sequence[str], device: torch.device) -> tuple[list[UNet], list[dict[str, Any]]]:
+    """Load the models of an ensemble; all must share label set and preprocessing."""
+    loaded = [load_segmentation_model(str(r), device=device) for r in refs]
+    first_ref, (_, first) = refs[0], loaded[0]
+    for ref, (_, exp) in zip(refs[1:], loaded[1:], strict=True):
+        for what, get in (("label set", lambda e: (e["num_classes"], e["info"].get("label_names"))),
+                          ("preprocessing", lambda e: PreprocessParams.from_dict(e["preprocessing"]))):
+            if get(exp) != get(first):
+                raise ValueError(f"--model: {ref} and {first_ref} differ in {what}: {get(exp)} vs {get(first)}")
+    return [net for net, _ in loaded], [exp for _, exp in loaded]
+
+
+def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, Any]]) -> list[int]:
+    """Classes every model of the ensemble chose (on its validation set) to keep one component of."""
+    chosen: set[int] | None = None
+    for ref, exp in zip(refs, exports, strict=True):
+        record = exp["info"].get("largest_component")
+        if not isinstance(record, dict):
+            raise ValueError(f"--largest-component: {ref} records no per-class choice (finetune it again)")
+        classes = {int(c) for c, on in record.items() if on}
+        chosen = classes if chosen is None else chosen & classes
+    return sorted(chosen or ())
+
+
+def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[str]) -> None:
+    """Warn when an input's in-plane spacing is far from the training spacing; say once that slices
+    smaller than the model's patch are padded."""
+    file_zooms = np.asarray(nib.load(path).header.get_zooms()[:3], dtype=float)
+    canon = np.empty(3)
+    canon[np.asarray(vol.geometry["ornt"])[:, 0].astype(int)] = file_zooms  # (x, y, z) after reorienting
+    rows_cols = [float(canon[1]), float(canon[0])]  # params.spacing is (row = y, column = x)
+    if any(z / t > 2.0 or z / t < 0.5 for z, t in zip(rows_cols, params.spacing, strict=True)):
+        log.warning("%s: in-plane spacing %s mm differs widely from the training spacing %s mm (resampled to it)",
+                    path, [round(z, 3) for z in rows_cols], list(params.spacing))
+    nx, ny = vol.geometry["resampled_shape"]
+    if (ny < params.size[0] or nx < params.size[1]) and "pad" not in said:
+        said.add("pad")
+        log.info("slices smaller than the model's patch %s are padded to it (first: %s)", list(params.size), path)
+
+
+def _save_probabilities(probs: np.ndarray, geometry: dict, reference: nib.Nifti1Image, path: Path) -> None:
+    """``(X, Y, Z, K)`` probabilities on the input's grid; 2 bytes a voxel (NIfTI has no float16:
+    uint16 with ``scl_slope`` = 1/65535, read back as floats)."""
+    maps = np.stack([to_original_grid(probs[:, k], geometry) for k in range(probs.shape[1])], axis=-1)
+    img = nib.Nifti1Image(np.rint(np.clip(maps, 0, 1) * 65535).astype(np.uint16), reference.affine)
+    img.set_qform(reference.affine, code=1)
+    img.set_sform(reference.affine, code=1)
+    img.set_data_dtype(np.uint16)
+    img.header.set_slope_inter(1.0 / 65535, 0.0)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def _probabilities_path(mask_path: Path) -> Path:
+    return mask_path.with_name(f"{nifti_stem(mask_path).removesuffix('_mask')}_probabilities.nii.gz")
+
+
 def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
     img = nib.Nifti1Image(mask.astype(np.uint8), reference.affine)
     img.set_qform(reference.affine, code=1)
@@ -124,62 +276,82 @@ def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None
 
 
 def predict(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     input: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     device: str = "auto",
-    batch_size: int = 32,
+    batch_size: int = 16,
+    overlap: float = 0.5,
+    tta: str | None = None,
+    save_probabilities: bool = False,
+    largest_component: bool = False,
 ) -> list[Path]:
     """Segment one NIfTI volume or every NIfTI file of a folder.
 
     Args:
-        model: Finetuned ``model.pt`` path or MLflow URI.
+        model: Finetuned ``model.pt`` path or MLflow URI, or several (an ensemble: their probabilities
+            are averaged; label sets and preprocessing must agree).
         input: A ``.nii``/``.nii.gz`` file or a folder of them.
         output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         batch_size: Slices per forward pass.
+        overlap: Sliding-window overlap in ``[0, 1)`` (windows of the model's patch size).
+        tta: Mirroring test-time augmentation: ``"hw"`` (rows and columns), ``"h"``, ``"w"`` or ``None``.
+        save_probabilities: Also write ``<name>_probabilities.nii.gz``: ``(X, Y, Z, K)`` softmax on
+            the input's grid.
+        largest_component: Keep the largest connected component of the classes the model(s) chose
+            on their validation set (recorded in the export).
 
     Returns:
         The written mask files (uint8 labels; shape and affine of each input).
 
     Raises:
         ValueError: Missing input, no NIfTI files, two inputs with one mask name, a mask over an
-            input, unusable model; a bad volume among several is skipped with a one-line warning instead.
+            input, unusable model, a bad option or an ensemble that does not agree; a bad volume
+            among several is skipped with a one-line warning instead.
     """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"--overlap: must be in [0, 1), got {overlap}")
+    axes = _mirror_axes(tta)
+    refs = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
+    if not refs:
+        raise ValueError("--model: give at least one model")
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
     src, out = Path(input), Path(output)
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if _is_nifti(p) and not p.name.startswith("."))
-        if not files:
-            raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
-    elif src.is_file():
-        files = [src]
-    else:
-        raise ValueError(f"--input: {src} does not exist")
-    many = src.is_dir()
+    files, many = _input_files(src), src.is_dir()
     dsts = _output_paths(files, out, many)
-    net, export = load_segmentation_model(str(model), device=dev)
+    _output_folder(out if many or not is_nifti_name(out) else out.parent)
+    nets, exports = _load_ensemble(refs, dev)
+    export = exports[0]
+    lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
     written: list[Path] = []
+    said: set[str] = set()
     for f, dst in tqdm(list(zip(files, dsts, strict=True)), desc="predict", unit="vol", disable=len(files) < 2):
         try:
             vol = preprocess(f, params)
+            _check_geometry(f, vol, params, said)
             if vol.image.shape[1] != export["model_config"].in_channels:
                 raise ValueError(
                     f"{f}: {vol.image.shape[1]} channel(s), the model expects "
                     f"{export['model_config'].in_channels}"
                 )
-            mask = predict_slices(net, vol.image, device=dev, batch_size=batch_size)
-            original = to_original_grid(mask, vol.geometry)
+            probs = np.mean([predict_probabilities(net, vol.image, roi_size=params.size, overlap=overlap,
+                                                   mirror_axes=axes, device=dev, batch_size=batch_size)
+                             for net in nets], axis=0)
+            original = keep_largest_component(to_original_grid(probs.argmax(axis=1), vol.geometry), lcc)
         except ValueError as e:
             if not many:
                 raise
             log.warning("skipped %s: %s", f, str(e).splitlines()[0])
             continue
-        _save_mask(original, load_nifti(f), dst)
+        reference = load_nifti(f)
+        _save_mask(original, reference, dst)
+        if save_probabilities:
+            _save_probabilities(probs, vol.geometry, reference, _probabilities_path(dst))
         written.append(dst)
         log.info("%s -> %s", f, dst)
     return written

@@ -45,6 +45,7 @@ from downstream.finetune import load_init
 from downstream.report import build_report
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
 from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.export import choose_preprocessing
 from ssl_pretrain.fileio import atomic_write_text
 from ssl_pretrain.tracking import MLflowLogger, NullLogger, RunLogger, start_logger
 
@@ -82,12 +83,13 @@ def _absolute_tracking_uri() -> str:
 
 def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     specs: list[InitSpec] = []
-    random_params = dict(cfg.data.preprocess)
+    pretrained: list[tuple[str, dict[str, Any]]] = []
     for i, ref in enumerate(cfg.init):
         export, local = load_init(ref, out / "inits" / str(i))
         if export is None:
-            specs.append(InitSpec(ref, "random", "random", "random", {}, random_params))
+            specs.append(InitSpec(ref, "random", "random", "random", {}, {}))
             continue
+        pretrained.append((ref, export))
         specs.append(
             InitSpec(
                 ref,
@@ -95,7 +97,7 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
                 export["task"],
                 export["task"],
                 dict(export["info"]),
-                dict(export["preprocessing"]),
+                choose_preprocessing(cfg.data.preprocess, [(ref, export)]).to_dict(),  # what its trials use
             )
         )
         if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
@@ -105,15 +107,11 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
                 list(export["model_config"].widths),
                 list(cfg.model.widths),
             )
-    pretrained = [s for s in specs if s.task != "random"]
-    if pretrained:
-        # the random baseline sees exactly the data the first pretrained init was prepared for
-        ref_params = PreprocessParams.from_dict(pretrained[0].params).to_dict()
-        if cfg.data.preprocess and PreprocessParams.from_dict(dict(cfg.data.preprocess)).to_dict() != ref_params:
-            log.warning("init=random uses the preprocessing of %s, not data.preprocess", pretrained[0].ref)
-        for s in specs:
-            if s.task == "random":
-                s.params = ref_params
+    # init=random sees exactly the data the first pretrained init was prepared for (the one rule)
+    random_params = choose_preprocessing(cfg.data.preprocess, pretrained).to_dict()
+    for s in specs:
+        if s.task == "random":
+            s.params = random_params
     seen: dict[str, int] = {}
     for s in specs:  # unique tags for tables and folders: "contrastive", "contrastive-2", …
         seen[s.tag] = seen.get(s.tag, 0) + 1

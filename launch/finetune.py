@@ -8,20 +8,19 @@ One process, CPU or one GPU::
 ``init`` is ``random``, a path to an export ``model.pt``, or an MLflow URI (``runs:/<id>`` of a
 pretraining run, ``models:/mri-ssl-<dataset>@champion``). The best model (validation Dice) is
 written to ``<out_dir>/model.pt`` together with its head and preprocessing, ready for
-``launch/predict.py``. ``--resume`` continues from ``<out_dir>/checkpoint/`` after an interruption.
+``launch/predict.py``. Re-running the same command continues from ``<out_dir>/checkpoint/`` after an
+interruption, in the same MLflow run (``resume: auto``; ``--resume`` is the same). A checkpoint of a
+different config (init, n_labeled, seed, data, model, train) is refused with one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from pathlib import Path
 
 from downstream.config import FinetuneConfig
 from ssl_pretrain.config import parse_config
 from ssl_pretrain.fileio import lock_output_dir
-from ssl_pretrain.tracking import start_logger
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,37 +30,31 @@ def main(argv: list[str] | None = None) -> int:
         FinetuneConfig,
         argv,
         doc=__doc__,
-        add_flags=lambda p: p.add_argument(
-            "--resume", action="store_true", help="continue from <out_dir>/checkpoint/state.pt"
-        ),
+        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
     )
+    if args.resume:
+        cfg.resume = "auto"
     try:  # one run per out_dir
         with lock_output_dir(cfg.out_dir):
-            return _run(cfg, args)
+            return _run(cfg)
     except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(cfg: FinetuneConfig, args: argparse.Namespace) -> int:
+def _run(cfg: FinetuneConfig) -> int:
     from downstream.finetune import finetune
 
-    ckpt = Path(cfg.out_dir) / "checkpoint" / "state.pt"
-    logger = start_logger(cfg.tracking.enabled, cfg.tracking.experiment, run_name=Path(cfg.out_dir).name)
     try:
-        result = finetune(cfg, resume=ckpt if args.resume and ckpt.is_file() else None, logger=logger)
+        result = finetune(cfg)  # tracking: the run's own MLflow run, continued on resume
     except ValueError as e:  # bad input: one clear line, no traceback
-        logger.end("FAILED")
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BaseException:
-        logger.end("FAILED")
-        raise
-    logger.end("FINISHED")
     print(
         f"model: {result['model_path']}\n"
         f"test Dice {result['test_dice']:.4f} ± {result['test_dice_std']:.4f}, "
-        f"HD95 {result['test_hd95']:.2f} ± {result['test_hd95_std']:.2f} mm "
+        f"HD95 {result['test_hd95']:.2f} ± {result['test_hd95_std']:.2f} mm, "
+        f"NSD {result['test_nsd']:.4f} ± {result['test_nsd_std']:.4f} "
         f"({len(result['test_ids'])} test volumes)"
     )
     return 0

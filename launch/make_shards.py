@@ -42,10 +42,19 @@ def _label_names(path: Path) -> dict[str, str] | None:
     return {str(k): v for k, v in parse_msd_labels(labels, meta).items()} if labels is not None else None
 
 
+# Shards hold fixed-size slices (the pretraining loader batches them as they are): their field of
+# view is always ``crop``; finetuning and prediction keep the whole slice (``field_of_view: pad``).
+_SHARD_FIXED = {"field_of_view": "crop"}
+
+
+def _preprocess_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(PreprocessParams) if f.name not in _SHARD_FIXED]
+
+
 def _add_preprocess_flags(ap: argparse.ArgumentParser) -> None:
     """One flag per :class:`PreprocessParams` field, with its type, default and help."""
     hints = typing.get_type_hints(PreprocessParams)
-    for f in dataclasses.fields(PreprocessParams):
+    for f in _preprocess_fields():
         tp = hints[f.name]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[...]: its one other type
@@ -84,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        params = PreprocessParams.from_dict({f.name: getattr(args, f.name)
-                                             for f in dataclasses.fields(PreprocessParams)})
+        params = PreprocessParams.from_dict({f.name: getattr(args, f.name) for f in _preprocess_fields()}
+                                            | _SHARD_FIXED)
         labels = {"auto": None, "yes": True, "no": False}[args.labels]
         subjects, skipped = discover(args.input, labels=labels)
         # one writer per output; the lock sits beside it because the output is replaced whole

@@ -21,17 +21,31 @@ info               free-form JSON-able facts: pretraining budget (steps, samples
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ssl_pretrain.config import ConfigError
+from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.fileio import atomic_path
-from ssl_pretrain.models.unet import UNetConfig
+from ssl_pretrain.models.unet import UNet, UNetConfig
 
-__all__ = ["EXPORT_FORMAT_VERSION", "ExportError", "save_export", "load_export"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_FORMAT_VERSION",
+    "ExportError",
+    "LoadReport",
+    "save_export",
+    "load_export",
+    "build_unet",
+    "choose_preprocessing",
+]
 
 EXPORT_FORMAT_VERSION = 1
 _TASKS = ("contrastive", "regression", "random", "segmentation")
@@ -129,3 +143,156 @@ def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     except ConfigError as e:
         raise ExportError(f"{p}: {e}") from None
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# export -> model, and whose preprocessing a run uses
+# ---------------------------------------------------------------------------------------------
+
+_PARTS = ("encoder", "decoder", "head")
+
+
+@dataclass
+class LoadReport:
+    """Which tensors of a UNet came from an export.
+
+    Args:
+        source: The export file (or ``"random"``).
+        loaded: ``part.key`` names copied from the export.
+        missing: Model tensors the export did not provide (trained from scratch).
+        unexpected: Export tensors the model has no place for.
+    """
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``init_load_report.json``)."""
+        return asdict(self)
+
+    def counts(self) -> dict[str, Any]:
+        """``{"source": …, "loaded": n, "missing": n, "unexpected": n}``."""
+        return {k: len(v) if isinstance(v, list) else v for k, v in asdict(self).items()}
+
+
+def _load_part(
+    module: torch.nn.Module, state: dict[str, torch.Tensor] | None, part: str, source: str, report: LoadReport
+) -> None:
+    """Load ``state`` into ``module`` non-strictly into ``report``; a shape mismatch is one line."""
+    own = module.state_dict()
+    if state is None:
+        report.missing += [f"{part}.{k}" for k in own]
+        return
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise ExportError(
+                f"{source}: {part}.{k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
+                "(export widths / channels do not match its weights)"
+            )
+    res = module.load_state_dict(state, strict=False)
+    report.loaded += [f"{part}.{k}" for k in state if k in own]
+    report.missing += [f"{part}.{k}" for k in res.missing_keys]
+    report.unexpected += [f"{part}.{k}" for k in res.unexpected_keys]
+
+
+def build_unet(
+    export: dict[str, Any] | None,
+    num_classes: int,
+    *,
+    source: str,
+    strict: bool,
+    model_config: UNetConfig | None = None,
+    in_channels: int | None = None,
+    parts: Sequence[Literal["encoder", "decoder", "head"]] = _PARTS,
+) -> tuple[UNet, LoadReport]:
+    """Build a segmentation UNet from an export (or at random) and report what was loaded.
+
+    The one place that turns an export into a model, for finetuning (``strict=False``: a
+    pretraining export brings an encoder, maybe a decoder, no head; what it lacks starts from
+    scratch) and for prediction (``strict=True``: every part must be there and match exactly).
+
+    Args:
+        export: A :func:`load_export` dict, or ``None`` for a random init.
+        num_classes: Output classes of the head (background included).
+        source: The export's file name, used in messages and the report.
+        strict: Refuse an export that lacks a part or whose keys differ from the model's.
+        model_config: Architecture of a random init (ignored when ``export`` is given).
+        in_channels: When given, the export's input channels must equal it (the data's channels).
+        parts: The parts copied from the export; the others start from scratch (finetuning's
+            transfer choice). A head is only copied when its ``num_classes`` matches.
+
+    Returns:
+        ``(model, report)``.
+
+    Raises:
+        ExportError: One line naming ``source``: channel mismatch, tensor shape mismatch, or (strict)
+            a missing part or differing keys.
+    """
+    if export is None:
+        if model_config is None:
+            raise ValueError("build_unet: a random init needs model_config")
+        return UNet(model_config, num_classes), LoadReport(source)
+    mcfg = export["model_config"]
+    if in_channels is not None and mcfg.in_channels != in_channels:
+        raise ExportError(
+            f"{source}: export has in_channels={mcfg.in_channels}, the data has {in_channels} channel(s)"
+        )
+    if strict and (export["head"] is None or not export["num_classes"]):
+        raise ExportError(f"{source}: export of task {export['task']!r} has no segmentation head; finetune it first")
+    model = UNet(mcfg, num_classes)
+    report = LoadReport(source)
+    for part in _PARTS:
+        state = export[part] if part in parts else None
+        if part == "head" and export["num_classes"] != num_classes:
+            state = None
+        _load_part(getattr(model, part), state, part, source, report)
+    if strict and (report.missing or report.unexpected):
+        raise ExportError(
+            f"{source}: export does not match its model config "
+            f"(missing {report.missing[:3]}, unexpected {report.unexpected[:3]})"
+        )
+    log.info(
+        "%s: loaded %d tensors, missing %d (trained from scratch), unexpected %d",
+        source, len(report.loaded), len(report.missing), len(report.unexpected),
+    )
+    if report.unexpected:
+        log.warning("%s: unexpected keys %s", source, report.unexpected[:8])
+    return model, report
+
+
+def choose_preprocessing(
+    configured: PreprocessParams, exports: Sequence[tuple[str, dict[str, Any]]], *, key: str = "data.preprocess"
+) -> PreprocessParams:
+    """Whose preprocessing a finetuning run (and the models it writes) uses: the rule, in one place.
+
+    A pretrained export was trained on data prepared its own way, so its parameters win over the
+    config's. A random init with pretrained inits beside it (a sweep) takes the first pretrained
+    init's, so every init of a comparison sees exactly the same data. Only without any export does
+    the configured preprocessing apply. A warning says when the configured value is overridden.
+    The field of view is always ``"pad"``: finetuning, evaluation and prediction keep the whole
+    slice (``size`` is the patch size); only pretraining shards crop.
+
+    Args:
+        configured: The config's preprocessing (``data.preprocess``).
+        exports: ``(source, export)`` of the pretrained inits that set the data, in order.
+        key: The config key named in the log line.
+
+    Returns:
+        The parameters to prepare the data with.
+
+    Raises:
+        ExportError: The export's preprocessing record is unusable.
+    """
+    configured = replace(configured, field_of_view="pad")
+    if not exports:
+        return configured
+    source, export = exports[0]
+    try:
+        params = replace(PreprocessParams.from_dict(export["preprocessing"]), field_of_view="pad")
+    except ValueError as e:
+        raise ExportError(f"{source}: {e}") from None
+    if params != configured:
+        log.warning("%s ignored: the preprocessing of %s is used (%s)", key, source, params.to_dict())
+    return params

@@ -69,15 +69,22 @@ class PreprocessParams:
     """
 
     spacing: SpacingHW = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
-    size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad")
+    size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad (field_of_view=pad: the patch)")
     norm: Literal["zscore", "minmax"] = option(
         "zscore", "zscore: mean 0, std 1 per channel and volume; minmax: [0, 1]"
     )
     clip: tuple[float, float] = option((0.5, 99.5), "intensity percentiles (low, high) clipped before normalising")
     channels: tuple[int, ...] | None = option(None, "channel indices kept from a 4D input; null keeps all")
+    field_of_view: Literal["crop", "pad"] = option(
+        "crop",
+        "crop: centre-crop/pad every slice to size (fixed-size shards); pad: keep the whole resampled slice, "
+        "padded only up to size where smaller (finetuning, evaluation, prediction)",
+    )
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range values (keys named ``preprocess.<field>``)."""
+        if self.field_of_view not in ("crop", "pad"):
+            raise ConfigError(f"preprocess.field_of_view: must be one of 'crop', 'pad'; got {self.field_of_view!r}")
         _check_pair("spacing", self.spacing, float, positive=True)
         _check_pair("size", self.size, int, positive=True)
         if self.norm not in ("zscore", "minmax"):
@@ -315,6 +322,8 @@ def preprocess(
     res = _resample_image(np.ascontiguousarray(canon), (nx, ny))
     res = _normalise(res, params)
     h, w = params.size
+    if params.field_of_view == "pad":  # the whole slice, padded up to the patch size where smaller
+        h, w = max(h, ny), max(w, nx)
     # the display grid is (H=-y, W=x); crop/pad in canonical (x, y) order with matching offsets
     offset = ((nx - w) // 2, (ny - h) // 2)
     fill = res.min(axis=(0, 1, 2))  # background after normalisation (clip low), per channel
@@ -413,11 +422,13 @@ def to_original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
     inverse RAS reorientation. Save the result with the input image's affine.
 
     Args:
-        mask: ``(S, H, W)`` integer mask (e.g. a prediction), S = number of slices of the input.
+        mask: ``(S, H, W)`` integer mask (e.g. a prediction), S = number of slices of the input, or a
+            float map (e.g. one class's probabilities), mapped the same way.
         geometry: ``Volume.geometry`` of the same input.
 
     Returns:
-        uint8 array with the input image's spatial shape ``(X, Y, Z)``.
+        Array with the input image's spatial shape ``(X, Y, Z)``: uint8 for an integer mask, the
+        float map's own dtype for a float map.
 
     Raises:
         ValueError: ``mask`` shape does not match ``geometry``.
@@ -433,8 +444,9 @@ def to_original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
     res = _crop_pad(canon, (-ox, -oy), (nx, ny), 0)
     ix = _nearest_index(nx, cx)
     iy = _nearest_index(ny, cy)
-    back = res[ix][:, iy].astype(np.uint8)
+    dtype = mask.dtype if mask.dtype.kind == "f" else np.uint8
+    back = res[ix][:, iy].astype(dtype)
     ornt = np.asarray(geometry["ornt"], dtype=float)
     inv = nib.orientations.ornt_transform(_RAS_ORNT, ornt)
     out = nib.orientations.apply_orientation(back, inv)
-    return np.ascontiguousarray(out.astype(np.uint8))
+    return np.ascontiguousarray(out.astype(dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from ssl_pretrain.models.unet import UNet, UNetConfig
 
 from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
 
+PARAMS_FOV32 = dataclasses.replace(PARAMS32, field_of_view="pad")  # finetuning keeps whole slices
+
 
 def _cfg(cohort: Path, out: Path, *extra: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, overrides=[*tiny_overrides(cohort, out, size=32), *extra])
@@ -27,17 +30,18 @@ def test_finetune_outputs_and_exact_resume_after_a_crash(cohort: Path, tmp_path:
     with pytest.raises(InjectedFault):
         finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"))
     assert (out / "checkpoint" / "state.pt").is_file() and not (out / "model.pt").exists()
-    resumed = finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"),
-                       resume=out / "checkpoint")
+    # re-running the same command continues from the checkpoint (resume: auto)
+    resumed = finetune(_cfg(cohort, out, "n_labeled=2", "train.inject_fault_at_step=10"))
     assert resumed["resumed_from_step"] == 10 and resumed["steps"] == 20
     # same batches, augmentation and weights after the resume: identical curve and test metrics
     assert [h["val_dice"] for h in resumed["history"]] == [h["val_dice"] for h in plain["history"]]
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in plain["history"]]
     assert resumed["test_dice"] == plain["test_dice"]
     assert 0.0 < plain["test_dice"] <= 1.0 and len(plain["test_per_volume"]) == 2
+    assert 0.0 <= plain["test_nsd"] <= 1.0 and all("nsd" in v for v in plain["test_per_volume"].values())
     export = load_export(tmp_path / "plain" / "model.pt")
     assert export["task"] == "segmentation" and export["num_classes"] == 2 and export["head"] is not None
-    assert export["preprocessing"] == PARAMS32.to_dict()
+    assert export["preprocessing"] == PARAMS_FOV32.to_dict()
     for name in ("config.yaml", "metrics.json", "result.json", "contours.png"):
         assert (tmp_path / "plain" / name).is_file()
 
@@ -53,7 +57,7 @@ def test_pretrained_init_reports_loaded_and_missing_keys(cohort: Path, tmp_path:
     assert res["pretrain_info"] == BUDGET and res["init_task"] == "contrastive"
     assert res["history"][0]["encoder_frozen"] == 0.0  # frozen for steps 0-4, the eval at step 10 is after
     # the export's preprocessing (32×32) wins over data.preprocess
-    assert load_export(tmp_path / "ft" / "model.pt")["preprocessing"] == PARAMS32.to_dict()
+    assert load_export(tmp_path / "ft" / "model.pt")["preprocessing"] == PARAMS_FOV32.to_dict()
 
 
 def test_bad_inits_and_n_labeled_give_one_line(cohort: Path, tmp_path: Path, mlflow_uri: str) -> None:
@@ -88,3 +92,201 @@ def test_launch_finetune_cli_prints_one_line_on_bad_input(cohort: Path, tmp_path
     code = mod.main([*tiny_overrides(cohort, tmp_path / "cli", size=32), "n_labeled=9"])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: n_labeled: 9 is larger")
+
+
+def test_data_preprocess_is_typed_and_checked_by_the_config_loader(cohort: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError, flatten
+    from ssl_pretrain.data.preprocess import PreprocessParams
+
+    cfg = _cfg(cohort, tmp_path / "t")
+    assert isinstance(cfg.data.preprocess, PreprocessParams) and cfg.data.preprocess.size == (32, 32)
+    assert flatten(cfg)["data.preprocess.size"] == [32, 32]  # YAML / MLflow see plain lists
+    with pytest.raises(ConfigError) as e:
+        _cfg(cohort, tmp_path / "t", "data.preprocess.norm=max")
+    assert "data.preprocess" in str(e.value) and "norm" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="data.preprocess.sizes: unknown key"):
+        _cfg(cohort, tmp_path / "t", "data.preprocess.sizes=[4, 4]")
+
+
+def _crash(cohort: Path, out: Path, at: int, *extra: str) -> None:
+    with pytest.raises(InjectedFault):
+        finetune(_cfg(cohort, out, "n_labeled=2", f"train.inject_fault_at_step={at}", *extra))
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _crash(cohort, out, 10)
+    written = (out / "config.yaml").read_text()
+
+    def refused(*extra: str) -> str:
+        with pytest.raises(ValueError) as e:
+            finetune(_cfg(cohort, out, *extra))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    msg = refused("n_labeled=1", "seed=7")  # would write a result.json claiming 1 volume, seed 7
+    assert "n_labeled" in msg and "seed" in msg and "state.pt" in msg
+    assert "model.widths" in refused("n_labeled=2", "model.widths=[4, 8, 16]")
+    assert "train.lr" in refused("n_labeled=2", "train.lr=1e-2")
+    assert "resume=auto" in refused("n_labeled=2", "resume=never")
+    assert (out / "config.yaml").read_text() == written  # a refused run changes nothing
+    # what does not change the result may differ: threads, fault hook, tracking
+    res = finetune(_cfg(cohort, out, "n_labeled=2", "train.num_threads=1"))
+    assert res["resumed_from_step"] == 10
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(cohort: Path, tmp_path: Path, caplog) -> None:
+    plain = finetune(_cfg(cohort, tmp_path / "plain", "n_labeled=2", "train.max_steps=30"))
+    out = tmp_path / "run"
+    _crash(cohort, out, 20, "train.max_steps=30")
+    state = out / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        res = finetune(_cfg(cohort, out, "n_labeled=2", "train.max_steps=30"))
+    assert any(str(state) in r.getMessage() and "state.prev.pt" in r.getMessage() for r in caplog.records)
+    assert res["resumed_from_step"] == 10 and res["test_dice"] == plain["test_dice"]
+    # nothing readable left: one line, no traceback
+    out2 = tmp_path / "run2"
+    _crash(cohort, out2, 20, "train.max_steps=30")
+    for name in ("state.pt", "state.prev.pt"):
+        (out2 / "checkpoint" / name).write_bytes(b"\x80\x02 truncated")
+    with pytest.raises(ValueError) as e:
+        finetune(_cfg(cohort, out2, "n_labeled=2", "train.max_steps=30"))
+    assert "state.pt" in str(e.value) and "unreadable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resumed_run_continues_its_mlflow_run(cohort: Path, tmp_path: Path, mlflow_uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    out = tmp_path / "run"
+    _crash(cohort, out, 10, "tracking.enabled=true")
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["mlflow_run_id"] == run_id
+    client.update_run(run_id, status="RUNNING")  # as a kill -9 leaves it
+    res = finetune(_cfg(cohort, out, "n_labeled=2", "tracking.enabled=true"))
+    assert res["resumed_from_step"] == 10 and res["mlflow_run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["n_labeled"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_dice")] == [10, 20]
+    # killed before its first checkpoint: the orphan is marked KILLED, a fresh run takes over
+    out2 = tmp_path / "run2"
+    exp = client.get_experiment_by_name("mri-ssl/finetune").experiment_id
+    orphan = client.create_run(exp).info.run_id
+    out2.mkdir()
+    (out2 / "mlflow_run_id").write_text(orphan)
+    res2 = finetune(_cfg(cohort, out2, "n_labeled=2", "tracking.enabled=true", "train.max_steps=10"))
+    assert client.get_run(orphan).info.status == "KILLED" and res2["mlflow_run_id"] != orphan
+
+
+def test_unusable_out_dir_and_widths_give_one_line(cohort: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(ValueError) as e:
+            finetune(_cfg(cohort, out))
+        assert "out_dir" in str(e.value) and str(afile) in str(e.value) and "\n" not in str(e.value)
+    for widths in ("[]", "[0, 8]"):
+        with pytest.raises(ConfigError, match=r"model.widths: need at least 2 positive widths"):
+            _cfg(cohort, tmp_path / "w", f"model.widths={widths}")
+
+
+def _wide_cohort(root: Path, n: int = 8) -> Path:
+    """Volumes with a field of view twice the 32-pixel patch and a disc off-centre, partly outside the
+    central 32×32 window (the old centre crop)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(n):
+        cx, cy = rng.choice([12, 52]) + rng.integers(-2, 3), rng.choice([12, 52]) + rng.integers(-2, 3)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= 10**2  # indexed [x, y]: voxel axes are (X, Y)
+        label = np.repeat(disc[:, :, None], 6, axis=2).astype(np.uint8)
+        image = (label * 1.0 + rng.normal(0, 0.15, label.shape)).astype(np.float32)
+        affine = np.diag([1.0, 1.0, 4.0, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"w{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"w{i}.nii.gz")
+    training = [{"image": f"./imagesTr/w{i}.nii.gz", "label": f"./labelsTr/w{i}.nii.gz"} for i in range(n)]
+    (root / "dataset.json").write_text(
+        json.dumps({"name": "wide", "labels": {"0": "background", "1": "disc"}, "training": training})
+    )
+    return root
+
+
+def test_whole_field_of_view_structure_outside_the_old_crop_window_is_predicted_and_counted(
+    tmp_path: Path,
+) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    from downstream.metrics import dice_score
+    from downstream.predict import predict
+
+    root = _wide_cohort(tmp_path / "wide")
+    cfg = load_config(FinetuneConfig, overrides=[
+        f"data.root={root}", f"out_dir={tmp_path / 'ft'}",
+        "data.preprocess={spacing: [1.0, 1.0], size: [32, 32], norm: minmax, clip: [0.0, 100.0]}",
+        "data.n_val=2", "data.n_test=2", "n_labeled=0", "model.widths=[8, 16, 32]", "train.max_steps=60",
+        "train.eval_every=30", "train.batch_size=8", "train.warmup_steps=2", "train.lr=3e-3",
+        "tracking.enabled=false"])
+    res = finetune(cfg)
+    outside = np.ones((64, 64, 6), bool)
+    outside[16:48, 16:48] = False  # everything the old 32×32 centre crop dropped
+    for sid in res["test_ids"]:
+        truth = np.asarray(nib.load(root / "labelsTr" / f"{sid}.nii.gz").dataobj) == 1
+        assert truth[outside].sum() > 0.4 * truth.sum()  # much of the structure lies outside the window
+        (mask_path,) = predict(res["model_path"], root / "imagesTr" / f"{sid}.nii.gz", tmp_path / f"{sid}.nii.gz")
+        mask = np.asarray(nib.load(mask_path).dataobj) == 1
+        assert mask.shape == truth.shape
+        assert (mask & truth)[outside].sum() > 0.7 * truth[outside].sum()  # predicted outside the window too
+        # the test Dice is the Dice of the whole structure on the original grid, as predict.py writes it
+        assert res["test_per_volume"][sid]["dice"][0] == pytest.approx(dice_score(mask, truth), abs=1e-9)
+    assert res["test_dice"] > 0.6
+
+
+def test_transfer_parts_and_pretrained_lr_scale(cohort: Path, tmp_path: Path) -> None:
+    from downstream.finetune import _build_run
+
+    exp = make_export(tmp_path / "pre.pt", with_decoder=True)
+    n_enc = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).encoder.state_dict())
+    n_dec = len(UNet(UNetConfig(widths=(8, 16, 32)), 2).decoder.state_dict())
+    both = _build_run(_cfg(cohort, tmp_path / "a", f"init={exp}"))
+    assert len(both.load_report.loaded) == n_enc + n_dec
+    enc = _build_run(_cfg(cohort, tmp_path / "b", f"init={exp}", "transfer=encoder", "train.pretrained_lr_scale=0.1"))
+    assert len(enc.load_report.loaded) == n_enc
+    assert {k.split(".")[0] for k in enc.load_report.missing} == {"decoder", "head"}
+    slow, fast = enc.opt.param_groups
+    assert slow["initial_lr"] == pytest.approx(3e-4) and fast["initial_lr"] == pytest.approx(3e-3)
+    loaded_params = {id(p) for n, p in enc.model.named_parameters() if n.startswith("encoder.")}
+    assert {id(p) for p in slow["params"]} == loaded_params
+    assert sum(len(g["params"]) for g in enc.opt.param_groups) == len(list(enc.model.parameters()))
+
+
+def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
+    import numpy as np
+
+    from downstream.config import AugmentConfig
+    from downstream.finetune import augment, build_augmentation
+
+    always = AugmentConfig(**{f: 1.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    transforms = build_augmentation(always, (32, 32))
+    image = torch.randn(3, 1, 32, 32)
+    label = torch.zeros(3, 32, 32, dtype=torch.long)
+    label[:, 8:20, 10:24] = 1
+
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(999 + seed)  # global RNGs must not matter
+        np.random.seed(999 + seed)
+        return augment(transforms, image, label, torch.Generator().manual_seed(seed))
+
+    (a_img, a_lab), (b_img, b_lab), (c_img, _) = run(0), run(0), run(1)
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)  # the generator alone decides
+    assert not torch.equal(a_img, c_img) and not torch.equal(a_img, image)
+    assert a_img.shape == image.shape and a_lab.dtype == torch.long and set(a_lab.unique().tolist()) <= {0, 1}

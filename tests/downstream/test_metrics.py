@@ -57,3 +57,24 @@ def test_multiclass_and_bad_input() -> None:
         volume_metrics(pred[:1], true, spacing=(1.0, 1.0, 1.0), num_classes=3)
     with pytest.raises(ValueError, match="spacing"):
         volume_metrics(pred, true, spacing=(1.0, 0.0, 1.0), num_classes=3)
+
+
+def test_normalised_surface_dice_tolerance_empty_cases_and_summary() -> None:
+    true = _box((6, 20, 20), (1, 5, 5), (5, 15, 15))
+    pred = _box((6, 20, 20), (1, 6, 5), (5, 16, 15))  # shifted one 1-mm voxel along H
+    spacing = (3.0, 1.0, 1.0)
+    tight = volume_metrics(pred, true, spacing=spacing, num_classes=2, nsd_tolerance=0.5)["nsd"][0]
+    loose = volume_metrics(pred, true, spacing=spacing, num_classes=2, nsd_tolerance=1.5)["nsd"][0]
+    assert 0.0 < tight < 1.0 and loose == pytest.approx(1.0)  # within 1.5 mm every surface voxel matches
+    assert "nsd" not in volume_metrics(pred, true, spacing=spacing, num_classes=2)
+    empty = np.zeros_like(true)
+    assert volume_metrics(empty, empty, spacing=spacing, num_classes=2, nsd_tolerance=1.0)["nsd"] == [1.0]
+    assert volume_metrics(empty, true, spacing=spacing, num_classes=2, nsd_tolerance=1.0)["nsd"] == [0.0]
+    two = true + _box((6, 20, 20), (1, 16, 16), (3, 19, 19), value=2)
+    per = [volume_metrics(two, two, spacing=spacing, num_classes=3, nsd_tolerance=1.0),
+           volume_metrics(empty, two, spacing=spacing, num_classes=3, nsd_tolerance=1.0)]
+    s = summarize(per, "test_")
+    assert s["test_nsd"] == pytest.approx(0.5) and s["test_nsd_c1"] == pytest.approx(0.5)
+    assert s["test_nsd_c2"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="nsd_tolerance"):
+        volume_metrics(pred, true, spacing=spacing, num_classes=2, nsd_tolerance=0.0)
