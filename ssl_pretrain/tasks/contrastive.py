@@ -23,8 +23,8 @@ from torch import nn
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
-from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, sample_at, two_views
 from ssl_pretrain.tasks.figures import image_grid
+from ssl_pretrain.tasks.views import AugmentConfig, matching_points, sample_at, two_views
 
 __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
 

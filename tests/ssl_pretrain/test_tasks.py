@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead, ReconstructionHead
 from ssl_pretrain.models.unet import UNetConfig
-from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, random_view, sample_at, two_views
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask, partition_groups
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask, corrupt
+from ssl_pretrain.tasks.views import AugmentConfig, matching_points, random_view, sample_at, two_views
 
 TINY = UNetConfig(widths=(8, 16, 32))
 
