@@ -97,7 +97,7 @@ def _preprocessing(manifest: Any) -> dict[str, Any]:
     return {}
 
 
-def _fingerprint(module: nn.Module) -> torch.Tensor:
+def _parameter_fingerprint(module: nn.Module) -> torch.Tensor:
     """Per-parameter (sum, sum |x|, sum x²) in float64: equal on all ranks iff replicas agree (practically)."""
     rows = [torch.stack([p.double().sum(), p.double().abs().sum(), p.double().square().sum()])
             for p in module.parameters()]
@@ -370,7 +370,7 @@ class Trainer:
         assert self.logger is not None
         summary: dict[str, Any] = {}
         if cfg.train.check_replicas:
-            mine = _fingerprint(task).to(info.device)
+            mine = _parameter_fingerprint(task).to(info.device)
             everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
             dist.all_gather(everyone, mine)
             diff = max(float((e - everyone[0]).abs().max()) for e in everyone)
