@@ -31,8 +31,7 @@ from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, captu
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.export import save_export
-from ssl_pretrain.tasks.contrastive import ContrastiveTask
-from ssl_pretrain.tasks.regression import RegressionTask
+from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
 
 __all__ = ["TrainingDiverged", "build_task", "run_pretraining", "Trainer"]
@@ -44,15 +43,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-def build_task(cfg: PretrainConfig, info: DistInfo) -> ContrastiveTask | RegressionTask:
-    """The pretext task module (UNet parts + heads) for ``cfg.task``, seeded for this rank."""
+def build_task(cfg: PretrainConfig, info: DistInfo) -> PretextTask:
+    """The pretext task module (UNet parts + heads) for ``cfg.task`` (from the task table), seeded for this rank."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     task_seed = cfg.seed * 100_003 + info.rank  # different views / corruptions per rank
-    if cfg.task == "contrastive":
-        return ContrastiveTask(
-            cfg.model, cfg.contrastive, seed=task_seed, distributed=info.world_size > 1, device=info.device
-        )
-    return RegressionTask(cfg.model, cfg.regression, seed=task_seed, device=info.device)
+    return TASKS[cfg.task].task(
+        cfg.model, cfg.task_config, seed=task_seed, distributed=info.world_size > 1, device=info.device
+    )
 
 
 def run_pretraining(cfg: PretrainConfig) -> Path:
@@ -187,18 +184,17 @@ class Trainer:
 
         data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
         resolved = dataclasses.replace(cfg, data=data_cfg)
-        task_needs_position = cfg.task == "contrastive" and cfg.contrastive.positives == "partition"
+        task = build_task(cfg, info)
         loader = build_pretrain_loader(data_cfg, info.rank, info.world_size)
-        self._check_manifest(loader.manifest, task_needs_position)
+        self._check_manifest(loader.manifest, task.needs_position)
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
         stream = self._stream(loader)
         first = self._next_full(stream, plan.micro)
-        self._check_batch(first, cfg.task, task_needs_position)
+        self._check_batch(first, cfg.task, task.needs_position)
 
         if info.is_main:
             save_config(resolved, self.out / "config.yaml")
-        task = build_task(cfg, info)
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config,
             dist_init_required=False,

@@ -60,6 +60,15 @@ class ContrastiveConfig:
         if self.local_weight < 0:
             raise ConfigError(f"contrastive.local_weight: must be >= 0, got {self.local_weight}")
 
+    def check_model(self, model_cfg: UNetConfig) -> None:
+        """Raise ConfigError when the local loss's ``local_level`` is not a level of this UNet's decoder."""
+        levels = model_cfg.depth - 1
+        if self.local_weight > 0 and not -levels <= self.local_level < levels:
+            raise ConfigError(
+                f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
+                f"[{-levels}, {levels - 1}]; got {self.local_level}"
+            )
+
 
 def partition_groups(position: torch.Tensor, partitions: int) -> torch.Tensor:
     """Partition index of each slice from its relative position in its volume.
@@ -93,8 +102,6 @@ class ContrastiveTask(nn.Module):
         device: Device of the task's random generator (the device the batches are moved to).
     """
 
-    name = "contrastive"
-
     def __init__(
         self,
         model_cfg: UNetConfig,
@@ -114,12 +121,7 @@ class ContrastiveTask(nn.Module):
         self.decoder: nn.Module | None = None
         self.local_head: LocalHead | None = None
         if cfg.local_weight > 0:
-            levels = model_cfg.depth - 1
-            if not -levels <= cfg.local_level < levels:
-                raise ConfigError(
-                    f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
-                    f"[{-levels}, {levels - 1}]; got {cfg.local_level}"
-                )
+            cfg.check_model(model_cfg)
             self.decoder = unet.decoder
             # decoder level i (coarsest first) has widths[-2 - i] channels
             channels = model_cfg.widths[::-1][1:][cfg.local_level]

@@ -181,14 +181,20 @@ class RegressionTask(nn.Module):
         model_cfg: UNet architecture.
         cfg: Task options.
         seed: Seed of the task's corruption generator (use a different one per rank).
+        distributed: Unused: the restoration loss is per sample, nothing is gathered across ranks.
         device: Device of that generator (the device batches are moved to).
     """
 
-    name = "regression"
     needs_position = False
 
     def __init__(
-        self, model_cfg: UNetConfig, cfg: RegressionConfig, *, seed: int, device: torch.device | str = "cpu"
+        self,
+        model_cfg: UNetConfig,
+        cfg: RegressionConfig,
+        *,
+        seed: int,
+        distributed: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg

@@ -1,13 +1,21 @@
-"""Pretext tasks, augmentations and heads, in one process (no DeepSpeed)."""
+"""Pretext tasks, augmentations and heads, in one process (no DeepSpeed); the task registry."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead, ReconstructionHead
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask, partition_groups
+from ssl_pretrain.tasks.registry import TASKS, PretextTask, register_task
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask, corrupt
 from ssl_pretrain.tasks.views import AugmentConfig, matching_points, random_view, sample_at, two_views
 
@@ -135,3 +143,47 @@ def test_figures() -> None:
         fig = task.figure(batch)
         assert len(fig.axes) == 9
         plt.close(fig)
+
+
+def test_registry_table_drives_config_and_export(tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError, describe, load_config
+    from ssl_pretrain.engine.config import PretrainConfig
+    from ssl_pretrain.export import save_export
+
+    for name, spec in TASKS.items():
+        assert isinstance(spec.task(TINY, spec.config(), seed=0, distributed=False), PretextTask), name
+    keys = {k for k, _, _ in describe(PretrainConfig)}
+    assert {"contrastive.temperature", "regression.loss"} <= keys
+    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression'; got 'jigsaw'"):
+        load_config(PretrainConfig, overrides=["task=jigsaw"])
+    with pytest.raises(ValueError, match="task: must be one of contrastive, regression, random, segmentation"):
+        save_export(tmp_path / "m.pt", task="jigsaw", model_config=TINY, encoder_state={}, decoder_state=None,
+                    preprocessing={})
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("regression", RegressionConfig, RegressionTask)
+    with pytest.raises(ValueError, match="before importing ssl_pretrain.engine.config"):
+        register_task("jigsaw", RegressionConfig, RegressionTask)
+    assert "jigsaw" not in TASKS
+
+
+@pytest.mark.slow
+def test_toy_task_registered_and_pretrained(pretrain_shards: Path, tmp_path: Path) -> None:
+    """A task from outside the package: one register_task call, then the real CLI pretrains it (DeepSpeed)."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "rot"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "ssl_pretrain" / "scripts" / "toy_task.py"),
+         "--config", str(root / "launch" / "configs" / "debug.yaml"), f"data.shards={pretrain_shards}",
+         f"out_dir={out}", "task=rotation", "rotation.turns=4", "track=false", "data.num_workers=0",
+         "train.max_steps=6", "train.ckpt_every=3", "train.image_every=3"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**env, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all("accuracy" in r for r in rows)
+    export = torch.load(out / "export" / "model.pt", weights_only=True)
+    assert export["task"] == "rotation" and export["decoder"] is None and export["encoder"]
+    assert "turns: 4" in (out / "config.yaml").read_text()
+    assert (out / "plots" / "rotation-step00000003.png").is_file()
