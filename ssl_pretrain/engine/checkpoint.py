@@ -41,14 +41,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that this run cannot continue from; the message names it and why."""
 
 
-
-
 def capture_rng() -> dict[str, Any]:
-    """The process-wide RNG states (torch CPU and CUDA, Python, NumPy)."""
+    """The process-wide RNG states (torch CPU and CUDA, Python, NumPy) as tensors, ints and strings.
+
+    NumPy's key array is stored as a tensor so that the rank file loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -59,7 +61,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -190,8 +193,10 @@ class CheckpointDir:
         rank_file = self.root / tag / f"trainer_rank{self.rank}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file}: missing; the checkpoint was written by fewer ranks")
-        # our own file, written by save(); it holds NumPy / Python RNG states, hence not weights_only
-        return torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers, strings and containers only: nothing in it can run code
+            return torch.load(rank_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise CheckpointError(f"{rank_file}: not a readable trainer state ({type(e).__name__})") from None
 
     def load(self, engine: Any, tag: str) -> None:
         """Load ``tag`` into ``engine``: model, optimizer and LR scheduler.
