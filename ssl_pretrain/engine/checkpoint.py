@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,55 @@ class CheckpointDir:
         if not tag or not (self.root / tag / "meta.json").is_file():
             raise CheckpointError(f"{latest}: names {tag!r}, which is not a complete checkpoint in {self.root}")
         return tag
+
+    def readable_tag(self) -> str | None:
+        """The newest checkpoint whose files are intact: ``latest``, else the newest older kept one.
+
+        Falling back logs a warning that names the damaged checkpoint and its bad file. The check
+        reads every ``*.pt`` of a checkpoint as a zip archive and verifies its CRCs (``torch.save``
+        writes zip archives), which catches truncated and bit-flipped files without unpickling them.
+
+        Returns:
+            The tag to resume from, or None when there is no complete checkpoint.
+
+        Raises:
+            CheckpointError: Checkpoints exist but none is readable (one line naming each and why).
+        """
+        latest = self.latest_tag()
+        if latest is None:
+            return None
+        older = sorted((p.name for p in self.root.glob("step-*") if p.is_dir() and p.name < latest), reverse=True)
+        damaged: list[str] = []
+        for tag in (latest, *older):
+            problem = self._damage(tag)
+            if problem is None:
+                if damaged and self.rank == 0:
+                    log.warning("checkpoint %s is unreadable; resuming from the previous kept checkpoint %s",
+                                "; ".join(damaged), self.root / tag)
+                return tag
+            damaged.append(f"{self.root / tag} ({problem})")
+        raise CheckpointError(
+            f"{self.root}: no readable checkpoint: {'; '.join(damaged)}; restore the files or use another out_dir"
+        )
+
+    def _damage(self, tag: str) -> str | None:
+        """What is wrong with checkpoint ``tag``'s files, or None when they are intact."""
+        folder = self.root / tag
+        try:
+            self.read_meta(tag)
+        except CheckpointError as e:
+            return str(e).rsplit(": ", 1)[-1]
+        if not any(folder.glob("*model_states.pt")):
+            return "no DeepSpeed *model_states.pt file"
+        for f in sorted(folder.glob("*.pt")):
+            try:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError):
+                return f"{f.name} is truncated or not a torch file"
+            if bad is not None:
+                return f"{f.name}: member {bad} fails its CRC check"
+        return None
 
     def read_meta(self, tag: str | None = None) -> dict[str, Any] | None:
         """``meta.json`` of ``tag`` (default: latest), or None when there is no checkpoint."""

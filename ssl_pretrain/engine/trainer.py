@@ -3,7 +3,8 @@
 ``run_pretraining(cfg)`` is the whole job for one process (launch it once per rank, or call it
 in-process for one rank). Everything resuming needs — step, samples seen, loader position, RNG
 states, the MLflow run — is saved with each checkpoint; ``resume: auto`` continues from the latest
-one, and a run that already finished just returns its export.
+one, a run that already finished just returns its export, and a finished run given a larger
+``train.max_steps`` continues from its last checkpoint and exports again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, captu
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.export import save_export
+from ssl_pretrain.fileio import atomic_write_text
 from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
 
@@ -116,6 +118,7 @@ class Trainer:
         self.export_path = self.out / "export" / "model.pt"
         self.ckpt = CheckpointDir(self.out / "checkpoints", info.rank, cfg.train.keep_checkpoints)
         self.logger: RunLogger | None = None
+        self._mlflow_from = 0  # first step whose metrics MLflow does not hold yet (after a resume)
 
     # ---- checks before any compute -------------------------------------------------------------
 
@@ -168,18 +171,28 @@ class Trainer:
         cfg, info = self.cfg, self.info
         plan = batch_plan(cfg, info.world_size)
         ds_config = deepspeed_config(cfg, info.world_size)
-        meta = self.ckpt.read_meta()
+        if cfg.resume == "never" and self.ckpt.latest_tag() is not None:
+            raise CheckpointError(
+                f"{self.ckpt.root}: holds checkpoint {self.ckpt.latest_tag()}; set resume=auto to continue it or "
+                f"choose another out_dir"
+            )
+        tag = self.ckpt.readable_tag()  # a damaged latest checkpoint falls back to the previous one
+        meta = self.ckpt.read_meta(tag) if tag is not None else None
         if meta is not None:
-            if cfg.resume == "never":
-                raise CheckpointError(
-                    f"{self.ckpt.root}: holds checkpoint {meta['tag']}; set resume=auto to continue it or "
-                    f"choose another out_dir"
-                )
             CheckpointDir.check_compatible(meta, self._expected_meta(plan.micro), self.ckpt.root)
-            if meta.get("finished") and self.export_path.is_file():
+            if meta["step"] > cfg.train.max_steps:
+                raise CheckpointError(
+                    f"{self.ckpt.root}: checkpoint {tag} is at step {meta['step']}, beyond train.max_steps="
+                    f"{cfg.train.max_steps}; set train.max_steps >= {meta['step']} (larger continues training)"
+                )
+            if meta["step"] == cfg.train.max_steps and meta.get("finished") and self.export_path.is_file():
                 if info.is_main:
                     log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
                 return self.export_path
+            if meta.get("finished") and info.is_main:
+                # the scheduler state is only its step count: the cosine decay is recomputed for the new length
+                log.info("%s: extending a finished run from %d to %d steps", cfg.out_dir, meta["step"],
+                         cfg.train.max_steps)
         rank_state = self.ckpt.read_rank_state(meta["tag"]) if meta is not None else None
 
         data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
@@ -208,6 +221,9 @@ class Trainer:
             wall_before, run_id = meta["wall_time_s"], meta.get("mlflow_run_id")
             if info.is_main:
                 log.info("resuming %s from step %d", cfg.out_dir, step)
+                logged_until = self._truncate_metrics(step)
+                if run_id is not None:  # the MLflow run holds what metrics.jsonl held: log only later steps
+                    self._mlflow_from = logged_until + 1
         else:
             # dropout differs per rank; the task generators are seeded separately
             torch.manual_seed(cfg.seed * 100_003 + info.rank)
@@ -320,7 +336,8 @@ class Trainer:
                         **{k: float(v) for k, v in task_metrics.items()},
                     }
                     if info.is_main:
-                        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                        if step >= self._mlflow_from:
+                            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
                         with metrics_file.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                         pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
@@ -335,6 +352,28 @@ class Trainer:
         self._samples_seen = samples_seen
         self._wall = wall_before + time.perf_counter() - started
         return final_loss
+
+    def _truncate_metrics(self, step: int) -> int:
+        """Drop the ``metrics.jsonl`` rows after checkpoint ``step`` (they are computed again).
+
+        Returns:
+            The last step the file held before (the metrics are logged to MLflow first, then to
+            the file, so MLflow holds at least the steps up to it).
+        """
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        kept, last = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill while it was written
+                continue
+            last = max(last, row_step)
+            if row_step <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        return last
 
     def _save(self, engine: Any, task: nn.Module, loader: Any, step: int, samples_seen: int, wall: float,
               plan: Any, loss: float) -> None:
@@ -407,7 +446,7 @@ class Trainer:
             dist.barrier()
 
     def _loss_curve(self) -> Path | None:
-        """``plots/loss.png`` from ``metrics.jsonl`` (the last record of each step wins, after resumes)."""
+        """``plots/loss.png`` from ``metrics.jsonl``."""
         import matplotlib
 
         matplotlib.use("Agg", force=False)
