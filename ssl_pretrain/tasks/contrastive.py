@@ -24,6 +24,7 @@ from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
+from ssl_pretrain.tasks.health import contrastive_health
 from ssl_pretrain.tasks.views import AugmentConfig, matching_points, sample_at, two_views
 
 __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
@@ -171,7 +172,8 @@ class ContrastiveTask(nn.Module):
         """Contrastive loss of one micro batch.
 
         Returns:
-            ``(loss, metrics)``: scalar loss; detached scalar tensors ``loss_global`` (and ``loss_local``).
+            ``(loss, metrics)``: scalar loss; detached scalar tensors ``loss_global`` (and ``loss_local``)
+            and the ``health/*`` statistics of :func:`~ssl_pretrain.tasks.health.contrastive_health`.
         """
         e = self.embed(batch)
         loss_global = _nt_xent(
@@ -179,6 +181,7 @@ class ContrastiveTask(nn.Module):
             gather_distributed=self.distributed,
         )
         metrics = {"loss_global": loss_global.detach()}
+        metrics.update({f"health/{k}": v for k, v in contrastive_health(e["z0"], e["z1"]).items()})
         loss = loss_global
         if "l0" in e:
             # one independent problem per slice: other points of the same slice are the negatives

@@ -187,3 +187,38 @@ def test_toy_task_registered_and_pretrained(pretrain_shards: Path, tmp_path: Pat
     assert export["task"] == "rotation" and export["decoder"] is None and export["encoder"]
     assert "turns: 4" in (out / "config.yaml").read_text()
     assert (out / "plots" / "rotation-step00000003.png").is_file()
+
+
+def test_health_statistics_closed_forms() -> None:
+    from ssl_pretrain.tasks.health import CollapseWatch, contrastive_health, effective_rank, normalised_std, psnr
+
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 16, generator=g).expand(32, 16)  # every slice gets the same embedding
+    assert float(normalised_std(same)) < 1e-6
+    assert abs(float(effective_rank(same)) - 1.0) < 1e-4
+    d = 64
+    iso = torch.randn(8192, d, generator=g)  # isotropic Gaussian: uniform directions on the sphere
+    assert abs(float(normalised_std(iso)) * d**0.5 - 1.0) < 0.02
+    assert float(effective_rank(iso)) > 0.95 * d
+    h = contrastive_health(iso[:256], iso[:256])  # perfectly aligned views
+    assert float(h["alignment"]) < 1e-10 and float(h["top1"]) == 1.0
+    assert abs(float(h["std_norm"]) - 1.0) < 0.1 and float(h["uniformity"]) < -3.0
+    collapsed = contrastive_health(same, same)
+    assert float(collapsed["std_norm"]) < 1e-5 and abs(float(collapsed["uniformity"])) < 1e-6
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 0, 0] = 1.0  # intensity range 1
+    assert abs(float(psnr(target + 0.1, target)) - 20.0) < 1e-4  # mse 0.01 → 20 dB
+    watch = CollapseWatch(threshold=0.1, patience=2)
+    assert watch.update(1, 0.05) is None and watch.update(2, 0.5) is None and watch.update(3, 0.05) is None
+    assert "step 4: embeddings collapsed" in (watch.update(4, 0.01) or "")
+    assert watch.update(5, 0.01) is None  # one warning line, not one per log
+
+
+def test_tasks_report_health() -> None:
+    batch = _batch(8)
+    _, metrics = ContrastiveTask(TINY, ContrastiveConfig(), seed=0, distributed=False).loss(batch)
+    assert {"health/std", "health/std_norm", "health/eff_rank", "health/alignment", "health/uniformity",
+            "health/top1"} <= set(metrics)
+    _, metrics = RegressionTask(TINY, RegressionConfig(), seed=0).loss(batch)
+    gain = metrics["health/psnr_restored"] - metrics["health/psnr_corrupted"]
+    assert torch.isclose(metrics["health/psnr_gain"], gain)
