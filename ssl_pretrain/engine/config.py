@@ -16,6 +16,7 @@ import torch
 
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.data.loader import LoaderConfig
+from ssl_pretrain.engine.probe import ProbeConfig
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.registry import TASKS
 
@@ -52,6 +53,11 @@ class TrainConfig:
     ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "how many checkpoints to keep")
     image_every: int = option(500, "steps between task figures (PNG)")
+    export_every: int = option(0, "steps between intermediate exports export/step-NNNNNNN/model.pt; 0 = none")
+    collapse_std: float = option(
+        0.1, "collapse warning when health/std_norm (std of the normalised projections × √d, ≈ 1 healthy) is below this"
+    )
+    collapse_logs: int = option(3, "consecutive logs below collapse_std before the collapse warning")
     check_replicas: bool = option(True, "at the end, check that every rank holds identical parameters")
     track_samples: bool = option(False, "record which slices each rank saw (summary.json; for small test runs)")
 
@@ -60,6 +66,10 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "image_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.export_every < 0:
+            raise ConfigError(f"train.export_every: must be >= 0 (0 = none), got {self.export_every}")
+        if self.collapse_logs < 1:
+            raise ConfigError(f"train.collapse_logs: must be >= 1, got {self.collapse_logs}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"train.cpu_threads: must be >= 1 or null, got {self.cpu_threads}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -113,6 +123,7 @@ class PretrainConfig:
     data: LoaderConfig = option(factory=LoaderConfig, help="shards and streaming")
     model: UNetConfig = option(factory=UNetConfig, help="UNet architecture")
     train: TrainConfig = option(factory=TrainConfig, help="optimisation and rhythm")
+    probe: ProbeConfig = option(factory=ProbeConfig, help="segmentation probe on a few labeled volumes")
 
     def validate(self) -> None:
         """Cross-field checks (the nested dataclasses check their own fields)."""

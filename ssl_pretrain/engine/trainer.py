@@ -28,11 +28,14 @@ from tqdm import tqdm
 
 from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
+from ssl_pretrain.engine import plots
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
+from ssl_pretrain.engine.probe import SegmentationProbe
 from ssl_pretrain.export import save_export
 from ssl_pretrain.fileio import atomic_write_text
+from ssl_pretrain.tasks.health import CollapseWatch
 from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
 
@@ -119,6 +122,10 @@ class Trainer:
         self.ckpt = CheckpointDir(self.out / "checkpoints", info.rank, cfg.train.keep_checkpoints)
         self.logger: RunLogger | None = None
         self._mlflow_from = 0  # first step whose metrics MLflow does not hold yet (after a resume)
+        self.probe: SegmentationProbe | None = None  # rank 0 only
+        self.probe_history: list[tuple[int, float]] = []  # (step, probe Dice), saved with checkpoints
+        self.probe_time = 0.0  # seconds spent probing, over the whole run
+        self._collapse = CollapseWatch(cfg.train.collapse_std, cfg.train.collapse_logs)
 
     # ---- checks before any compute -------------------------------------------------------------
 
@@ -205,6 +212,12 @@ class Trainer:
         stream = self._stream(loader)
         first = self._next_full(stream, plan.micro)
         self._check_batch(first, cfg.task, task.needs_position)
+        if cfg.probe.enabled:  # every rank checks the probe input, so bad input stops all ranks alike
+            probe = SegmentationProbe(cfg.probe, _preprocessing(loader.manifest), cfg.model.in_channels, info.device)
+            self.probe = probe if info.is_main else None
+            if cfg.probe.every > cfg.train.max_steps and info.is_main:
+                log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "
+                            "end only", cfg.probe.every, cfg.train.max_steps)
 
         if info.is_main:
             save_config(resolved, self.out / "config.yaml")
@@ -219,6 +232,8 @@ class Trainer:
             task.set_rng_state(rank_state["task_rng"])
             step, samples_seen = meta["step"], meta["samples_seen"]
             wall_before, run_id = meta["wall_time_s"], meta.get("mlflow_run_id")
+            self.probe_history = [(int(a), float(b)) for a, b in meta.get("probe_history", [])]
+            self.probe_time = float(meta.get("probe_time_s", 0.0))
             if info.is_main:
                 log.info("resuming %s from step %d", cfg.out_dir, step)
                 logged_until = self._truncate_metrics(step)
@@ -279,12 +294,13 @@ class Trainer:
     ) -> float:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         assert self.logger is not None
-        metrics_file = self.out / "metrics.jsonl"
         pending: dict[str, Any] | None = first
         self._seen: set[str] = set()
         started = time.perf_counter()
         win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
         pbar = tqdm(total=t.max_steps, initial=step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
+        if step == 0 and cfg.probe.enabled:
+            self._probe(task, 0, wall_before)  # the random-init reference of every probe curve
         try:
             while step < t.max_steps:
                 step_t0 = time.perf_counter()
@@ -336,12 +352,19 @@ class Trainer:
                         **{k: float(v) for k, v in task_metrics.items()},
                     }
                     if info.is_main:
-                        if step >= self._mlflow_from:
-                            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                        with metrics_file.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        self._log_row(row)
                         pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
+                        warning = self._collapse.update(step, row["health/std_norm"]) \
+                            if "health/std_norm" in row else None
+                        if warning:
+                            log.warning(warning)
                     win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
+                wall = wall_before + time.perf_counter() - started
+                if cfg.probe.enabled and (step % cfg.probe.every == 0 or step == t.max_steps):
+                    self._probe(task, step, wall)
+                if info.is_main and t.export_every and step % t.export_every == 0:
+                    self._export(self.out / "export" / f"step-{step:07d}" / "model.pt", task, loader,
+                                 step, samples_seen, wall_before + time.perf_counter() - started, final_loss)
                 if info.is_main and step % t.image_every == 0:
                     self._figure(task, batch, step)
                 if step % t.ckpt_every == 0 or step == t.max_steps:
@@ -352,6 +375,35 @@ class Trainer:
         self._samples_seen = samples_seen
         self._wall = wall_before + time.perf_counter() - started
         return final_loss
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One ``metrics.jsonl`` row, and to MLflow unless it holds that step already (rank 0)."""
+        assert self.logger is not None
+        if row["step"] >= self._mlflow_from:
+            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _probe(self, task: PretextTask, step: int, wall: float) -> None:
+        """Run the segmentation probe on rank 0 (the other ranks wait) and log it with ``probe.png``."""
+        if self.probe is not None:
+            assert self.logger is not None
+            decoder = task.decoder if "decoder" in task.export_parts() else None
+            result = self.probe.evaluate(task.encoder, decoder)
+            self.probe_time += result["time_s"]
+            self.probe_history.append((step, result["dice"]))
+            row: dict[str, Any] = {"step": step, **{f"probe/{k}": v for k, v in result.items()}}
+            if self.probe_history[0][0] == 0:
+                row["probe/dice_random"] = self.probe_history[0][1]
+            row["probe/time_frac"] = self.probe_time / max(wall + result["time_s"], 1e-9)
+            self._log_row(row)
+            log.info("step %d: probe Dice %.4f (random init %.4f), %.1f s", step, result["dice"],
+                     row.get("probe/dice_random", float("nan")), result["time_s"])
+            curve = plots.probe_curve(self.probe_history, self.cfg.task, self.out / "plots" / "probe.png")
+            if curve is not None:
+                self.logger.log_artifact(curve, "plots")
+        if dist.is_initialized():
+            dist.barrier()
 
     def _truncate_metrics(self, step: int) -> int:
         """Drop the ``metrics.jsonl`` rows after checkpoint ``step`` (they are computed again).
@@ -384,6 +436,8 @@ class Trainer:
             "wall_time_s": wall,
             "loss": loss,
             "finished": step == self.cfg.train.max_steps,
+            "probe_history": [list(h) for h in self.probe_history],
+            "probe_time_s": self.probe_time,
             "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
         }
         rank_state = {"loader": loader.state_dict(), "rng": capture_rng(), "task_rng": task.rng_state()}
@@ -417,57 +471,55 @@ class Trainer:
             dist.all_gather_object(gathered, sorted(self._seen))
             summary["samples_by_rank"] = gathered
         if info.is_main:
-            parts = task.export_parts()
-            info_dict = {
-                "steps": cfg.train.max_steps,
-                "samples_seen": self._samples_seen,
-                "wall_time_s": self._wall,
-                "final_loss": final_loss,
-                "world_size": info.world_size,
-            }
-            save_export(
-                self.export_path,
-                task=cfg.task,
-                model_config=cfg.model,
-                encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
-                decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
-                if "decoder" in parts else None,
-                preprocessing=_preprocessing(getattr(loader, "manifest", None)),
-                info=info_dict,
-            )
+            info_dict = self._export(self.export_path, task, loader, cfg.train.max_steps, self._samples_seen,
+                                     self._wall, final_loss)
             summary.update(info_dict, export=str(self.export_path))
+            if self.probe_history:
+                best_step, best = max(self.probe_history, key=lambda h: (h[1], -h[0]))
+                summary["probe"] = {
+                    "best_dice": best, "best_step": best_step,
+                    "random_init_dice": self.probe_history[0][1] if self.probe_history[0][0] == 0 else None,
+                    "time_s": self.probe_time, "time_frac": self.probe_time / max(self._wall, 1e-9),
+                }
+                log.info("probe: best Dice %.4f at step %d; probing took %.1f s of %.1f s (%.1f %%)", best, best_step,
+                         self.probe_time, self._wall, 100 * summary["probe"]["time_frac"])
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            curve = self._loss_curve()
-            for path, where in ((self.export_path, "export"), (curve, "plots"), (self.out / "summary.json", None)):
+            rows = plots.read_metrics(self.out / "metrics.jsonl")
+            figures = [
+                plots.loss_curve(rows, cfg.task, self.out / "plots" / "loss.png"),
+                plots.probe_curve(self.probe_history, cfg.task, self.out / "plots" / "probe.png"),
+                plots.health_curves(rows, cfg.task, self.out / "plots" / "health.png"),
+            ]
+            summary_file = self.out / "summary.json"
+            uploads = [(self.export_path, "export"), *((f, "plots") for f in figures), (summary_file, None)]
+            for path, where in uploads:
                 if path is not None:
                     self.logger.log_artifact(path, where)
             log.info("pretraining done: %s", self.export_path)
         if dist.is_initialized():
             dist.barrier()
 
-    def _loss_curve(self) -> Path | None:
-        """``plots/loss.png`` from ``metrics.jsonl``."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return None
-        by_step = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_step[row["step"]] = row["loss"]
-        steps = sorted(by_step)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(steps, [by_step[s] for s in steps])
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{self.cfg.task} loss")
-        ax.set_title(f"pretraining loss ({self.cfg.task})")
-        out = self.out / "plots" / "loss.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return out
+    def _export(self, path: Path, task: PretextTask, loader: Any, step: int, samples_seen: int, wall: float,
+                loss: float) -> dict[str, Any]:
+        """Write an export of the current weights (rank 0); returns its ``info`` (the budget and probe Dice)."""
+        info_dict: dict[str, Any] = {
+            "steps": step,
+            "samples_seen": samples_seen,
+            "wall_time_s": wall,
+            "final_loss": loss,
+            "world_size": self.info.world_size,
+        }
+        done = [h for h in self.probe_history if h[0] <= step]
+        if done:
+            info_dict["probe_step"], info_dict["probe_dice"] = done[-1]
+        save_export(
+            path,
+            task=self.cfg.task,
+            model_config=self.cfg.model,
+            encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
+            decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
+            if "decoder" in task.export_parts() and task.decoder is not None else None,
+            preprocessing=_preprocessing(getattr(loader, "manifest", None)),
+            info=info_dict,
+        )
+        return info_dict
