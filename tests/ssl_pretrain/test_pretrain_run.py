@@ -70,7 +70,7 @@ def test_contrastive_run_exports_tracks_and_finishes_once(pretrain_shards: Path,
 
     assert {"config.yaml", "export", "plots", "summary.json"} <= names()
     assert names("export") == {"export/model.pt"}
-    assert names("plots") == {"plots/loss.png", "plots/contrastive-step00000006.png",
+    assert names("plots") == {"plots/loss.png", "plots/health.png", "plots/contrastive-step00000006.png",
                               "plots/contrastive-step00000012.png"}
 
     # running it again: already finished, nothing recomputed, no new MLflow run
