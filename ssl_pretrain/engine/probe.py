@@ -8,8 +8,9 @@ labeled volumes once, trains a light head on them and reports its Dice on held-o
   (bilinear) to full resolution and concatenated (``sum(widths)`` channels). Each channel is
   standardised with the mean / std of the training features, so that the head's optimisation does
   not depend on the feature scale (random and trained encoders are compared fairly).
-* **Head.** A 1×1 convolution (a per-pixel linear classifier) trained with class-balanced cross-entropy for
-  ``probe.steps`` Adam steps on random mini-batches of training slices.
+* **Head.** A 1×1 convolution (a per-pixel linear classifier) trained with class-balanced
+  cross-entropy for ``probe.steps`` Adam steps, each on ``probe.pixels`` pixels drawn from all
+  training slices (pixels, not slices: the cost stays small for wide hypercolumns).
 * **Score.** Mean over the evaluation volumes and the foreground classes of the 3D Dice of the
   argmax prediction (a class absent from both prediction and label scores 1).
 
@@ -54,14 +55,14 @@ class ProbeConfig:
     every: int = option(500, "steps between probes (and one at step 0: the random-init reference)")
     steps: int = option(100, "Adam steps of the probe head")
     lr: float = option(0.05, "learning rate of the probe head")
-    batch_slices: int = option(16, "training slices per head step")
+    pixels: int = option(8192, "training pixels per head step, drawn from all training slices")
     n_train: int = option(2, "labeled volumes the head is trained on")
     n_eval: int = option(4, "held-out labeled volumes it is scored on")
     seed: int = option(0, "seed of the subject split, the head's initialisation and its mini-batches")
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range values or a missing ``root``."""
-        for name in ("every", "steps", "batch_slices", "n_train", "n_eval"):
+        for name in ("every", "steps", "pixels", "n_train", "n_eval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"probe.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -221,15 +222,18 @@ class SegmentationProbe:
             head.weight.copy_((torch.rand(head.weight.shape, generator=g) * 2 - 1) * bound)
             head.bias.zero_()
         head = head.to(self.device)
+        pix_x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (pixels, F): a 1×1 conv is a linear map per pixel
+        pix_y = y.reshape(-1)
         opt = torch.optim.Adam(head.parameters(), lr=self.cfg.lr)
         # class-balanced cross-entropy: a small organ would otherwise be drowned by the background
-        counts = torch.bincount(y.flatten().cpu(), minlength=self.num_classes).double().clamp_min(1)
+        counts = torch.bincount(pix_y.cpu(), minlength=self.num_classes).double().clamp_min(1)
         weight = (counts.sum() / (self.num_classes * counts)).float().to(self.device)
-        n = x.shape[0]
+        n = pix_x.shape[0]
         with torch.enable_grad():
             for _ in range(self.cfg.steps):
-                idx = torch.randint(n, (min(self.cfg.batch_slices, n),), generator=g).to(self.device)
-                loss = F.cross_entropy(head(x[idx]), y[idx], weight=weight)
+                idx = torch.randint(n, (min(self.cfg.pixels, n),), generator=g).to(self.device)
+                logits = F.linear(pix_x[idx], head.weight[:, :, 0, 0], head.bias)
+                loss = F.cross_entropy(logits, pix_y[idx], weight=weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
