@@ -21,14 +21,6 @@ DEBUG = Path(__file__).resolve().parents[2] / "launch" / "configs" / "debug.yaml
 SHARD_PREP = PreprocessParams(size=(32, 32), spacing=(8.0, 8.0)).to_dict()
 
 
-@pytest.fixture(scope="module")
-def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 labeled synthetic liver volumes (another cohort seed than the pretraining shards)."""
-    from ssl_pretrain.data.phantoms import make_cohort
-
-    return make_cohort("liver", 6, tmp_path_factory.mktemp("probe") / "liver", seed=1)
-
-
 def _fit(params: list[torch.nn.Parameter], predict: Any, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> None:
     g = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(params, lr=3e-3)
