@@ -161,3 +161,15 @@ def test_probe_values_survive_a_kill(pretrain_shards: Path, labeled: Path, tmp_p
         assert resumed[step]["probe/dice"] == reference[step]["probe/dice"], step
     summary = json.loads((out / "summary.json").read_text())["probe"]
     assert summary["best_dice"] == json.loads((straight / "summary.json").read_text())["probe"]["best_dice"]
+
+
+def test_probe_every_beyond_max_steps_warns(pretrain_shards: Path, labeled: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="ssl_pretrain.engine.trainer"):
+        run_pretraining(_cfg(pretrain_shards, out, labeled, "track=false", "train.max_steps=3",
+                             "train.warmup_steps=1", "probe.every=50", "probe.steps=10"))
+    assert any("probe.every=50 is larger than train.max_steps=3" in r.getMessage() for r in caplog.records)
+    assert sorted(_probe_rows(out)) == [0, 3]  # the reference and the end
