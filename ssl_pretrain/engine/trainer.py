@@ -240,6 +240,8 @@ class Trainer:
                 if run_id is not None:  # the MLflow run holds what metrics.jsonl held: log only later steps
                     self._mlflow_from = logged_until + 1
         else:
+            if info.is_main:  # rows of an attempt killed before its first checkpoint are not this run's
+                self._truncate_metrics(-1)
             # dropout differs per rank; the task generators are seeded separately
             torch.manual_seed(cfg.seed * 100_003 + info.rank)
             np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)

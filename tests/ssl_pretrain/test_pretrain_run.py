@@ -289,3 +289,17 @@ def test_truncated_model_states_fall_back_to_previous_checkpoint(
         f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"checkpoints: no readable checkpoint: .*step-00000006 \(mp_rank_00"):
         run_pretraining(cfg)
+
+
+def test_rerun_after_a_kill_before_any_checkpoint_logs_each_step_once(
+    pretrain_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = _cfg(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=4", "train.ckpt_every=4",
+               "train.image_every=2", "train.warmup_steps=1")
+    _killed_at_figure(monkeypatch, cfg)
+    assert _steps(out) == [1, 2] and not (out / "checkpoints" / "latest").exists()
+    run_pretraining(cfg)  # starts over
+    assert _steps(out) == [1, 2, 3, 4]
