@@ -20,7 +20,10 @@ torchrun, two nodes (run on each node with its --node_rank)::
         launch/pretrain.py --config launch/configs/contrastive.yaml data.shards=/shared/t2w out_dir=runs/c2
 
 Re-running the same command continues from the latest checkpoint (``resume: auto``); a finished
-run only reports its export. ``--resume`` is the same as ``resume=auto``.
+run only reports its export, and the same command with a larger ``train.max_steps`` trains it on.
+``--resume`` is the same as ``resume=auto``. ``probe.root=DATASET`` (a labeled MSD folder) adds a
+segmentation probe every ``probe.every`` steps; ``train.export_every=N`` writes
+``export/step-NNNNNNN/model.pt`` along the way.
 """
 
 from __future__ import annotations

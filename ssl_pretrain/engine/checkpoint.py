@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,16 @@ class CheckpointError(ValueError):
     """A checkpoint directory that this run cannot continue from; the message names it and why."""
 
 
-
-
 def capture_rng() -> dict[str, Any]:
-    """The process-wide RNG states (torch CPU and CUDA, Python, NumPy)."""
+    """The process-wide RNG states (torch CPU and CUDA, Python, NumPy) as tensors, ints and strings.
+
+    NumPy's key array is stored as a tensor so that the rank file loads with ``weights_only=True``.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -59,7 +62,8 @@ def restore_rng(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -97,6 +101,55 @@ class CheckpointDir:
         if not tag or not (self.root / tag / "meta.json").is_file():
             raise CheckpointError(f"{latest}: names {tag!r}, which is not a complete checkpoint in {self.root}")
         return tag
+
+    def readable_tag(self) -> str | None:
+        """The newest checkpoint whose files are intact: ``latest``, else the newest older kept one.
+
+        Falling back logs a warning that names the damaged checkpoint and its bad file. The check
+        reads every ``*.pt`` of a checkpoint as a zip archive and verifies its CRCs (``torch.save``
+        writes zip archives), which catches truncated and bit-flipped files without unpickling them.
+
+        Returns:
+            The tag to resume from, or None when there is no complete checkpoint.
+
+        Raises:
+            CheckpointError: Checkpoints exist but none is readable (one line naming each and why).
+        """
+        latest = self.latest_tag()
+        if latest is None:
+            return None
+        older = sorted((p.name for p in self.root.glob("step-*") if p.is_dir() and p.name < latest), reverse=True)
+        damaged: list[str] = []
+        for tag in (latest, *older):
+            problem = self._damage(tag)
+            if problem is None:
+                if damaged and self.rank == 0:
+                    log.warning("checkpoint %s is unreadable; resuming from the previous kept checkpoint %s",
+                                "; ".join(damaged), self.root / tag)
+                return tag
+            damaged.append(f"{self.root / tag} ({problem})")
+        raise CheckpointError(
+            f"{self.root}: no readable checkpoint: {'; '.join(damaged)}; restore the files or use another out_dir"
+        )
+
+    def _damage(self, tag: str) -> str | None:
+        """What is wrong with checkpoint ``tag``'s files, or None when they are intact."""
+        folder = self.root / tag
+        try:
+            self.read_meta(tag)
+        except CheckpointError as e:
+            return str(e).rsplit(": ", 1)[-1]
+        if not any(folder.glob("*model_states.pt")):
+            return "no DeepSpeed *model_states.pt file"
+        for f in sorted(folder.glob("*.pt")):
+            try:
+                with zipfile.ZipFile(f) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError):
+                return f"{f.name} is truncated or not a torch file"
+            if bad is not None:
+                return f"{f.name}: member {bad} fails its CRC check"
+        return None
 
     def read_meta(self, tag: str | None = None) -> dict[str, Any] | None:
         """``meta.json`` of ``tag`` (default: latest), or None when there is no checkpoint."""
@@ -190,8 +243,10 @@ class CheckpointDir:
         rank_file = self.root / tag / f"trainer_rank{self.rank}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file}: missing; the checkpoint was written by fewer ranks")
-        # our own file, written by save(); it holds NumPy / Python RNG states, hence not weights_only
-        return torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers, strings and containers only: nothing in it can run code
+            return torch.load(rank_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for truncated or foreign files
+            raise CheckpointError(f"{rank_file}: not a readable trainer state ({type(e).__name__})") from None
 
     def load(self, engine: Any, tag: str) -> None:
         """Load ``tag`` into ``engine``: model, optimizer and LR scheduler.

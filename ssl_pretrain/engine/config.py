@@ -16,9 +16,9 @@ import torch
 
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.data.loader import LoaderConfig
+from ssl_pretrain.engine.probe import ProbeConfig
 from ssl_pretrain.models.unet import UNetConfig
-from ssl_pretrain.tasks.contrastive import ContrastiveConfig
-from ssl_pretrain.tasks.regression import RegressionConfig
+from ssl_pretrain.tasks.registry import TASKS
 
 __all__ = ["TrainConfig", "PretrainConfig", "BatchPlan", "batch_plan", "resolve_precision", "deepspeed_config"]
 
@@ -53,6 +53,11 @@ class TrainConfig:
     ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
     keep_checkpoints: int = option(2, "how many checkpoints to keep")
     image_every: int = option(500, "steps between task figures (PNG)")
+    export_every: int = option(0, "steps between intermediate exports export/step-NNNNNNN/model.pt; 0 = none")
+    collapse_std: float = option(
+        0.1, "collapse warning when health/std_norm (std of the normalised projections × √d, ≈ 1 healthy) is below this"
+    )
+    collapse_logs: int = option(3, "consecutive logs below collapse_std before the collapse warning")
     check_replicas: bool = option(True, "at the end, check that every rank holds identical parameters")
     track_samples: bool = option(False, "record which slices each rank saw (summary.json; for small test runs)")
 
@@ -61,6 +66,10 @@ class TrainConfig:
         for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "image_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.export_every < 0:
+            raise ConfigError(f"train.export_every: must be >= 0 (0 = none), got {self.export_every}")
+        if self.collapse_logs < 1:
+            raise ConfigError(f"train.collapse_logs: must be >= 1, got {self.collapse_logs}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"train.cpu_threads: must be >= 1 or null, got {self.cpu_threads}")
         if self.batch_size is not None and self.batch_size < 1:
@@ -83,13 +92,28 @@ class TrainConfig:
             raise ConfigError(f"train.deepspeed_config: file not found: {self.deepspeed_config}")
 
 
+def _task_sections(cls: type) -> type:
+    """Give ``cls`` its ``task`` choices and one ``<name>:`` section per task, from the task table."""
+    cls.__annotations__["task"] = Literal[tuple(TASKS)]  # the allowed values and the --help text
+    for name, spec in TASKS.items():
+        cls.__annotations__[name] = spec.config
+        setattr(cls, name, option(factory=spec.config, help=spec.help))
+    return cls
+
+
 @dataclass
+@_task_sections
 class PretrainConfig:
-    """Self-supervised pretraining of the UNet on a shard directory."""
+    """Self-supervised pretraining of the UNet on a shard directory.
+
+    Besides the fields below it has one section per pretext task of
+    :data:`~ssl_pretrain.tasks.registry.TASKS` (``contrastive``, ``regression``, ...), named like
+    the task and typed by the task's config class; ``task`` must be one of those names.
+    """
 
     out_dir: str = option("runs/pretrain", "everything the run writes goes under it")
     seed: int = option(0, "random seed (model init; augmentations use seed + rank)")
-    task: Literal["contrastive", "regression"] = option("contrastive", "pretext task")
+    task: str = option("contrastive", "pretext task")
     resume: Literal["never", "auto"] = option(
         "auto", "auto: continue from out_dir's latest checkpoint if there is one; never: out_dir must hold none"
     )
@@ -99,8 +123,7 @@ class PretrainConfig:
     data: LoaderConfig = option(factory=LoaderConfig, help="shards and streaming")
     model: UNetConfig = option(factory=UNetConfig, help="UNet architecture")
     train: TrainConfig = option(factory=TrainConfig, help="optimisation and rhythm")
-    contrastive: ContrastiveConfig = option(factory=ContrastiveConfig, help="contrastive task options")
-    regression: RegressionConfig = option(factory=RegressionConfig, help="regression task options")
+    probe: ProbeConfig = option(factory=ProbeConfig, help="segmentation probe on a few labeled volumes")
 
     def validate(self) -> None:
         """Cross-field checks (the nested dataclasses check their own fields)."""
@@ -108,13 +131,14 @@ class PretrainConfig:
             raise ConfigError(
                 f"train.warmup_steps: must be < train.max_steps ({self.train.max_steps}), got {self.train.warmup_steps}"
             )
-        if self.task == "contrastive" and self.contrastive.local_weight > 0:
-            levels = self.model.depth - 1
-            if not -levels <= self.contrastive.local_level < levels:
-                raise ConfigError(
-                    f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
-                    f"[{-levels}, {levels - 1}]; got {self.contrastive.local_level}"
-                )
+        check_model = getattr(self.task_config, "check_model", None)
+        if callable(check_model):  # task options that depend on the UNet architecture
+            check_model(self.model)
+
+    @property
+    def task_config(self) -> Any:
+        """The config section of the selected task (e.g. ``self.contrastive``)."""
+        return getattr(self, self.task)
 
 
 @dataclass(frozen=True)

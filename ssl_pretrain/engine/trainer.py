@@ -3,7 +3,8 @@
 ``run_pretraining(cfg)`` is the whole job for one process (launch it once per rank, or call it
 in-process for one rank). Everything resuming needs — step, samples seen, loader position, RNG
 states, the MLflow run — is saved with each checkpoint; ``resume: auto`` continues from the latest
-one, and a run that already finished just returns its export.
+one, a run that already finished just returns its export, and a finished run given a larger
+``train.max_steps`` continues from its last checkpoint and exports again.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from tqdm import tqdm
 from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
 from ssl_pretrain.data.shardformat import manifest_preprocess, meta_fields
+from ssl_pretrain.engine import plots
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
+from ssl_pretrain.engine.probe import SegmentationProbe
 from ssl_pretrain.export import save_export
 from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text
-from ssl_pretrain.tasks.contrastive import ContrastiveTask
-from ssl_pretrain.tasks.regression import RegressionTask
+from ssl_pretrain.tasks.health import CollapseWatch
+from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
 
 __all__ = ["TrainingDiverged", "build_task", "run_pretraining", "Trainer"]
@@ -46,15 +49,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-def build_task(cfg: PretrainConfig, info: DistInfo) -> ContrastiveTask | RegressionTask:
-    """The pretext task module (UNet parts + heads) for ``cfg.task``, seeded for this rank."""
+def build_task(cfg: PretrainConfig, info: DistInfo) -> PretextTask:
+    """The pretext task module (UNet parts + heads) for ``cfg.task`` (from the task table), seeded for this rank."""
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
     task_seed = cfg.seed * 100_003 + info.rank  # different views / corruptions per rank
-    if cfg.task == "contrastive":
-        return ContrastiveTask(
-            cfg.model, cfg.contrastive, seed=task_seed, distributed=info.world_size > 1, device=info.device
-        )
-    return RegressionTask(cfg.model, cfg.regression, seed=task_seed, device=info.device)
+    return TASKS[cfg.task].task(
+        cfg.model, cfg.task_config, seed=task_seed, distributed=info.world_size > 1, device=info.device
+    )
 
 
 def run_pretraining(cfg: PretrainConfig) -> Path:
@@ -91,7 +92,7 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _fingerprint(module: nn.Module) -> torch.Tensor:
+def _parameter_fingerprint(module: nn.Module) -> torch.Tensor:
     """Per-parameter (sum, sum |x|, sum x²) in float64: equal on all ranks iff replicas agree (practically)."""
     rows = [torch.stack([p.double().sum(), p.double().abs().sum(), p.double().square().sum()])
             for p in module.parameters()]
@@ -113,6 +114,11 @@ class Trainer:
         self.export_path = self.out / "export" / "model.pt"
         self.ckpt = CheckpointDir(self.out / "checkpoints", info.rank, cfg.train.keep_checkpoints)
         self.logger: RunLogger | None = None
+        self._mlflow_from = 0  # first step whose metrics MLflow does not hold yet (after a resume)
+        self.probe: SegmentationProbe | None = None  # rank 0 only
+        self.probe_history: list[tuple[int, float]] = []  # (step, probe Dice), saved with checkpoints
+        self.probe_time = 0.0  # seconds spent probing, over the whole run
+        self._collapse = CollapseWatch(cfg.train.collapse_std, cfg.train.collapse_logs)
 
     # ---- checks before any compute -------------------------------------------------------------
 
@@ -165,34 +171,50 @@ class Trainer:
         cfg, info = self.cfg, self.info
         plan = batch_plan(cfg, info.world_size)
         ds_config = deepspeed_config(cfg, info.world_size)
-        meta = self.ckpt.read_meta()
+        if cfg.resume == "never" and self.ckpt.latest_tag() is not None:
+            raise CheckpointError(
+                f"{self.ckpt.root}: holds checkpoint {self.ckpt.latest_tag()}; set resume=auto to continue it or "
+                f"choose another out_dir"
+            )
+        tag = self.ckpt.readable_tag()  # a damaged latest checkpoint falls back to the previous one
+        meta = self.ckpt.read_meta(tag) if tag is not None else None
         if meta is not None:
-            if cfg.resume == "never":
-                raise CheckpointError(
-                    f"{self.ckpt.root}: holds checkpoint {meta['tag']}; set resume=auto to continue it or "
-                    f"choose another out_dir"
-                )
             CheckpointDir.check_compatible(meta, self._expected_meta(plan.micro), self.ckpt.root)
-            if meta.get("finished") and self.export_path.is_file():
+            if meta["step"] > cfg.train.max_steps:
+                raise CheckpointError(
+                    f"{self.ckpt.root}: checkpoint {tag} is at step {meta['step']}, beyond train.max_steps="
+                    f"{cfg.train.max_steps}; set train.max_steps >= {meta['step']} (larger continues training)"
+                )
+            if meta["step"] == cfg.train.max_steps and meta.get("finished") and self.export_path.is_file():
                 if info.is_main:
                     log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
                 return self.export_path
+            if meta.get("finished") and info.is_main:
+                # the scheduler state is only its step count: the cosine decay is recomputed for the new length
+                log.info("%s: extending a finished run from %d to %d steps", cfg.out_dir, meta["step"],
+                         cfg.train.max_steps)
         rank_state = self.ckpt.read_rank_state(meta["tag"]) if meta is not None else None
 
         data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
         resolved = dataclasses.replace(cfg, data=data_cfg)
-        task_needs_position = cfg.task == "contrastive" and cfg.contrastive.positives == "partition"
+        task = build_task(cfg, info)
         loader = build_pretrain_loader(data_cfg, info.rank, info.world_size)
-        self._check_manifest(loader.manifest, task_needs_position)
+        self._check_manifest(loader.manifest, task.needs_position)
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
         stream = self._stream(loader)
         first = self._next_full(stream, plan.micro)
-        self._check_batch(first, cfg.task, task_needs_position)
+        self._check_batch(first, cfg.task, task.needs_position)
+        if cfg.probe.enabled:  # every rank checks the probe input, so bad input stops all ranks alike
+            probe = SegmentationProbe(cfg.probe, manifest_preprocess(loader.manifest), cfg.model.in_channels,
+                                      info.device)
+            self.probe = probe if info.is_main else None
+            if cfg.probe.every > cfg.train.max_steps and info.is_main:
+                log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "
+                            "end only", cfg.probe.every, cfg.train.max_steps)
 
         if info.is_main:
             save_config(resolved, self.out / "config.yaml")
-        task = build_task(cfg, info)
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config,
             dist_init_required=False,
@@ -204,9 +226,16 @@ class Trainer:
             task.set_rng_state(rank_state["task_rng"])
             step, samples_seen = meta["step"], meta["samples_seen"]
             wall_before, run_id = meta["wall_time_s"], meta.get("mlflow_run_id")
+            self.probe_history = [(int(a), float(b)) for a, b in meta.get("probe_history", [])]
+            self.probe_time = float(meta.get("probe_time_s", 0.0))
             if info.is_main:
                 log.info("resuming %s from step %d", cfg.out_dir, step)
+                logged_until = self._truncate_metrics(step)
+                if run_id is not None:  # the MLflow run holds what metrics.jsonl held: log only later steps
+                    self._mlflow_from = logged_until + 1
         else:
+            if info.is_main:  # rows of an attempt killed before its first checkpoint are not this run's
+                self._truncate_metrics(-1)
             # dropout differs per rank; the task generators are seeded separately
             torch.manual_seed(cfg.seed * 100_003 + info.rank)
             np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)
@@ -261,12 +290,13 @@ class Trainer:
     ) -> float:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         assert self.logger is not None
-        metrics_file = self.out / "metrics.jsonl"
         pending: dict[str, Any] | None = first
         self._seen: set[str] = set()
         started = time.perf_counter()
         win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
         pbar = tqdm(total=t.max_steps, initial=step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
+        if step == 0 and cfg.probe.enabled:
+            self._probe(task, 0, wall_before)  # the random-init reference of every probe curve
         try:
             while step < t.max_steps:
                 step_t0 = time.perf_counter()
@@ -318,10 +348,19 @@ class Trainer:
                         **{k: float(v) for k, v in task_metrics.items()},
                     }
                     if info.is_main:
-                        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                        append_text(metrics_file, json.dumps(row) + "\n")
+                        self._log_row(row)
                         pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
+                        warning = self._collapse.update(step, row["health/std_norm"]) \
+                            if "health/std_norm" in row else None
+                        if warning:
+                            log.warning(warning)
                     win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
+                wall = wall_before + time.perf_counter() - started
+                if cfg.probe.enabled and (step % cfg.probe.every == 0 or step == t.max_steps):
+                    self._probe(task, step, wall)
+                if info.is_main and t.export_every and step % t.export_every == 0:
+                    self._export(self.out / "export" / f"step-{step:07d}" / "model.pt", task, loader,
+                                 step, samples_seen, wall_before + time.perf_counter() - started, final_loss)
                 if info.is_main and step % t.image_every == 0:
                     self._figure(task, batch, step)
                 if step % t.ckpt_every == 0 or step == t.max_steps:
@@ -333,6 +372,56 @@ class Trainer:
         self._wall = wall_before + time.perf_counter() - started
         return final_loss
 
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One ``metrics.jsonl`` row, and to MLflow unless it holds that step already (rank 0)."""
+        assert self.logger is not None
+        if row["step"] >= self._mlflow_from:
+            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        append_text(self.out / "metrics.jsonl", json.dumps(row) + "\n")
+
+    def _probe(self, task: PretextTask, step: int, wall: float) -> None:
+        """Run the segmentation probe on rank 0 (the other ranks wait) and log it with ``probe.png``."""
+        if self.probe is not None:
+            assert self.logger is not None
+            decoder = task.decoder if "decoder" in task.export_parts() else None
+            result = self.probe.evaluate(task.encoder, decoder)
+            self.probe_time += result["time_s"]
+            self.probe_history.append((step, result["dice"]))
+            row: dict[str, Any] = {"step": step, **{f"probe/{k}": v for k, v in result.items()}}
+            if self.probe_history[0][0] == 0:
+                row["probe/dice_random"] = self.probe_history[0][1]
+            row["probe/time_frac"] = self.probe_time / max(wall + result["time_s"], 1e-9)
+            self._log_row(row)
+            log.info("step %d: probe Dice %.4f (random init %.4f), %.1f s", step, result["dice"],
+                     row.get("probe/dice_random", float("nan")), result["time_s"])
+            curve = plots.probe_curve(self.probe_history, self.cfg.task, self.out / "plots" / "probe.png")
+            if curve is not None:
+                self.logger.log_artifact(curve, "plots")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _truncate_metrics(self, step: int) -> int:
+        """Drop the ``metrics.jsonl`` rows after checkpoint ``step`` (they are computed again).
+
+        Returns:
+            The last step the file held before (the metrics are logged to MLflow first, then to
+            the file, so MLflow holds at least the steps up to it).
+        """
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        kept, last = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill while it was written
+                continue
+            last = max(last, row_step)
+            if row_step <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        return last
+
     def _save(self, engine: Any, task: nn.Module, loader: Any, step: int, samples_seen: int, wall: float,
               plan: Any, loss: float) -> None:
         meta = {
@@ -342,6 +431,8 @@ class Trainer:
             "wall_time_s": wall,
             "loss": loss,
             "finished": step == self.cfg.train.max_steps,
+            "probe_history": [list(h) for h in self.probe_history],
+            "probe_time_s": self.probe_time,
             "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
         }
         rank_state = {"loader": loader.state_dict(), "rng": capture_rng(), "task_rng": task.rng_state()}
@@ -363,7 +454,7 @@ class Trainer:
         assert self.logger is not None
         summary: dict[str, Any] = {}
         if cfg.train.check_replicas:
-            mine = _fingerprint(task).to(info.device)
+            mine = _parameter_fingerprint(task).to(info.device)
             everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
             dist.all_gather(everyone, mine)
             diff = max(float((e - everyone[0]).abs().max()) for e in everyone)
@@ -375,57 +466,55 @@ class Trainer:
             dist.all_gather_object(gathered, sorted(self._seen))
             summary["samples_by_rank"] = gathered
         if info.is_main:
-            parts = task.export_parts()
-            info_dict = {
-                "steps": cfg.train.max_steps,
-                "samples_seen": self._samples_seen,
-                "wall_time_s": self._wall,
-                "final_loss": final_loss,
-                "world_size": info.world_size,
-            }
-            save_export(
-                self.export_path,
-                task=cfg.task,
-                model_config=cfg.model,
-                encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
-                decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
-                if "decoder" in parts else None,
-                preprocessing=manifest_preprocess(getattr(loader, "manifest", None)),
-                info=info_dict,
-            )
+            info_dict = self._export(self.export_path, task, loader, cfg.train.max_steps, self._samples_seen,
+                                     self._wall, final_loss)
             summary.update(info_dict, export=str(self.export_path))
+            if self.probe_history:
+                best_step, best = max(self.probe_history, key=lambda h: (h[1], -h[0]))
+                summary["probe"] = {
+                    "best_dice": best, "best_step": best_step,
+                    "random_init_dice": self.probe_history[0][1] if self.probe_history[0][0] == 0 else None,
+                    "time_s": self.probe_time, "time_frac": self.probe_time / max(self._wall, 1e-9),
+                }
+                log.info("probe: best Dice %.4f at step %d; probing took %.1f s of %.1f s (%.1f %%)", best, best_step,
+                         self.probe_time, self._wall, 100 * summary["probe"]["time_frac"])
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
-            curve = self._loss_curve()
-            for path, where in ((self.export_path, "export"), (curve, "plots"), (self.out / "summary.json", None)):
+            rows = plots.read_metrics(self.out / "metrics.jsonl")
+            figures = [
+                plots.loss_curve(rows, cfg.task, self.out / "plots" / "loss.png"),
+                plots.probe_curve(self.probe_history, cfg.task, self.out / "plots" / "probe.png"),
+                plots.health_curves(rows, cfg.task, self.out / "plots" / "health.png"),
+            ]
+            summary_file = self.out / "summary.json"
+            uploads = [(self.export_path, "export"), *((f, "plots") for f in figures), (summary_file, None)]
+            for path, where in uploads:
                 if path is not None:
                     self.logger.log_artifact(path, where)
             log.info("pretraining done: %s", self.export_path)
         if dist.is_initialized():
             dist.barrier()
 
-    def _loss_curve(self) -> Path | None:
-        """``plots/loss.png`` from ``metrics.jsonl`` (the last record of each step wins, after resumes)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return None
-        by_step = {}
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_step[row["step"]] = row["loss"]
-        steps = sorted(by_step)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(steps, [by_step[s] for s in steps])
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{self.cfg.task} loss")
-        ax.set_title(f"pretraining loss ({self.cfg.task})")
-        out = self.out / "plots" / "loss.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_savefig(fig, out, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        return out
+    def _export(self, path: Path, task: PretextTask, loader: Any, step: int, samples_seen: int, wall: float,
+                loss: float) -> dict[str, Any]:
+        """Write an export of the current weights (rank 0); returns its ``info`` (the budget and probe Dice)."""
+        info_dict: dict[str, Any] = {
+            "steps": step,
+            "samples_seen": samples_seen,
+            "wall_time_s": wall,
+            "final_loss": loss,
+            "world_size": self.info.world_size,
+        }
+        done = [h for h in self.probe_history if h[0] <= step]
+        if done:
+            info_dict["probe_step"], info_dict["probe_dice"] = done[-1]
+        save_export(
+            path,
+            task=self.cfg.task,
+            model_config=self.cfg.model,
+            encoder_state={k: v.float() for k, v in task.encoder.state_dict().items()},
+            decoder_state={k: v.float() for k, v in task.decoder.state_dict().items()}
+            if "decoder" in task.export_parts() and task.decoder is not None else None,
+            preprocessing=manifest_preprocess(getattr(loader, "manifest", None)),
+            info=info_dict,
+        )
+        return info_dict

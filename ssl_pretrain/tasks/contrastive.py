@@ -23,8 +23,9 @@ from torch import nn
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
-from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, sample_at, two_views
 from ssl_pretrain.tasks.figures import image_grid
+from ssl_pretrain.tasks.health import contrastive_health
+from ssl_pretrain.tasks.views import AugmentConfig, matching_points, sample_at, two_views
 
 __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
 
@@ -60,6 +61,15 @@ class ContrastiveConfig:
         if self.local_weight < 0:
             raise ConfigError(f"contrastive.local_weight: must be >= 0, got {self.local_weight}")
 
+    def check_model(self, model_cfg: UNetConfig) -> None:
+        """Raise ConfigError when the local loss's ``local_level`` is not a level of this UNet's decoder."""
+        levels = model_cfg.depth - 1
+        if self.local_weight > 0 and not -levels <= self.local_level < levels:
+            raise ConfigError(
+                f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
+                f"[{-levels}, {levels - 1}]; got {self.local_level}"
+            )
+
 
 def partition_groups(position: torch.Tensor, partitions: int) -> torch.Tensor:
     """Partition index of each slice from its relative position in its volume.
@@ -93,8 +103,6 @@ class ContrastiveTask(nn.Module):
         device: Device of the task's random generator (the device the batches are moved to).
     """
 
-    name = "contrastive"
-
     def __init__(
         self,
         model_cfg: UNetConfig,
@@ -114,12 +122,7 @@ class ContrastiveTask(nn.Module):
         self.decoder: nn.Module | None = None
         self.local_head: LocalHead | None = None
         if cfg.local_weight > 0:
-            levels = model_cfg.depth - 1
-            if not -levels <= cfg.local_level < levels:
-                raise ConfigError(
-                    f"contrastive.local_level: the decoder has {levels} levels, so it must be in "
-                    f"[{-levels}, {levels - 1}]; got {cfg.local_level}"
-                )
+            cfg.check_model(model_cfg)
             self.decoder = unet.decoder
             # decoder level i (coarsest first) has widths[-2 - i] channels
             channels = model_cfg.widths[::-1][1:][cfg.local_level]
@@ -169,7 +172,8 @@ class ContrastiveTask(nn.Module):
         """Contrastive loss of one micro batch.
 
         Returns:
-            ``(loss, metrics)``: scalar loss; detached scalar tensors ``loss_global`` (and ``loss_local``).
+            ``(loss, metrics)``: scalar loss; detached scalar tensors ``loss_global`` (and ``loss_local``)
+            and the ``health/*`` statistics of :func:`~ssl_pretrain.tasks.health.contrastive_health`.
         """
         e = self.embed(batch)
         loss_global = _nt_xent(
@@ -177,6 +181,7 @@ class ContrastiveTask(nn.Module):
             gather_distributed=self.distributed,
         )
         metrics = {"loss_global": loss_global.detach()}
+        metrics.update({f"health/{k}": v for k, v in contrastive_health(e["z0"], e["z1"]).items()})
         loss = loss_global
         if "l0" in e:
             # one independent problem per slice: other points of the same slice are the negatives

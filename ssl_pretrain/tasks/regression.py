@@ -26,6 +26,7 @@ from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
+from ssl_pretrain.tasks.health import regression_health
 
 __all__ = ["RegressionConfig", "RegressionTask", "corrupt"]
 
@@ -181,14 +182,20 @@ class RegressionTask(nn.Module):
         model_cfg: UNet architecture.
         cfg: Task options.
         seed: Seed of the task's corruption generator (use a different one per rank).
+        distributed: Unused: the restoration loss is per sample, nothing is gathered across ranks.
         device: Device of that generator (the device batches are moved to).
     """
 
-    name = "regression"
     needs_position = False
 
     def __init__(
-        self, model_cfg: UNetConfig, cfg: RegressionConfig, *, seed: int, device: torch.device | str = "cpu"
+        self,
+        model_cfg: UNetConfig,
+        cfg: RegressionConfig,
+        *,
+        seed: int,
+        distributed: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
@@ -212,15 +219,18 @@ class RegressionTask(nn.Module):
         """Restoration loss of one micro batch.
 
         Returns:
-            ``(loss, metrics)``; metrics hold the detached ``l1`` / ``l2`` error of the restoration.
+            ``(loss, metrics)``; metrics hold the detached ``l1`` / ``l2`` error of the restoration and
+            the ``health/psnr_*`` of :func:`~ssl_pretrain.tasks.health.regression_health`.
         """
         param = next(self.parameters())
         x = batch["image"].to(param.device, torch.float32)
-        restored = self.restore(corrupt(x, self.cfg, self.generator)).float()
+        corrupted = corrupt(x, self.cfg, self.generator)
+        restored = self.restore(corrupted).float()
         l2 = F.mse_loss(restored, x)
         l1 = F.l1_loss(restored, x)
         loss = l2 if self.cfg.loss == "l2" else l1
-        return loss, {"l1": l1.detach(), "l2": l2.detach()}
+        health = regression_health(restored.detach(), corrupted, x)
+        return loss, {"l1": l1.detach(), "l2": l2.detach(), **{f"health/{k}": v for k, v in health.items()}}
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same as :meth:`loss` (DeepSpeed calls ``forward``)."""

@@ -50,7 +50,7 @@ def test_sweep_trials_receive_the_splits_file_as_an_absolute_path(cohort: Path, 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(SweepConfig, overrides=[*tiny_overrides(cohort, tmp_path / "sw", size=32),
                                               "data.splits=splits.json", "n_labeled=[1, 3]"])
-    specs = [InitSpec("random", "random", "random", "random", {}, dict(cfg.data.preprocess))]
+    specs = [InitSpec("random", "random", "random", "random", {}, cfg.data.preprocess.to_dict())]
     _check_data(cfg, specs)  # checks n_labeled against the file's pool and writes the split used
     assert json.loads((tmp_path / "sw" / "splits.json").read_text())["test"] == sorted(ids[5:])
     space = _space(cfg, specs, {"out_root": str(tmp_path / "sw")})

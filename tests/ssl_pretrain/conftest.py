@@ -22,3 +22,11 @@ def pretrain_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shards(subjects, out, PreprocessParams(size=(32, 32), spacing=(8.0, 8.0)), samples_per_shard=16,
                  workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 labeled synthetic liver volumes (MSD layout; another cohort seed than the shards): the probe's set."""
+    from ssl_pretrain.data.phantoms import make_cohort
+
+    return make_cohort("liver", 6, tmp_path_factory.mktemp("probe") / "liver", seed=1)

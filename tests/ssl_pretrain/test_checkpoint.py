@@ -74,3 +74,43 @@ def test_interrupted_save_never_becomes_latest(tmp_path: Path, monkeypatch: pyte
             ckpt.read_meta("step-00000002")
     finally:
         shutdown_distributed(info)
+
+
+class _RunsCode:
+    """A pickle payload that creates ``marker`` when it is unpickled without ``weights_only``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_rank_state_loads_weights_only(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from ssl_pretrain.engine.checkpoint import capture_rng, restore_rng
+
+    ckpt = CheckpointDir(tmp_path, rank=0)
+    (tmp_path / "step-00000001").mkdir()
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    np.random.standard_normal()  # NumPy's cached Gaussian is part of its state
+    state = {"loader": {"epoch": 0, "batches": 7}, "rng": capture_rng(), "task_rng": torch.Generator().get_state()}
+    torch.save(state, tmp_path / "step-00000001" / "trainer_rank0.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    restore_rng(ckpt.read_rank_state("step-00000001")["rng"])
+    again = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+    # a rank file that would run code when unpickled is refused, and the code never runs
+    marker = tmp_path / "code-ran"
+    torch.save({"loader": _RunsCode(marker)}, tmp_path / "step-00000001" / "trainer_rank0.pt")
+    with pytest.raises(CheckpointError, match="trainer_rank0.pt: not a readable trainer state"):
+        ckpt.read_rank_state("step-00000001")
+    assert not marker.exists()

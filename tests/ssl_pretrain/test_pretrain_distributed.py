@@ -40,7 +40,12 @@ def _run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess[st
 
 def _losses(out: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows}  # the last record of a step wins (after a resume)
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _probes(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["probe/dice"] for r in rows if "probe/dice" in r}
 
 
 def _falls(losses: dict[int, float]) -> bool:
@@ -57,13 +62,15 @@ def test_contrastive_negatives_span_both_ranks(tmp_path: Path) -> None:
     assert abs(r["rank0"] - r["rank0_local_only"]) > 1e-3  # the other rank's negatives changed the loss
 
 
-def test_deepspeed_two_ranks_both_tasks(pretrain_shards: Path, tmp_path: Path, mlflow_uri: str) -> None:
+def test_deepspeed_two_ranks_both_tasks(pretrain_shards: Path, labeled: Path, tmp_path: Path, mlflow_uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     runs = {
         "contrastive": ["contrastive.positives=partition", "contrastive.local_weight=1.0", "train.zero_stage=1"],
-        "regression": ["task=regression", "train.zero_stage=0"],
+        # the probe runs on rank 0 while rank 1 waits
+        "regression": ["task=regression", "train.zero_stage=0", f"probe.root={labeled}", "probe.every=8",
+                       "probe.steps=20"],
     }
     for task, extra in runs.items():
         out = tmp_path / task
@@ -75,6 +82,7 @@ def test_deepspeed_two_ranks_both_tasks(pretrain_shards: Path, tmp_path: Path, m
         assert _falls(_losses(out)), _losses(out)
         assert (out / "export" / "model.pt").is_file()
         assert (out / "checkpoints" / "step-00000016" / "trainer_rank1.pt").is_file()
+        assert sorted(_probes(out)) == ([0, 8, 16] if task == "regression" else [])
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("mri-ssl/pretrain")
     runs_logged = client.search_runs([exp.experiment_id])
@@ -116,9 +124,11 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
         run_pretraining(cfg)
 
 
-def test_kill_9_and_resume_gives_the_same_losses(pretrain_shards: Path, tmp_path: Path) -> None:
+def test_kill_9_and_resume_gives_the_same_losses_and_probes(pretrain_shards: Path, labeled: Path,
+                                                            tmp_path: Path) -> None:
     common = ["contrastive.positives=partition", "contrastive.local_weight=1.0", "track=false",
-              "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000", "data.num_workers=1"]
+              "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000", "data.num_workers=1",
+              f"probe.root={labeled}", "probe.every=8", "probe.steps=20"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     _run([sys.executable] + _args(pretrain_shards, ref, *common))
 
@@ -139,3 +149,7 @@ def test_kill_9_and_resume_gives_the_same_losses(pretrain_shards: Path, tmp_path
     assert sorted(resumed) == list(range(1, 25))
     for step in range(k + 1, 25):
         assert abs(resumed[step] - ref_losses[step]) <= 1e-5, (step, resumed[step], ref_losses[step])
+    ref_probes, resumed_probes = _probes(ref), _probes(killed)
+    assert sorted(resumed_probes) == sorted(ref_probes) == [0, 8, 16, 24]
+    for step in ref_probes:  # the probe is a function of the weights: the resumed run reproduces it
+        assert abs(resumed_probes[step] - ref_probes[step]) <= 1e-4, (step, resumed_probes, ref_probes)

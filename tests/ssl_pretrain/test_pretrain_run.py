@@ -70,7 +70,7 @@ def test_contrastive_run_exports_tracks_and_finishes_once(pretrain_shards: Path,
 
     assert {"config.yaml", "export", "plots", "summary.json"} <= names()
     assert names("export") == {"export/model.pt"}
-    assert names("plots") == {"plots/loss.png", "plots/contrastive-step00000006.png",
+    assert names("plots") == {"plots/loss.png", "plots/health.png", "plots/contrastive-step00000006.png",
                               "plots/contrastive-step00000012.png"}
 
     # running it again: already finished, nothing recomputed, no new MLflow run
@@ -202,3 +202,104 @@ def test_cli_prints_one_line(tmp_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=60,
     )
     assert proc.returncode == 2 and "train.lr: must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- resume, extend, damaged checkpoints ----------------------------------------------------------
+
+
+class SimulatedKill(RuntimeError):
+    """Stands in for a kill: the run stops mid-way, after its last checkpoint."""
+
+
+def _killed_at_figure(monkeypatch: pytest.MonkeyPatch, cfg: PretrainConfig) -> None:
+    """Run ``cfg`` until its first figure step (``train.image_every``), where it dies."""
+    from ssl_pretrain.engine.trainer import Trainer, run_pretraining
+
+    def die(self: Trainer, task: object, batch: object, step: int) -> None:
+        raise SimulatedKill(f"killed at step {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_figure", die)
+        with pytest.raises(SimulatedKill):
+            run_pretraining(cfg)
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_logs_each_step_once(pretrain_shards: Path, tmp_path: Path, mlflow_uri: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = _cfg(pretrain_shards, out, "task=regression", "train.max_steps=8", "train.ckpt_every=3",
+               "train.image_every=5")
+    _killed_at_figure(monkeypatch, cfg)
+    assert _steps(out) == [1, 2, 3, 4, 5] and (out / "checkpoints" / "latest").read_text() == "step-00000003"
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "lo')  # a row cut by the kill
+    run_pretraining(cfg)
+    assert _steps(out) == list(range(1, 9))
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mri-ssl/pretrain").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 9))
+
+
+def test_extending_a_finished_run_trains_on(pretrain_shards: Path, tmp_path: Path) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    args = ("task=regression", "track=false", "train.ckpt_every=2", "train.warmup_steps=1")
+    export = run_pretraining(_cfg(pretrain_shards, out, *args, "train.max_steps=4"))
+    first = torch.load(export, weights_only=True)
+    assert first["info"]["steps"] == 4
+    run_pretraining(_cfg(pretrain_shards, out, *args, "train.max_steps=8"))
+    second = torch.load(export, weights_only=True)
+    assert second["info"]["steps"] == 8 and second["info"]["samples_seen"] == 2 * first["info"]["samples_seen"]
+    assert any(not torch.equal(second["encoder"][k], v) for k, v in first["encoder"].items())
+    assert _steps(out) == list(range(1, 9))
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000008"
+    with pytest.raises(CheckpointError, match="is at step 8, beyond train.max_steps=6"):
+        run_pretraining(_cfg(pretrain_shards, out, *args, "train.max_steps=6"))
+
+
+def test_truncated_model_states_fall_back_to_previous_checkpoint(
+    pretrain_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = _cfg(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=6", "train.ckpt_every=2",
+               "train.image_every=5")
+    _killed_at_figure(monkeypatch, cfg)
+    bad = out / "checkpoints" / "step-00000004" / "mp_rank_00_model_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="ssl_pretrain.engine.checkpoint"):
+        run_pretraining(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "ssl_pretrain.engine.checkpoint"]
+    assert "step-00000004" in warning and "mp_rank_00_model_states.pt is truncated" in warning
+    assert "previous kept checkpoint" in warning and warning.endswith("step-00000002")
+    assert _steps(out) == list(range(1, 7))
+    for tag in ("step-00000004", "step-00000006"):  # every kept checkpoint damaged: one line, no traceback
+        f = out / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"checkpoints: no readable checkpoint: .*step-00000006 \(mp_rank_00"):
+        run_pretraining(cfg)
+
+
+def test_rerun_after_a_kill_before_any_checkpoint_logs_each_step_once(
+    pretrain_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = _cfg(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=4", "train.ckpt_every=4",
+               "train.image_every=2", "train.warmup_steps=1")
+    _killed_at_figure(monkeypatch, cfg)
+    assert _steps(out) == [1, 2] and not (out / "checkpoints" / "latest").exists()
+    run_pretraining(cfg)  # starts over
+    assert _steps(out) == [1, 2, 3, 4]

@@ -1,15 +1,23 @@
-"""Pretext tasks, augmentations and heads, in one process (no DeepSpeed)."""
+"""Pretext tasks, augmentations and heads, in one process (no DeepSpeed); the task registry."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead, ReconstructionHead
 from ssl_pretrain.models.unet import UNetConfig
-from ssl_pretrain.tasks.augment import AugmentConfig, matching_points, random_view, sample_at, two_views
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask, partition_groups
+from ssl_pretrain.tasks.registry import TASKS, PretextTask, register_task
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask, corrupt
+from ssl_pretrain.tasks.views import AugmentConfig, matching_points, random_view, sample_at, two_views
 
 TINY = UNetConfig(widths=(8, 16, 32))
 
@@ -94,7 +102,7 @@ def test_contrastive_local_loss_trains_the_decoder() -> None:
     loss, metrics = task.loss(batch)
     loss.backward()
     assert task.export_parts() == ("encoder", "decoder")
-    assert set(metrics) == {"loss_global", "loss_local"}
+    assert {k for k in metrics if not k.startswith("health/")} == {"loss_global", "loss_local"}
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in task.decoder.parameters())
 
 
@@ -135,3 +143,82 @@ def test_figures() -> None:
         fig = task.figure(batch)
         assert len(fig.axes) == 9
         plt.close(fig)
+
+
+def test_registry_table_drives_config_and_export(tmp_path: Path) -> None:
+    from ssl_pretrain.config import ConfigError, describe, load_config
+    from ssl_pretrain.engine.config import PretrainConfig
+    from ssl_pretrain.export import save_export
+
+    for name, spec in TASKS.items():
+        assert isinstance(spec.task(TINY, spec.config(), seed=0, distributed=False), PretextTask), name
+    keys = {k for k, _, _ in describe(PretrainConfig)}
+    assert {"contrastive.temperature", "regression.loss"} <= keys
+    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression'; got 'jigsaw'"):
+        load_config(PretrainConfig, overrides=["task=jigsaw"])
+    with pytest.raises(ValueError, match="task: must be one of contrastive, regression, random, segmentation"):
+        save_export(tmp_path / "m.pt", task="jigsaw", model_config=TINY, encoder_state={}, decoder_state=None,
+                    preprocessing={})
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("regression", RegressionConfig, RegressionTask)
+    with pytest.raises(ValueError, match="before importing ssl_pretrain.engine.config"):
+        register_task("jigsaw", RegressionConfig, RegressionTask)
+    assert "jigsaw" not in TASKS
+
+
+@pytest.mark.slow
+def test_toy_task_registered_and_pretrained(pretrain_shards: Path, tmp_path: Path) -> None:
+    """A task from outside the package: one register_task call, then the real CLI pretrains it (DeepSpeed)."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "rot"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, str(root / "tests" / "ssl_pretrain" / "scripts" / "toy_task.py"),
+         "--config", str(root / "launch" / "configs" / "debug.yaml"), f"data.shards={pretrain_shards}",
+         f"out_dir={out}", "task=rotation", "rotation.turns=4", "track=false", "data.num_workers=0",
+         "train.max_steps=6", "train.ckpt_every=3", "train.image_every=3"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+        env={**env, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all("accuracy" in r for r in rows)
+    export = torch.load(out / "export" / "model.pt", weights_only=True)
+    assert export["task"] == "rotation" and export["decoder"] is None and export["encoder"]
+    assert "turns: 4" in (out / "config.yaml").read_text()
+    assert (out / "plots" / "rotation-step00000003.png").is_file()
+
+
+def test_health_statistics_closed_forms() -> None:
+    from ssl_pretrain.tasks.health import CollapseWatch, contrastive_health, effective_rank, normalised_std, psnr
+
+    g = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 16, generator=g).expand(32, 16)  # every slice gets the same embedding
+    assert float(normalised_std(same)) < 1e-6
+    assert abs(float(effective_rank(same)) - 1.0) < 1e-4
+    d = 64
+    iso = torch.randn(8192, d, generator=g)  # isotropic Gaussian: uniform directions on the sphere
+    assert abs(float(normalised_std(iso)) * d**0.5 - 1.0) < 0.02
+    assert float(effective_rank(iso)) > 0.95 * d
+    h = contrastive_health(iso[:256], iso[:256])  # perfectly aligned views
+    assert float(h["alignment"]) < 1e-10 and float(h["top1"]) == 1.0
+    assert abs(float(h["std_norm"]) - 1.0) < 0.1 and float(h["uniformity"]) < -3.0
+    collapsed = contrastive_health(same, same)
+    assert float(collapsed["std_norm"]) < 1e-5 and abs(float(collapsed["uniformity"])) < 1e-6
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, 0, 0] = 1.0  # intensity range 1
+    assert abs(float(psnr(target + 0.1, target)) - 20.0) < 1e-4  # mse 0.01 → 20 dB
+    watch = CollapseWatch(threshold=0.1, patience=2)
+    assert watch.update(1, 0.05) is None and watch.update(2, 0.5) is None and watch.update(3, 0.05) is None
+    assert "step 4: embeddings collapsed" in (watch.update(4, 0.01) or "")
+    assert watch.update(5, 0.01) is None  # one warning line, not one per log
+
+
+def test_tasks_report_health() -> None:
+    batch = _batch(8)
+    _, metrics = ContrastiveTask(TINY, ContrastiveConfig(), seed=0, distributed=False).loss(batch)
+    assert {"health/std", "health/std_norm", "health/eff_rank", "health/alignment", "health/uniformity",
+            "health/top1"} <= set(metrics)
+    _, metrics = RegressionTask(TINY, RegressionConfig(), seed=0).loss(batch)
+    gain = metrics["health/psnr_restored"] - metrics["health/psnr_corrupted"]
+    assert torch.isclose(metrics["health/psnr_gain"], gain)

@@ -1,14 +1,16 @@
-"""Batch-wise random augmentations for contrastive views, in plain torch ops (run on CPU or GPU).
+"""Contrastive views and the geometry that relates them: batched random augmentations, matching points.
 
-Every sample of a batch gets its own random parameters, but the work is done for the whole batch
-at once: one ``affine_grid`` / ``grid_sample`` for random resized crop + flips + small rotation,
-per-sample brightness / contrast / gamma, Gaussian noise and a grouped-convolution Gaussian blur.
-All randomness comes from an explicit ``torch.Generator`` so a run (and its resume) is
-reproducible.
+Two parts, both used by the contrastive task only:
 
-The geometric part is returned as ``theta`` (``(B, 2, 3)``, the ``affine_grid`` convention:
-input coordinate = ``theta @ [output x, output y, 1]``), which lets the local contrastive loss find
-the same anatomical point in both views (:func:`matching_points`).
+* **Views.** Every sample of a batch gets its own random parameters, but the work is done for the
+  whole batch at once: one ``affine_grid`` / ``grid_sample`` for random resized crop + flips +
+  small rotation, per-sample brightness / contrast / gamma, Gaussian noise and a
+  grouped-convolution Gaussian blur. All randomness comes from an explicit ``torch.Generator`` so
+  a run (and its resume) is reproducible.
+* **Local-loss geometry.** The geometric part of a view is returned as ``theta`` (``(B, 2, 3)``,
+  the ``affine_grid`` convention: input coordinate = ``theta @ [output x, output y, 1]``), which
+  lets the local contrastive loss find the same anatomical point in both views
+  (:func:`matching_points`) and read features there (:func:`sample_at`).
 """
 
 from __future__ import annotations
