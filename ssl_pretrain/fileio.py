@@ -32,6 +32,7 @@ __all__ = [
     "append_text",
     "atomic_path",
     "atomic_savefig",
+    "read_own_text",
     "atomic_write_bytes",
     "atomic_write_text",
     "lock_output_dir",
@@ -94,6 +95,17 @@ def _open_no_follow(path: Path, flags: int) -> int:
                 f"{path} is a symbolic link; mri-ssl writes only its own files there (remove the link)"
             ) from None
         raise
+
+
+def read_own_text(path: str | os.PathLike[str]) -> str:
+    """Read a file mri-ssl wrote itself (UTF-8), refusing a symbolic link planted in its place.
+
+    Raises:
+        ValueError: ``path`` is a symbolic link.
+    """
+    fd = _open_no_follow(Path(path), os.O_RDONLY)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        return f.read()
 
 
 def append_text(path: str | os.PathLike[str], text: str) -> None:

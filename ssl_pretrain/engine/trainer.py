@@ -35,7 +35,7 @@ from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_con
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.engine.probe import SegmentationProbe
 from ssl_pretrain.export import save_export
-from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text
+from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text, read_own_text
 from ssl_pretrain.tasks.health import CollapseWatch
 from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
@@ -411,7 +411,7 @@ class Trainer:
         if not path.is_file():
             return 0
         kept, last = [], 0
-        for line in path.read_text().splitlines():
+        for line in read_own_text(path).splitlines():  # a planted link is refused, not read or replaced
             try:
                 row_step = int(json.loads(line)["step"])
             except (ValueError, KeyError, TypeError):  # a line cut by a kill while it was written
