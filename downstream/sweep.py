@@ -27,6 +27,7 @@ after the checkpoint at step ``N`` (see ``train.inject_fault_at_step``).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -62,6 +63,8 @@ class InitSpec:
     task: str
     info: dict[str, Any]
     params: dict[str, Any]
+    series: str = ""
+    """The glob this init was expanded from (a pretraining-budget sweep), else ``""``."""
 
 
 def _absolute_tracking_uri() -> str:
@@ -79,31 +82,69 @@ def _absolute_tracking_uri() -> str:
     return uri
 
 
+def _expand_init(ref: str) -> list[str]:
+    """``[ref]``, or for a glob over a pretraining run's intermediate exports (``runs/c1/export/step-*``)
+    every matching export file: a matched folder stands for its ``model.pt``.
+
+    Raises:
+        ValueError: The glob matches no export.
+    """
+    if ref == "random" or ":/" in ref or not glob.has_magic(ref):
+        return [ref]
+    files = []
+    for match in sorted(glob.glob(ref)):
+        p = Path(match)
+        f = p / "model.pt" if p.is_dir() else p
+        if f.is_file():
+            files.append(str(f))
+        else:  # e.g. a step folder whose export is still being written
+            log.info("init %s: %s holds no model.pt, skipped", ref, match)
+    if not files:
+        raise ValueError(
+            f"init: {ref} matches no export (expected folders like <pretraining out_dir>/export/step-0000100 "
+            "holding model.pt, written by train.export_every)"
+        )
+    return files
+
+
+def _budget_series(ref: str, exports: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The exports a glob matched, in order of pretraining samples seen (every one must record it)."""
+    for local, export in exports:
+        if not isinstance(export["info"].get("samples_seen"), (int, float)):
+            raise ValueError(
+                f"init: {local}: export info has no samples_seen, which the budget sweep {ref} needs "
+                "(train.export_every records steps and samples_seen in each export)"
+            )
+    return sorted(exports, key=lambda e: (e[1]["info"]["samples_seen"], e[1]["info"].get("steps", 0)))
+
+
 def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     specs: list[InitSpec] = []
     random_params = dict(cfg.data.preprocess)
     for i, ref in enumerate(cfg.init):
-        export, local = load_init(ref, out / "inits" / str(i))
-        if export is None:
+        expanded = _expand_init(ref)
+        if expanded == ["random"]:
             specs.append(InitSpec(ref, "random", "random", "random", {}, random_params))
             continue
-        specs.append(
-            InitSpec(
-                ref,
-                str(Path(local).resolve()),
-                export["task"],
-                export["task"],
-                dict(export["info"]),
-                dict(export["preprocessing"]),
+        loaded = [load_init(r, out / "inits" / str(i))[::-1] for r in expanded]
+        series = ref if expanded != [ref] else ""
+        if series:
+            loaded = _budget_series(ref, loaded)
+        for local, export in loaded:
+            info = dict(export["info"])
+            # one init per budget: "contrastive-step100", named by the pretraining step it was exported at
+            tag = f"{export['task']}-step{info['steps']}" if series and "steps" in info else export["task"]
+            specs.append(
+                InitSpec(local if series else ref, str(Path(local).resolve()), tag, export["task"], info,
+                         dict(export["preprocessing"]), series)
             )
-        )
-        if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
-            log.warning(
-                "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
-                ref,
-                list(export["model_config"].widths),
-                list(cfg.model.widths),
-            )
+            if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
+                log.warning(
+                    "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
+                    local,
+                    list(export["model_config"].widths),
+                    list(cfg.model.widths),
+                )
     pretrained = [s for s in specs if s.task != "random"]
     if pretrained:
         # the random baseline sees exactly the data the first pretrained init was prepared for
@@ -371,9 +412,15 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
 def _log_answer(parent: RunLogger, rep: dict[str, Any]) -> None:
     """The report's answer on the parent run: one ``labels_saved/<init>`` tag (its sentence) per init, and
     metrics ``labels_matched_<init>_n<N>`` (random init's labeled volumes for the same Dice; left out when
-    beyond the measured range) and ``paired_delta_<init>_n<N>`` (mean paired test-Dice difference)."""
+    beyond the measured range) and ``paired_delta_<init>_n<N>`` (mean paired test-Dice difference); per
+    budget sweep a ``smallest_useful_budget/<run>`` tag and ``smallest_useful_samples_seen_<run>`` (when found)."""
     parent.set_tags({f"labels_saved/{init}": sentence for init, sentence in rep["sentences"].items()})
     metrics: dict[str, float] = {}
+    for b in rep["budget"]:  # a pretraining-budget sweep's answer, named by its pretraining run folder
+        name = b["name"]
+        parent.set_tags({f"smallest_useful_budget/{name}": b["sentence"]})
+        if b["smallest"] is not None:
+            metrics[f"smallest_useful_samples_seen_{name}"] = float(b["smallest"]["samples_seen"])
     for c in rep["stats"]["comparisons"]:
         key = f"{c['init']}_n{c['n_labeled']}"
         if c["labels"]["text"][0].isdigit():
@@ -517,8 +564,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         for e in errors:
             log.warning("%s", e)
         budgets = {s.tag: s.info for s in specs if s.task != "random"}
+        series: dict[str, list[str]] = {}
+        for s in specs:
+            if s.series:
+                series.setdefault(s.series, []).append(s.tag)
         rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset,
-                           attributes=subject_attributes(cfg.data.root))
+                           attributes=subject_attributes(cfg.data.root), budget_series=series)
         for p in rep["files"]:
             parent.log_artifact(p, "report")
         parent.log_artifact(out / "splits.json")
@@ -539,6 +590,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "report": rep,
         "table": rep["table"],
         "sentences": rep["sentences"],
+        "budget_sentences": rep["budget_sentences"],
         "parent_run_id": parent.run_id,
         "out_dir": str(out),
         "dataset": dataset,
