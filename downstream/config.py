@@ -174,7 +174,8 @@ class SweepConfig:
     out_dir: str = option("runs/sweep", "everything the sweep writes goes under it")
     seed: int = option(0, "seed of the lr / weight-decay sampling")
     init: list[str] = option(
-        factory=lambda: ["random"], help="inits to compare: random, export paths, MLflow URIs"
+        factory=lambda: ["random"],
+        help="inits to compare: random, export paths, MLflow URIs, globs over step exports (runs/c1/export/step-*)",
     )
     n_labeled: tuple[int, ...] = option((1, 2, 4), "numbers of labeled training volumes (0 = all)")
     seeds: tuple[int, ...] = option(

@@ -17,6 +17,10 @@ trial (params, per-evaluation metrics, test Dice/HD95, a contour PNG), the best 
 file), the overall best registered as ``mri-ssl-<dataset>`` with the alias ``champion``, and the
 label-efficiency report (table + plots) as artifacts of the parent run.
 
+Pretraining budget: an ``init`` with a glob over a pretraining run's intermediate exports
+(``runs/c1/export/step-*``) is one init per export (tag ``<task>-step<N>``), ordered by samples seen;
+the report plots test Dice against samples seen and names the smallest useful budget.
+
 Fair comparison: when pretrained inits are in the grid, ``init=random`` is prepared with the first
 pretrained init's preprocessing (a warning says so when ``data.preprocess`` differs), and a warning
 names any export whose widths differ from ``model.widths``.
@@ -196,9 +200,12 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     return cfg.tracking.dataset_name or name
 
 
-def _fingerprint(cfg: SweepConfig) -> str:
+def _fingerprint(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     d = to_dict(cfg)
     d.pop("out_dir")
+    expanded = [s.local for s in specs if s.series]
+    if expanded:  # a budget sweep re-run after pretraining wrote more exports is a new grid (old trials are reused)
+        d["init_expanded"] = expanded
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -528,7 +535,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     save_config(cfg, out / "config.yaml")
     specs = _resolve_inits(cfg, out)
     dataset = _check_data(cfg, specs)
-    fp = _fingerprint(cfg)
+    fp = _fingerprint(cfg, specs)
     exp_name = f"sweep-{fp}"
     state_file = out / "sweep_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ import torch
 
 from downstream.config import SweepConfig
 from downstream.mlflow_uri import resolve_model_file
-from downstream.sweep import _resolve_inits, run_sweep
+from downstream.sweep import _fingerprint, _resolve_inits, run_sweep
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import preprocess
@@ -235,16 +236,24 @@ def step_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path) -> None:
-    (step_exports / "export" / "step-0000099").mkdir(exist_ok=True)  # an export still being written: skipped
-    pattern = str(step_exports / "export" / "step-*")
+    run = tmp_path / "r1"
+    shutil.copytree(step_exports, run)  # this test adds folders; the end-to-end test keeps three exports
+    (run / "export" / "step-0000099").mkdir()  # an export still being written: skipped
+    pattern = str(run / "export" / "step-*")
     cfg = load_config(SweepConfig, overrides=[f"data.root={tmp_path}", f"out_dir={tmp_path / 'sw'}",
                                               f"init=[random, {pattern}]"])
     specs = _resolve_inits(cfg, tmp_path / "sw")
     assert [s.tag for s in specs] == ["random", "regression-step4", "regression-step12", "regression-step30"]
     assert [s.info.get("samples_seen") for s in specs] == [None, 32, 96, 240]
     assert {s.series for s in specs[1:]} == {pattern} and specs[0].series == ""
-    assert specs[2].ref == specs[2].local == str(step_exports / "export" / "step-0000012" / "model.pt")
+    assert specs[2].ref == specs[2].local == str(run / "export" / "step-0000012" / "model.pt")
     assert specs[0].params == PARAMS32.to_dict()  # random init is prepared like the exports
+
+    # pretraining wrote one more export since: the same command is a new grid, not a restore of the old one
+    fp = _fingerprint(cfg, specs)
+    assert _fingerprint(cfg, _resolve_inits(cfg, tmp_path / "sw")) == fp
+    shutil.copytree(run / "export" / "step-0000030", run / "export" / "step-0000040")
+    assert _fingerprint(cfg, _resolve_inits(cfg, tmp_path / "sw")) != fp
 
     # a glob that matches no export: one line naming the pattern
     missing = str(tmp_path / "nothing" / "export" / "step-*")
