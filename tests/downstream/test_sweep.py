@@ -235,7 +235,7 @@ def step_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path) -> None:
+def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "r1"
     shutil.copytree(step_exports, run)  # this test adds folders; the end-to-end test keeps three exports
     (run / "export" / "step-0000099").mkdir()  # an export still being written: skipped
@@ -262,6 +262,10 @@ def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_p
     with pytest.raises(ValueError, match=r"^init: .*nothing/export/step-\* matches no export") as e:
         _resolve_inits(cfg, tmp_path / "sw")
     assert "\n" not in str(e.value)
+    mod, root = _launch_sweep()
+    code = mod.main(["--config", str(root / "launch/configs/sweep_debug.yaml"), f"data.root={tmp_path}",
+                     f"out_dir={tmp_path / 'sw'}", "tracking.enabled=false", f"init=[random, {missing}]"])
+    assert code == 2 and capsys.readouterr().err == f"error: {e.value}\n"
 
     # a matched export without its budget cannot be placed on the budget axis
     make_export(tmp_path / "old" / "export" / "step-0000001" / "model.pt")
