@@ -165,6 +165,13 @@ def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _paired_cell(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "n/a"
+    lo, hi = p["ci95"]
+    return f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}]"
+
+
 def _paired_table(stats: dict[str, Any]) -> str:
     comps = stats["comparisons"]
     ns = sorted({c["n_labeled"] for c in comps}, key=lambda n: (n == 0, n))
@@ -178,8 +185,7 @@ def _paired_table(stats: dict[str, Any]) -> str:
             if not p:
                 cells.append("n/a")
                 continue
-            lo, hi = p["ci95"]
-            cells.append(f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}], wins {p['wins']}/{p['draws']}")
+            cells.append(f"{_paired_cell(p)}, wins {p['wins']}/{p['draws']}")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -358,13 +364,6 @@ def _samples(x: float) -> str:
     return f"{int(x):,}" if float(x).is_integer() else f"{x:,.1f}"
 
 
-def _paired_cell(p: dict[str, Any] | None) -> str:
-    if not p:
-        return "n/a"
-    lo, hi = p["ci95"]
-    return f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}]"
-
-
 def _budget_sweep(pattern: str, name: str, tags: list[str], budgets: dict[str, dict[str, Any]],
                   stats: dict[str, Any], sel: list[dict[str, Any]]) -> dict[str, Any]:
     """One budget sweep's answer: the smallest useful budget, its sentence, its Markdown table."""
@@ -454,8 +453,9 @@ def _budget_plot(b: dict[str, Any], budgets: dict[str, dict[str, Any]], sel: lis
     ax.set_xticks(xs_all, [_samples(x) for x in xs_all], fontsize=8)
     ax.set_xlabel("pretraining samples seen (0 = random init)")
     ax.set_ylabel("test Dice (mean ± std over seeds)")
-    ax.set_title(f"Pretraining budget — {dataset}\n{b['pattern']} (★ smallest budget with paired 95 % CI > 0)",
-                 fontsize=9)
+    shown = b["pattern"] if len(b["pattern"]) <= 50 else "…/" + "/".join(Path(b["pattern"]).parts[-4:])
+    ax.set_title(f"Pretraining budget — {dataset}\n{shown}\n★ smallest budget whose paired 95 % CI is above 0",
+                 fontsize=8)
     return _save(fig, ax, path)
 
 
@@ -510,8 +510,9 @@ def build_report(
     sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
               for pattern, tags in (budget_series or {}).items()]
     parts = [f"# Label efficiency — {dataset}", ""]
-    if stats["sentences"] or sweeps:
-        parts += [*stats["sentences"].values(), *[b["sentence"] for b in sweeps], "", basis, ""]
+    top = [*stats["sentences"].values(), *[b["sentence"] for b in sweeps]]
+    if top:
+        parts += [*top, ""] + ([basis, ""] if stats["comparisons"] else [])
     if stats["reason"]:
         parts += [f"No paired statistics: {stats['reason']}.", ""]
     parts += [

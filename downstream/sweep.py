@@ -119,7 +119,7 @@ def _budget_series(ref: str, exports: list[tuple[str, dict[str, Any]]]) -> list[
                 f"init: {local}: export info has no samples_seen, which the budget sweep {ref} needs "
                 "(train.export_every records steps and samples_seen in each export)"
             )
-    return sorted(exports, key=lambda e: (e[1]["info"]["samples_seen"], e[1]["info"].get("steps", 0)))
+    return sorted(exports, key=lambda e: (e[1]["info"]["samples_seen"], e[1]["info"].get("steps") or 0))
 
 
 def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
@@ -137,7 +137,8 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
         for local, export in loaded:
             info = dict(export["info"])
             # one init per budget: "contrastive-step100", named by the pretraining step it was exported at
-            tag = f"{export['task']}-step{info['steps']}" if series and "steps" in info else export["task"]
+            step = info.get("steps") if series else None
+            tag = export["task"] if step is None else f"{export['task']}-step{step}"
             specs.append(
                 InitSpec(local if series else ref, str(Path(local).resolve()), tag, export["task"], info,
                          dict(export["preprocessing"]), series)
