@@ -415,7 +415,7 @@ def _budget_sweep(pattern: str, name: str, tags: list[str], budgets: dict[str, d
             cells.append(cell)
         probe = info.get("probe_dice")
         lines.append(f"| {t} | {_samples(info['samples_seen'])} | {info.get('steps', 'n/a')} | "
-                     f"{'n/a' if probe is None else f'{probe:.3f}'} | " + " | ".join(cells) + " |")
+                     f"{f'{probe:.3f}' if isinstance(probe, (int, float)) else 'n/a'} | " + " | ".join(cells) + " |")
     return {"pattern": pattern, "name": name, "tags": order, "ns": ns, **found, "sentence": sentence,
             "table": "\n".join(lines), "plot": f"budget_{name}.png"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -37,6 +38,19 @@ from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask
 from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def launch_sweep():
+    """``(launch/sweep.py as a module, repo root)``; afterwards the root log handlers its ``main`` added are
+    removed (they write to this test's captured stderr, closed once the test ends)."""
+    handlers = list(logging.root.handlers)
+    root = Path(__file__).parents[2]
+    spec = importlib.util.spec_from_file_location("launch_sweep", root / "launch/sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod, root
+    logging.root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +190,9 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
 
-def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys) -> None:
-    mod, root = _launch_sweep()
+def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys,
+                                                  launch_sweep) -> None:
+    mod, root = launch_sweep
     code = mod.main(
         [
             "--config",
@@ -199,12 +214,6 @@ def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, 
     assert (tmp_path / "sw" / "trials").is_dir() and len(list((tmp_path / "sw" / "trials").glob("*/result.json"))) == 1
 
 
-def _launch_sweep():
-    root = Path(__file__).parents[2]
-    spec = importlib.util.spec_from_file_location("launch_sweep", root / "launch/sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod, root
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +244,8 @@ def step_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path, capsys) -> None:
+def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path, capsys,
+                                                        launch_sweep) -> None:
     run = tmp_path / "r1"
     shutil.copytree(step_exports, run)  # this test adds folders; the end-to-end test keeps three exports
     (run / "export" / "step-0000099").mkdir()  # an export still being written: skipped
@@ -262,7 +272,7 @@ def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_p
     with pytest.raises(ValueError, match=r"^init: .*nothing/export/step-\* matches no export") as e:
         _resolve_inits(cfg, tmp_path / "sw")
     assert "\n" not in str(e.value)
-    mod, root = _launch_sweep()
+    mod, root = launch_sweep
     code = mod.main(["--config", str(root / "launch/configs/sweep_debug.yaml"), f"data.root={tmp_path}",
                      f"out_dir={tmp_path / 'sw'}", "tracking.enabled=false", f"init=[random, {missing}]"])
     assert code == 2 and capsys.readouterr().err == f"error: {e.value}\n"
@@ -278,8 +288,8 @@ def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_p
 
 
 def test_budget_sweep_over_three_exports_cli(cohort: Path, step_exports: Path, tmp_path: Path, ray_session,
-                                             capsys) -> None:
-    mod, root = _launch_sweep()
+                                             capsys, launch_sweep) -> None:
+    mod, root = launch_sweep
     pattern = str(step_exports / "export" / "step-*")
     code = mod.main(
         [
