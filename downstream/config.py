@@ -200,6 +200,11 @@ class SearchConfig:
     lr: tuple[float, ...] = option((1e-3,), "lr: one value (fixed), or [low, high] sampled log-uniformly")
     weight_decay: tuple[float, ...] = option((1e-4,), "weight decay: one value, or [low, high] log-uniform")
     num_samples: int = option(1, "lr / weight-decay samples per grid point")
+    transfer: tuple[str, ...] = option(
+        ("encoder+decoder",),
+        "transfer options tried per grid point (encoder | encoder+decoder); like lr, the best on validation Dice "
+        "is selected per init",
+    )
     scheduler: Literal["fifo", "asha"] = option("fifo", "asha stops weak trials early (no test metrics then)")
     grace_period: int = option(2, "ASHA: evaluations before a trial may be stopped")
     cpus_per_trial: float = option(1.0, "CPUs reserved per trial")
@@ -220,6 +225,10 @@ class SearchConfig:
                 )
         if self.num_samples < 1:
             raise ConfigError(f"search.num_samples: must be >= 1, got {self.num_samples}")
+        if not self.transfer or any(v not in ("encoder", "encoder+decoder") for v in self.transfer):
+            raise ConfigError(
+                f"search.transfer: a non-empty list of encoder | encoder+decoder; got {list(self.transfer)}"
+            )
         if self.max_failures < 0:
             raise ConfigError(f"search.max_failures: must be >= 0, got {self.max_failures}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
@@ -233,7 +242,8 @@ class SweepConfig:
     out_dir: str = option("runs/sweep", "everything the sweep writes goes under it")
     seed: int = option(0, "seed of the lr / weight-decay sampling")
     init: list[str] = option(
-        factory=lambda: ["random"], help="inits to compare: random, export paths, MLflow URIs"
+        factory=lambda: ["random"],
+        help="inits to compare: random, export paths, MLflow URIs, globs over step exports (runs/c1/export/step-*)",
     )
     n_labeled: tuple[int, ...] = option((1, 2, 4), "numbers of labeled training volumes (0 = all)")
     seeds: tuple[int, ...] = option(

@@ -10,9 +10,12 @@ and shows mean ± std tables of Dice and HD95 over seeds.
 
 Written as ``report.md``, ``label_efficiency.png`` (the figure the paper is about),
 ``labels_saved.png`` (random init's curve with the pretrained points projected onto it),
-``subgroups.png`` (when the dataset has attributes), ``val_dice_curves.png`` (validation Dice vs
-finetuning step per init: pretrained inits often converge faster early and are caught up later, and
-a reader must see that) and ``results.json`` (rows, statistics, sentences).
+``subgroups.png`` (when the dataset has attributes), ``budget_<run>.png`` (test Dice against
+pretraining samples seen, when ``init`` globbed a pretraining run's intermediate exports; the report
+then names the smallest budget whose paired difference to random init has its interval above zero),
+``val_dice_curves.png`` (validation Dice vs finetuning step per init: pretrained inits often converge
+faster early and are caught up later, and a reader must see that) and ``results.json`` (rows,
+statistics, sentences).
 """
 
 from __future__ import annotations
@@ -21,20 +24,21 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from downstream.stats import RESOLVE, analyze, volume_scores
+from downstream.stats import RESOLVE, analyze, smallest_useful_budget, volume_scores
 from ssl_pretrain.fileio import atomic_savefig, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_report", "select_rows"]
 
-_BUDGET_KEYS = ("steps", "samples_seen", "wall_time_s", "final_loss", "world_size")
+_BUDGET_KEYS = ("steps", "samples_seen", "wall_time_s", "final_loss", "world_size", "probe_dice")
 
 
 def select_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,6 +165,13 @@ def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
+def _paired_cell(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "n/a"
+    lo, hi = p["ci95"]
+    return f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}]"
+
+
 def _paired_table(stats: dict[str, Any]) -> str:
     comps = stats["comparisons"]
     ns = sorted({c["n_labeled"] for c in comps}, key=lambda n: (n == 0, n))
@@ -174,8 +185,7 @@ def _paired_table(stats: dict[str, Any]) -> str:
             if not p:
                 cells.append("n/a")
                 continue
-            lo, hi = p["ci95"]
-            cells.append(f"{_signed(p['mean'])} [{_signed(lo)}, {_signed(hi)}], wins {p['wins']}/{p['draws']}")
+            cells.append(f"{_paired_cell(p)}, wins {p['wins']}/{p['draws']}")
         lines.append(f"| {init} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -255,6 +265,18 @@ def _subgroups(stats: dict[str, Any], attributes: dict[str, dict[str, str]]) -> 
     return "\n".join(parts), data
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend, layout; write ``path`` and close the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _labels_plot(stats: dict[str, Any], path: Path, dataset: str) -> Path:
     import matplotlib
 
@@ -285,12 +307,7 @@ def _labels_plot(stats: dict[str, Any], path: Path, dataset: str) -> Path:
     ax.set_ylabel("mean test Dice")
     ax.set_title(f"Labels saved — {dataset}\n(arrow: pretrained point projected onto random init; band: 95 % CI)",
                  fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _subgroup_plot(data: dict[str, Any], path: Path, dataset: str) -> Path:
@@ -330,6 +347,118 @@ def _subgroup_plot(data: dict[str, Any], path: Path, dataset: str) -> Path:
     return path
 
 
+def _series_name(pattern: str, taken: set[str]) -> str:
+    """Short name of a budget sweep, usable in file names and MLflow keys: its pretraining run folder
+    (``c1`` for ``runs/c1/export/step-*``), made unique among ``taken``."""
+    p = Path(pattern)
+    base = re.sub(r"[^\w.\-]", "_", p.parent.parent.name if p.parent.name == "export" else p.parent.name) or "budget"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name)
+    return name
+
+
+def _samples(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:,.1f}"
+
+
+def _budget_sweep(pattern: str, name: str, tags: list[str], budgets: dict[str, dict[str, Any]],
+                  stats: dict[str, Any], sel: list[dict[str, Any]]) -> dict[str, Any]:
+    """One budget sweep's answer: the smallest useful budget, its sentence, its Markdown table."""
+    order = sorted(tags, key=lambda t: (budgets[t]["samples_seen"], budgets[t].get("steps") or 0))
+    found = smallest_useful_budget(stats["comparisons"], order, budgets)
+    comps = {(c["init"], c["n_labeled"]): c for c in stats["comparisons"]}
+    head = (f"Pretraining budget ({pattern}: {len(order)} exports, {_samples(budgets[order[0]]['samples_seen'])} to "
+            f"{_samples(budgets[order[-1]]['samples_seen'])} samples seen)")
+    u = found["smallest"]
+    if not found["per_n"]:
+        why = stats["reason"] or "no trial of these exports finished"
+        sentence = f"{head}: no useful budget can be named without paired differences to random init ({why})."
+    elif u is not None:
+        lo, hi = u["ci95"]
+        sentence = (
+            f"{head}: the smallest budget at which the pretrained init beats random init with its 95 % CI above "
+            f"zero is {_samples(u['samples_seen'])} samples seen (step {u['steps']}; n={u['n_labeled'] or 'all'}: "
+            f"{_signed(u['mean'])} [{_signed(lo)}, {_signed(hi)}])."
+        )
+        if len(found["per_n"]) > 1:
+            sentence += " By n: " + "; ".join(
+                f"n={x['n_labeled'] or 'all'} "
+                + (f"from {_samples(x['useful']['samples_seen'])}" if x["useful"] else "none")
+                for x in found["per_n"]
+            ) + "."
+    else:
+        last = order[-1]
+        at_last = [(x["n_labeled"], (comps.get((last, x["n_labeled"])) or {}).get("paired")) for x in found["per_n"]]
+        sentence = (
+            f"{head}: none found; at no budget is the paired difference to random init positive with its 95 % CI "
+            f"above zero (at the largest, {_samples(budgets[last]['samples_seen'])} samples seen: "
+            + "; ".join(f"n={n or 'all'} {_paired_cell(p)}" for n, p in at_last)
+            + ")."
+        )
+    ns = sorted({r["n_labeled"] for r in sel if r["init_tag"] in order or r["init_tag"] == "random"},
+                key=lambda n: (n == 0, n))
+    lines = ["| init | samples seen | steps | probe Dice | " + " | ".join(
+        f"n={n or 'all'}: test Dice; paired diff [95 % CI]" for n in ns) + " |", "|" + " --- |" * (len(ns) + 4)]
+    useful = {(x["useful"]["tag"], x["n_labeled"]) for x in found["per_n"] if x["useful"]}
+    for t in ["random", *order]:
+        info = budgets.get(t, {"samples_seen": 0, "steps": 0})
+        cells = []
+        for n in ns:
+            dice = [r["test_dice"] for r in sel if r["init_tag"] == t and r["n_labeled"] == n]
+            cell = _fmt(dice)
+            if t != "random":
+                cell += f"; {_paired_cell((comps.get((t, n)) or {}).get('paired'))}"
+                cell += " (smallest useful)" if (t, n) in useful else ""
+            cells.append(cell)
+        probe = info.get("probe_dice")
+        lines.append(f"| {t} | {_samples(info['samples_seen'])} | {info.get('steps', 'n/a')} | "
+                     f"{f'{probe:.3f}' if isinstance(probe, (int, float)) else 'n/a'} | " + " | ".join(cells) + " |")
+    return {"pattern": pattern, "name": name, "tags": order, "ns": ns, **found, "sentence": sentence,
+            "table": "\n".join(lines), "plot": f"budget_{name}.png"}
+
+
+def _budget_plot(b: dict[str, Any], budgets: dict[str, dict[str, Any]], sel: list[dict[str, Any]], path: Path,
+                 dataset: str) -> Path:
+    """Test Dice against pretraining samples seen, one line per n_labeled, random init at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs_all = [0.0] + [float(budgets[t]["samples_seen"]) for t in b["tags"]]
+    useful = {x["n_labeled"]: x["useful"] for x in b["per_n"]}
+    for k, n in enumerate(b["ns"]):
+        pts = []
+        for x, t in zip(xs_all, ["random", *b["tags"]], strict=True):
+            dice = [r["test_dice"] for r in sel if r["init_tag"] == t and r["n_labeled"] == n]
+            if dice:
+                pts.append((x, float(np.mean(dice)), float(np.std(dice))))
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    color=f"C{k}", label=f"n_labeled={_n_label(n, sel)}")
+        u = useful.get(n)
+        if u is not None:
+            y = next(p[1] for p in pts if p[0] == float(u["samples_seen"]))
+            ax.plot([u["samples_seen"]], [y], "*", markersize=16, color=f"C{k}", markeredgecolor="k")
+    positive = [x for x in xs_all if x > 0]
+    if positive and max(positive) / min(positive) > 10:  # budgets spanning decades; 0 stays on the axis
+        ax.set_xscale("symlog", linthresh=min(positive))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xticks(xs_all, [_samples(x) for x in xs_all], fontsize=8)
+    ax.set_xlabel("pretraining samples seen (0 = random init)")
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    shown = b["pattern"] if len(b["pattern"]) <= 50 else "…/" + "/".join(Path(b["pattern"]).parts[-4:])
+    ax.set_title(f"Pretraining budget — {dataset}\n{shown}\n★ smallest budget whose paired 95 % CI is above 0",
+                 fontsize=8)
+    return _save(fig, ax, path)
+
+
 def build_report(
     rows: list[dict[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -339,6 +468,7 @@ def build_report(
     stopped: list[str] | None = None,
     dataset: str = "dataset",
     attributes: dict[str, dict[str, str]] | None = None,
+    budget_series: dict[str, list[str]] | None = None,
     n_boot: int = 2000,
 ) -> dict[str, Any]:
     """Write the Markdown report, its plots and ``results.json``.
@@ -352,12 +482,16 @@ def build_report(
         dataset: Dataset name for titles.
         attributes: ``{subject id: {attribute: value}}`` (``downstream.data.subject_attributes``)
             for the subgroup breakdown.
+        budget_series: ``{glob: init tags}`` of pretraining-budget sweeps (one init per intermediate
+            export; their ``budgets`` have ``samples_seen``): adds the Dice-vs-budget plot and the smallest
+            budget whose paired difference to random init has its 95 % interval above zero.
         n_boot: Bootstrap replicates of the intervals.
 
     Returns:
-        ``{"table": Markdown Dice table, "sentences": {init: labels-saved sentence}, "stats": the
-        statistics (:func:`downstream.stats.analyze` without the cells), "markdown": path, "plot":
-        path, "curves": path, "files": every written path}``.
+        ``{"table": Markdown Dice table, "sentences": {init: labels-saved sentence}, "budget": per budget
+        sweep its answer (``pattern``, ``name``, ``smallest``, ``per_n``, ``sentence``), "budget_sentences":
+        those sentences, "stats": the statistics (:func:`downstream.stats.analyze` without the cells),
+        "markdown": path, "plot": path, "curves": path, "files": every written path}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,9 +506,13 @@ def build_report(
         "For a seed, every init trains on the same labeled volumes (checked from each trial's train_ids), so "
         "differences are paired by draw and by test volume."
     )
+    taken: set[str] = set()
+    sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
+              for pattern, tags in (budget_series or {}).items()]
     parts = [f"# Label efficiency — {dataset}", ""]
-    if stats["sentences"]:
-        parts += [*stats["sentences"].values(), "", basis, ""]
+    top = [*stats["sentences"].values(), *[b["sentence"] for b in sweeps]]
+    if top:
+        parts += [*top, ""] + ([basis, ""] if stats["comparisons"] else [])
     if stats["reason"]:
         parts += [f"No paired statistics: {stats['reason']}.", ""]
     parts += [
@@ -409,6 +547,13 @@ def build_report(
         ]
         files.append(_labels_plot(stats, out / "labels_saved.png", dataset))
         parts += ["![labels saved](labels_saved.png)", ""]
+    for b in sweeps:
+        parts += [f"## Pretraining budget: {b['pattern']}", "", b["sentence"], "",
+                  "A budget is useful at n when the paired difference to random init (same draws, same test "
+                  "volumes) has its 95 % bootstrap interval above zero.", "", b["table"], ""]
+        if sel:
+            files.append(_budget_plot(b, budgets or {}, sel, out / b["plot"], dataset))
+            parts += [f"![pretraining budget]({b['plot']})", ""]
     if stats["notes"]:
         parts += ["Notes:", "", *[f"- {n}" for n in stats["notes"]], ""]
     subgroups: dict[str, Any] = {}
@@ -459,16 +604,21 @@ def build_report(
     slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     public = {k: v for k, v in stats.items() if k != "cells"}
     public["subgroups"] = subgroups
+    public["budget"] = [{k: v for k, v in b.items() if k != "table"} for b in sweeps]
     atomic_write_text(
         res,
         json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}, "stats": public}, indent=1,
                    default=float),
     )
     files = [md, res, *files]
-    log.info("label-efficiency report: %s\n%s\n%s", md, "\n".join(stats["sentences"].values()), table)
+    budget_sentences = [b["sentence"] for b in sweeps]
+    log.info("label-efficiency report: %s\n%s\n%s", md, "\n".join([*stats["sentences"].values(), *budget_sentences]),
+             table)
     return {
         "table": table,
         "sentences": stats["sentences"],
+        "budget": public["budget"],
+        "budget_sentences": budget_sentences,
         "stats": public,
         "markdown": md,
         "plot": out / "label_efficiency.png",

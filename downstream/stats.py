@@ -53,6 +53,7 @@ __all__ = [
     "volume_scores",
     "make_cells",
     "analyze",
+    "smallest_useful_budget",
 ]
 
 RESOLVE = 0.03
@@ -387,3 +388,44 @@ def analyze(
             )
     out["sentences"] = {init: f"{init} " + "; ".join(p) + "." for init, p in pieces.items()}
     return out
+
+
+def smallest_useful_budget(
+    comparisons: list[dict[str, Any]], tags: list[str], budgets: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The smallest pretraining budget whose paired difference to random init is positive with its CI above zero.
+
+    Args:
+        comparisons: ``analyze(...)["comparisons"]``.
+        tags: Init tags of one pretraining run's intermediate exports.
+        budgets: ``{tag: export info}``, each with ``samples_seen`` (and ``steps``).
+
+    Returns:
+        ``{"per_n": [{"n_labeled", "useful"}], "smallest"}``: per ``n_labeled`` the smallest budget (in
+        samples seen) whose paired difference has mean > 0 and 95 % CI lower bound > 0, as ``{"tag",
+        "samples_seen", "steps", "n_labeled", "mean", "ci95"}`` or ``None``; ``smallest`` is the smallest of
+        those over all ``n_labeled`` (``None`` when no budget qualifies at any n).
+
+    Example:
+        >>> comps = [{"init": "c-step1", "n_labeled": 1, "paired": {"mean": 0.01, "ci95": [-0.02, 0.04]}},
+        ...          {"init": "c-step9", "n_labeled": 1, "paired": {"mean": 0.05, "ci95": [0.01, 0.09]}}]
+        >>> b = {"c-step1": {"samples_seen": 8, "steps": 1}, "c-step9": {"samples_seen": 72, "steps": 9}}
+        >>> smallest_useful_budget(comps, ["c-step1", "c-step9"], b)["smallest"]["samples_seen"]
+        72
+    """
+    order = sorted(tags, key=lambda t: (budgets[t]["samples_seen"], budgets[t].get("steps") or 0))
+    by_key = {(c["init"], c["n_labeled"]): c for c in comparisons if c["init"] in tags}
+    ns = sorted({n for _, n in by_key}, key=lambda n: (n == 0, n))
+    per_n = []
+    for n in ns:
+        useful = None
+        for t in order:
+            p = (by_key.get((t, n)) or {}).get("paired")
+            if p and p["mean"] > 0 and p["ci95"][0] > 0:
+                useful = {"tag": t, "samples_seen": budgets[t]["samples_seen"], "steps": budgets[t].get("steps"),
+                          "n_labeled": n, "mean": p["mean"], "ci95": list(p["ci95"])}
+                break
+        per_n.append({"n_labeled": n, "useful": useful})
+    found = [x["useful"] for x in per_n if x["useful"]]
+    smallest = min(found, key=lambda u: (u["samples_seen"], u["n_labeled"] == 0, u["n_labeled"])) if found else None
+    return {"per_n": per_n, "smallest": smallest}

@@ -17,6 +17,10 @@ trial (params, per-evaluation metrics, test Dice/HD95, a contour PNG), the best 
 file), the overall best registered as ``mri-ssl-<dataset>`` with the alias ``champion``, and the
 label-efficiency report (table + plots) as artifacts of the parent run.
 
+Pretraining budget: an ``init`` with a glob over a pretraining run's intermediate exports
+(``runs/c1/export/step-*``) is one init per export (tag ``<task>-step<N>``), ordered by samples seen;
+the report plots test Dice against samples seen and names the smallest useful budget.
+
 Fair comparison: when pretrained inits are in the grid, ``init=random`` is prepared with the first
 pretrained init's preprocessing (a warning says so when ``data.preprocess`` differs), and a warning
 names any export whose widths differ from ``model.widths``.
@@ -27,6 +31,7 @@ after the checkpoint at step ``N`` (see ``train.inject_fault_at_step``).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -64,6 +69,8 @@ class InitSpec:
     task: str
     info: dict[str, Any]
     params: dict[str, Any]
+    series: str = ""
+    """The glob this init was expanded from (a pretraining-budget sweep), else ``""``."""
 
 
 def _absolute_tracking_uri() -> str:
@@ -81,32 +88,70 @@ def _absolute_tracking_uri() -> str:
     return uri
 
 
+def _expand_init(ref: str) -> list[str]:
+    """``[ref]``, or for a glob over a pretraining run's intermediate exports (``runs/c1/export/step-*``)
+    every matching export file: a matched folder stands for its ``model.pt``.
+
+    Raises:
+        ValueError: The glob matches no export.
+    """
+    if ref == "random" or ":/" in ref or not glob.has_magic(ref):
+        return [ref]
+    files = []
+    for match in sorted(glob.glob(ref)):
+        p = Path(match)
+        f = p / "model.pt" if p.is_dir() else p
+        if f.is_file():
+            files.append(str(f))
+        else:  # e.g. a step folder whose export is still being written
+            log.info("init %s: %s holds no model.pt, skipped", ref, match)
+    if not files:
+        raise ValueError(
+            f"init: {ref} matches no export (expected folders like <pretraining out_dir>/export/step-0000100 "
+            "holding model.pt, written by train.export_every)"
+        )
+    return files
+
+
+def _budget_series(ref: str, exports: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The exports a glob matched, in order of pretraining samples seen (every one must record it)."""
+    for local, export in exports:
+        if not isinstance(export["info"].get("samples_seen"), (int, float)):
+            raise ValueError(
+                f"init: {local}: export info has no samples_seen, which the budget sweep {ref} needs "
+                "(train.export_every records steps and samples_seen in each export)"
+            )
+    return sorted(exports, key=lambda e: (e[1]["info"]["samples_seen"], e[1]["info"].get("steps") or 0))
+
+
 def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     specs: list[InitSpec] = []
     pretrained: list[tuple[str, dict[str, Any]]] = []
     for i, ref in enumerate(cfg.init):
-        export, local = load_init(ref, out / "inits" / str(i))
-        if export is None:
+        expanded = _expand_init(ref)
+        if expanded == ["random"]:
             specs.append(InitSpec(ref, "random", "random", "random", {}, {}))
             continue
-        pretrained.append((ref, export))
-        specs.append(
-            InitSpec(
-                ref,
-                str(Path(local).resolve()),
-                export["task"],
-                export["task"],
-                dict(export["info"]),
-                choose_preprocessing(cfg.data.preprocess, [(ref, export)]).to_dict(),  # what its trials use
-            )
-        )
-        if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
-            log.warning(
-                "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
-                ref,
-                list(export["model_config"].widths),
-                list(cfg.model.widths),
-            )
+        loaded = [load_init(r, out / "inits" / str(i))[::-1] for r in expanded]
+        series = ref if expanded != [ref] else ""
+        if series:
+            loaded = _budget_series(ref, loaded)
+        for local, export in loaded:
+            source = local if series else ref
+            pretrained.append((source, export))
+            info = dict(export["info"])
+            # one init per budget: "contrastive-step100", named by the pretraining step it was exported at
+            step = info.get("steps") if series else None
+            tag = export["task"] if step is None else f"{export['task']}-step{step}"
+            params = choose_preprocessing(cfg.data.preprocess, [(source, export)]).to_dict()  # what its trials use
+            specs.append(InitSpec(source, str(Path(local).resolve()), tag, export["task"], info, params, series))
+            if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
+                log.warning(
+                    "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
+                    source,
+                    list(export["model_config"].widths),
+                    list(cfg.model.widths),
+                )
     # init=random sees exactly the data the first pretrained init was prepared for (the one rule)
     random_params = choose_preprocessing(cfg.data.preprocess, pretrained).to_dict()
     for s in specs:
@@ -154,15 +199,19 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     return cfg.tracking.dataset_name or name
 
 
-def _fingerprint(cfg: SweepConfig) -> str:
+def _fingerprint(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     d = to_dict(cfg)
     d.pop("out_dir")
+    expanded = [s.local for s in specs if s.series]
+    if expanded:  # a budget sweep re-run after pretraining wrote more exports is a new grid (old trials are reused)
+        d["init_expanded"] = expanded
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def trial_key(tag: str, n_labeled: int, seed: int, lr: float, wd: float) -> str:
-    """Folder name of one trial under ``<out_dir>/trials``."""
-    h = hashlib.sha256(f"{lr:.8g}-{wd:.8g}".encode()).hexdigest()[:6]
+def trial_key(tag: str, n_labeled: int, seed: int, lr: float, wd: float, transfer: str = "encoder+decoder") -> str:
+    """Folder name of one trial under ``<out_dir>/trials`` (the default transfer keeps earlier names)."""
+    searched = f"{lr:.8g}-{wd:.8g}" + ("" if transfer == "encoder+decoder" else f"-{transfer}")
+    h = hashlib.sha256(searched.encode()).hexdigest()[:6]
     return f"{tag}-n{n_labeled}-s{seed}-{h}"
 
 
@@ -177,7 +226,9 @@ def _trial_config(config: dict[str, Any]) -> tuple[FinetuneConfig, str]:
     base["train"].update(lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
     if spec["local"] == "random":
         base["data"]["preprocess"] = spec["preprocess"]
-    key = trial_key(spec["tag"], config["n_labeled"], config["seed"], config["lr"], config["weight_decay"])
+    base["transfer"] = config["transfer"]
+    key = trial_key(spec["tag"], config["n_labeled"], config["seed"], config["lr"], config["weight_decay"],
+                    config["transfer"])
     base["out_dir"] = str(Path(config["out_root"]) / "trials" / key)
     if (
         config["fault_at_step"] is not None
@@ -315,6 +366,9 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
         "seed": tune.grid_search(list(cfg.seeds)),
         "lr": dist(cfg.search.lr),
         "weight_decay": dist(cfg.search.weight_decay),
+        # several transfer options: a grid axis, selected on validation Dice like lr (random init ignores it)
+        "transfer": tune.grid_search(list(cfg.search.transfer)) if len(cfg.search.transfer) > 1
+        else cfg.search.transfer[0],
         "base": json.dumps(base),
         "first_n": cfg.n_labeled[0],
         "first_seed": cfg.seeds[0],
@@ -383,7 +437,8 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
         if "init" not in cfg:
             continue
         spec = by_index[cfg["init"]["index"]]
-        key = trial_key(spec.tag, cfg["n_labeled"], cfg["seed"], cfg["lr"], cfg["weight_decay"])
+        key = trial_key(spec.tag, cfg["n_labeled"], cfg["seed"], cfg["lr"], cfg["weight_decay"],
+                        cfg.get("transfer", "encoder+decoder"))
         rfile = out / "trials" / key / "result.json"
         if res.error is not None:
             msg = str(res.error).strip().splitlines()
@@ -402,9 +457,15 @@ def _collect(grid: Any, specs: list[InitSpec], out: Path) -> tuple[list[dict[str
 def _log_answer(parent: RunLogger, rep: dict[str, Any]) -> None:
     """The report's answer on the parent run: one ``labels_saved/<init>`` tag (its sentence) per init, and
     metrics ``labels_matched_<init>_n<N>`` (random init's labeled volumes for the same Dice; left out when
-    beyond the measured range) and ``paired_delta_<init>_n<N>`` (mean paired test-Dice difference)."""
+    beyond the measured range) and ``paired_delta_<init>_n<N>`` (mean paired test-Dice difference); per
+    budget sweep a ``smallest_useful_budget/<run>`` tag and ``smallest_useful_samples_seen_<run>`` (when found)."""
     parent.set_tags({f"labels_saved/{init}": sentence for init, sentence in rep["sentences"].items()})
     metrics: dict[str, float] = {}
+    for b in rep["budget"]:  # a pretraining-budget sweep's answer, named by its pretraining run folder
+        name = b["name"]
+        parent.set_tags({f"smallest_useful_budget/{name}": b["sentence"]})
+        if b["smallest"] is not None:
+            metrics[f"smallest_useful_samples_seen_{name}"] = float(b["smallest"]["samples_seen"])
     for c in rep["stats"]["comparisons"]:
         key = f"{c['init']}_n{c['n_labeled']}"
         if c["labels"]["text"][0].isdigit():
@@ -510,7 +571,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     save_config(cfg, out / "config.yaml")
     specs = _resolve_inits(cfg, out)
     dataset = _check_data(cfg, specs)
-    fp = _fingerprint(cfg)
+    fp = _fingerprint(cfg, specs)
     exp_name = f"sweep-{fp}"
     state_file = out / "sweep_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -546,8 +607,12 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         for e in errors:
             log.warning("%s", e)
         budgets = {s.tag: s.info for s in specs if s.task != "random"}
+        series: dict[str, list[str]] = {}
+        for s in specs:
+            if s.series:
+                series.setdefault(s.series, []).append(s.tag)
         rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset,
-                           attributes=subject_attributes(cfg.data.root))
+                           attributes=subject_attributes(cfg.data.root), budget_series=series)
         for p in rep["files"]:
             parent.log_artifact(p, "report")
         parent.log_artifact(out / "splits.json")
@@ -570,6 +635,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         "report": rep,
         "table": rep["table"],
         "sentences": rep["sentences"],
+        "budget_sentences": rep["budget_sentences"],
         "parent_run_id": parent.run_id,
         "out_dir": str(out),
         "dataset": dataset,

@@ -9,6 +9,12 @@ Add pretrained inits (export files or MLflow URIs) to the grid::
     python launch/sweep.py --config launch/configs/sweep_debug.yaml data.root=data/liver \\
         'init=[random, runs/c1/export/model.pt, runs/r1/export/model.pt]' out_dir=runs/sweep
 
+Pretraining-budget sweep: a glob over a run's intermediate exports (``train.export_every``) is one
+init per export; the report plots test Dice against samples seen and names the smallest useful budget::
+
+    python launch/sweep.py --config launch/configs/sweep_debug.yaml data.root=data/liver \\
+        'init=[random, runs/c1/export/step-*]' out_dir=runs/budget
+
 On an existing Ray cluster (resources per trial from ``search.cpus_per_trial`` / ``gpus_per_trial``)::
 
     RAY_ADDRESS=ray://head:10001 python launch/sweep.py --config launch/configs/sweep.yaml \\
@@ -30,7 +36,7 @@ from ssl_pretrain.fileio import lock_output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, run the sweep, print the report table. Returns the exit code."""
+    """Parse the command line, run the sweep, print the report table and its sentences. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, _ = parse_config(SweepConfig, argv, doc=__doc__)
     try:  # one sweep per out_dir; its trials (under trials/) take no lock of their own
@@ -50,6 +56,8 @@ def _run(cfg: SweepConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result["table"])
+    for sentence in [*result["sentences"].values(), *result["budget_sentences"]]:
+        print(sentence)
     for line in result["errors"]:
         print(line, file=sys.stderr)
     print(f"report: {result['report']['markdown']}")

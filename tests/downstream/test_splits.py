@@ -62,3 +62,26 @@ def test_sweep_trials_receive_the_splits_file_as_an_absolute_path(cohort: Path, 
                                               "data.splits=splits.json", "n_labeled=[4]"])
     with pytest.raises(ValueError, match="n_labeled: 4 is larger than the training pool of 3"):
         _check_data(bad, specs)
+
+
+def test_transfer_is_a_searched_trial_key(cohort: Path, tmp_path: Path) -> None:
+    from downstream.config import SweepConfig
+    from downstream.sweep import InitSpec, _space, _trial_config, trial_key
+    from ssl_pretrain.config import ConfigError
+
+    cfg = load_config(SweepConfig, overrides=[*tiny_overrides(cohort, tmp_path / "sw", size=32),
+                                              "search.transfer=[encoder, encoder+decoder]"])
+    specs = [InitSpec("random", "random", "random", "random", {}, cfg.data.preprocess.to_dict())]
+    space = _space(cfg, specs, {"out_root": str(tmp_path / "sw")})
+    assert space["transfer"] == {"grid_search": ["encoder", "encoder+decoder"]}
+    keys = set()
+    for transfer in ("encoder", "encoder+decoder"):
+        config = {**space, "init": {"index": 0, "tag": "c", "local": "random", "preprocess": specs[0].params},
+                  "n_labeled": 1, "seed": 0, "lr": 1e-3, "weight_decay": 1e-4, "transfer": transfer}
+        trial, key = _trial_config(config)
+        assert trial.transfer == transfer
+        keys.add(key)
+    assert len(keys) == 2 and trial_key("c", 1, 0, 1e-3, 1e-4) in keys  # the default keeps its old name
+    with pytest.raises(ConfigError, match="search.transfer"):
+        load_config(SweepConfig, overrides=[*tiny_overrides(cohort, tmp_path / "sw", size=32),
+                                            "search.transfer=[decoder]"])

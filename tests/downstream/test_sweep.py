@@ -1,4 +1,5 @@
-"""Ray Tune sweeps end to end: pretrained init in the grid, crash + resume, MLflow server, registry, report.
+"""Ray Tune sweeps end to end: pretrained init in the grid, crash + resume, MLflow server, registry, report,
+and the pretraining-budget sweep over a run's intermediate exports.
 
 Multi-process (local Ray workers, an ``mlflow server`` subprocess): marked slow, still run in CI.
 One Ray session is shared by all tests of the module (see ``ray_session`` in conftest).
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,16 +22,36 @@ import urllib.request
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 from downstream.config import SweepConfig
 from downstream.mlflow_uri import resolve_model_file
-from downstream.sweep import run_sweep
+from downstream.sweep import _fingerprint, _resolve_inits, run_sweep
 from ssl_pretrain.config import load_config
+from ssl_pretrain.data.phantoms import make_cohort
+from ssl_pretrain.data.preprocess import preprocess
+from ssl_pretrain.export import save_export
+from ssl_pretrain.models.unet import UNetConfig
+from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask
 
-from .conftest import BUDGET, make_export, tiny_overrides
+from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def launch_sweep():
+    """``(launch/sweep.py as a module, repo root)``; afterwards the root log handlers its ``main`` added are
+    removed (they write to this test's captured stderr, closed once the test ends)."""
+    handlers = list(logging.root.handlers)
+    root = Path(__file__).parents[2]
+    spec = importlib.util.spec_from_file_location("launch_sweep", root / "launch/sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod, root
+    logging.root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +191,9 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
 
-def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys) -> None:
-    root = Path(__file__).parents[2]
-    spec = importlib.util.spec_from_file_location("launch_sweep", root / "launch/sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_failing_trial_does_not_end_the_sweep_cli(cohort: Path, tmp_path: Path, ray_session, capsys,
+                                                  launch_sweep) -> None:
+    mod, root = launch_sweep
     code = mod.main(
         [
             "--config",
@@ -332,3 +354,121 @@ def test_local_ray_refuses_when_ray_was_imported_without_the_switch(tmp_path: Pa
                        timeout=120)
     assert r.returncode != 0
     assert "RuntimeError: ray was imported before a loopback-only local instance could be set up" in r.stderr
+
+
+
+
+@pytest.fixture(scope="module")
+def step_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny) regression pretraining run on an unlabeled phantom cohort of its own, exported at
+    steps 4, 12 and 30 as ``train.export_every`` writes them: ``<run>/export/step-NNNNNNN/model.pt``
+    with the budget (steps, samples_seen, wall_time_s, probe_dice) in ``info``."""
+    base = tmp_path_factory.mktemp("pretrain")
+    raw = make_cohort("liver", 2, base / "unlabeled", seed=11, labels=False)
+    slices = torch.from_numpy(np.concatenate([preprocess(f, PARAMS32).image for f in sorted(raw.glob("imagesTr/*"))]))
+    torch.manual_seed(0)
+    task = RegressionTask(UNetConfig(in_channels=1, widths=(8, 16, 32)), RegressionConfig(), seed=0)
+    opt = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    run, batch, t0 = base / "r1", 8, time.time()
+    for step in range(1, 31):
+        loss, _ = task({"image": slices[torch.randint(len(slices), (batch,), generator=g)]})
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (4, 12, 30):
+            save_export(run / "export" / f"step-{step:07d}" / "model.pt", task="regression",
+                        model_config=task.model_cfg, encoder_state=task.encoder.state_dict(),
+                        decoder_state=task.decoder.state_dict(),
+                        preprocessing=PARAMS32.to_dict(),
+                        info={"steps": step, "samples_seen": step * batch, "wall_time_s": time.time() - t0,
+                              "probe_dice": None})
+    return run
+
+
+def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_path: Path, capsys,
+                                                        launch_sweep) -> None:
+    run = tmp_path / "r1"
+    shutil.copytree(step_exports, run)  # this test adds folders; the end-to-end test keeps three exports
+    (run / "export" / "step-0000099").mkdir()  # an export still being written: skipped
+    pattern = str(run / "export" / "step-*")
+    cfg = load_config(SweepConfig, overrides=[f"data.root={tmp_path}", f"out_dir={tmp_path / 'sw'}",
+                                              f"init=[random, {pattern}]"])
+    specs = _resolve_inits(cfg, tmp_path / "sw")
+    assert [s.tag for s in specs] == ["random", "regression-step4", "regression-step12", "regression-step30"]
+    assert [s.info.get("samples_seen") for s in specs] == [None, 32, 96, 240]
+    assert {s.series for s in specs[1:]} == {pattern} and specs[0].series == ""
+    assert specs[2].ref == specs[2].local == str(run / "export" / "step-0000012" / "model.pt")
+    assert specs[0].params == PARAMS32.to_dict()  # random init is prepared like the exports
+
+    # pretraining wrote one more export since: the same command is a new grid, not a restore of the old one
+    fp = _fingerprint(cfg, specs)
+    assert _fingerprint(cfg, _resolve_inits(cfg, tmp_path / "sw")) == fp
+    shutil.copytree(run / "export" / "step-0000030", run / "export" / "step-0000040")
+    assert _fingerprint(cfg, _resolve_inits(cfg, tmp_path / "sw")) != fp
+
+    # a glob that matches no export: one line naming the pattern
+    missing = str(tmp_path / "nothing" / "export" / "step-*")
+    cfg = load_config(SweepConfig, overrides=[f"data.root={tmp_path}", f"out_dir={tmp_path / 'sw'}",
+                                              f"init=[random, {missing}]"])
+    with pytest.raises(ValueError, match=r"^init: .*nothing/export/step-\* matches no export") as e:
+        _resolve_inits(cfg, tmp_path / "sw")
+    assert "\n" not in str(e.value)
+    mod, root = launch_sweep
+    code = mod.main(["--config", str(root / "launch/configs/sweep_debug.yaml"), f"data.root={tmp_path}",
+                     f"out_dir={tmp_path / 'sw'}", "tracking.enabled=false", f"init=[random, {missing}]"])
+    assert code == 2 and capsys.readouterr().err == f"error: {e.value}\n"
+
+    # a matched export without its budget cannot be placed on the budget axis
+    make_export(tmp_path / "old" / "export" / "step-0000001" / "model.pt")
+    old = make_export(tmp_path / "old" / "export" / "step-0000002" / "model.pt")
+    torch.save({**torch.load(old, weights_only=True), "info": {"steps": 2}}, old)
+    cfg = load_config(SweepConfig, overrides=[f"data.root={tmp_path}", f"out_dir={tmp_path / 'sw'}",
+                                              f"init=[{tmp_path / 'old' / 'export' / 'step-*'}]"])
+    with pytest.raises(ValueError, match=r"step-0000002/model.pt: export info has no samples_seen"):
+        _resolve_inits(cfg, tmp_path / "sw")
+
+
+def test_budget_sweep_over_three_exports_cli(cohort: Path, step_exports: Path, tmp_path: Path, ray_session,
+                                             capsys, launch_sweep) -> None:
+    mod, root = launch_sweep
+    pattern = str(step_exports / "export" / "step-*")
+    code = mod.main(
+        [
+            "--config",
+            str(root / "launch/configs/sweep_debug.yaml"),
+            *tiny_overrides(cohort, tmp_path / "sw", size=32),
+            f"init=[random, {pattern}]",
+            "n_labeled=[1]",
+            "seeds=[0, 1]",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "sw" / "report" / "results.json").read_text())
+    [b] = results["stats"]["budget"]
+    assert b["pattern"] == pattern and b["name"] == "r1"
+    assert b["tags"] == ["regression-step4", "regression-step12", "regression-step30"]
+    assert len(results["rows"]) == 8 and results["errors"] == []
+
+    # the named budget is the smallest whose paired difference has its interval above zero, or none
+    paired = {c["init"]: c["paired"] for c in results["stats"]["comparisons"]}
+    useful = [t for t in b["tags"] if paired[t]["mean"] > 0 and paired[t]["ci95"][0] > 0]
+    if useful:
+        assert b["smallest"]["tag"] == useful[0]
+        assert f"is {b['smallest']['samples_seen']} samples seen (step {b['smallest']['steps']}; n=1:" in b["sentence"]
+    else:
+        assert b["smallest"] is None and ": none found; at no budget" in b["sentence"]
+    print(b["sentence"])  # the measured answer, for the record (pytest -s)
+
+    # printed after the table: the labels-saved sentences and the budget sentence
+    lines = out.splitlines()
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("| "))
+    after = lines[table_end + 1 :]
+    assert b["sentence"] in after
+    assert any(line.startswith("regression-step12 with 1 labeled volume matches random init with") for line in after)
+
+    md = (tmp_path / "sw" / "report" / "report.md").read_text()
+    assert b["sentence"] in md and "![pretraining budget](budget_r1.png)" in md
+    assert "| random | 0 | 0 | n/a |" in md and "| regression-step30 | 240 | 30 | n/a |" in md
+    assert (tmp_path / "sw" / "report" / "budget_r1.png").stat().st_size > 1000
