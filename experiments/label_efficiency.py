@@ -3,16 +3,19 @@
 Stages (each is skipped, with a message, when its output is already complete, so an interrupted
 run picks up where it stopped):
 
-1. ``data/unlabeled`` and ``data/labeled``: two synthetic cohorts with separate subjects, and
-   ``data/splits.json``. The scenario is the common one: unlabeled scans pooled from every site
-   (scanners and protocols, :data:`ssl_pretrain.data.phantoms.SITES`), labels from one site
-   (``site-1``, a T2w site, fixed before anything was run: labeled liver and prostate data in the
-   field are T2w), validation and test subjects from every site. ``sites=1`` is the
-   single-protocol cohort of earlier versions with the sweep's own seeded split.
+1. ``data/unlabeled`` and ``data/labeled``: two synthetic cohorts with separate subjects,
+   ``data/splits.json`` (the split every stage uses) and ``data/probe.txt`` (the labeled training
+   pool, which the pretraining runs' segmentation probe reads: never a validation or test
+   subject). The scenario is the common one: unlabeled scans pooled from every site (scanners and
+   protocols, :data:`ssl_pretrain.data.phantoms.SITES`), labels from one site (``site-1``, a T2w
+   site, fixed before anything was run: labeled liver and prostate data in the field are T2w),
+   validation and test subjects from every site. ``sites=1`` is the single-protocol cohort of
+   earlier versions, split as the sweep's seeded split would split it.
 2. ``shards``: the unlabeled cohort as WebDataset shards.
 3. ``pretrain/contrastive`` and ``pretrain/regression``: ``launch/pretrain.py`` (DeepSpeed; one
    CPU process, or every GPU through the ``deepspeed`` launcher), resumed from the last
-   checkpoint when interrupted.
+   checkpoint when interrupted; a segmentation probe on the labeled training pool
+   (``probe.png``, with its random-init reference) shows while it runs how useful the encoder is.
 4. ``sweep``: ``launch/sweep.py``, a Ray Tune grid over init × number of labeled volumes × seed,
    ending in the label-efficiency report and the registered best model.
 
@@ -65,6 +68,7 @@ class Scale:
     pretrain_steps: int
     pretrain_batch: int
     ckpt_every: int  # pretraining steps between checkpoints (an interrupted run resumes from the last)
+    probe_every: int  # pretraining steps between segmentation probes (one more at step 0: the random-init reference)
     pretrain_config: str  # file in launch/configs for pretraining (task set by override)
     sweep_config: str  # file in launch/configs for the sweep
     labeled_counts: tuple[int, ...]
@@ -77,19 +81,20 @@ SCALES: dict[str, Scale] = {
     # A CI-sized smoke run: every stage, seconds each.
     "tiny": Scale("tiny", n_unlabeled=4, n_labeled=7, sites=2, n_train_pool=2, val_per_site=1,
                   test_per_site=1, size=32, spacing=12.0, widths=(4, 8, 16),
-                  pretrain_steps=60, pretrain_batch=8, ckpt_every=10, pretrain_config="debug.yaml",
+                  pretrain_steps=60, pretrain_batch=8, ckpt_every=10, probe_every=30, pretrain_config="debug.yaml",
                   sweep_config="sweep_debug.yaml", labeled_counts=(1, 2), seeds=(0,),
                   finetune_steps=6, eval_every=3),
     # A 2-core CPU: 64×64 slices, a narrow UNet, a few minutes of pretraining per pretext.
     "cpu": Scale("cpu", n_unlabeled=32, n_labeled=12, sites=4, n_train_pool=6, val_per_site=1,
                  test_per_site=4, size=64, spacing=6.0, widths=(16, 32, 64, 128),
-                 pretrain_steps=800, pretrain_batch=32, ckpt_every=100, pretrain_config="debug.yaml",
+                 pretrain_steps=800, pretrain_batch=32, ckpt_every=100, probe_every=200, pretrain_config="debug.yaml",
                  sweep_config="sweep_debug.yaml", labeled_counts=(1, 2, 4), seeds=(0, 1),
                  finetune_steps=150, eval_every=25),
     # GPUs: the cluster-sized configs on a larger synthetic cohort.
     "gpu": Scale("gpu", n_unlabeled=200, n_labeled=30, sites=6, n_train_pool=16, val_per_site=2,
                  test_per_site=10, size=256, spacing=1.5,
                  widths=(32, 64, 128, 256, 512), pretrain_steps=5000, pretrain_batch=64, ckpt_every=500,
+                 probe_every=500,
                  pretrain_config="{task}.yaml", sweep_config="sweep.yaml", labeled_counts=(1, 2, 4, 8),
                  seeds=(0, 1, 2), finetune_steps=2000, eval_every=100),
 }
@@ -173,6 +178,39 @@ def _splits(labeled: Path, scale: Scale) -> Path:
     return path
 
 
+def _seeded_splits(labeled: Path, scale: Scale) -> Path:
+    """Write ``splits.json`` for the single-protocol cohort: the split the sweep's config would draw."""
+    from downstream.config import SweepConfig
+    from downstream.data import make_splits, open_labeled
+    from ssl_pretrain.config import load_config
+
+    data = load_config(SweepConfig, CONFIGS / scale.sweep_config).data
+    ids = [s.id for s in open_labeled(labeled).subjects]
+    s = make_splits(ids, data.n_val, data.n_test, data.split_seed)
+    path = labeled.parent / "splits.json"
+    path.write_text(json.dumps({"train_pool": list(s.train_pool), "val": list(s.val), "test": list(s.test)},
+                               indent=2) + "\n")
+    _say(f"splits {path}: training pool {len(s.train_pool)}, validation {len(s.val)}, test {len(s.test)} "
+         f"(the sweep's seeded split, data.split_seed={data.split_seed})")
+    return path
+
+
+def _probe_pool(labeled: Path, splits: Path) -> tuple[Path, int]:
+    """``data/probe.txt``: image and label of each training-pool subject, for the pretraining probe.
+
+    Returns:
+        The list file and the number of subjects in it.
+    """
+    from downstream.data import open_labeled
+
+    pool = set(json.loads(splits.read_text())["train_pool"])
+    lines = [f"{s.image}\t{s.label}" for s in open_labeled(labeled).subjects if s.id in pool]
+    path = labeled.parent / "probe.txt"
+    path.write_text("# the labeled training pool (no validation or test subject): the probe's data\n"
+                    + "\n".join(lines) + "\n")
+    return path, len(lines)
+
+
 def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
     shards = out / "shards"
     if (shards / "manifest.json").is_file():
@@ -185,7 +223,7 @@ def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
     return shards
 
 
-def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
+def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Path, int]) -> Path:
     run_dir = out / "pretrain" / task
     export = run_dir / "export" / "model.pt"
     if export.is_file():
@@ -202,6 +240,11 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
         "train.cpu_threads=null",  # debug.yaml pins 1 thread for its tiny model; use the cores here
         f"model.widths={list(scale.widths)}", f"run_name=demo-{task}",
     ]
+    probe_file, pool = probe
+    n_train = min(2, pool - 1)
+    if n_train >= 1:  # the probe: 2 training volumes, the rest of the pool (up to 4) held out
+        overrides += [f"probe.root={probe_file}", f"probe.every={scale.probe_every}",
+                      f"probe.n_train={n_train}", f"probe.n_eval={min(4, pool - n_train)}"]
     gpus = torch.cuda.device_count()
     if gpus > 0:
         cmd = ["deepspeed", "--num_gpus", str(gpus), *script, *overrides]
@@ -211,7 +254,23 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale) -> Path:
     return export
 
 
-def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, splits: Path | None) -> Path:
+def _say_probe(task: str, run_dir: Path) -> None:
+    """Print the probe's Dice curve beside its random-init reference, and its share of the run's time."""
+    summary = json.loads((run_dir / "summary.json").read_text()).get("probe")
+    if not summary:
+        return
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = {r["step"]: r["probe/dice"] for r in rows if "probe/dice" in r}
+    points = ", ".join(f"{step}: {dice:.3f}" for step, dice in sorted(curve.items()))
+    line = f"{task} probe Dice by step {{{points}}}"
+    if summary["random_init_dice"] is not None:
+        line += f"; random-init reference (the probe at step 0) {summary['random_init_dice']:.3f}"
+    _say(line)
+    _say(f"{task} probe: best {summary['best_dice']:.3f} at step {summary['best_step']}, "
+         f"{summary['time_s']:.1f} s = {100 * summary['time_frac']:.1f} % of pretraining time")
+
+
+def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, splits: Path) -> Path:
     sweep_dir = out / "sweep"
     inits = ["random", *[str(p) for p in exports.values()]]
     cmd = [
@@ -222,8 +281,7 @@ def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, spl
         f"model.widths={list(scale.widths)}",
         f"data.preprocess={{size: [{scale.size}, {scale.size}], spacing: [{scale.spacing}, {scale.spacing}]}}",
     ]
-    if splits is not None:
-        cmd.append(f"data.splits={splits}")
+    cmd.append(f"data.splits={splits}")
     _run(cmd, out)
     return sweep_dir
 
@@ -257,9 +315,12 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
          f"{scale.pretrain_steps} pretraining steps per pretext; everything goes under {out}")
     params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
     unlabeled, labeled = _cohorts(out, kind, scale, sites)
-    splits = None if sites == 1 else _splits(labeled, scale)
+    splits = _seeded_splits(labeled, scale) if sites == 1 else _splits(labeled, scale)
+    probe = _probe_pool(labeled, splits)
     shards = _shards(out, unlabeled, params)
-    exports = {task: _pretrain(out, task, shards, scale) for task in ("contrastive", "regression")}
+    exports = {task: _pretrain(out, task, shards, scale, probe) for task in ("contrastive", "regression")}
+    for task, export in exports.items():
+        _say_probe(task, export.parent.parent)
     sweep_dir = _sweep(out, labeled, exports, scale, splits)  # prints the label-efficiency table
     # The stages run with `out` as working directory, so MLflow's local default store lands there.
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")

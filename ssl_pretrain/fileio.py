@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,45 @@ class OutputLockedError(ValueError):
     """Another process holds the lock of an output directory."""
 
 
+ORPHAN_GRACE_S = 20.0
+"""How long a run waits for a lock whose recorded holder is dead (its forked children, e.g. data
+loader workers, still hold the lock until they notice and exit)."""
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _acquire(fd: int, d: Path, lock: Path) -> None:
+    """``flock`` ``fd`` or raise :class:`OutputLockedError`; a dead holder's children get a grace period."""
+    deadline = None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        if _pid_alive(holder):
+            raise OutputLockedError(
+                f"{d} is in use by another run (pid {holder} holds {lock}); wait for it to end or use another "
+                "output directory"
+            )
+        # the holder was killed, but a process it forked still holds the lock: wait for it to exit
+        deadline = deadline or time.monotonic() + ORPHAN_GRACE_S
+        if time.monotonic() > deadline:
+            raise OutputLockedError(
+                f"{d} is locked by a process left over from the killed run pid {holder} ({lock}); stop it "
+                "(e.g. `fuser -k` on the lock file) or use another output directory"
+            )
+        time.sleep(0.2)
+
+
 @contextmanager
 def lock_output_dir(
     directory: str | os.PathLike[str], *, beside: bool = False, enabled: bool = True
@@ -158,14 +198,7 @@ def lock_output_dir(
         raise ValueError(f"{lock.parent} is not a directory; expected an output directory there") from None
     fd = _open_no_follow(lock, os.O_RDWR | os.O_CREAT)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise OutputLockedError(
-                f"{d} is in use by another run (pid {holder} holds {lock}); wait for it to end or use another "
-                "output directory"
-            ) from None
+        _acquire(fd, d, lock)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock

@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Ray's single-node switch (local Ray on 127.0.0.1 only) is read when ray is first imported; some tests
+# import ray.tune in this process before the shared Ray session starts, so set it for the whole session
+# (the sweep sets it itself: tests/downstream/test_sweep.py checks that in subprocesses without it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -399,7 +399,8 @@ def test_init_glob_expands_to_one_init_per_step_export(step_exports: Path, tmp_p
     assert [s.info.get("samples_seen") for s in specs] == [None, 32, 96, 240]
     assert {s.series for s in specs[1:]} == {pattern} and specs[0].series == ""
     assert specs[2].ref == specs[2].local == str(run / "export" / "step-0000012" / "model.pt")
-    assert specs[0].params == PARAMS32.to_dict()  # random init is prepared like the exports
+    # random init is prepared like the exports, on whole slices (finetuning keeps the field of view)
+    assert specs[0].params == {**PARAMS32.to_dict(), "field_of_view": "pad"}
 
     # pretraining wrote one more export since: the same command is a new grid, not a restore of the old one
     fp = _fingerprint(cfg, specs)

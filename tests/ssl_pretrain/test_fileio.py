@@ -170,3 +170,33 @@ def test_lock_output_dir_names_a_file_in_the_way_and_a_planted_lock_link(tmp_pat
     assert (tmp_path / "file").read_text() == "x"
     with lock_output_dir(tmp_path / "new") as lock:
         assert lock == tmp_path / "new" / ".lock" and lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_killed_holders_forked_children_are_waited_for(tmp_path):
+    """kill -9 of a run leaves its forked data-loader workers holding the lock for a moment: the next
+    run waits for them (the recorded holder is dead) instead of refusing."""
+    import signal
+
+    from ssl_pretrain.fileio import lock_output_dir
+
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    holder = (
+        "import os, sys, time\n"
+        "from ssl_pretrain.fileio import lock_output_dir\n"
+        f"with lock_output_dir({str(out)!r}):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(2.0)\n"  # the orphaned child keeps the inherited lock for 2 s
+        "        os._exit(0)\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t0 = time.monotonic()
+    with lock_output_dir(out) as lock:
+        assert lock is not None and (out / ".lock").read_text().strip() == str(os.getpid())
+    assert time.monotonic() - t0 > 0.5  # it did wait for the child rather than find the lock free
