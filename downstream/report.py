@@ -557,8 +557,10 @@ def build_report(
     if stats["notes"]:
         parts += ["Notes:", "", *[f"- {n}" for n in stats["notes"]], ""]
     subgroups: dict[str, Any] = {}
+    subgroup_text = ""
     if attributes and stats["cells"]:
         text, subgroups = _subgroups(stats, attributes)
+        subgroup_text = text if subgroups else ""
         if subgroups:
             parts += ["## Subgroups", "", text]
             files.append(_subgroup_plot(subgroups, out / "subgroups.png", dataset))
@@ -617,6 +619,8 @@ def build_report(
     return {
         "table": table,
         "sentences": stats["sentences"],
+        "paired_table": _paired_table(stats) if stats["comparisons"] else "",
+        "subgroups_table": subgroup_text,
         "budget": public["budget"],
         "budget_sentences": budget_sentences,
         "stats": public,

@@ -56,6 +56,12 @@ def _run(cfg: SweepConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result["table"])
+    report = result["report"]
+    if report["paired_table"]:
+        print("\nPaired difference to random init (same draws, same test volumes): mean [95 % CI], draws won")
+        print(report["paired_table"])
+    if report["subgroups_table"]:  # e.g. test Dice per site: labels from one site, tested on all
+        print("\n" + report["subgroups_table"].strip())
     for sentence in [*result["sentences"].values(), *result["budget_sentences"]]:
         print(sentence)
     for line in result["errors"]:

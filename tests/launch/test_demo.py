@@ -6,6 +6,7 @@ The command is read from the README (so the two cannot drift) and run as written
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -85,6 +86,14 @@ def test_readme_main_command_end_to_end(tmp_path):
     assert list((out / "shards").glob("shard-*.tar")) and (out / "shards" / "manifest.json").is_file()
     # the multi-site scenario: the sweep used the demo's fixed split (labels from site-1, test from every site)
     assert "data.splits=" in second and (out / "data" / "splits.json").is_file()
+    # the pretraining probe read the labeled training pool only, and its curve and reference were printed
+    splits = json.loads((out / "data" / "splits.json").read_text())
+    probed = (out / "data" / "probe.txt").read_text()
+    assert all(f"/{sid}." not in probed for sid in splits["test"] + splits["val"])
+    for task in ("contrastive", "regression"):
+        assert f"{task} probe Dice by step {{0: " in second and f"{task} probe: best " in second
+        assert (out / "pretrain" / task / "plots" / "probe.png").is_file()
+    assert "By **site**" in second and "Paired difference to random init" in second  # printed with the table
 
     # 3. Once more: every stage is reused.
     third = _run(demo, timeout=600)
