@@ -42,7 +42,7 @@ from tqdm import tqdm
 from downstream.config import AugmentConfig, FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare
 from downstream.metrics import dice_score, summarize, volume_metrics
-from downstream.mlflow_uri import resolve_model_file
+from downstream.model_refs import resolve_model_file
 from downstream.predict import choose_largest_component, keep_largest_component, predict_slices
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
@@ -53,11 +53,14 @@ from ssl_pretrain.tracking import NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["finetune", "load_init", "FinetuneState", "read_checkpoint", "result_config", "InjectedFault", "Report"]
+__all__ = [
+    "finetune", "load_init", "FinetuneState", "read_checkpoint", "result_config", "InjectedFault", "EvalCallback",
+]
 
-Report = Callable[[dict[str, Any], "str | None"], None]
-"""``report(metrics, checkpoint_dir)``: called after every evaluation (with the checkpoint folder)
-and once at the end (test metrics, ``checkpoint_dir=None``)."""
+EvalCallback = Callable[[dict[str, Any], "str | None"], None]
+"""``on_eval(metrics, checkpoint_dir)``: called after every evaluation (with the checkpoint folder)
+and once at the end (test metrics, ``checkpoint_dir=None``); a sweep trial passes Ray Tune's
+report here (not to be confused with the sweep's report, :mod:`downstream.report`)."""
 
 _FAULT_MARKER = ".fault_injected"
 
@@ -602,7 +605,7 @@ def _build_run(cfg: FinetuneConfig) -> _Run:
 
 def finetune(
     cfg: FinetuneConfig,
-    report: Report | None = None,
+    on_eval: EvalCallback | None = None,
     *,
     resume: str | os.PathLike[str] | None = None,
     logger: RunLogger | None = None,
@@ -614,7 +617,7 @@ def finetune(
 
     Args:
         cfg: The run's config (data, init, n_labeled, seed, train).
-        report: Called after each evaluation with metrics and the checkpoint folder, and at the end.
+        on_eval: Called after each evaluation with metrics and the checkpoint folder, and at the end.
         resume: A checkpoint folder (or its ``state.pt``) to continue from (default: ``cfg.resume``).
         logger: Where params, metrics and figures go; the caller ends it. Default: the run's own
             MLflow run when ``tracking.enabled`` (continued on resume, ended here), else nothing.
@@ -646,11 +649,11 @@ def finetune(
         else:
             _log_start(run, logger)
         resumed_from = state.step if payload is not None else None
-        stopped_early = _train(run, state, report, logger)
+        stopped_early = _train(run, state, on_eval, logger)
         result = _final_evaluation(run, state, logger)
         result.update(stopped_early=stopped_early, resumed_from_step=resumed_from, mlflow_run_id=logger.run_id,
                       wall_time_s=time.time() - t0)
-        _write_outputs(run, state, result, report, logger)
+        _write_outputs(run, state, result, on_eval, logger)
     except BaseException as e:
         if own:
             logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -671,7 +674,7 @@ def _log_start(run: _Run, logger: RunLogger) -> None:
     logger.log_artifact(run.out / "config.yaml")
 
 
-def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLogger) -> bool:
+def _train(run: _Run, state: FinetuneState, on_eval: EvalCallback | None, logger: RunLogger) -> bool:
     """Train from ``state.step`` to ``train.max_steps`` (or an early stop); return whether it stopped early."""
     from monai.losses import DiceCELoss
 
@@ -684,8 +687,8 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
     total = cfg.train.max_steps
     running: list[float] = []
     model.train()
-    # a progress bar for interactive runs; sweep trials (report given) log through Ray instead
-    bar = tqdm(total=total, initial=state.step, desc="finetune", unit="step", disable=report is not None)
+    # a progress bar for interactive runs; sweep trials (on_eval given) log through Ray instead
+    bar = tqdm(total=total, initial=state.step, desc="finetune", unit="step", disable=on_eval is not None)
     try:
         while state.step < total and not _patience_spent(cfg, state):
             frozen = run.pretrained and state.step < cfg.train.freeze_encoder_steps
@@ -709,8 +712,8 @@ def _train(run: _Run, state: FinetuneState, report: Report | None, logger: RunLo
                 continue
             row = _evaluation(run, state, val_vols, float(np.mean(running)), frozen, logger)
             running = []
-            if report is not None:
-                report({**row, "best_val_dice": state.best_dice, "final": False}, str(run.out / "checkpoint"))
+            if on_eval is not None:
+                on_eval({**row, "best_val_dice": state.best_dice, "final": False}, str(run.out / "checkpoint"))
             _maybe_inject_fault(cfg, run.out, state.step)
             if _patience_spent(cfg, state):
                 log.info("early stop at step %d: no validation Dice gain for %d evaluations", state.step,
@@ -808,9 +811,9 @@ _EXPORT_INFO = ("init", "init_task", "n_labeled", "seed", "best_val_dice", "test
                 "pretrain_info", "largest_component")
 
 
-def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], report: Report | None,
+def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], on_eval: EvalCallback | None,
                    logger: RunLogger) -> None:
-    """``model.pt``, ``metrics.json``, ``result.json``, the final metrics and the final report."""
+    """``model.pt``, ``metrics.json``, ``result.json``, the final metrics and the final ``on_eval`` call."""
     out, model, step = run.out, run.model, state.step
     save_export(
         out / "model.pt",
@@ -830,9 +833,9 @@ def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], repo
     logger.log_metrics({k: v for k, v in test.items() if isinstance(v, float) and math.isfinite(v)}, step=step)
     logger.log_metrics({"best_val_dice": state.best_dice}, step=step)
     logger.log_artifact(out / "metrics.json")
-    if report is not None:
+    if on_eval is not None:
         last = state.history[-1]["val_dice"] if state.history else float("nan")
-        report({"step": step, "val_dice": last, "best_val_dice": state.best_dice, "final": True, **test}, None)
+        on_eval({"step": step, "val_dice": last, "best_val_dice": state.best_dice, "final": True, **test}, None)
     log.info(
         "finetune %s n=%d seed=%d: val Dice %.3f (step %d), test Dice %.3f ± %.3f", run.cfg.init, run.cfg.n_labeled,
         run.cfg.seed, state.best_dice, state.best_step, test.get("test_dice", float("nan")),

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.mlflow_uri import local_model_file
+from downstream.model_refs import local_model_file
 from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
 from ssl_pretrain.export import build_unet, load_export

@@ -285,7 +285,7 @@ def _trainable(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     try:
-        result = finetune(cfg, report=report, resume=resume, logger=logger)
+        result = finetune(cfg, on_eval=report, resume=resume, logger=logger)
     except BaseException:
         logger.end("FAILED")
         raise

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from downstream.mlflow_uri import resolve_model_file
+from downstream.model_refs import resolve_model_file
 from downstream.predict import load_segmentation_model, predict
 from ssl_pretrain.export import save_export
 from ssl_pretrain.models.unet import UNet, UNetConfig

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from downstream.config import SweepConfig
-from downstream.mlflow_uri import resolve_model_file
+from downstream.model_refs import resolve_model_file
 from downstream.sweep import _fingerprint, _resolve_inits, run_sweep
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data.phantoms import make_cohort
