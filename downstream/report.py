@@ -614,8 +614,7 @@ def build_report(
     )
     files = [md, res, *files]
     budget_sentences = [b["sentence"] for b in sweeps]
-    log.info("label-efficiency report: %s\n%s\n%s", md, "\n".join([*stats["sentences"].values(), *budget_sentences]),
-             table)
+    log.info("label-efficiency report: %s", md)  # the table and sentences are in the result (the CLI prints them)
     return {
         "table": table,
         "sentences": stats["sentences"],
