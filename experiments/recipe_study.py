@@ -191,7 +191,8 @@ def _calibrate(out: Path, name: str, recipe: Recipe, scale: Scale, shards: Path,
     run_dir = out / "calibrate" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
-           *_overrides(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS), "train.log_every=1"]
+           *_overrides(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS), "train.log_every=1",
+           f"train.ckpt_every={CALIBRATE_STEPS}"]  # one step's time per row; no checkpoint inside the timed steps
     _run(cmd, out, out / "calibrate" / f"{name}.log")
     rows = [r for r in _rows(run_dir) if "samples_per_s" in r and r["step"] > 2]
     batch = recipe.batch or scale.pretrain_batch
