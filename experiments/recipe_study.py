@@ -61,7 +61,7 @@ CONFIG = REPO / "launch" / "configs" / "debug.yaml"
 UNLABELED_SEED, LABELED_SEED = 101, 102  # the demo uses 1 and 2: keep its cohorts out of the study
 PROBE_TRAIN, PROBE_EVAL = 2, 4
 PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
-CALIBRATE_STEPS = 8  # timing run per recipe; its first steps (set-up, warm caches) are not counted
+CALIBRATE_STEPS = 30  # timing run per recipe; its first third (set-up, loader warm-up: slower) is not counted
 
 __all__ = ["Recipe", "RECIPES", "RunResult", "read_run", "run_study", "table_markdown", "plot_study", "main"]
 
@@ -174,13 +174,18 @@ def _cohort(out: Path, scale: Scale, kind: str) -> tuple[Path, Path]:
     return unlabeled, probe
 
 
+def _every(steps: int) -> int:
+    """Steps between probes (and checkpoints, so a resumed run repeats no probe): a quarter of the run."""
+    return max(1, math.ceil(steps / PROBES_PER_RUN))
+
+
 def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int) -> list[str]:
     """The study's overrides of ``debug.yaml`` for one run, the recipe's last (they win)."""
     return [
         f"task={recipe.task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto", "track=false",
         f"run_name=recipe-{name}", f"model.widths={list(scale.widths)}",
         f"data.batch_size={recipe.batch or scale.pretrain_batch}", f"train.max_steps={steps}",
-        f"train.ckpt_every={max(1, steps // PROBES_PER_RUN)}", f"train.image_every={steps}",
+        f"train.ckpt_every={_every(steps)}", f"train.image_every={steps}",
         "train.cpu_threads=null",  # as the demo: debug.yaml pins 1 thread for its tiny model; use the cores here
         *recipe.overrides,
     ]
@@ -194,7 +199,7 @@ def _calibrate(out: Path, name: str, recipe: Recipe, scale: Scale, shards: Path,
            *_overrides(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS), "train.log_every=1",
            f"train.ckpt_every={CALIBRATE_STEPS}"]  # one step's time per row; no checkpoint inside the timed steps
     _run(cmd, out, out / "calibrate" / f"{name}.log")
-    rows = [r for r in _rows(run_dir) if "samples_per_s" in r and r["step"] > 2]
+    rows = [r for r in _rows(run_dir) if "samples_per_s" in r and r["step"] > CALIBRATE_STEPS // 3]
     batch = recipe.batch or scale.pretrain_batch
     s_per_step = batch / statistics.median(r["samples_per_s"] for r in rows)
     shutil.rmtree(run_dir)
@@ -328,7 +333,7 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
                 budget.write_text(f"{n}\n")
             cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
                    *_overrides(name, recipe, scale, shards, run_dir, n),
-                   f"probe.root={probe}", f"probe.every={max(1, math.ceil(n / PROBES_PER_RUN))}",
+                   f"probe.root={probe}", f"probe.every={_every(n)}",
                    f"probe.n_train={PROBE_TRAIN}", f"probe.n_eval={PROBE_EVAL}"]
             _run(cmd, out, out / "runs" / f"{name}.log")
         results.append(read_run(name, recipe, run_dir))

@@ -49,27 +49,34 @@ def test_unknown_recipe_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_recipe_study_tiny(tmp_path, capsys):
     out = tmp_path / "study"
+    tiny = ["--out", str(out), "--scale", "tiny"]
+    assert main([*tiny, "--steps", "8", "--recipes", "c-base"]) == 0
+    capsys.readouterr()
+    # the second call reuses the finished c-base run and gives r-l1 a budget in minutes (a timing run first)
     names = ["c-base", "r-l1"]
-    assert main(["--out", str(out), "--scale", "tiny", "--steps", "8", "--recipes", ",".join(names)]) == 0
+    assert main([*tiny, "--minutes", "0.02", "--recipes", ",".join(names)]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing finished run" in printed and "r-l1: " in printed and "steps for 0.02 min" in printed
+    assert not (out / "calibrate" / "r-l1").exists()  # the timing run is removed
     assert (out / "recipe_study.png").stat().st_size > 0
     text = (out / "recipe_study.md").read_text()
-    assert "--steps 8" in text  # the command is recorded with its table
+    assert "--minutes 0.02" in text  # the command is recorded with its table
     rows = [line.split("|")[1:-1] for line in text.splitlines() if re.match(r"\| [cr]-", line)]
     assert [r[0].strip() for r in rows] == names
-    assert text.split("\n| recipe")[1].strip() in capsys.readouterr().out  # the printed table is the file's
+    assert text.split("\n| recipe")[1].strip() in printed  # the printed table is the file's
+    budgets = {"c-base": 8, "r-l1": int((out / "runs" / "r-l1.steps").read_text())}
+    assert budgets["r-l1"] >= 4
     for name, row in zip(names, rows, strict=True):
+        n = budgets[name]
         probes = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         probes = [p for p in probes if "probe/dice" in p]
-        # step 0, every ceil(8 / 4) = 2 steps, the end
-        assert [p["step"] for p in probes] == [0, 2, 4, 6, 8]
+        every = -(-n // 4)  # step 0, every quarter of the run (rounded up), the end
+        assert [p["step"] for p in probes] == sorted({*range(0, n + 1, every), n})
         steps, batch, minutes, end, best, random_init, gain = (row[i].strip() for i in (2, 3, 4, 5, 6, 7, 8))
-        assert (steps, batch) == ("8", "8")
+        assert (steps, batch) == (str(n), "8")
         assert float(minutes) > 0
         assert end == f"{probes[-1]['probe/dice']:.3f}"
         assert random_init == f"{probes[0]['probe/dice']:.3f}"
         top = max(probes[1:], key=lambda p: (p["probe/dice"], -p["step"]))
         assert best == f"{top['probe/dice']:.3f} ({top['step']})"
         assert gain == f"{probes[-1]['probe/dice'] - probes[0]['probe/dice']:+.3f}"
-    # the second run reuses everything: no run is started again
-    assert main(["--out", str(out), "--scale", "tiny", "--steps", "8", "--recipes", ",".join(names)]) == 0
-    assert "reusing finished run" in capsys.readouterr().out
