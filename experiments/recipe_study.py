@@ -266,18 +266,18 @@ def plot_study(results: Sequence[RunResult], out: Path) -> Path:
     from ssl_pretrain.fileio import atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    refs: dict[tuple[str, float], list[str]] = {}
+    refs: dict[float, list[str]] = {}
     for r in results:
         _, minutes, dice = zip(*r.curve, strict=True)
         ax.plot(minutes, dice, marker="o", linestyle="-" if r.task == "contrastive" else "-.", label=r.recipe)
-        refs.setdefault((r.task, round(r.random_init, 4)), []).append(r.recipe)
-    for (task, value), names in refs.items():  # runs of one task and seed share their random init
-        ax.axhline(value, color="gray", linestyle="--" if task == "contrastive" else ":", linewidth=1,
-                   label=f"random init ({', '.join(names)})")
+        refs.setdefault(round(r.random_init, 4), []).append(r.recipe)
+    # runs whose probe reads the same features of the same seed's network share their random init
+    for (value, names), style in zip(refs.items(), ("--", ":", "-.", (0, (1, 3))), strict=False):
+        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"random init ({', '.join(names)})")
     ax.set_xlabel("pretraining CPU minutes (probe time excluded)")
     ax.set_ylabel("probe Dice (held-out volumes)")
     ax.set_title("segmentation probe by recipe")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, out, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -346,7 +346,9 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
         f"{scale.size}x{scale.size} slices at {scale.spacing} mm, UNet widths {list(scale.widths)}; "
         f"budget {budget_line} per recipe on {os.cpu_count()} cores. Probe: {PROBE_TRAIN} training and "
         f"{PROBE_EVAL} held-out volumes; *random init* is the probe at step 0 of the same run, the gains are "
-        f"over it. CPU min: pretraining time without the probe's. Overrides of `launch/configs/debug.yaml` "
+        f"over it. The probe reads the decoder's output when the task trains the decoder (regression, the "
+        f"local loss) and the encoder's hypercolumns otherwise, so their random-init references differ. "
+        f"CPU min: pretraining time without the probe's. Overrides of `launch/configs/debug.yaml` "
         f"per recipe: `RECIPES` in `experiments/recipe_study.py`.\n\n{table}\n"
     )
     (out / "recipe_study.md").write_text(text)
