@@ -1,0 +1,385 @@
+"""Pretraining recipe study: segmentation-probe Dice against CPU minutes, per recipe (issue 16).
+
+Which pretraining settings make the exported encoder a better start than random weights at a
+laptop budget? Each recipe is a set of config overrides of ``launch/configs/debug.yaml`` (the CPU
+demo's pretraining settings), run with ``launch/pretrain.py`` for the same CPU time, and judged by
+the run's own segmentation probe (``probe:``; issue 9) against its random-init reference (the
+probe at step 0 of the same run).
+
+One command::
+
+    python -m experiments.recipe_study --out runs/recipes --minutes 2 --recipes c-base,r-base
+
+Stages (each is reused when complete, so an interrupted study continues):
+
+1. ``data/unlabeled`` and ``data/labeled``: a DEVELOPMENT cohort of its own (cohort seeds 101 and
+   102; the demo's are 1 and 2 and stay out of the study, so the demo remains a fresh test): the
+   unlabeled subjects round-robin over the scale's sites, and 6 labeled subjects at ``site-1``
+   (like the demo's labeled training pool, which its probe reads), listed in ``data/probe.txt``.
+2. ``shards``: the unlabeled cohort, preprocessed like the CPU demo (``SCALES`` of
+   :mod:`experiments.label_efficiency`: 64×64 slices at 6 mm for ``--scale cpu``).
+3. ``runs/<recipe>``: one pretraining run per recipe. ``--minutes M`` gives every recipe the same
+   CPU time: a short timing run (``calibrate/<recipe>``, removed afterwards) measures the seconds
+   per step of the recipe on this machine, and ``train.max_steps`` is ``M`` minutes' worth of
+   them; ``--steps N`` fixes the steps instead. The probe runs at step 0, about every quarter of
+   the run and at the end (2 training and 4 held-out volumes).
+4. ``recipe_study.md`` (the table, printed too) and ``recipe_study.png`` (probe Dice against
+   pretraining minutes per recipe, with the random-init references as dashed lines).
+
+Pretraining minutes exclude the probe's own time: a run's ``metrics.jsonl`` probe rows carry the
+probe's time and its cumulative share of the run, from which the elapsed time at each probe follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from experiments.label_efficiency import SCALES, Scale
+from experiments.label_efficiency import _shards as shard_cohort
+from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.phantoms import make_cohort
+from ssl_pretrain.data.preprocess import PreprocessParams
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "launch" / "configs" / "debug.yaml"
+UNLABELED_SEED, LABELED_SEED = 101, 102  # the demo uses 1 and 2: keep its cohorts out of the study
+PROBE_TRAIN, PROBE_EVAL = 2, 4
+PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
+CALIBRATE_STEPS = 30  # timing run per recipe; its first third (set-up, loader warm-up: slower) is not counted
+
+__all__ = ["Recipe", "RECIPES", "RunResult", "read_run", "run_study", "table_markdown", "plot_study", "main"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One pretraining recipe: a task and its overrides of ``debug.yaml`` (after the study's own)."""
+
+    task: Literal["contrastive", "regression"]
+    what: str  # what differs from the demo's settings, for the table
+    overrides: tuple[str, ...] = ()
+    batch: int | None = None  # data.batch_size; None = the scale's (the demo's)
+
+
+# Keys are checked against the config by launch/pretrain.py itself: an unknown key fails the run.
+RECIPES: dict[str, Recipe] = {
+    "c-base": Recipe("contrastive", "the demo's settings (views, temperature 0.1, no local loss)"),
+    "c-partition-local": Recipe(
+        "contrastive", "positives=partition + local decoder loss (weight 1.0)",
+        ("contrastive.positives=partition", "contrastive.local_weight=1.0"),
+    ),
+    "c-temp0.5": Recipe("contrastive", "temperature 0.5", ("contrastive.temperature=0.5",)),
+    "c-temp0.05": Recipe("contrastive", "temperature 0.05", ("contrastive.temperature=0.05",)),
+    # One CPU rank: the batch grows as the micro batch (gradient accumulation would not add negatives).
+    "c-batch64": Recipe("contrastive", "batch 64 (micro batch of the one CPU rank: 126 negatives per view)",
+                        batch=64),
+    "r-base": Recipe("regression", "the demo's settings (L2, swap_count 4)"),
+    "r-strong": Recipe(
+        "regression", "stronger corruption (shuffle 0.9 of 0.5 blocks, 5 paint boxes, swap 0.9 × 8)",
+        ("regression.shuffle_prob=0.9", "regression.shuffle_fraction=0.5", "regression.paint_boxes=5",
+         "regression.swap_prob=0.9", "regression.swap_count=8"),
+    ),
+    "r-l1": Recipe("regression", "L1 restoration loss", ("regression.loss=l1",)),
+}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What the study reads back from one recipe's run."""
+
+    recipe: str
+    task: str
+    steps: int
+    batch: int
+    curve: tuple[tuple[int, float, float], ...]  # (step, pretraining minutes at the probe, probe Dice)
+    wall_min: float  # pretraining minutes of the whole run, probe time excluded
+    probe_frac: float  # share of the run's wall time spent probing
+
+    @property
+    def random_init(self) -> float:
+        """The probe at step 0: the same network before any pretraining."""
+        return self.curve[0][2]
+
+    @property
+    def end(self) -> float:
+        """The probe at the last step."""
+        return self.curve[-1][2]
+
+    @property
+    def best(self) -> tuple[float, int]:
+        """Best probe Dice after step 0 and its step."""
+        step, _, dice = max(self.curve[1:], key=lambda c: (c[2], -c[0]))
+        return dice, step
+
+
+def _say(msg: str) -> None:
+    print(f"[recipes] {msg}", flush=True)
+
+
+def _run(cmd: list[str], cwd: Path, log_file: Path) -> None:
+    """Run one command with its output in ``log_file`` (eight runs' progress bars would bury the study's lines).
+
+    Raises:
+        SystemExit: the command failed; the message holds the end of its log.
+    """
+    _say(f"$ (cd {cwd} && {shlex.join(cmd)})  > {log_file}")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as f:
+        code = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-15:])
+        raise SystemExit(f"{tail}\n[recipes] command failed (exit {code}), log {log_file}: {shlex.join(cmd)}")
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"[recipes] {path}: not found; the run wrote no metrics")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cohort(out: Path, scale: Scale, kind: str) -> tuple[Path, Path]:
+    """The development cohorts and ``data/probe.txt`` (every labeled subject: the probe's pool)."""
+    unlabeled, labeled = out / "data" / "unlabeled", out / "data" / "labeled"
+    n_probe = PROBE_TRAIN + PROBE_EVAL
+    for path, n, seed, labels, site_of in (
+        (unlabeled, scale.n_unlabeled, UNLABELED_SEED, False, None),
+        (labeled, n_probe, LABELED_SEED, True, [0] * n_probe),  # site-1, like the demo's labeled pool
+    ):
+        # make_cohort writes dataset.json last: its presence means the cohort is complete
+        if (path / "dataset.json").is_file():
+            _say(f"reusing cohort {path}")
+        else:
+            _say(f"generating {n} synthetic {kind} subjects (seed {seed}, {scale.sites} sites) in {path}")
+            make_cohort(kind, n, path, seed=seed, labels=labels, sites=scale.sites, site_of=site_of)  # type: ignore[arg-type]
+    subjects, _ = discover(labeled, labels=True)
+    probe = out / "data" / "probe.txt"
+    probe.write_text(f"# development cohort (seed {LABELED_SEED}): the probe's labeled volumes\n"
+                     + "".join(f"{s.image}\t{s.label}\n" for s in subjects))
+    return unlabeled, probe
+
+
+def _every(steps: int) -> int:
+    """Steps between probes (and checkpoints, so a resumed run repeats no probe): a quarter of the run."""
+    return max(1, math.ceil(steps / PROBES_PER_RUN))
+
+
+def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int) -> list[str]:
+    """The study's overrides of ``debug.yaml`` for one run, the recipe's last (they win)."""
+    return [
+        f"task={recipe.task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto", "track=false",
+        f"run_name=recipe-{name}", f"model.widths={list(scale.widths)}",
+        f"data.batch_size={recipe.batch or scale.pretrain_batch}", f"train.max_steps={steps}",
+        f"train.ckpt_every={_every(steps)}", f"train.image_every={steps}",
+        "train.cpu_threads=null",  # as the demo: debug.yaml pins 1 thread for its tiny model; use the cores here
+        *recipe.overrides,
+    ]
+
+
+def _calibrate(out: Path, name: str, recipe: Recipe, scale: Scale, shards: Path, minutes: float) -> int:
+    """Steps of ``recipe`` that take ``minutes`` of CPU time here, from a short timing run."""
+    run_dir = out / "calibrate" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
+           *_overrides(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS), "train.log_every=1",
+           f"train.ckpt_every={CALIBRATE_STEPS}"]  # one step's time per row; no checkpoint inside the timed steps
+    _run(cmd, out, out / "calibrate" / f"{name}.log")
+    rows = [r for r in _rows(run_dir) if "samples_per_s" in r and r["step"] > CALIBRATE_STEPS // 3]
+    batch = recipe.batch or scale.pretrain_batch
+    s_per_step = batch / statistics.median(r["samples_per_s"] for r in rows)
+    shutil.rmtree(run_dir)
+    steps = max(PROBES_PER_RUN, round(minutes * 60 / s_per_step))
+    _say(f"{name}: {s_per_step:.2f} s per step -> {steps} steps for {minutes:g} min")
+    return steps
+
+
+def read_run(name: str, recipe: Recipe, run_dir: Path) -> RunResult:
+    """Read one finished run's probe curve, steps and time from its ``metrics.jsonl`` and ``summary.json``.
+
+    The probe rows carry ``probe/time_s`` (that probe) and ``probe/time_frac`` (probing so far over
+    the elapsed run time including that probe), so the elapsed time at a probe is the cumulative
+    probe time over ``time_frac``; minus the probe time it is the pretraining time.
+
+    Raises:
+        SystemExit: the run has no summary or no probe at step 0 (one line naming the file).
+    """
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise SystemExit(f"[recipes] {summary_path}: not found; the run did not finish")
+    summary = json.loads(summary_path.read_text())
+    curve, probe_s = [], 0.0
+    for row in _rows(run_dir):
+        if "probe/dice" not in row:
+            continue
+        probe_s += row["probe/time_s"]
+        elapsed = probe_s / row["probe/time_frac"]
+        curve.append((int(row["step"]), (elapsed - probe_s) / 60, float(row["probe/dice"])))
+    if len(curve) < 2 or curve[0][0] != 0:
+        raise SystemExit(f"[recipes] {run_dir / 'metrics.jsonl'}: needs the probe at step 0 and after it")
+    steps = int(summary["steps"])
+    return RunResult(
+        recipe=name, task=recipe.task, steps=steps, batch=int(summary["samples_seen"]) // max(1, steps),
+        curve=tuple(curve), wall_min=(summary["wall_time_s"] - summary["probe"]["time_s"]) / 60,
+        probe_frac=float(summary["probe"]["time_frac"]),
+    )
+
+
+def table_markdown(results: Sequence[RunResult]) -> str:
+    """The study's table: one row per recipe; gains are over the same run's random-init probe."""
+    lines = [
+        "| recipe | what changes | steps | batch | CPU min | probe Dice (end) | best (step) | random init "
+        "| gain (end) | gain (best) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        best, best_step = r.best
+        lines.append(
+            f"| {r.recipe} | {RECIPES[r.recipe].what} | {r.steps} | {r.batch} | {r.wall_min:.2f} | {r.end:.3f} "
+            f"| {best:.3f} ({best_step}) | {r.random_init:.3f} | {r.end - r.random_init:+.3f} "
+            f"| {best - r.random_init:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_study(results: Sequence[RunResult], out: Path) -> Path:
+    """Draw ``out``: probe Dice against pretraining minutes, one line per recipe, random-init references dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from ssl_pretrain.fileio import atomic_savefig
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    refs: dict[float, list[str]] = {}
+    for r in results:
+        _, minutes, dice = zip(*r.curve, strict=True)
+        ax.plot(minutes, dice, marker="o", linestyle="-" if r.task == "contrastive" else "-.", label=r.recipe)
+        refs.setdefault(round(r.random_init, 4), []).append(r.recipe)
+    # runs whose probe reads the same features of the same seed's network share their random init
+    for (value, names), style in zip(refs.items(), ("--", ":", "-.", (0, (1, 3))), strict=False):
+        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"random init ({', '.join(names)})")
+    ax.set_xlabel("pretraining CPU minutes (probe time excluded)")
+    ax.set_ylabel("probe Dice (held-out volumes)")
+    ax.set_title("segmentation probe by recipe")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_savefig(fig, out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float | None = None,
+              steps: int | None = None, kind: str = "liver", command: str = "") -> list[RunResult]:
+    """Run (or finish) the study under ``out`` and write ``recipe_study.md`` and ``recipe_study.png``.
+
+    Args:
+        out: Directory for everything the study writes.
+        names: Keys of :data:`RECIPES`, in table order.
+        scale: Cohort size, preprocessing, widths and default batch (the demo's scales).
+        minutes: CPU minutes of pretraining per recipe (the steps are measured per recipe).
+        steps: Fixed steps per recipe instead of ``minutes``.
+        kind: ``"liver"`` or ``"prostate"`` phantoms.
+        command: The command line, recorded in the table's file.
+
+    Returns:
+        One result per recipe.
+
+    Raises:
+        ValueError: an unknown recipe, or neither / both of ``minutes`` and ``steps``.
+    """
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        raise ValueError(f"--recipes: unknown {unknown or 'empty list'}; choose from {', '.join(RECIPES)}")
+    if (minutes is None) == (steps is None):
+        raise ValueError("give one of --minutes and --steps")
+    if (minutes is not None and not minutes > 0) or (steps is not None and steps < PROBES_PER_RUN):
+        raise ValueError(f"--minutes must be > 0 and --steps >= {PROBES_PER_RUN}; got {minutes}, {steps}")
+    t0 = time.time()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    unlabeled, probe = _cohort(out, scale, kind)
+    # the demo's sharding (~64 slices a shard), with the scale's preprocessing
+    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
+    shards = shard_cohort(out, unlabeled, params)
+    results = []
+    for name in names:
+        recipe, run_dir = RECIPES[name], out / "runs" / name
+        if (run_dir / "summary.json").is_file():
+            _say(f"reusing finished run {run_dir}")
+        else:
+            # a resumed run keeps the steps it started with (its checkpoints hold them)
+            budget = out / "runs" / f"{name}.steps"
+            if budget.is_file():
+                n = int(budget.read_text())
+            else:
+                n = steps if steps is not None else _calibrate(out, name, recipe, scale, shards, minutes or 0.0)
+                budget.parent.mkdir(parents=True, exist_ok=True)
+                budget.write_text(f"{n}\n")
+            cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
+                   *_overrides(name, recipe, scale, shards, run_dir, n),
+                   f"probe.root={probe}", f"probe.every={_every(n)}",
+                   f"probe.n_train={PROBE_TRAIN}", f"probe.n_eval={PROBE_EVAL}"]
+            _run(cmd, out, out / "runs" / f"{name}.log")
+        results.append(read_run(name, recipe, run_dir))
+    table = table_markdown(results)
+    budget_line = f"{minutes:g} CPU minutes" if minutes is not None else f"{steps} steps"
+    text = (
+        f"# Pretraining recipe study\n\n`{command}`\n\n"
+        f"Development cohort: {scale.n_unlabeled} unlabeled {kind} phantoms over {scale.sites} sites (seed "
+        f"{UNLABELED_SEED}), {PROBE_TRAIN + PROBE_EVAL} labeled at site-1 (seed {LABELED_SEED}); "
+        f"{scale.size}x{scale.size} slices at {scale.spacing} mm, UNet widths {list(scale.widths)}; "
+        f"budget {budget_line} per recipe on {os.cpu_count()} cores. Probe: {PROBE_TRAIN} training and "
+        f"{PROBE_EVAL} held-out volumes; *random init* is the probe at step 0 of the same run, the gains are "
+        f"over it. The probe reads the decoder's output when the task trains the decoder (regression, the "
+        f"local loss) and the encoder's hypercolumns otherwise, so their random-init references differ. "
+        f"CPU min: pretraining time without the probe's. Overrides of `launch/configs/debug.yaml` "
+        f"per recipe: `RECIPES` in `experiments/recipe_study.py`.\n\n{table}\n"
+    )
+    (out / "recipe_study.md").write_text(text)
+    plot_study(results, out / "recipe_study.png")
+    print(table, flush=True)
+    _say(f"table {out / 'recipe_study.md'}, plot {out / 'recipe_study.png'}; {(time.time() - t0) / 60:.1f} min")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the study. Returns the exit code."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for cohort, shards, runs, table and plot")
+    p.add_argument("--minutes", type=float, default=None, help="CPU minutes of pretraining per recipe (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="fixed steps per recipe instead of --minutes")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from: {', '.join(RECIPES)}")
+    p.add_argument("--scale", choices=("cpu", "tiny"), default="cpu", help="the demo's scale of cohort and model")
+    p.add_argument("--kind", choices=("liver", "prostate"), default="liver")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    minutes = 2.0 if args.minutes is None and args.steps is None else args.minutes
+    command = shlex.join(["python", "-m", "experiments.recipe_study", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        run_study(args.out, [n for n in args.recipes.split(",") if n], scale=SCALES[args.scale], minutes=minutes,
+                  steps=args.steps, kind=args.kind, command=command)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
