@@ -20,7 +20,7 @@ import sys
 
 from downstream.config import FinetuneConfig
 from ssl_pretrain.config import parse_config
-from ssl_pretrain.fileio import lock_output_dir
+from ssl_pretrain.fileio import run_locked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,22 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.resume:
         cfg.resume = "auto"
-    try:  # one run per out_dir
-        with lock_output_dir(cfg.out_dir):
-            return _run(cfg)
-    except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_locked(cfg.out_dir, lambda: _run(cfg))  # bad input and a held lock: one error line
 
 
 def _run(cfg: FinetuneConfig) -> int:
     from downstream.finetune import finetune
 
-    try:
-        result = finetune(cfg)  # tracking: the run's own MLflow run, continued on resume
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = finetune(cfg)  # tracking: the run's own MLflow run, continued on resume
     print(
         f"model: {result['model_path']}\n"
         f"test Dice {result['test_dice']:.4f} ± {result['test_dice_std']:.4f}, "

@@ -34,7 +34,7 @@ import sys
 
 from ssl_pretrain.config import parse_config
 from ssl_pretrain.engine.config import PretrainConfig
-from ssl_pretrain.fileio import lock_output_dir
+from ssl_pretrain.fileio import run_locked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.resume:
         cfg.resume = "auto"
-    try:  # one run per out_dir; rank 0 holds the lock for the whole job
-        with lock_output_dir(cfg.out_dir, enabled=os.environ.get("RANK", "0") == "0"):
-            return _run(cfg)
-    except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # one run per out_dir; rank 0 holds the lock for the whole job
+    return run_locked(cfg.out_dir, lambda: _run(cfg), enabled=os.environ.get("RANK", "0") == "0")
 
 
 def _run(cfg: PretrainConfig) -> int:

@@ -32,29 +32,21 @@ import sys
 
 from downstream.config import SweepConfig
 from ssl_pretrain.config import parse_config
-from ssl_pretrain.fileio import lock_output_dir
+from ssl_pretrain.fileio import run_locked
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the sweep, print the report table and its sentences. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg, _ = parse_config(SweepConfig, argv, doc=__doc__)
-    try:  # one sweep per out_dir; its trials (under trials/) take no lock of their own
-        with lock_output_dir(cfg.out_dir):
-            return _run(cfg)
-    except ValueError as e:  # the lock is held elsewhere, or out_dir is not a directory
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # one sweep per out_dir (its trials, under trials/, take no lock of their own); bad input: one error line
+    return run_locked(cfg.out_dir, lambda: _run(cfg))
 
 
 def _run(cfg: SweepConfig) -> int:
     from downstream.sweep import run_sweep
 
-    try:
-        result = run_sweep(cfg)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run_sweep(cfg)
     print(result["table"])
     report = result["report"]
     if report["paired_table"]:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "lock_output_dir",
+    "run_locked",
 ]
 
 
@@ -204,3 +206,25 @@ def lock_output_dir(
         yield lock
     finally:
         os.close(fd)  # releases the lock
+
+
+def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, enabled: bool = True) -> int:
+    """Run an entry script's ``body`` holding the lock of its output directory (one run per ``out_dir``).
+
+    A ``ValueError`` — the lock held elsewhere, ``out_dir`` not a directory, or bad input the body
+    did not turn into a message itself — becomes one ``error:`` line on stderr and exit status 2.
+
+    Args:
+        directory: The run's ``out_dir``.
+        body: The script's work; returns its exit status.
+        enabled: ``False`` runs ``body`` without the lock (ranks other than 0).
+
+    Returns:
+        The exit status.
+    """
+    try:
+        with lock_output_dir(directory, enabled=enabled):
+            return body()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
