@@ -42,6 +42,7 @@ from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import SITES, make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.data.shards import write_shards
+from ssl_pretrain.engine.plots import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def _say_probe(task: str, run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text()).get("probe")
     if not summary:
         return
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     curve = {r["step"]: r["probe/dice"] for r in rows if "probe/dice" in r}
     points = ", ".join(f"{step}: {dice:.3f}" for step, dice in sorted(curve.items()))
     line = f"{task} probe Dice by step {{{points}}}"

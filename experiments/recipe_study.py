@@ -53,6 +53,7 @@ from experiments.label_efficiency import _shards as shard_cohort
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
+from ssl_pretrain.engine.plots import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"[recipes] {path}: not found; the run wrote no metrics")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def _cohort(out: Path, scale: Scale, kind: str) -> tuple[Path, Path]:
