@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch" / "configs"
 
-__all__ = ["Scale", "SCALES", "pick_scale", "run_experiment"]
+__all__ = ["Scale", "SCALES", "pick_scale", "run_experiment", "shard_cohort"]
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,21 @@ def _probe_pool(labeled: Path, splits: Path) -> tuple[Path, int]:
     return path, len(lines)
 
 
-def _shards(out: Path, unlabeled: Path, params: PreprocessParams) -> Path:
-    shards = out / "shards"
+def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams) -> Path:
+    """Shard the unlabeled volumes of ``cohorts`` (one folder, or several pooled) into ``shards``.
+
+    Reuses ``shards`` when its manifest (written last) is there. Small shards (~64 slices) are the
+    unit of shard shuffling and of splitting across ranks and workers.
+    """
     if (shards / "manifest.json").is_file():
         _say(f"reusing shards at {shards}")
         return shards
-    subjects, skipped = discover(unlabeled)
-    _say(f"sharding {len(subjects)} unlabeled volumes into {shards}")
-    # Small shards (~64 slices): the unit of shard shuffling and of splitting across ranks and workers.
+    subjects, skipped = [], []
+    for cohort in cohorts:
+        found, missed = discover(cohort)
+        subjects += found
+        skipped += missed
+    _say(f"sharding {len(subjects)} unlabeled volumes from {', '.join(map(str, cohorts))} into {shards}")
     write_shards(subjects, shards, params, samples_per_shard=64, workers=min(2, os.cpu_count() or 1), skipped=skipped)
     return shards
 
@@ -318,7 +326,7 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
     unlabeled, labeled = _cohorts(out, kind, scale, sites)
     splits = _seeded_splits(labeled, scale) if sites == 1 else _splits(labeled, scale)
     probe = _probe_pool(labeled, splits)
-    shards = _shards(out, unlabeled, params)
+    shards = shard_cohort([unlabeled], out / "shards", params)
     exports = {task: _pretrain(out, task, shards, scale, probe) for task in ("contrastive", "regression")}
     for task, export in exports.items():
         _say_probe(task, export.parent.parent)

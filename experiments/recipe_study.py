@@ -33,6 +33,7 @@ probe's time and its cumulative share of the run, from which the elapsed time at
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -48,8 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from experiments.label_efficiency import SCALES, Scale
-from experiments.label_efficiency import _shards as shard_cohort
+from experiments.label_efficiency import SCALES, Scale, shard_cohort
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "debug.yaml"
 UNLABELED_SEED, LABELED_SEED = 101, 102  # the demo uses 1 and 2: keep its cohorts out of the study
+MIX_SEED = 103  # the other organ's unlabeled phantoms, pooled in for the cohort-mixture recipes
 PROBE_TRAIN, PROBE_EVAL = 2, 4
 PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
 CALIBRATE_STEPS = 30  # timing run per recipe; its first third (set-up, loader warm-up: slower) is not counted
@@ -75,27 +76,52 @@ class Recipe:
     what: str  # what differs from the demo's settings, for the table
     overrides: tuple[str, ...] = ()
     batch: int | None = None  # data.batch_size; None = the scale's (the demo's)
+    widths: tuple[int, ...] | None = None  # model.widths; None = the scale's (the demo's)
+    cohort: Literal["dev", "mix"] = "dev"  # mix: the development cohort pooled with as many of the other organ
 
 
 # Keys are checked against the config by launch/pretrain.py itself: an unknown key fails the run.
+# debug.yaml's settings are the baseline (c-base, r-base); each other recipe changes one axis of it.
+MRI_AUGMENT = ("contrastive.augment.bias_field=0.3", "contrastive.augment.remap_prob=0.8",
+               "contrastive.augment.invert_prob=0.5", "contrastive.augment.gamma=0.5")
 RECIPES: dict[str, Recipe] = {
-    "c-base": Recipe("contrastive", "the demo's settings (views, temperature 0.1, no local loss)"),
-    "c-partition-local": Recipe(
-        "contrastive", "positives=partition + local decoder loss (weight 1.0)",
-        ("contrastive.positives=partition", "contrastive.local_weight=1.0"),
-    ),
+    "c-base": Recipe("contrastive", "the demo's settings (views, temperature 0.1, head 32→16, lr 3e-3)"),
     "c-temp0.5": Recipe("contrastive", "temperature 0.5", ("contrastive.temperature=0.5",)),
     "c-temp0.05": Recipe("contrastive", "temperature 0.05", ("contrastive.temperature=0.05",)),
     # One CPU rank: the batch grows as the micro batch (gradient accumulation would not add negatives).
     "c-batch64": Recipe("contrastive", "batch 64 (micro batch of the one CPU rank: 126 negatives per view)",
                         batch=64),
-    "r-base": Recipe("regression", "the demo's settings (L2, swap_count 4)"),
+    "c-partition-local": Recipe(
+        "contrastive", "positives=partition + local decoder loss (weight 1.0)",
+        ("contrastive.positives=partition", "contrastive.local_weight=1.0"),
+    ),
+    "c-aug-mri": Recipe(
+        "contrastive", "MRI intensity augmentation: bias field 0.3, Bézier remap 0.8 (inverted 0.5), gamma 0.5",
+        MRI_AUGMENT,
+    ),
+    "c-head-large": Recipe("contrastive", "projection head 256→128", ("contrastive.proj_hidden=256",
+                                                                     "contrastive.proj_dim=128")),
+    "c-lr1e-3": Recipe("contrastive", "learning rate 1e-3", ("train.lr=1.0e-3",)),
+    "c-wide": Recipe("contrastive", "UNet widths 24-48-96-192 (1.5x)", widths=(24, 48, 96, 192)),
+    "c-mix": Recipe("contrastive", "cohort mixture: + as many prostate phantoms", cohort="mix"),
+    "r-base": Recipe("regression", "the demo's settings (Models Genesis + swaps, L2, lr 3e-3)"),
     "r-strong": Recipe(
         "regression", "stronger corruption (shuffle 0.9 of 0.5 blocks, 5 paint boxes, swap 0.9 × 8)",
         ("regression.shuffle_prob=0.9", "regression.shuffle_fraction=0.5", "regression.paint_boxes=5",
          "regression.swap_prob=0.9", "regression.swap_count=8"),
     ),
     "r-l1": Recipe("regression", "L1 restoration loss", ("regression.loss=l1",)),
+    "r-mae": Recipe(
+        "regression", "masked image modelling only: 60 % of 8-px patches masked, loss on them",
+        ("regression.intensity_prob=0", "regression.shuffle_prob=0", "regression.paint_prob=0",
+         "regression.swap_prob=0", "regression.mask_ratio=0.6", "regression.mask_patch=8",
+         "regression.mask_loss=masked"),
+    ),
+    "r-genesis-mask": Recipe("regression", "the demo's corruptions + 40 % of 8-px patches masked",
+                             ("regression.mask_ratio=0.4", "regression.mask_patch=8")),
+    "r-lr1e-3": Recipe("regression", "learning rate 1e-3", ("train.lr=1.0e-3",)),
+    "r-wide": Recipe("regression", "UNet widths 24-48-96-192 (1.5x)", widths=(24, 48, 96, 192)),
+    "r-mix": Recipe("regression", "cohort mixture: + as many prostate phantoms", cohort="mix"),
 }
 
 
@@ -110,6 +136,7 @@ class RunResult:
     curve: tuple[tuple[int, float, float], ...]  # (step, pretraining minutes at the probe, probe Dice)
     wall_min: float  # pretraining minutes of the whole run, probe time excluded
     probe_frac: float  # share of the run's wall time spent probing
+    seed: int = 0  # the run's seed and data.seed (initial weights, augmentations, data order)
 
     @property
     def random_init(self) -> float:
@@ -180,11 +207,13 @@ def _every(steps: int) -> int:
     return max(1, math.ceil(steps / PROBES_PER_RUN))
 
 
-def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int) -> list[str]:
+def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int,
+               seed: int = 0) -> list[str]:
     """The study's overrides of ``debug.yaml`` for one run, the recipe's last (they win)."""
     return [
         f"task={recipe.task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto", "track=false",
-        f"run_name=recipe-{name}", f"model.widths={list(scale.widths)}",
+        f"run_name=recipe-{name}", f"seed={seed}", f"data.seed={seed}",
+        f"model.widths={list(recipe.widths or scale.widths)}",
         f"data.batch_size={recipe.batch or scale.pretrain_batch}", f"train.max_steps={steps}",
         f"train.ckpt_every={_every(steps)}", f"train.image_every={steps}",
         "train.cpu_threads=null",  # as the demo: debug.yaml pins 1 thread for its tiny model; use the cores here
@@ -209,7 +238,7 @@ def _calibrate(out: Path, name: str, recipe: Recipe, scale: Scale, shards: Path,
     return steps
 
 
-def read_run(name: str, recipe: Recipe, run_dir: Path) -> RunResult:
+def read_run(name: str, recipe: Recipe, run_dir: Path, seed: int = 0) -> RunResult:
     """Read one finished run's probe curve, steps and time from its ``metrics.jsonl`` and ``summary.json``.
 
     The probe rows carry ``probe/time_s`` (that probe) and ``probe/time_frac`` (probing so far over
@@ -236,23 +265,46 @@ def read_run(name: str, recipe: Recipe, run_dir: Path) -> RunResult:
     return RunResult(
         recipe=name, task=recipe.task, steps=steps, batch=int(summary["samples_seen"]) // max(1, steps),
         curve=tuple(curve), wall_min=(summary["wall_time_s"] - summary["probe"]["time_s"]) / 60,
-        probe_frac=float(summary["probe"]["time_frac"]),
+        probe_frac=float(summary["probe"]["time_frac"]), seed=seed,
     )
 
 
 def table_markdown(results: Sequence[RunResult]) -> str:
-    """The study's table: one row per recipe; gains are over the same run's random-init probe."""
+    """The study's table: one row per run; gains are over the same run's random-init probe.
+
+    With several seeds of a recipe a second table gives, per recipe, the mean over its seeds and
+    the range of the gains.
+    """
     lines = [
-        "| recipe | what changes | steps | batch | CPU min | probe Dice (end) | best (step) | random init "
+        "| recipe | what changes | seed | steps | batch | CPU min | probe Dice (end) | best (step) | random init "
         "| gain (end) | gain (best) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         best, best_step = r.best
         lines.append(
-            f"| {r.recipe} | {RECIPES[r.recipe].what} | {r.steps} | {r.batch} | {r.wall_min:.2f} | {r.end:.3f} "
-            f"| {best:.3f} ({best_step}) | {r.random_init:.3f} | {r.end - r.random_init:+.3f} "
+            f"| {r.recipe} | {RECIPES[r.recipe].what} | {r.seed} | {r.steps} | {r.batch} | {r.wall_min:.2f} "
+            f"| {r.end:.3f} | {best:.3f} ({best_step}) | {r.random_init:.3f} | {r.end - r.random_init:+.3f} "
             f"| {best - r.random_init:+.3f} |"
+        )
+    by_recipe: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_recipe.setdefault(r.recipe, []).append(r)
+    if all(len(runs) == 1 for runs in by_recipe.values()):
+        return "\n".join(lines)
+    lines += [
+        "", "Mean over seeds (range of the per-seed gains in brackets):", "",
+        "| recipe | seeds | probe Dice (end) | random init | gain (end) | gain (best) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in by_recipe.items():
+        gains = [r.end - r.random_init for r in runs]
+        best_gains = [r.best[0] - r.random_init for r in runs]
+        lines.append(
+            f"| {name} | {len(runs)} | {statistics.mean(r.end for r in runs):.3f} "
+            f"| {statistics.mean(r.random_init for r in runs):.3f} "
+            f"| {statistics.mean(gains):+.3f} [{min(gains):+.3f}, {max(gains):+.3f}] "
+            f"| {statistics.mean(best_gains):+.3f} [{min(best_gains):+.3f}, {max(best_gains):+.3f}] |"
         )
     return "\n".join(lines)
 
@@ -266,43 +318,67 @@ def plot_study(results: Sequence[RunResult], out: Path) -> Path:
 
     from ssl_pretrain.fileio import atomic_savefig
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    refs: dict[float, list[str]] = {}
-    for r in results:
-        _, minutes, dice = zip(*r.curve, strict=True)
-        ax.plot(minutes, dice, marker="o", linestyle="-" if r.task == "contrastive" else "-.", label=r.recipe)
-        refs.setdefault(round(r.random_init, 4), []).append(r.recipe)
-    # runs whose probe reads the same features of the same seed's network share their random init
-    for (value, names), style in zip(refs.items(), ("--", ":", "-.", (0, (1, 3))), strict=False):
-        ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=f"random init ({', '.join(names)})")
-    ax.set_xlabel("pretraining CPU minutes (probe time excluded)")
-    ax.set_ylabel("probe Dice (held-out volumes)")
-    ax.set_title("segmentation probe by recipe")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    tasks = sorted({r.task for r in results})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        runs = [r for r in results if r.task == task]
+        colours = plt.get_cmap("tab20")(range(20))
+        refs: dict[float, list[str]] = {}
+        for i, r in enumerate(runs):
+            _, minutes, dice = zip(*r.curve, strict=True)
+            label = r.recipe if r.seed == 0 else f"{r.recipe} (seed {r.seed})"
+            ax.plot(minutes, dice, marker="o", markersize=3, color=colours[i % 20],
+                    linestyle="-" if r.seed == 0 else "--", label=label)
+            refs.setdefault(round(r.random_init, 4), []).append(label)
+        # runs whose probe reads the same features of the same seed's network share their random init
+        styles = itertools.cycle(("--", ":", "-.", (0, (1, 3)), (0, (5, 2, 1, 2))))
+        for (value, names), style in zip(refs.items(), styles, strict=False):  # cycle: endless
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1,
+                       label=f"random init ({', '.join(names) if len(names) <= 3 else f'{len(names)} runs'})")
+        ax.set_xlabel("pretraining CPU minutes (probe time excluded)")
+        ax.set_title(f"{task}: segmentation probe by recipe")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.14), ncol=2)
+    axes[0][0].set_ylabel("probe Dice (held-out volumes)")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_savefig(fig, out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
 
+def _mix_shards(out: Path, scale: Scale, kind: str, unlabeled: Path, params: PreprocessParams) -> Path:
+    """Shards of the development cohort pooled with as many unlabeled phantoms of the other organ."""
+    other = "prostate" if kind == "liver" else "liver"
+    path = out / "data" / f"unlabeled-{other}"
+    if (path / "dataset.json").is_file():
+        _say(f"reusing cohort {path}")
+    else:
+        _say(f"generating {scale.n_unlabeled} synthetic {other} subjects (seed {MIX_SEED}, {scale.sites} sites) "
+             f"in {path}")
+        make_cohort(other, scale.n_unlabeled, path, seed=MIX_SEED, labels=False, sites=scale.sites)  # type: ignore[arg-type]
+    return shard_cohort([unlabeled, path], out / f"shards-mix-{other}", params)
+
+
 def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float | None = None,
-              steps: int | None = None, kind: str = "liver", command: str = "") -> list[RunResult]:
+              steps: int | None = None, kind: str = "liver", seeds: Sequence[int] = (0,),
+              command: str = "") -> list[RunResult]:
     """Run (or finish) the study under ``out`` and write ``recipe_study.md`` and ``recipe_study.png``.
 
     Args:
         out: Directory for everything the study writes.
         names: Keys of :data:`RECIPES`, in table order.
         scale: Cohort size, preprocessing, widths and default batch (the demo's scales).
-        minutes: CPU minutes of pretraining per recipe (the steps are measured per recipe).
+        minutes: CPU minutes of pretraining per recipe (the steps are measured per recipe, once for
+            all its seeds).
         steps: Fixed steps per recipe instead of ``minutes``.
         kind: ``"liver"`` or ``"prostate"`` phantoms.
+        seeds: Run seeds of every recipe (``runs/<recipe>`` for seed 0, ``runs/<recipe>-seed<k>`` otherwise).
         command: The command line, recorded in the table's file.
 
     Returns:
-        One result per recipe.
+        One result per recipe and seed.
 
     Raises:
-        ValueError: an unknown recipe, or neither / both of ``minutes`` and ``steps``.
+        ValueError: an unknown recipe, neither / both of ``minutes`` and ``steps``, or no seeds.
     """
     unknown = [n for n in names if n not in RECIPES]
     if unknown or not names:
@@ -311,20 +387,26 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
         raise ValueError("give one of --minutes and --steps")
     if (minutes is not None and not minutes > 0) or (steps is not None and steps < PROBES_PER_RUN):
         raise ValueError(f"--minutes must be > 0 and --steps >= {PROBES_PER_RUN}; got {minutes}, {steps}")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: distinct non-negative integers, got {list(seeds)}")
     t0 = time.time()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     unlabeled, probe = _cohort(out, scale, kind)
     # the demo's sharding (~64 slices a shard), with the scale's preprocessing
     params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
-    shards = shard_cohort(out, unlabeled, params)
+    cohort_shards = {"dev": shard_cohort([unlabeled], out / "shards", params)}
+    if any(RECIPES[n].cohort == "mix" for n in names):
+        cohort_shards["mix"] = _mix_shards(out, scale, kind, unlabeled, params)
     results = []
-    for name in names:
-        recipe, run_dir = RECIPES[name], out / "runs" / name
+    for name, seed in itertools.product(names, seeds):
+        recipe = RECIPES[name]
+        shards = cohort_shards[recipe.cohort]
+        run_dir = out / "runs" / (name if seed == 0 else f"{name}-seed{seed}")
         if (run_dir / "summary.json").is_file():
             _say(f"reusing finished run {run_dir}")
         else:
-            # a resumed run keeps the steps it started with (its checkpoints hold them)
+            # every seed of a recipe, and a resumed run, keep the steps measured first (checkpoints hold them)
             budget = out / "runs" / f"{name}.steps"
             if budget.is_file():
                 n = int(budget.read_text())
@@ -333,19 +415,21 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
                 budget.parent.mkdir(parents=True, exist_ok=True)
                 budget.write_text(f"{n}\n")
             cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
-                   *_overrides(name, recipe, scale, shards, run_dir, n),
+                   *_overrides(name, recipe, scale, shards, run_dir, n, seed),
                    f"probe.root={probe}", f"probe.every={_every(n)}",
                    f"probe.n_train={PROBE_TRAIN}", f"probe.n_eval={PROBE_EVAL}"]
-            _run(cmd, out, out / "runs" / f"{name}.log")
-        results.append(read_run(name, recipe, run_dir))
+            _run(cmd, out, run_dir.with_name(run_dir.name + ".log"))
+        results.append(read_run(name, recipe, run_dir, seed))
     table = table_markdown(results)
     budget_line = f"{minutes:g} CPU minutes" if minutes is not None else f"{steps} steps"
     text = (
         f"# Pretraining recipe study\n\n`{command}`\n\n"
         f"Development cohort: {scale.n_unlabeled} unlabeled {kind} phantoms over {scale.sites} sites (seed "
-        f"{UNLABELED_SEED}), {PROBE_TRAIN + PROBE_EVAL} labeled at site-1 (seed {LABELED_SEED}); "
-        f"{scale.size}x{scale.size} slices at {scale.spacing} mm, UNet widths {list(scale.widths)}; "
-        f"budget {budget_line} per recipe on {os.cpu_count()} cores. Probe: {PROBE_TRAIN} training and "
+        f"{UNLABELED_SEED}; the *mix* recipes pool as many of the other organ, seed {MIX_SEED}), "
+        f"{PROBE_TRAIN + PROBE_EVAL} labeled at site-1 (seed {LABELED_SEED}); "
+        f"{scale.size}x{scale.size} slices at {scale.spacing} mm, UNet widths {list(scale.widths)} unless the "
+        f"recipe says otherwise; budget {budget_line} per recipe on {os.cpu_count()} cores (the steps are "
+        f"measured once per recipe and kept for its other seeds). Probe: {PROBE_TRAIN} training and "
         f"{PROBE_EVAL} held-out volumes; *random init* is the probe at step 0 of the same run, the gains are "
         f"over it. The probe reads the decoder's output when the task trains the decoder (regression, the "
         f"local loss) and the encoder's hypercolumns otherwise, so their random-init references differ. "
@@ -369,13 +453,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from: {', '.join(RECIPES)}")
     p.add_argument("--scale", choices=("cpu", "tiny"), default="cpu", help="the demo's scale of cohort and model")
     p.add_argument("--kind", choices=("liver", "prostate"), default="liver")
+    p.add_argument("--seeds", default="0", help="comma-separated run seeds of every recipe (default 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     minutes = 2.0 if args.minutes is None and args.steps is None else args.minutes
     command = shlex.join(["python", "-m", "experiments.recipe_study", *(sys.argv[1:] if argv is None else argv)])
     try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        print(f"error: --seeds: comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+        return 2
+    try:
         run_study(args.out, [n for n in args.recipes.split(",") if n], scale=SCALES[args.scale], minutes=minutes,
-                  steps=args.steps, kind=args.kind, command=command)
+                  steps=args.steps, kind=args.kind, seeds=seeds, command=command)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

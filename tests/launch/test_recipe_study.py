@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.recipe_study import RECIPES, main, read_run
+from experiments.recipe_study import RECIPES, main, read_run, table_markdown
 
 
 def _write_run(run_dir: Path, probes: list[tuple[int, float, float, float]], wall_s: float) -> None:
@@ -41,9 +41,28 @@ def test_read_run_without_step_0_probe_names_the_file(tmp_path):
         read_run("c-base", RECIPES["c-base"], tmp_path / "r")
 
 
+def test_seeds_of_a_recipe_get_their_mean_and_range(tmp_path):
+    runs = []
+    for seed, (start, end) in enumerate(((0.5, 0.6), (0.4, 0.7))):
+        _write_run(tmp_path / str(seed), [(0, start, 6.0, 6.0), (10, end, 6.0, 72.0)], wall_s=72.0)
+        runs.append(read_run("c-base", RECIPES["c-base"], tmp_path / str(seed), seed))
+    _write_run(tmp_path / "r", [(0, 0.3, 6.0, 6.0), (10, 0.35, 6.0, 72.0)], wall_s=72.0)
+    runs.append(read_run("r-l1", RECIPES["r-l1"], tmp_path / "r"))
+    text = table_markdown(runs)
+    assert "| c-base | 2 | 0.650 | 0.450 | +0.200 [+0.100, +0.300] | +0.200 [+0.100, +0.300] |" in text
+    assert "| r-l1 | 1 | 0.350 | 0.300 | +0.050 [+0.050, +0.050] |" in text
+    assert [line.split("|")[3].strip() for line in text.splitlines()[2:5]] == ["0", "1", "0"]  # the seed column
+    # one seed per recipe: no second table
+    assert "Mean over seeds" not in table_markdown(runs[:1])
+
+
 def test_unknown_recipe_is_one_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--recipes", "c-base,c-nope", "--steps", "8"]) == 2
     assert "unknown ['c-nope']" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--recipes", "c-base", "--steps", "8", "--seeds", "0,x"]) == 2
+    assert "--seeds: comma-separated integers" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--recipes", "c-base", "--steps", "8", "--seeds", "1,1"]) == 2
+    assert "--seeds: distinct non-negative integers" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -72,8 +91,8 @@ def test_recipe_study_tiny(tmp_path, capsys):
         probes = [p for p in probes if "probe/dice" in p]
         every = -(-n // 4)  # step 0, every quarter of the run (rounded up), the end
         assert [p["step"] for p in probes] == sorted({*range(0, n + 1, every), n})
-        steps, batch, minutes, end, best, random_init, gain = (row[i].strip() for i in (2, 3, 4, 5, 6, 7, 8))
-        assert (steps, batch) == (str(n), "8")
+        seed, steps, batch, minutes, end, best, random_init, gain = (row[i].strip() for i in range(2, 10))
+        assert (seed, steps, batch) == ("0", str(n), "8")
         assert float(minutes) > 0
         assert end == f"{probes[-1]['probe/dice']:.3f}"
         assert random_init == f"{probes[0]['probe/dice']:.3f}"
