@@ -4,7 +4,7 @@ Corruptions (Zhou et al. 2019; Chen et al. 2019), each applied to a sample with 
 probability, in this order, all as batched torch ops:
 
 1. non-linear intensity transform — a random monotone Bézier curve on the min-max rescaled slice
-   (flipped to a decreasing curve half of the time);
+   (flipped to a decreasing curve half of the time; :func:`~ssl_pretrain.tasks.intensity.bezier_remap`);
 2. local pixel shuffling — pixels permuted inside a random subset of small blocks;
 3. in-painting (random boxes replaced by noise) or out-painting (everything but a few boxes replaced);
 4. context restoration — ``swap_count`` pairs of square patches swapped.
@@ -27,6 +27,7 @@ from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.health import regression_health
+from ssl_pretrain.tasks.intensity import bezier_remap
 
 __all__ = ["RegressionConfig", "RegressionTask", "corrupt"]
 
@@ -63,30 +64,6 @@ class RegressionConfig:
 
 def _rand(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=g, device=device)
-
-
-def _bezier_intensity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random monotone cubic Bézier intensity curve per sample, on the min-max rescaled slice."""
-    b = x.shape[0]
-    dev = x.device
-    lo = x.amin(dim=(1, 2, 3), keepdim=True)
-    span = (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
-    n = ((x - lo) / span).clamp(0, 1)
-    p1, p2 = _rand((b, 2), g, dev), _rand((b, 2), g, dev)  # control points; p0 = (0, 0), p3 = (1, 1)
-    t = torch.linspace(0, 1, 65, device=dev)[None]
-    # B(t) = 3(1-t)^2 t p1 + 3(1-t) t^2 p2 + t^3; x(t) is monotone for p1, p2 in the unit square
-    c1, c2, c3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3
-    bx = (c1 * p1[:, :1] + c2 * p2[:, :1] + c3).contiguous()  # (B, 65)
-    by = c1 * p1[:, 1:] + c2 * p2[:, 1:] + c3
-    flat = n.reshape(b, -1).contiguous()
-    hi_idx = torch.searchsorted(bx, flat).clamp(1, bx.shape[1] - 1)
-    x0, x1 = bx.gather(1, hi_idx - 1), bx.gather(1, hi_idx)
-    y0, y1 = by.gather(1, hi_idx - 1), by.gather(1, hi_idx)
-    w = ((flat - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0, 1)
-    y = (y0 + w * (y1 - y0)).reshape_as(x)
-    flip = (_rand((b,), g, dev) < 0.5).view(b, 1, 1, 1)
-    y = torch.where(flip, 1 - y, y)
-    return y * span + lo
 
 
 def _local_shuffle(x: torch.Tensor, block: int, fraction: float, g: torch.Generator) -> torch.Tensor:
@@ -163,7 +140,7 @@ def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch
     def pick(prob: float) -> torch.Tensor:
         return (_rand((b,), g, dev) < prob).view(b, 1, 1, 1)
 
-    y = torch.where(pick(cfg.intensity_prob), _bezier_intensity(x, g), x)
+    y = torch.where(pick(cfg.intensity_prob), bezier_remap(x, g, invert_prob=0.5), x)
     y = torch.where(pick(cfg.shuffle_prob), _local_shuffle(y, cfg.shuffle_block, cfg.shuffle_fraction, g), y)
     lo = y.amin(dim=(1, 2, 3), keepdim=True)
     span = y.amax(dim=(1, 2, 3), keepdim=True) - lo

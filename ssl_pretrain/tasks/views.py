@@ -5,7 +5,10 @@ Two parts, both used by the contrastive task only:
 * **Views.** Every sample of a batch gets its own random parameters, but the work is done for the
   whole batch at once: one ``affine_grid`` / ``grid_sample`` for random resized crop + flips +
   small rotation, per-sample brightness / contrast / gamma, Gaussian noise and a
-  grouped-convolution Gaussian blur. All randomness comes from an explicit ``torch.Generator`` so
+  grouped-convolution Gaussian blur; for the protocol variety of multi-site MRI, optionally a
+  random monotone or inverted Bézier intensity remap (``remap_prob``, ``invert_prob``) and a smooth
+  multiplicative bias field (``bias_field``, ``bias_order``), see :mod:`ssl_pretrain.tasks.intensity`.
+  All randomness comes from an explicit ``torch.Generator`` so
   a run (and its resume) is reproducible.
 * **Local-loss geometry.** The geometric part of a view is returned as ``theta`` (``(B, 2, 3)``,
   the ``affine_grid`` convention: input coordinate = ``theta @ [output x, output y, 1]``), which
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.tasks.intensity import bezier_remap, bias_field
 
 __all__ = ["AugmentConfig", "random_view", "two_views", "matching_points", "sample_at"]
 
@@ -43,6 +47,16 @@ class AugmentConfig:
     noise_std: float = option(0.05, "Gaussian noise std, as a fraction of the image standard deviation")
     blur_prob: float = option(0.3, "probability of a Gaussian blur")
     blur_sigma: tuple[float, ...] = option((0.3, 1.0), "blur sigma range in pixels")
+    remap_prob: float = option(
+        0.0, "probability of a random monotone Bézier intensity remap on the min-max rescaled image (0 = off)"
+    )
+    invert_prob: float = option(
+        0.0, "probability that a remap is a decreasing curve (contrast inversion-like, T1 vs T2); needs remap_prob > 0"
+    )
+    bias_field: float = option(
+        0.0, "MRI bias field: exp(Legendre polynomial in x, y), coefficients drawn in ± this (0 = off)"
+    )
+    bias_order: int = option(3, "polynomial degree of the bias field")
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range values."""
@@ -53,15 +67,17 @@ class AugmentConfig:
             raise ConfigError(f"contrastive.augment.crop_ratio: need 0 < min <= max, got {list(self.crop_ratio)}")
         if len(self.blur_sigma) != 2 or not (0.0 < self.blur_sigma[0] <= self.blur_sigma[1]):
             raise ConfigError(f"contrastive.augment.blur_sigma: need 0 < min <= max, got {list(self.blur_sigma)}")
-        for name in ("flip_prob", "vflip_prob", "blur_prob"):
+        for name in ("flip_prob", "vflip_prob", "blur_prob", "remap_prob", "invert_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"contrastive.augment.{name}: must be in [0, 1], got {v}")
-        for name in ("rotate_deg", "brightness", "contrast", "gamma", "noise_std"):
+        for name in ("rotate_deg", "brightness", "contrast", "gamma", "noise_std", "bias_field"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"contrastive.augment.{name}: must be >= 0, got {getattr(self, name)}")
         if self.contrast >= 1.0:
             raise ConfigError(f"contrastive.augment.contrast: must be < 1, got {self.contrast}")
+        if self.bias_order < 1:
+            raise ConfigError(f"contrastive.augment.bias_order: must be >= 1, got {self.bias_order}")
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -127,6 +143,13 @@ def random_view(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tupl
     def per_sample(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, 1, 1, 1).to(x.dtype)
 
+    # tissue contrast, then the coil's bias field, then the scanner-level changes below; each is
+    # skipped (and draws nothing) when off, so runs with the defaults reproduce older ones bit for bit
+    if cfg.remap_prob > 0:
+        do_remap = torch.rand(b, generator=g, device=dev) < cfg.remap_prob
+        v = torch.where(per_sample(do_remap).bool(), bezier_remap(v, g, cfg.invert_prob), v)
+    if cfg.bias_field > 0:
+        v = bias_field(v, g, cfg.bias_field, cfg.bias_order)
     mean = v.mean(dim=(1, 2, 3), keepdim=True)
     std = v.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
     contrast = per_sample(_uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, g, dev))
