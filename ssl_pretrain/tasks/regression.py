@@ -7,10 +7,29 @@ probability, in this order, all as batched torch ops:
    (flipped to a decreasing curve half of the time; :func:`~ssl_pretrain.tasks.intensity.bezier_remap`);
 2. local pixel shuffling — pixels permuted inside a random subset of small blocks;
 3. in-painting (random boxes replaced by noise) or out-painting (everything but a few boxes replaced);
-4. context restoration — ``swap_count`` pairs of square patches swapped.
+4. context restoration — ``swap_count`` pairs of square patches swapped;
+5. masking (masked image modelling, in the spirit of MAE / SparK; off by default) — the slice is
+   tiled into non-overlapping ``mask_patch``×``mask_patch`` squares (edge tiles are cut to the
+   slice) and exactly ``round(mask_ratio × tiles)`` of them per sample, a uniform random subset,
+   are removed: set to the mean of that sample's visible pixels (per channel). Masking comes last,
+   so masked pixels always hold that fill, whatever the other corruptions did, and the visible
+   rest carries them.
+
+Masking options (``regression.*``):
+
+- ``mask_ratio`` (float in [0, 1), default ``0.0`` = off): share of tiles masked per sample. At 0
+  nothing extra is drawn from the task's generator, so the corruptions stay bit for bit what they
+  were without it. A pure-MAE recipe: ``intensity_prob=0 shuffle_prob=0 paint_prob=0 swap_prob=0
+  mask_ratio=0.6``.
+- ``mask_patch`` (int >= 1, default ``8``): tile side in pixels. A tile larger than the slice, or a
+  ratio that masks no tile or every tile of it, is a ConfigError at the first batch (not clamped:
+  a clamped mask would silently be a different recipe).
+- ``mask_loss`` (``"all"`` | ``"masked"``, default ``"all"``): pixels the loss is averaged over;
+  ``"masked"`` counts only masked pixels (MAE's choice), and needs ``mask_ratio > 0``.
 
 The UNet (encoder + decoder + :class:`~ssl_pretrain.models.heads.ReconstructionHead`) restores
-the original; the loss is L2 (or L1) over the image. Encoder and decoder are exported.
+the original; the loss is L2 (or L1), the mean over the image's pixels (or over the masked ones
+with ``mask_loss=masked``). Encoder and decoder are exported.
 """
 
 from __future__ import annotations
@@ -29,7 +48,7 @@ from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.health import regression_health
 from ssl_pretrain.tasks.intensity import bezier_remap
 
-__all__ = ["RegressionConfig", "RegressionTask", "corrupt"]
+__all__ = ["RegressionConfig", "RegressionTask", "corrupt", "corrupt_with_mask", "patch_mask", "restoration_error"]
 
 
 @dataclass
@@ -47,6 +66,9 @@ class RegressionConfig:
     swap_prob: float = option(0.5, "probability of context restoration (patch swapping)")
     swap_count: int = option(8, "patch pairs swapped")
     swap_size: float = option(0.125, "swapped patch side as a fraction of the slice side")
+    mask_ratio: float = option(0.0, "share of mask_patch tiles masked per sample, in [0, 1) (0 = no masking)")
+    mask_patch: int = option(8, "side (pixels) of the square tiles that masking removes")
+    mask_loss: Literal["all", "masked"] = option("all", "pixels the loss is averaged over: all, or the masked only")
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range values."""
@@ -60,6 +82,12 @@ class RegressionConfig:
                 raise ConfigError(f"regression.{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.swap_size <= 0.5:
             raise ConfigError(f"regression.swap_size: must be in (0, 0.5], got {self.swap_size}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"regression.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_patch < 1:
+            raise ConfigError(f"regression.mask_patch: must be >= 1, got {self.mask_patch}")
+        if self.mask_loss == "masked" and self.mask_ratio == 0.0:
+            raise ConfigError("regression.mask_loss: 'masked' needs regression.mask_ratio > 0 (nothing is masked at 0)")
 
 
 def _rand(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -123,8 +151,41 @@ def _swap_patches(x: torch.Tensor, count: int, size: float, chosen: torch.Tensor
     return flat.reshape(b, c, h, w)
 
 
-def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch.Tensor:
-    """Corrupt every slice of a batch as described in the module docstring.
+def patch_mask(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch.Tensor:
+    """Draw the tiles that masking removes: exactly ``round(mask_ratio × tiles)`` per sample.
+
+    Args:
+        x: ``(B, C, H, W)`` images (only their shape and device are used).
+        cfg: ``mask_ratio`` (> 0) and ``mask_patch``.
+        g: Generator on ``x.device``; one ``(B, tiles)`` uniform draw, ranked per sample.
+
+    Returns:
+        ``(B, 1, H, W)`` bool, True on masked pixels.
+
+    Raises:
+        ConfigError: The tile is larger than the slice, or the ratio masks no tile or every tile.
+    """
+    b, _, h, w = x.shape
+    p = cfg.mask_patch
+    hp, wp = -(-h // p), -(-w // p)  # ceil: edge tiles are cut to the slice, so every pixel can be masked
+    tiles = hp * wp
+    k = round(cfg.mask_ratio * tiles)
+    if p > min(h, w) or not 0 < k < tiles:
+        raise ConfigError(
+            f"regression.mask_patch: {p}-pixel tiles of a {h}×{w} slice give {tiles} tile(s), of which "
+            f"mask_ratio={cfg.mask_ratio} masks {k}; need a tile no larger than the slice and 0 < masked < tiles"
+        )
+    # a random subset of exactly k tiles per sample: the k smallest of B×tiles uniform draws
+    chosen = _rand((b, tiles), g, x.device).argsort(1)[:, :k]
+    tile_mask = torch.zeros(b, tiles, dtype=torch.bool, device=x.device).scatter_(1, chosen, True)
+    pixel_mask = tile_mask.view(b, hp, 1, wp, 1).expand(b, hp, p, wp, p).reshape(b, hp * p, wp * p)
+    return pixel_mask[:, None, :h, :w]
+
+
+def corrupt_with_mask(
+    x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Corrupt every slice of a batch as described in the module docstring, and say what was masked.
 
     Args:
         x: ``(B, C, H, W)`` float images.
@@ -132,7 +193,8 @@ def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch
         g: Generator on ``x.device``; the only source of randomness.
 
     Returns:
-        ``(B, C, H, W)`` corrupted images (``x`` is not modified).
+        ``(corrupted, mask)``: ``(B, C, H, W)`` corrupted images (``x`` is not modified) and the
+        ``(B, 1, H, W)`` bool mask of :func:`patch_mask`, or None when ``mask_ratio`` is 0.
     """
     b, c, h, w = x.shape
     dev = x.device
@@ -149,7 +211,45 @@ def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch
     keep = _box_union(b, cfg.paint_boxes, h, w, (0.3, 0.6), g, dev)
     painted = torch.where(pick(cfg.inpaint_ratio), torch.where(holes, noise, y), torch.where(keep, y, noise))
     y = torch.where(pick(cfg.paint_prob), painted, y)
-    return _swap_patches(y, cfg.swap_count, cfg.swap_size, pick(cfg.swap_prob).view(b), g)
+    y = _swap_patches(y, cfg.swap_count, cfg.swap_size, pick(cfg.swap_prob).view(b), g)
+    if cfg.mask_ratio == 0.0:
+        return y, None  # no draw: the corruptions without masking stay bit for bit as they were
+    mask = patch_mask(y, cfg, g)
+    # Fill with the mean of the visible pixels (per sample and channel), not 0: the fill carries
+    # nothing of the removed content, sits inside the slice's own intensity range whatever the
+    # normalisation (0 is the mean of a z-scored volume, not of every slice or contrast), and so
+    # adds no artificial edge beyond the tile border itself.
+    visible = (~mask).to(y.dtype)
+    fill = (y * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True)
+    return torch.where(mask, fill, y), mask
+
+
+def corrupt(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch.Tensor:
+    """The corrupted images of :func:`corrupt_with_mask` (``(B, C, H, W)``, ``x`` is not modified)."""
+    return corrupt_with_mask(x, cfg, g)[0]
+
+
+def restoration_error(
+    restored: torch.Tensor, target: torch.Tensor, counted: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute and mean squared error, over every pixel or only the ``counted`` ones.
+
+    Args:
+        restored: ``(B, C, H, W)`` predictions.
+        target: ``(B, C, H, W)`` originals.
+        counted: ``(B, 1, H, W)`` bool pixels to average over (``mask_loss=masked``: the masked
+            ones, MAE's choice: only removed content is to be predicted); None: all of them.
+
+    Returns:
+        ``(l1, l2)``, scalars; a mean over the counted pixels (and channels), so the scale does not
+        depend on the mask ratio.
+    """
+    if counted is None:
+        return F.l1_loss(restored, target), F.mse_loss(restored, target)
+    weight = counted.expand_as(target).to(target.dtype)  # a weighted mean: boolean indexing is a host sync
+    err = restored - target
+    n = weight.sum()
+    return (err.abs() * weight).sum() / n, (err.square() * weight).sum() / n
 
 
 class RegressionTask(nn.Module):
@@ -175,6 +275,7 @@ class RegressionTask(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
+        cfg.validate()  # configs built in code skip load_config's check; mask_loss=masked needs a mask
         self.model_cfg = model_cfg
         self.cfg = cfg
         unet = UNet(model_cfg, out_channels=model_cfg.in_channels)
@@ -196,15 +297,15 @@ class RegressionTask(nn.Module):
         """Restoration loss of one micro batch.
 
         Returns:
-            ``(loss, metrics)``; metrics hold the detached ``l1`` / ``l2`` error of the restoration and
-            the ``health/psnr_*`` of :func:`~ssl_pretrain.tasks.health.regression_health`.
+            ``(loss, metrics)``; metrics hold the detached ``l1`` / ``l2`` error of the restoration (over
+            the pixels the loss counts) and the ``health/psnr_*`` (over the whole image) of
+            :func:`~ssl_pretrain.tasks.health.regression_health`.
         """
         param = next(self.parameters())
         x = batch["image"].to(param.device, torch.float32)
-        corrupted = corrupt(x, self.cfg, self.generator)
+        corrupted, mask = corrupt_with_mask(x, self.cfg, self.generator)
         restored = self.restore(corrupted).float()
-        l2 = F.mse_loss(restored, x)
-        l1 = F.l1_loss(restored, x)
+        l1, l2 = restoration_error(restored, x, mask if self.cfg.mask_loss == "masked" else None)
         loss = l2 if self.cfg.loss == "l2" else l1
         health = regression_health(restored.detach(), corrupted, x)
         return loss, {"l1": l1.detach(), "l2": l2.detach(), **{f"health/{k}": v for k, v in health.items()}}
