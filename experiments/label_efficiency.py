@@ -32,7 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch" / "configs"
 
-__all__ = ["Scale", "SCALES", "pick_scale", "run_experiment", "shard_cohort"]
+__all__ = ["DEMO_SEEDS", "Scale", "SCALES", "make_cohorts", "pick_scale", "run_experiment", "shard_cohort",
+           "site_splits", "sweep_stage"]
 
 
 @dataclass(frozen=True)
@@ -141,24 +142,35 @@ def _labeled_sites(scale: Scale, sites: int) -> list[int]:
     return [0] * (scale.n_train_pool + per_site) + [k for k in range(1, sites) for _ in range(per_site)]
 
 
-def _cohorts(out: Path, kind: str, scale: Scale, sites: int) -> tuple[Path, Path]:
+DEMO_SEEDS = {"unlabeled": 1, "labeled": 2}  # cohort seeds of the demo; studies keep theirs apart
+
+
+def make_cohorts(out: Path, kind: str, scale: Scale, sites: int,
+                 seeds: Mapping[str, int] = DEMO_SEEDS) -> dict[str, Path]:
+    """The scenario's cohorts under ``out/data``: ``"unlabeled"`` and / or ``"labeled"``, the keys of ``seeds``.
+
+    Returns:
+        Each cohort's folder by name.
+    """
     labeled_sites = _labeled_sites(scale, sites)
-    paths = []
-    for name, n, seed, labels in (("unlabeled", scale.n_unlabeled, 1, False),
-                                  ("labeled", scale.n_labeled if sites == 1 else len(labeled_sites), 2, True)):
+    paths = {}
+    for name, seed in seeds.items():
+        labels = name == "labeled"
+        n = scale.n_unlabeled if not labels else scale.n_labeled if sites == 1 else len(labeled_sites)
         path = out / "data" / name
         # make_cohort writes dataset.json last: its presence means the cohort is complete.
         if (path / "dataset.json").is_file():
             _say(f"reusing {name} cohort at {path}")
         else:
-            _say(f"generating {n} synthetic {kind} subjects ({name}, {sites} site{'s' * (sites > 1)}) in {path}")
+            _say(f"generating {n} synthetic {kind} subjects ({name}, {sites} site{'s' * (sites > 1)}, seed {seed}) "
+                 f"in {path}")
             site_of = labeled_sites if labels and sites > 1 else None
             make_cohort(kind, n, path, seed=seed, labels=labels, sites=sites, site_of=site_of)  # type: ignore[arg-type]
-        paths.append(path)
-    return paths[0], paths[1]
+        paths[name] = path
+    return paths
 
 
-def _splits(labeled: Path, scale: Scale) -> Path:
+def site_splits(labeled: Path, scale: Scale) -> Path:
     """Write ``splits.json`` beside the labeled cohort: per site, its first test and val subjects; the rest train.
 
     Only site-1 has subjects left for the training pool (:func:`_labeled_sites`).
@@ -279,7 +291,12 @@ def _say_probe(task: str, run_dir: Path) -> None:
          f"{summary['time_s']:.1f} s = {100 * summary['time_frac']:.1f} % of pretraining time")
 
 
-def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, splits: Path) -> Path:
+def sweep_stage(out: Path, labeled: Path, exports: Mapping[str, Path], scale: Scale, splits: Path,
+                extra: Sequence[str] = ()) -> Path:
+    """Run ``launch/sweep.py`` in ``out/sweep``: random init and ``exports`` × the scale's grid.
+
+    ``extra``: further overrides of the sweep's config, applied last.
+    """
     sweep_dir = out / "sweep"
     inits = ["random", *[str(p) for p in exports.values()]]
     cmd = [
@@ -290,7 +307,7 @@ def _sweep(out: Path, labeled: Path, exports: dict[str, Path], scale: Scale, spl
         f"model.widths={list(scale.widths)}",
         f"data.preprocess={{size: [{scale.size}, {scale.size}], spacing: [{scale.spacing}, {scale.spacing}]}}",
     ]
-    cmd.append(f"data.splits={splits}")
+    cmd += [f"data.splits={splits}", *extra]
     _run(cmd, out)
     return sweep_dir
 
@@ -323,14 +340,15 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
          f"{scale.size}x{scale.size} slices, UNet widths {list(scale.widths)}, "
          f"{scale.pretrain_steps} pretraining steps per pretext; everything goes under {out}")
     params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
-    unlabeled, labeled = _cohorts(out, kind, scale, sites)
-    splits = _seeded_splits(labeled, scale) if sites == 1 else _splits(labeled, scale)
+    cohorts = make_cohorts(out, kind, scale, sites)
+    unlabeled, labeled = cohorts["unlabeled"], cohorts["labeled"]
+    splits = _seeded_splits(labeled, scale) if sites == 1 else site_splits(labeled, scale)
     probe = _probe_pool(labeled, splits)
     shards = shard_cohort([unlabeled], out / "shards", params)
     exports = {task: _pretrain(out, task, shards, scale, probe) for task in ("contrastive", "regression")}
     for task, export in exports.items():
         _say_probe(task, export.parent.parent)
-    sweep_dir = _sweep(out, labeled, exports, scale, splits)  # prints the label-efficiency table
+    sweep_dir = sweep_stage(out, labeled, exports, scale, splits)  # prints the label-efficiency table
     # The stages run with `out` as working directory, so MLflow's local default store lands there.
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     _say(f"finished in {(time.time() - t0) / 60:.1f} min")

@@ -128,12 +128,13 @@ def test_scenario_labels_from_one_site_val_and_test_from_every_site(tmp_path, ca
     import csv
     import json
 
-    from experiments.label_efficiency import SCALES, _check_scenario, _cohorts, _splits
+    from experiments.label_efficiency import SCALES, _check_scenario, make_cohorts, site_splits
 
     assert SCALES["cpu"].test_per_site >= 4 and SCALES["cpu"].sites >= 2  # the CPU minimum
     scale = SCALES["tiny"]
-    unlabeled, labeled = _cohorts(tmp_path, "liver", scale, 2)
-    splits = json.loads(_splits(labeled, scale).read_text())
+    cohorts = make_cohorts(tmp_path, "liver", scale, 2)
+    unlabeled, labeled = cohorts["unlabeled"], cohorts["labeled"]
+    splits = json.loads(site_splits(labeled, scale).read_text())
     with open(labeled / "subjects.csv", newline="") as f:
         site = {r["subject"]: r["site"] for r in csv.DictReader(f)}
     with open(unlabeled / "subjects.csv", newline="") as f:
