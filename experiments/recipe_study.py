@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from experiments.label_efficiency import SCALES, Scale, shard_cohort
+from experiments.label_efficiency import DEMO_SEEDS, SCALES, Scale, make_cohorts, shard_cohort, site_splits, sweep_stage
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
@@ -61,11 +61,21 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "launch" / "configs" / "debug.yaml"
 UNLABELED_SEED, LABELED_SEED = 101, 102  # the demo uses 1 and 2: keep its cohorts out of the study
 MIX_SEED = 103  # the other organ's unlabeled phantoms, pooled in for the cohort-mixture recipes
+FINETUNE_SEED = 104  # the finetune check's labeled cohort (the demo's scenario on subjects of its own)
+assert not {UNLABELED_SEED, LABELED_SEED, MIX_SEED, FINETUNE_SEED} & set(DEMO_SEEDS.values())
+FINETUNE_COUNTS = (1, 2)  # labeled volumes in the finetune check (the demo's seeds and steps)
+# How the finetune check starts from an export; the sweep selects, per grid point, on validation Dice.
+FINETUNE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "demo": (),  # the demo's sweep: encoder + decoder loaded, one learning rate for all
+    "transfer": ("search.transfer=[encoder, encoder+decoder]",),  # the decoder loaded or not
+    "lr-loaded0.3": ("train.pretrained_lr_scale=0.3",),  # loaded parameters train at 0.3 × lr
+}
 PROBE_TRAIN, PROBE_EVAL = 2, 4
 PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
 CALIBRATE_STEPS = 30  # timing run per recipe; its first third (set-up, loader warm-up: slower) is not counted
 
-__all__ = ["Recipe", "RECIPES", "RunResult", "read_run", "run_study", "table_markdown", "plot_study", "main"]
+__all__ = ["Recipe", "RECIPES", "FINETUNE_VARIANTS", "RunResult", "finetune_check", "read_run", "run_study",
+           "table_markdown", "plot_study", "main"]
 
 
 @dataclass(frozen=True)
@@ -443,6 +453,74 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
     return results
 
 
+def finetune_check(out: Path, names: Sequence[str], *, scale: Scale, kind: str = "liver",
+                   variant: str = "demo") -> Path:
+    """Finetune from the seed-0 exports of ``names`` and from random weights, on development subjects.
+
+    The demo's scenario (labels from site-1, validation and held-out subjects from every site) on a
+    labeled cohort of its own (seed :data:`FINETUNE_SEED`), with the demo's sweep for
+    :data:`FINETUNE_COUNTS` labeled volumes, and the ``variant``'s overrides
+    (:data:`FINETUNE_VARIANTS`): whether a recipe's probe gain survives finetuning, and how to
+    hand the encoder over, without touching the demo's test subjects.
+
+    Returns:
+        ``finetune-<variant>.md``: mean held-out Dice per init and count, and the paired gain over random init.
+
+    Raises:
+        ValueError: an unknown recipe or variant.
+        SystemExit: a recipe's seed-0 run has no export yet (run the study first).
+    """
+    if variant not in FINETUNE_VARIANTS:
+        raise ValueError(f"--variant: one of {', '.join(FINETUNE_VARIANTS)}; got {variant!r}")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        raise ValueError(f"--finetune: unknown {unknown or 'empty list'}; choose from {', '.join(RECIPES)}")
+    out = out.resolve()
+    exports = {n: out / "runs" / n / "export" / "model.pt" for n in names}
+    for name, path in exports.items():
+        if not path.is_file():
+            raise SystemExit(f"[recipes] {path}: not found; run the study for {name} first")
+        if RECIPES[name].widths not in (None, scale.widths):
+            raise ValueError(f"--finetune: {name} has widths {list(RECIPES[name].widths or ())}; the check finetunes "
+                             f"the scale's {list(scale.widths)} (random init would be another network)")
+    base = out / "finetune"
+    labeled = make_cohorts(base, kind, scale, scale.sites, seeds={"labeled": FINETUNE_SEED})["labeled"]
+    splits = site_splits(labeled, scale)
+    sweep_dir = sweep_stage(base / variant, labeled, exports, scale, splits,
+                            extra=(f"n_labeled={list(FINETUNE_COUNTS)}", *FINETUNE_VARIANTS[variant]))
+    rows = json.loads((sweep_dir / "report" / "results.json").read_text())["rows"]
+    by_ref = {str(path): name for name, path in exports.items()}
+    dice: dict[tuple[str, int, int], float] = {}
+    for row in rows:
+        dice[by_ref.get(row["init_ref"], row["init_ref"]), row["n_labeled"], row["seed"]] = row["test_dice"]
+    seeds = sorted({k[2] for k in dice})
+    how = " ".join(FINETUNE_VARIANTS[variant]) or "no overrides"
+    lines = [
+        f"# Finetune check ({variant})\n",
+        f"Development labeled cohort (seed {FINETUNE_SEED}, the demo's scenario); the demo's sweep over "
+        f"{list(FINETUNE_COUNTS)} labeled volumes × seeds {seeds} with `{how}`. "
+        f"Mean Dice on its held-out subjects; the gain is the mean paired difference to random init "
+        f"(same labeled volumes and seed). Full report: `{sweep_dir / 'report' / 'report.md'}`.\n",
+        "| init | " + " | ".join(f"n={n}" for n in FINETUNE_COUNTS) + " | "
+        + " | ".join(f"gain n={n}" for n in FINETUNE_COUNTS) + " |",
+        "|---|" + "---:|" * (2 * len(FINETUNE_COUNTS)),
+    ]
+    for init in ["random", *names]:
+        means, gains = [], []
+        for n in FINETUNE_COUNTS:
+            got = [dice[init, n, s] for s in seeds if (init, n, s) in dice]
+            means.append(f"{statistics.mean(got):.3f}" if got else "–")
+            pairs = [dice[init, n, s] - dice["random", n, s] for s in seeds
+                     if (init, n, s) in dice and ("random", n, s) in dice]
+            gains.append(f"{statistics.mean(pairs):+.3f}" if pairs and init != "random" else "")
+        lines.append(f"| {init} | " + " | ".join(means) + " | " + " | ".join(gains) + " |")
+    path = out / f"finetune-{variant}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]), flush=True)
+    _say(f"finetune check: {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the study. Returns the exit code."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -450,10 +528,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="directory for cohort, shards, runs, table and plot")
     p.add_argument("--minutes", type=float, default=None, help="CPU minutes of pretraining per recipe (default 2)")
     p.add_argument("--steps", type=int, default=None, help="fixed steps per recipe instead of --minutes")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from: {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default=None,
+                   help=f"comma-separated (default: all, or none with --finetune), from: {', '.join(RECIPES)}")
     p.add_argument("--scale", choices=("cpu", "tiny"), default="cpu", help="the demo's scale of cohort and model")
     p.add_argument("--kind", choices=("liver", "prostate"), default="liver")
     p.add_argument("--seeds", default="0", help="comma-separated run seeds of every recipe (default 0)")
+    p.add_argument("--finetune", default="", metavar="RECIPES",
+                   help="after the study: finetune from these recipes' seed-0 exports and random init on a labeled "
+                        "development cohort (the demo's sweep, n = 1, 2)")
+    p.add_argument("--variant", choices=tuple(FINETUNE_VARIANTS), default="demo",
+                   help="how the finetune check hands the encoder over (FINETUNE_VARIANTS)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     minutes = 2.0 if args.minutes is None and args.steps is None else args.minutes
@@ -463,9 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --seeds: comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
+    recipes = args.recipes if args.recipes is not None else "" if args.finetune else ",".join(RECIPES)
     try:
-        run_study(args.out, [n for n in args.recipes.split(",") if n], scale=SCALES[args.scale], minutes=minutes,
-                  steps=args.steps, kind=args.kind, seeds=seeds, command=command)
+        if recipes or not args.finetune:  # an empty --recipes alone is an error (run_study says so)
+            run_study(args.out, [n for n in recipes.split(",") if n], scale=SCALES[args.scale], minutes=minutes,
+                      steps=args.steps, kind=args.kind, seeds=seeds, command=command)
+        if args.finetune:
+            finetune_check(args.out, [n for n in args.finetune.split(",") if n], scale=SCALES[args.scale],
+                           kind=args.kind, variant=args.variant)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,3 +99,16 @@ def test_recipe_study_tiny(tmp_path, capsys):
         top = max(probes[1:], key=lambda p: (p["probe/dice"], -p["step"]))
         assert best == f"{top['probe/dice']:.3f} ({top['step']})"
         assert gain == f"{probes[-1]['probe/dice'] - probes[0]['probe/dice']:+.3f}"
+
+    # the finetune check: the demo's sweep on a labeled development cohort, from c-base's export and random init
+    assert main([*tiny, "--finetune", "c-base"]) == 0
+    table = (out / "finetune-demo.md").read_text()
+    rows = json.loads((out / "finetune" / "demo" / "sweep" / "report" / "results.json").read_text())["rows"]
+    assert {r["seed"] for r in rows} == {0} and {r["n_labeled"] for r in rows} == {1, 2}
+    held_out = {i for r in rows for i in r["test_ids"]}
+    assert all("_s104_" in i for i in held_out)  # the check's own subjects, never the demo's (seed 2)
+    dice = {(r["init_tag"], r["n_labeled"]): r["test_dice"] for r in rows}
+    gains = [dice["contrastive", n] - dice["random", n] for n in (1, 2)]
+    c = [dice["contrastive", n] for n in (1, 2)]
+    want = f"| c-base | {c[0]:.3f} | {c[1]:.3f} | {gains[0]:+.3f} | {gains[1]:+.3f} |"
+    assert want in table and f"| random | {dice['random', 1]:.3f} | {dice['random', 2]:.3f} |" in table
