@@ -109,6 +109,11 @@ RECIPES: dict[str, Recipe] = {
         "contrastive", "MRI intensity augmentation: bias field 0.3, Bézier remap 0.8 (inverted 0.5), gamma 0.5",
         MRI_AUGMENT,
     ),
+    "c-aug-mri-mild": Recipe(
+        "contrastive", "milder MRI intensity augmentation: bias field 0.15, Bézier remap 0.5 (inverted 0.25)",
+        ("contrastive.augment.bias_field=0.15", "contrastive.augment.remap_prob=0.5",
+         "contrastive.augment.invert_prob=0.25"),
+    ),
     "c-head-large": Recipe("contrastive", "projection head 256→128", ("contrastive.proj_hidden=256",
                                                                      "contrastive.proj_dim=128")),
     "c-lr1e-3": Recipe("contrastive", "learning rate 1e-3", ("train.lr=1.0e-3",)),
