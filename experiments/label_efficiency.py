@@ -298,6 +298,7 @@ def sweep_stage(out: Path, labeled: Path, exports: Mapping[str, Path], scale: Sc
     ``extra``: further overrides of the sweep's config, applied last.
     """
     sweep_dir = out / "sweep"
+    out.mkdir(parents=True, exist_ok=True)  # the sweep runs in out (MLflow's local store lands there)
     inits = ["random", *[str(p) for p in exports.values()]]
     cmd = [
         sys.executable, str(REPO / "launch" / "sweep.py"), "--config", str(CONFIGS / scale.sweep_config),
