@@ -74,8 +74,8 @@ PROBE_TRAIN, PROBE_EVAL = 2, 4
 PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
 CALIBRATE_STEPS = 30  # timing run per recipe; its first third (set-up, loader warm-up: slower) is not counted
 
-__all__ = ["Recipe", "RECIPES", "FINETUNE_VARIANTS", "RunResult", "finetune_check", "read_run", "run_study",
-           "table_markdown", "plot_study", "main"]
+__all__ = ["Recipe", "RECIPES", "FINETUNE_VARIANTS", "RunResult", "budget_check", "finetune_check", "read_run",
+           "run_study", "table_markdown", "plot_study", "main"]
 
 
 @dataclass(frozen=True)
@@ -429,6 +429,8 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
                 n = steps if steps is not None else _calibrate(out, name, recipe, scale, shards, minutes or 0.0)
                 budget.parent.mkdir(parents=True, exist_ok=True)
                 budget.write_text(f"{n}\n")
+                if minutes is not None:  # what the steps are worth, for budget_check
+                    budget.with_suffix(".minutes").write_text(f"{minutes:g}\n")
             cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
                    *_overrides(name, recipe, scale, shards, run_dir, n, seed),
                    f"probe.root={probe}", f"probe.every={_every(n)}",
@@ -526,6 +528,61 @@ def finetune_check(out: Path, names: Sequence[str], *, scale: Scale, kind: str =
     return path
 
 
+def budget_check(out: Path, name: str, minutes: float, *, scale: Scale, kind: str = "liver", exports: int = 4) -> Path:
+    """Does a longer pretraining budget pay after finetuning? The budget sweep on development subjects.
+
+    Pretrains ``name`` for ``minutes`` CPU minutes (``budget/<name>``, the steps scaled from the
+    recipe's measured ``runs/<name>.steps``, so the study has to have run it), exporting
+    ``exports`` times along the way (``train.export_every``), then runs the finetune check's sweep
+    from every export (``init`` = the export glob: the sweep's budget series) and from random
+    init. The report names the smallest budget whose paired gain over random init has its 95 %
+    interval above zero.
+
+    Returns:
+        The sweep's ``report.md``.
+
+    Raises:
+        ValueError: an unknown recipe, ``minutes <= 0`` or ``exports < 1``.
+        SystemExit: the study has not measured the recipe's steps yet.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"--budget: unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    if not minutes > 0 or exports < 1:
+        raise ValueError(f"--budget-minutes must be > 0 and --exports >= 1; got {minutes}, {exports}")
+    out = out.resolve()
+    measured = out / "runs" / f"{name}.minutes"  # written with runs/<name>.steps by a study with --minutes
+    if not measured.is_file():
+        raise SystemExit(f"[recipes] {measured}: not found; run the study for {name} with --minutes first")
+    recipe = RECIPES[name]
+    steps_per_min = int(measured.with_suffix(".steps").read_text()) / float(measured.read_text())
+    every = max(1, round(steps_per_min * minutes / exports))
+    steps = every * exports  # exports land on multiples of export_every: the last one is the final step
+    run_dir = out / "budget" / name
+    unlabeled, probe = _cohort(out, scale, kind)
+    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
+    shards = shard_cohort([unlabeled], out / "shards", params) if recipe.cohort == "dev" else \
+        _mix_shards(out, scale, kind, unlabeled, params)
+    if (run_dir / "summary.json").is_file():
+        _say(f"reusing finished run {run_dir}")
+    else:
+        _say(f"{name}: {steps} steps for {minutes:g} min, an export every {every} steps")
+        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
+               *_overrides(name, recipe, scale, shards, run_dir, steps), f"train.export_every={every}",
+               f"probe.root={probe}", f"probe.every={every}", f"probe.n_train={PROBE_TRAIN}",
+               f"probe.n_eval={PROBE_EVAL}"]
+        _run(cmd, out, run_dir.with_name(run_dir.name + ".log"))
+    base = out / "finetune"
+    labeled = make_cohorts(base, kind, scale, scale.sites, seeds={"labeled": FINETUNE_SEED})["labeled"]
+    splits = site_splits(labeled, scale)
+    sweep_dir = sweep_stage(base / f"budget-{name}", labeled, {name: run_dir / "export" / "step-*"}, scale, splits,
+                            extra=(f"n_labeled={list(FINETUNE_COUNTS)}",))
+    report = sweep_dir / "report" / "report.md"
+    for line in report.read_text().splitlines():
+        if line.startswith("Pretraining budget ("):
+            _say(line)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the study. Returns the exit code."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -543,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
                         "development cohort (the demo's sweep, n = 1, 2)")
     p.add_argument("--variant", choices=tuple(FINETUNE_VARIANTS), default="demo",
                    help="how the finetune check hands the encoder over (FINETUNE_VARIANTS)")
+    p.add_argument("--budget", default="", metavar="RECIPE",
+                   help="after the study: pretrain RECIPE for --budget-minutes with --exports exports and run the "
+                        "budget sweep from them on the finetune check's cohort")
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="CPU minutes of the --budget run (default 10)")
+    p.add_argument("--exports", type=int, default=4, help="exports along the --budget run (default 4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     minutes = 2.0 if args.minutes is None and args.steps is None else args.minutes
@@ -552,14 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --seeds: comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
-    recipes = args.recipes if args.recipes is not None else "" if args.finetune else ",".join(RECIPES)
+    after = bool(args.finetune or args.budget)  # checks after the study; alone, they run on its finished runs
+    recipes = args.recipes if args.recipes is not None else "" if after else ",".join(RECIPES)
     try:
-        if recipes or not args.finetune:  # an empty --recipes alone is an error (run_study says so)
+        if recipes or not after:  # an empty --recipes alone is an error (run_study says so)
             run_study(args.out, [n for n in recipes.split(",") if n], scale=SCALES[args.scale], minutes=minutes,
                       steps=args.steps, kind=args.kind, seeds=seeds, command=command)
         if args.finetune:
             finetune_check(args.out, [n for n in args.finetune.split(",") if n], scale=SCALES[args.scale],
                            kind=args.kind, variant=args.variant)
+        if args.budget:
+            budget_check(args.out, args.budget, args.budget_minutes, scale=SCALES[args.scale], kind=args.kind,
+                         exports=args.exports)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -112,3 +112,18 @@ def test_recipe_study_tiny(tmp_path, capsys):
     c = [dice["contrastive", n] for n in (1, 2)]
     want = f"| c-base | {c[0]:.3f} | {c[1]:.3f} | {gains[0]:+.3f} | {gains[1]:+.3f} |"
     assert want in table and f"| random | {dice['random', 1]:.3f} | {dice['random', 2]:.3f} |" in table
+
+    # the budget check: r-l1 (measured in minutes above) for twice its budget, two exports, the budget sweep
+    assert main([*tiny, "--budget", "r-l1", "--budget-minutes", "0.04", "--exports", "2"]) == 0
+    printed = capsys.readouterr().out
+    every = max(1, round(int((out / "runs" / "r-l1.steps").read_text()) * 0.04 / 0.02 / 2))
+    assert f"r-l1: {2 * every} steps for 0.04 min, an export every {every} steps" in printed
+    assert len(list((out / "budget" / "r-l1" / "export").glob("step-*/model.pt"))) == 2
+    assert "[recipes] Pretraining budget (" in printed and "2 exports" in printed
+
+
+def test_budget_check_needs_a_study_in_minutes(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "c-base.steps").write_text("8\n")  # a --steps study: no minutes to scale from
+    with pytest.raises(SystemExit, match=r"c-base.minutes: not found; run the study for c-base with --minutes"):
+        main(["--out", str(tmp_path), "--budget", "c-base"])
