@@ -44,7 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,9 +66,11 @@ assert not {UNLABELED_SEED, LABELED_SEED, MIX_SEED, FINETUNE_SEED} & set(DEMO_SE
 FINETUNE_COUNTS = (1, 2)  # labeled volumes in the finetune check (the demo's seeds and steps)
 # How the finetune check starts from an export; the sweep selects, per grid point, on validation Dice.
 FINETUNE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "demo": (),  # the demo's sweep: encoder + decoder loaded, one learning rate for all
-    "transfer": ("search.transfer=[encoder, encoder+decoder]",),  # the decoder loaded or not
+    "demo": (),  # the demo's sweep as launch/configs/sweep_debug.yaml sets it
+    "lr-loaded1.0": ("train.pretrained_lr_scale=1.0",),  # every parameter at the same lr (the old demo)
     "lr-loaded0.3": ("train.pretrained_lr_scale=0.3",),  # loaded parameters train at 0.3 × lr
+    # encoder only, or encoder + decoder loaded, selected on validation Dice (at one lr for all)
+    "transfer": ("search.transfer=[encoder, encoder+decoder]", "train.pretrained_lr_scale=1.0"),
 }
 PROBE_TRAIN, PROBE_EVAL = 2, 4
 PROBES_PER_RUN = 4  # probes after step 0: every quarter of the run (the last one at the end)
@@ -495,31 +497,41 @@ def finetune_check(out: Path, names: Sequence[str], *, scale: Scale, kind: str =
     splits = site_splits(labeled, scale)
     sweep_dir = sweep_stage(base / variant, labeled, exports, scale, splits,
                             extra=(f"n_labeled={list(FINETUNE_COUNTS)}", *FINETUNE_VARIANTS[variant]))
-    rows = json.loads((sweep_dir / "report" / "results.json").read_text())["rows"]
+    return _finetune_table(out, sweep_dir, exports, variant)
+
+
+def _finetune_table(out: Path, sweep_dir: Path, exports: Mapping[str, Path], variant: str) -> Path:
+    """Write ``finetune-<variant>.md`` from the sweep's ``report/results.json``; print its table."""
+    from downstream.report import select_rows
+
+    results = json.loads((sweep_dir / "report" / "results.json").read_text())
+    # the report's own numbers: per draw the searched option with the best validation Dice, paired bootstrap CIs
     by_ref = {str(path): name for name, path in exports.items()}
-    dice: dict[tuple[str, int, int], float] = {}
-    for row in rows:
-        dice[by_ref.get(row["init_ref"], row["init_ref"]), row["n_labeled"], row["seed"]] = row["test_dice"]
-    seeds = sorted({k[2] for k in dice})
+    name_of = {r["init_tag"]: by_ref.get(r["init_ref"], r["init_ref"]) for r in results["rows"]}
+    dice: dict[tuple[str, int], list[float]] = {}
+    for row in select_rows(results["rows"]):
+        dice.setdefault((name_of[row["init_tag"]], row["n_labeled"]), []).append(row["test_dice"])
+    paired = {(name_of[c["init"]], c["n_labeled"]): c["paired"] for c in results["stats"]["comparisons"]
+              if c.get("paired")}
+    draws = max((len(v) for v in dice.values()), default=0)
     how = " ".join(FINETUNE_VARIANTS[variant]) or "no overrides"
     lines = [
         f"# Finetune check ({variant})\n",
         f"Development labeled cohort (seed {FINETUNE_SEED}, the demo's scenario); the demo's sweep over "
-        f"{list(FINETUNE_COUNTS)} labeled volumes × seeds {seeds} with `{how}`. "
-        f"Mean Dice on its held-out subjects; the gain is the mean paired difference to random init "
-        f"(same labeled volumes and seed). Full report: `{sweep_dir / 'report' / 'report.md'}`.\n",
+        f"{list(FINETUNE_COUNTS)} labeled volumes × {draws} draws with `{how}`. Mean Dice on its held-out "
+        f"subjects (per draw the searched option with the best validation Dice) and the paired gain over random "
+        f"init [95 % CI] (the report's hierarchical bootstrap). Full report: "
+        f"`{(sweep_dir / 'report' / 'report.md').relative_to(out)}` (beside this file).\n",
         "| init | " + " | ".join(f"n={n}" for n in FINETUNE_COUNTS) + " | "
         + " | ".join(f"gain n={n}" for n in FINETUNE_COUNTS) + " |",
         "|---|" + "---:|" * (2 * len(FINETUNE_COUNTS)),
     ]
-    for init in ["random", *names]:
-        means, gains = [], []
+    for init in ["random", *exports]:
+        means = [f"{statistics.mean(dice[init, n]):.3f}" if (init, n) in dice else "–" for n in FINETUNE_COUNTS]
+        gains = []
         for n in FINETUNE_COUNTS:
-            got = [dice[init, n, s] for s in seeds if (init, n, s) in dice]
-            means.append(f"{statistics.mean(got):.3f}" if got else "–")
-            pairs = [dice[init, n, s] - dice["random", n, s] for s in seeds
-                     if (init, n, s) in dice and ("random", n, s) in dice]
-            gains.append(f"{statistics.mean(pairs):+.3f}" if pairs and init != "random" else "")
+            p = paired.get((init, n))
+            gains.append(f"{p['mean']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p else "")
         lines.append(f"| {init} | " + " | ".join(means) + " | " + " | ".join(gains) + " |")
     path = out / f"finetune-{variant}.md"
     path.write_text("\n".join(lines) + "\n")
