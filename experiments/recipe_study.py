@@ -6,7 +6,7 @@ demo's pretraining settings), run with ``launch/pretrain.py`` for the same CPU t
 the run's own segmentation probe (``probe:``; issue 9) against its random-init reference (the
 probe at step 0 of the same run).
 
-One command::
+One command (the README's study is this with every recipe, then the checks below)::
 
     python -m experiments.recipe_study --out runs/recipes --minutes 2 --recipes c-base,r-base
 
@@ -23,8 +23,20 @@ Stages (each is reused when complete, so an interrupted study continues):
    per step of the recipe on this machine, and ``train.max_steps`` is ``M`` minutes' worth of
    them; ``--steps N`` fixes the steps instead. The probe runs at step 0, about every quarter of
    the run and at the end (2 training and 4 held-out volumes).
-4. ``recipe_study.md`` (the table, printed too) and ``recipe_study.png`` (probe Dice against
-   pretraining minutes per recipe, with the random-init references as dashed lines).
+4. ``recipe_study.md`` (the table, printed too; with ``--seeds 0,1,…`` a second table of the mean
+   and range over seeds) and ``recipe_study.png`` (probe Dice against pretraining minutes per
+   recipe, one panel per task, with the random-init references as dashed lines).
+
+Two checks after it, because a probe gain need not survive finetuning:
+
+5. ``--finetune c-base,r-base [--variant …]``: the demo's sweep (n = 1, 2 labeled volumes, its
+   seeds and steps) from those recipes' seed-0 exports and from random init, on a labeled
+   development cohort of its own in the demo's scenario (seed 104: labels from site-1, validation
+   and held-out subjects from every site); ``--variant`` sets how the encoder is handed over
+   (:data:`FINETUNE_VARIANTS`). Writes ``finetune-<variant>.md``.
+6. ``--budget c-base --budget-minutes 10 --exports 4``: the recipe pretrained longer, exporting
+   along the way, and the budget sweep from those exports on the same cohort: the smallest budget
+   whose paired gain over random init has its 95 % interval above zero.
 
 Pretraining minutes exclude the probe's own time: a run's ``metrics.jsonl`` probe rows carry the
 probe's time and its cumulative share of the run, from which the elapsed time at each probe follows.
