@@ -601,9 +601,8 @@ def budget_check(out: Path, name: str, minutes: float, *, scale: Scale, kind: st
     sweep_dir = sweep_stage(base / f"budget-{name}", labeled, {name: run_dir / "export" / "step-*"}, scale, splits,
                             extra=(f"n_labeled={list(FINETUNE_COUNTS)}",))
     report = sweep_dir / "report" / "report.md"
-    for line in report.read_text().splitlines():
-        if line.startswith("Pretraining budget ("):
-            _say(line)
+    answer = next((line for line in report.read_text().splitlines() if line.startswith("Pretraining budget (")), None)
+    _say(answer or f"{report}: no budget sentence (see the report)")
     return report
 
 
