@@ -210,20 +210,24 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return read_metrics(path)
 
 
+def _ensure_cohort(path: Path, kind: str, n: int, seed: int, sites: int, *, labels: bool,
+                   site_of: list[int] | None = None) -> Path:
+    """Generate a phantom cohort at ``path`` unless it is complete (make_cohort writes dataset.json last)."""
+    if (path / "dataset.json").is_file():
+        _say(f"reusing cohort {path}")
+    else:
+        _say(f"generating {n} synthetic {kind} subjects (seed {seed}, {sites} sites) in {path}")
+        make_cohort(kind, n, path, seed=seed, labels=labels, sites=sites, site_of=site_of)  # type: ignore[arg-type]
+    return path
+
+
 def _cohort(out: Path, scale: Scale, kind: str) -> tuple[Path, Path]:
     """The development cohorts and ``data/probe.txt`` (every labeled subject: the probe's pool)."""
-    unlabeled, labeled = out / "data" / "unlabeled", out / "data" / "labeled"
     n_probe = PROBE_TRAIN + PROBE_EVAL
-    for path, n, seed, labels, site_of in (
-        (unlabeled, scale.n_unlabeled, UNLABELED_SEED, False, None),
-        (labeled, n_probe, LABELED_SEED, True, [0] * n_probe),  # site-1, like the demo's labeled pool
-    ):
-        # make_cohort writes dataset.json last: its presence means the cohort is complete
-        if (path / "dataset.json").is_file():
-            _say(f"reusing cohort {path}")
-        else:
-            _say(f"generating {n} synthetic {kind} subjects (seed {seed}, {scale.sites} sites) in {path}")
-            make_cohort(kind, n, path, seed=seed, labels=labels, sites=scale.sites, site_of=site_of)  # type: ignore[arg-type]
+    unlabeled = _ensure_cohort(out / "data" / "unlabeled", kind, scale.n_unlabeled, UNLABELED_SEED, scale.sites,
+                               labels=False)
+    labeled = _ensure_cohort(out / "data" / "labeled", kind, n_probe, LABELED_SEED, scale.sites, labels=True,
+                             site_of=[0] * n_probe)  # site-1, like the demo's labeled pool
     subjects, _ = discover(labeled, labels=True)
     probe = out / "data" / "probe.txt"
     probe.write_text(f"# development cohort (seed {LABELED_SEED}): the probe's labeled volumes\n"
@@ -250,13 +254,25 @@ def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: P
     ]
 
 
+def _pretrain_cmd(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int,
+                  *extra: str, seed: int = 0) -> list[str]:
+    """``launch/pretrain.py`` on ``debug.yaml`` with the study's overrides, then ``extra``."""
+    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
+            *_overrides(name, recipe, scale, shards, run_dir, steps, seed), *extra]
+
+
+def _probe(probe: Path, every: int) -> tuple[str, ...]:
+    """The probe's overrides: the study's probe volumes every ``every`` steps."""
+    return (f"probe.root={probe}", f"probe.every={every}", f"probe.n_train={PROBE_TRAIN}", f"probe.n_eval={PROBE_EVAL}")
+
+
 def _calibrate(out: Path, name: str, recipe: Recipe, scale: Scale, shards: Path, minutes: float) -> int:
     """Steps of ``recipe`` that take ``minutes`` of CPU time here, from a short timing run."""
     run_dir = out / "calibrate" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
-           *_overrides(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS), "train.log_every=1",
-           f"train.ckpt_every={CALIBRATE_STEPS}"]  # one step's time per row; no checkpoint inside the timed steps
+    # one step's time per row; no checkpoint inside the timed steps
+    cmd = _pretrain_cmd(name, recipe, scale, shards, run_dir, CALIBRATE_STEPS, "train.log_every=1",
+                        f"train.ckpt_every={CALIBRATE_STEPS}")
     _run(cmd, out, out / "calibrate" / f"{name}.log")
     rows = [r for r in _rows(run_dir) if "samples_per_s" in r and r["step"] > CALIBRATE_STEPS // 3]
     batch = recipe.batch or scale.pretrain_batch
@@ -374,17 +390,28 @@ def plot_study(results: Sequence[RunResult], out: Path) -> Path:
     return out
 
 
-def _mix_shards(out: Path, scale: Scale, kind: str, unlabeled: Path, params: PreprocessParams) -> Path:
-    """Shards of the development cohort pooled with as many unlabeled phantoms of the other organ."""
-    other = "prostate" if kind == "liver" else "liver"
-    path = out / "data" / f"unlabeled-{other}"
-    if (path / "dataset.json").is_file():
-        _say(f"reusing cohort {path}")
-    else:
-        _say(f"generating {scale.n_unlabeled} synthetic {other} subjects (seed {MIX_SEED}, {scale.sites} sites) "
-             f"in {path}")
-        make_cohort(other, scale.n_unlabeled, path, seed=MIX_SEED, labels=False, sites=scale.sites)  # type: ignore[arg-type]
-    return shard_cohort([unlabeled, path], out / f"shards-mix-{other}", params)
+def _shards(out: Path, scale: Scale, kind: str, unlabeled: Path, cohorts: set[str]) -> dict[str, Path]:
+    """Shards of each of ``cohorts``, with the demo's preprocessing at this scale.
+
+    ``"dev"``: the development cohort; ``"mix"``: it pooled with as many unlabeled phantoms of the
+    other organ (seed :data:`MIX_SEED`).
+    """
+    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
+    shards = {}
+    if "dev" in cohorts:
+        shards["dev"] = shard_cohort([unlabeled], out / "shards", params)
+    if "mix" in cohorts:
+        other = "prostate" if kind == "liver" else "liver"
+        pooled = _ensure_cohort(out / "data" / f"unlabeled-{other}", other, scale.n_unlabeled, MIX_SEED,
+                                scale.sites, labels=False)
+        shards["mix"] = shard_cohort([unlabeled, pooled], out / f"shards-mix-{other}", params)
+    return shards
+
+
+def _finetune_cohort(out: Path, scale: Scale, kind: str) -> tuple[Path, Path]:
+    """The finetune checks' labeled cohort (seed :data:`FINETUNE_SEED`, the demo's scenario) and its splits."""
+    labeled = make_cohorts(out / "finetune", kind, scale, scale.sites, seeds={"labeled": FINETUNE_SEED})["labeled"]
+    return labeled, site_splits(labeled, scale)
 
 
 def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float | None = None,
@@ -422,11 +449,7 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     unlabeled, probe = _cohort(out, scale, kind)
-    # the demo's sharding (~64 slices a shard), with the scale's preprocessing
-    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
-    cohort_shards = {"dev": shard_cohort([unlabeled], out / "shards", params)}
-    if any(RECIPES[n].cohort == "mix" for n in names):
-        cohort_shards["mix"] = _mix_shards(out, scale, kind, unlabeled, params)
+    cohort_shards = _shards(out, scale, kind, unlabeled, {"dev"} | {RECIPES[n].cohort for n in names})
     results = []
     for name, seed in itertools.product(names, seeds):
         recipe = RECIPES[name]
@@ -445,10 +468,7 @@ def run_study(out: Path, names: Sequence[str], *, scale: Scale, minutes: float |
                 budget.write_text(f"{n}\n")
                 if minutes is not None:  # what the steps are worth, for budget_check
                     budget.with_suffix(".minutes").write_text(f"{minutes:g}\n")
-            cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
-                   *_overrides(name, recipe, scale, shards, run_dir, n, seed),
-                   f"probe.root={probe}", f"probe.every={_every(n)}",
-                   f"probe.n_train={PROBE_TRAIN}", f"probe.n_eval={PROBE_EVAL}"]
+            cmd = _pretrain_cmd(name, recipe, scale, shards, run_dir, n, *_probe(probe, _every(n)), seed=seed)
             _run(cmd, out, run_dir.with_name(run_dir.name + ".log"))
         results.append(read_run(name, recipe, run_dir, seed))
     table = table_markdown(results)
@@ -504,10 +524,8 @@ def finetune_check(out: Path, names: Sequence[str], *, scale: Scale, kind: str =
         if RECIPES[name].widths not in (None, scale.widths):
             raise ValueError(f"--finetune: {name} has widths {list(RECIPES[name].widths or ())}; the check finetunes "
                              f"the scale's {list(scale.widths)} (random init would be another network)")
-    base = out / "finetune"
-    labeled = make_cohorts(base, kind, scale, scale.sites, seeds={"labeled": FINETUNE_SEED})["labeled"]
-    splits = site_splits(labeled, scale)
-    sweep_dir = sweep_stage(base / variant, labeled, exports, scale, splits,
+    labeled, splits = _finetune_cohort(out, scale, kind)
+    sweep_dir = sweep_stage(out / "finetune" / variant, labeled, exports, scale, splits,
                             extra=(f"n_labeled={list(FINETUNE_COUNTS)}", *FINETUNE_VARIANTS[variant]))
     return _finetune_table(out, sweep_dir, exports, variant)
 
@@ -583,23 +601,17 @@ def budget_check(out: Path, name: str, minutes: float, *, scale: Scale, kind: st
     steps = every * exports  # exports land on multiples of export_every: the last one is the final step
     run_dir = out / "budget" / name
     unlabeled, probe = _cohort(out, scale, kind)
-    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
-    shards = shard_cohort([unlabeled], out / "shards", params) if recipe.cohort == "dev" else \
-        _mix_shards(out, scale, kind, unlabeled, params)
+    shards = _shards(out, scale, kind, unlabeled, {recipe.cohort})[recipe.cohort]
     if (run_dir / "summary.json").is_file():
         _say(f"reusing finished run {run_dir}")
     else:
         _say(f"{name}: {steps} steps for {minutes:g} min, an export every {every} steps")
-        cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
-               *_overrides(name, recipe, scale, shards, run_dir, steps), f"train.export_every={every}",
-               f"probe.root={probe}", f"probe.every={every}", f"probe.n_train={PROBE_TRAIN}",
-               f"probe.n_eval={PROBE_EVAL}"]
+        cmd = _pretrain_cmd(name, recipe, scale, shards, run_dir, steps, f"train.export_every={every}",
+                            *_probe(probe, every))
         _run(cmd, out, run_dir.with_name(run_dir.name + ".log"))
-    base = out / "finetune"
-    labeled = make_cohorts(base, kind, scale, scale.sites, seeds={"labeled": FINETUNE_SEED})["labeled"]
-    splits = site_splits(labeled, scale)
-    sweep_dir = sweep_stage(base / f"budget-{name}", labeled, {name: run_dir / "export" / "step-*"}, scale, splits,
-                            extra=(f"n_labeled={list(FINETUNE_COUNTS)}",))
+    labeled, splits = _finetune_cohort(out, scale, kind)
+    sweep_dir = sweep_stage(out / "finetune" / f"budget-{name}", labeled, {name: run_dir / "export" / "step-*"},
+                            scale, splits, extra=(f"n_labeled={list(FINETUNE_COUNTS)}",))
     report = sweep_dir / "report" / "report.md"
     answer = next((line for line in report.read_text().splitlines() if line.startswith("Pretraining budget (")), None)
     _say(answer or f"{report}: no budget sentence (see the report)")
