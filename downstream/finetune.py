@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.config import AugmentConfig, FinetuneConfig
+from downstream.config import FinetuneAugmentConfig, FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare
 from downstream.metrics import dice_score, summarize, volume_metrics
 from downstream.model_refs import resolve_model_file
@@ -172,7 +172,7 @@ class PatchSampler:
         return torch.stack(images), torch.stack(labels)
 
 
-def build_augmentation(aug: AugmentConfig, size: tuple[int, int]) -> Any:
+def build_augmentation(aug: FinetuneAugmentConfig, size: tuple[int, int]) -> Any:
     """The MONAI transforms of one ``{"image": (C, h, w), "label": (1, h, w)}`` training sample.
 
     Affine and elastic deformation (image bilinear, label nearest), bias field, gamma, Gaussian noise

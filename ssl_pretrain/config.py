@@ -1,15 +1,18 @@
 """Typed configuration trees: dataclasses loaded from YAML with dotted command-line overrides.
 
-Every entry point (`launch/pretrain.py`, `launch/finetune.py`, `launch/sweep.py`) owns one tree of
-dataclasses. Fields are declared with :func:`option`, which keeps a one-line help text next to the
-default; ``--help`` lists every key with its default and help. Values are checked against the
-field types and each dataclass may add a ``validate()`` method; every problem is reported as one
-:class:`ConfigError` line that names the key (and the file) and what is allowed.
+Every entry point (`pretrain`, `finetune`, `sweep`) owns one tree of dataclasses. Fields are
+declared with :func:`option`, which keeps the default, a one-line help text and the field's bounds
+(``ge``, ``gt``, ``le``, ``lt``, ``choices``, ``length``) together; ``--help`` lists every key with
+its default, type, bounds and help. The loader checks values against the field types and bounds
+once, under the dotted key the user typed (:func:`validate`); a dataclass adds a
+``check_fields()`` method only for rules that relate fields, raising :class:`FieldError` with a
+relative key. Every problem is reported as one :class:`ConfigError` line that names the key (and
+the file) and what is allowed.
 
 Example:
     >>> @dataclass
     ... class Train:
-    ...     lr: float = option(1e-3, "peak learning rate")
+    ...     lr: float = option(1e-3, "peak learning rate", gt=0)
     >>> @dataclass
     ... class Run:
     ...     out_dir: str = option("runs/x", "everything the run writes goes under it")
@@ -26,6 +29,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -36,7 +40,8 @@ from ssl_pretrain.fileio import atomic_write_text
 T = TypeVar("T")
 
 __all__ = [
-    "ConfigError", "option", "from_dict", "load_config", "parse_config", "save_config", "to_dict", "flatten",
+    "Bounds", "ConfigError", "FieldError", "bounds_of", "describe", "flatten", "from_dict", "load_config", "option",
+    "parse_config", "save_config", "to_dict", "validate",
 ]
 
 
@@ -44,23 +49,134 @@ class ConfigError(ValueError):
     """A configuration value, key or file that cannot be used; the message names it."""
 
 
+class FieldError(ConfigError):
+    """A rule of one field broken, raised by a config class's ``check_fields()``.
+
+    The message is relative (``"crop_scale: need min <= max, got [0.9, 0.5]"``); the config loader
+    puts the dotted path the user typed in front of it (``contrastive.augment.crop_scale: …``).
+    """
+
+
 _MISSING = dataclasses.MISSING
 
 
-def option(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
-    """Declare a config field with its default and a one-line help text.
+@dataclass(frozen=True)
+class Bounds:
+    """What a field's value may be, besides its type: checked by the loader under the dotted key.
+
+    Numbers are checked as they are; lists and tuples element by element (and by ``length``).
+    ``None`` (an optional field left unset) is never out of bounds.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[Any, ...] | None = None
+    length: tuple[int, int | None] | None = None  # (min, max) items; max None = no upper limit
+    rule: str | None = None  # the message when a bound is broken, instead of the generic one ("{value}": the value)
+    unbounded: str | None = None  # why a numeric field has no bounds (the schema test asks)
+
+    def _range(self) -> str:
+        """The numeric bounds as text: ``in [0, 1)``, ``>= 1``, ``< 0.5``; empty when there are none."""
+        lo = f"[{_num(self.ge)}" if self.ge is not None else (f"({_num(self.gt)}" if self.gt is not None else None)
+        hi = f"{_num(self.le)}]" if self.le is not None else (f"{_num(self.lt)})" if self.lt is not None else None)
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f">= {_num(self.ge)}" if self.ge is not None else f"> {_num(self.gt)}"
+        if hi:
+            return f"<= {_num(self.le)}" if self.le is not None else f"< {_num(self.lt)}"
+        return ""
+
+    def describe(self) -> str:
+        """Short text for ``--help``: ``> 0``, ``in [0, 1)``, ``0 | 1 | 2``, ``2 items``."""
+        parts = [self._range()] if self._range() else []
+        if self.choices is not None:
+            parts.append(" | ".join(repr(c) if isinstance(c, str) else str(c) for c in self.choices))
+        if self.length is not None:
+            a, b = self.length
+            parts.append(f"{a} items" if a == b else (f">= {a} items" if b is None else f"{a}..{b} items"))
+        return ", ".join(parts)
+
+    def violation(self, value: Any) -> str | None:
+        """Why ``value`` breaks these bounds (one phrase), or ``None`` when it keeps them."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            if self.length is not None:
+                a, b = self.length
+                if len(value) < a or (b is not None and len(value) > b):
+                    want = f"{a}" if a == b else (f"at least {a}" if b is None else f"{a} to {b}")
+                    return f"need {want} values, got {list(value)}"
+            for i, v in enumerate(value):
+                why = self._scalar(v)
+                if why is not None:
+                    return f"item {i} {why}, got {list(value)}"
+            return None
+        why = self._scalar(value)
+        return None if why is None else f"{why}, got {value!r}"
+
+    def _scalar(self, v: Any) -> str | None:
+        if self.choices is not None and v not in self.choices:
+            shown = [repr(c) if isinstance(c, str) else str(c) for c in self.choices]
+            return f"must be {', '.join(shown[:-1])} or {shown[-1]}" if len(shown) > 1 else f"must be {shown[0]}"
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return None
+        lo_ok = (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+        hi_ok = (self.le is None or v <= self.le) and (self.lt is None or v < self.lt)
+        if lo_ok and hi_ok:
+            return None
+        return f"must be {self._range()}"
+
+
+def _num(x: float | None) -> str:
+    return repr(int(x)) if isinstance(x, float) and x.is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def option(
+    default: Any = _MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Sequence[Any] | None = None,
+    length: int | tuple[int, int | None] | None = None,
+    rule: str | None = None,
+    unbounded: str | None = None,
+) -> Any:
+    """Declare a config field: its default, a one-line help text and what values it takes.
+
+    The bounds are checked once, by the config loader, under the dotted key the user typed; a
+    field of a list type has them checked on every item.
 
     Args:
         default: The default value (immutable: int, float, str, bool, tuple, None).
         help: One line shown by ``--help``.
         factory: Builds the default for mutable values and nested dataclasses.
+        ge, gt, le, lt: Numeric bounds (``>=``, ``>``, ``<=``, ``<``).
+        choices: The allowed values (for numbers; strings use ``Literal``).
+        length: Exact item count of a list field, or ``(min, max)`` with ``max`` None for no limit.
+        rule: Message shown when a bound is broken, in place of the generic one.
+        unbounded: For a numeric field without bounds: why any value is fine.
     """
-    meta = {"help": help}
+    if isinstance(length, int):
+        length = (length, length)
+    bounds = Bounds(ge, gt, le, lt, tuple(choices) if choices is not None else None, length, rule, unbounded)
+    meta = {"help": help, "bounds": bounds}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if default is _MISSING:
         raise TypeError("option() needs a default or a factory")
     return dataclasses.field(default=default, metadata=meta)
+
+
+def bounds_of(f: dataclasses.Field) -> Bounds:
+    """The :class:`Bounds` a field was declared with (none for a plain ``dataclasses.field``)."""
+    return f.metadata.get("bounds", Bounds())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,15 +287,52 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(msg if msg.startswith(prefix) else f"{prefix.rstrip('.') or cls.__name__}: {msg}") from None
 
 
-def _validate(cfg: Any, prefix: str = "") -> None:
-    """Call ``validate()`` on every dataclass of the tree, children first."""
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check a config tree: every field's declared bounds, then every class's own rules.
+
+    Bounds of the whole tree are checked first (``option(ge=…, choices=…)``), then, children first,
+    the ``check_fields()`` method of each dataclass that has one: rules that relate fields (``min <=
+    max``, ``warmup < max_steps``). Every message names the field by ``prefix`` + its dotted path.
+
+    Args:
+        cfg: A config dataclass (the loader's tree, or one built in code).
+        prefix: The dotted key ``cfg`` sits under, as the user types it (``"data."``).
+
+    Raises:
+        ConfigError: The first value out of bounds or rule broken, in one line.
+    """
+    _check_bounds(cfg, prefix)
+    _check_rules(cfg, prefix)
+
+
+def _check_bounds(cfg: Any, prefix: str) -> None:
+    hints = _hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            _validate(value, prefix + f.name + ".")
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
+            _check_bounds(value, f"{prefix}{f.name}.")
+            continue
+        _convert(value, hints[f.name], prefix + f.name)  # a config built in code has not been converted
+        b = bounds_of(f)
+        why = b.violation(value)
+        if why is not None:
+            shown = list(value) if isinstance(value, tuple) else value
+            if b.rule:  # the field's own wording; "{value}" in it stands for the value given
+                why = b.rule.format(value=repr(shown)) if "{value}" in b.rule else f"{b.rule}, got {shown!r}"
+            raise ConfigError(f"{prefix}{f.name}: {why}")
+
+
+def _check_rules(cfg: Any, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_rules(value, f"{prefix}{f.name}.")
+    check = getattr(cfg, "check_fields", None)
+    if callable(check):
+        try:
+            check()
+        except FieldError as e:
+            raise ConfigError(f"{prefix}{e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +438,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overri
         _set_dotted(data, key, value)
     try:
         cfg = _build(cls, data)
-        _validate(cfg)
+        validate(cfg)
     except ConfigError as e:
         if path is not None:
             raise ConfigError(f"{path}: {e}") from None
@@ -305,7 +458,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         ConfigError: Unknown key, wrong type or value out of range.
     """
     cfg = _build(cls, dict(data), prefix)
-    _validate(cfg)
+    validate(cfg, prefix)
     return cfg
 
 
@@ -325,7 +478,9 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         default = f.default if f.default is not _MISSING else f.default_factory()  # type: ignore[misc]
         shown = repr(to_dict(default) if dataclasses.is_dataclass(default) else default)
-        rows.append((prefix + f.name, shown, f"{f.metadata.get('help', '')} [{_type_name(tp)}]"))
+        allowed = bounds_of(f).describe()
+        kind = f"{_type_name(tp)}, {allowed}" if allowed else _type_name(tp)
+        rows.append((prefix + f.name, shown, f"{f.metadata.get('help', '')} [{kind}]"))
     return rows
 
 

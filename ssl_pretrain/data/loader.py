@@ -60,7 +60,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.config import option, validate
 from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.shardformat import (
     CorruptShardError,
@@ -84,9 +84,9 @@ class LoaderConfig:
     """Streaming loader settings (the ``data:`` section of the pretraining config)."""
 
     shards: str = option("", "shard directory, brace pattern, or pipe: URL(s)")
-    batch_size: int = option(32, "per-rank micro batch")
-    num_workers: int = option(2, "DataLoader worker processes (0 = in-process)")
-    shuffle_buffer: int = option(1000, "sample shuffle buffer per worker (≤1: off)")
+    batch_size: int = option(32, "per-rank micro batch", ge=1)
+    num_workers: int = option(2, "DataLoader worker processes (0 = in-process)", ge=0)
+    shuffle_buffer: int = option(1000, "sample shuffle buffer per worker (≤1: off)", ge=0)
     mode: Literal["resampled", "epoch"] = option(
         "resampled", "resampled: infinite stream; epoch: each sample once per epoch"
     )
@@ -94,21 +94,13 @@ class LoaderConfig:
     verify: Literal["none", "size", "sha256"] = option(
         "sha256", "check each shard against the manifest when opened: none, size (cheap) or size and sha256"
     )
-    seed: int = option(0, "seed of shard order and sample shuffle")
+    seed: int = option(0, "seed of shard order and sample shuffle", ge=0)
     split: str = option("train", "split to read when shards has train/ and val/")
     manifest: str = option("", "manifest.json for URL patterns (default: beside them)")
     labels: bool = option(True, "deliver 'label' when every sample has one")
-    prefetch_factor: int = option(2, "batches prefetched per worker")
+    prefetch_factor: int = option(2, "batches prefetched per worker", ge=1)
     pin_memory: bool = option(False, "pin batches (GPU hosts)")
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values."""
-        for name in ("batch_size", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "shuffle_buffer", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +464,7 @@ class PretrainLoader:
     def __init__(self, cfg: LoaderConfig, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
-        cfg.validate()  # a config built in code has not been through the config loader
+        validate(cfg, "data.")  # a config built in code has not been through the config loader
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.urls, manifest = resolve_shards(cfg)

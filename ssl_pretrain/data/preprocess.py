@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_pretrain.config import ConfigError, from_dict, option, to_dict
+from ssl_pretrain.config import ConfigError, FieldError, from_dict, option, to_dict, validate
 
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -63,41 +63,40 @@ class InputError(ValueError):
 class PreprocessParams:
     """Deterministic preprocessing of one volume (stored in manifests and model exports).
 
-    A config dataclass like every other (``option`` fields, :meth:`validate`, :class:`ConfigError`):
+    A config dataclass like every other (``option`` fields with bounds, :class:`ConfigError`):
     build it from a dict with :meth:`from_dict`, which converts and validates; ``launch/make_shards.py``
     derives its flags from these fields.
     """
 
-    spacing: SpacingHW = option((1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)")
-    size: tuple[int, int] = option((256, 256), "output (H, W) after centre crop/pad (field_of_view=pad: the patch)")
+    spacing: SpacingHW = option(
+        (1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)", gt=0, length=2,
+        rule="{value} must be two positive floats",
+    )
+    size: tuple[int, int] = option(
+        (256, 256), "output (H, W) after centre crop/pad (field_of_view=pad: the patch)", ge=1, length=2,
+        rule="{value} must be two positive ints",
+    )
     norm: Literal["zscore", "minmax"] = option(
         "zscore", "zscore: mean 0, std 1 per channel and volume; minmax: [0, 1]"
     )
-    clip: tuple[float, float] = option((0.5, 99.5), "intensity percentiles (low, high) clipped before normalising")
-    channels: tuple[int, ...] | None = option(None, "channel indices kept from a 4D input; null keeps all")
+    clip: tuple[float, float] = option(
+        (0.5, 99.5), "intensity percentiles (low, high) clipped before normalising",
+        ge=0, le=100, length=2,
+    )
+    channels: tuple[int, ...] | None = option(
+        None, "channel indices kept from a 4D input; null keeps all", ge=0, length=(1, None)
+    )
     field_of_view: Literal["crop", "pad"] = option(
         "crop",
         "crop: centre-crop/pad every slice to size (fixed-size shards); pad: keep the whole resampled slice, "
         "padded only up to size where smaller (finetuning, evaluation, prediction)",
     )
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values (keys named ``preprocess.<field>``)."""
-        if self.field_of_view not in ("crop", "pad"):
-            raise ConfigError(f"preprocess.field_of_view: must be one of 'crop', 'pad'; got {self.field_of_view!r}")
-        _check_pair("spacing", self.spacing, float, positive=True)
-        _check_pair("size", self.size, int, positive=True)
-        if self.norm not in ("zscore", "minmax"):
-            raise ConfigError(f"preprocess.norm: must be one of 'zscore', 'minmax'; got {self.norm!r}")
-        _check_pair("clip", self.clip, float, positive=False)
+    def check_fields(self) -> None:
+        """The percentiles must be ordered (each value's bounds are checked by the config loader)."""
         lo, hi = self.clip
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ConfigError(f"preprocess.clip: {list(self.clip)} must be percentiles 0 <= low < high <= 100")
-        if self.channels is not None:
-            if not isinstance(self.channels, (tuple, list)) or not self.channels:
-                raise ConfigError(f"preprocess.channels: {self.channels!r} must be null or a non-empty list")
-            if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.channels):
-                raise ConfigError(f"preprocess.channels: {list(self.channels)} must be non-negative integers")
+        if lo >= hi:
+            raise FieldError(f"clip: {list(self.clip)} must be percentiles 0 <= low < high <= 100")
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (tuples become lists); :func:`ssl_pretrain.config.to_dict`."""
@@ -113,19 +112,6 @@ class PreprocessParams:
         if not isinstance(d, dict):
             raise ConfigError(f"preprocess: expected a mapping, got {type(d).__name__}")
         return from_dict(cls, d, "preprocess.")
-
-
-def _check_pair(name: str, value: Any, kind: type, *, positive: bool) -> None:
-    ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    if ok and kind is int:
-        ok = all(float(v).is_integer() for v in value)
-    if ok and positive:
-        ok = all(v > 0 for v in value)
-    if not ok:
-        what = "positive " if positive else ""
-        shown = list(value) if isinstance(value, tuple) else value
-        raise ConfigError(f"preprocess.{name}: {shown!r} must be two {what}{kind.__name__}s")
 
 
 @dataclass
@@ -298,7 +284,7 @@ def preprocess(
     Example:
         >>> vol = preprocess("img.nii.gz", PreprocessParams(size=(64, 64)))  # doctest: +SKIP
     """
-    params.validate()  # parameters built in code have not been through from_dict
+    validate(params, "preprocess.")  # parameters built in code have not been through from_dict
     image_path = Path(image_path)
     img = load_nifti(image_path)
     data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)

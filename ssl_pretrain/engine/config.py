@@ -14,82 +14,60 @@ from typing import Any, Literal
 
 import torch
 
-from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.config import ConfigError, FieldError, option
 from ssl_pretrain.data.loader import LoaderConfig
 from ssl_pretrain.engine.probe import ProbeConfig
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.registry import TASKS
 
-__all__ = ["TrainConfig", "PretrainConfig", "BatchPlan", "batch_plan", "resolve_precision", "deepspeed_config"]
+__all__ = ["PretrainTrainConfig", "PretrainConfig", "BatchPlan", "batch_plan", "resolve_precision", "deepspeed_config"]
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 @dataclass
-class TrainConfig:
+class PretrainTrainConfig:
     """Optimisation, precision, parallelism and the rhythm of logs / checkpoints / figures."""
 
-    max_steps: int = option(1000, "optimizer steps of the whole run")
+    max_steps: int = option(1000, "optimizer steps of the whole run", ge=1)
     batch_size: int | None = option(
-        None, "global batch per optimizer step; null = data.batch_size × grad_accum × world size"
+        None, "global batch per optimizer step; null = data.batch_size × grad_accum × world size", ge=1
     )
-    grad_accum: int = option(1, "micro batches accumulated per optimizer step")
+    grad_accum: int = option(1, "micro batches accumulated per optimizer step", ge=1)
     optimizer: Literal["AdamW", "LAMB"] = option("AdamW", "AdamW (torch) or LAMB (DeepSpeed FusedLamb, GPU only)")
-    lr: float = option(1e-3, "peak learning rate")
-    min_lr_ratio: float = option(0.01, "cosine decay ends at lr × min_lr_ratio")
-    warmup_steps: int = option(100, "linear warmup steps")
-    weight_decay: float = option(1e-4, "decoupled weight decay")
-    betas: tuple[float, ...] = option((0.9, 0.999), "Adam / LAMB betas")
-    grad_clip: float = option(1.0, "gradient norm clipping; 0 turns it off")
-    zero_stage: int = option(0, "DeepSpeed ZeRO stage 0, 1 or 2")
+    lr: float = option(1e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = option(0.01, "cosine decay ends at lr × min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = option(100, "linear warmup steps", ge=0)
+    weight_decay: float = option(1e-4, "decoupled weight decay", ge=0)
+    betas: tuple[float, ...] = option((0.9, 0.999), "Adam / LAMB betas", ge=0, lt=1, length=2,
+                                     rule="need two values in [0, 1)")
+    grad_clip: float = option(1.0, "gradient norm clipping; 0 turns it off", ge=0)
+    zero_stage: int = option(0, "DeepSpeed ZeRO stage 0, 1 or 2", choices=(0, 1, 2))
     precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto: bf16 on GPUs that support it, else fp32")
     cpu_threads: int | None = option(
-        None, "intra-op threads per CPU rank; null = OMP_NUM_THREADS or cores / ranks on the node"
+        None, "intra-op threads per CPU rank; null = OMP_NUM_THREADS or cores / ranks on the node", ge=1
     )
     deepspeed_config: str | None = option(
         None, "your own DeepSpeed JSON; replaces the derived one (its batch keys must agree with this config)"
     )
-    log_every: int = option(10, "steps between metric logs")
-    ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = option(2, "how many checkpoints to keep")
-    image_every: int = option(500, "steps between task figures (PNG)")
-    export_every: int = option(0, "steps between intermediate exports export/step-NNNNNNN/model.pt; 0 = none")
+    log_every: int = option(10, "steps between metric logs", ge=1)
+    ckpt_every: int = option(500, "steps between checkpoints (one is always written at the end)", ge=1)
+    keep_checkpoints: int = option(2, "how many checkpoints to keep", ge=1)
+    image_every: int = option(500, "steps between task figures (PNG)", ge=1)
+    export_every: int = option(0, "steps between intermediate exports export/step-NNNNNNN/model.pt; 0 = none", ge=0)
     collapse_std: float = option(
-        0.1, "collapse warning when health/std_norm (std of the normalised projections × √d, ≈ 1 healthy) is below this"
+        0.1,
+        "collapse warning when health/std_norm (std of the normalised projections × √d, ≈ 1 healthy) is below this",
+        ge=0,
     )
-    collapse_logs: int = option(3, "consecutive logs below collapse_std before the collapse warning")
+    collapse_logs: int = option(3, "consecutive logs below collapse_std before the collapse warning", ge=1)
     check_replicas: bool = option(True, "at the end, check that every rank holds identical parameters")
     track_samples: bool = option(False, "record which slices each rank saw (summary.json; for small test runs)")
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values."""
-        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "image_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.export_every < 0:
-            raise ConfigError(f"train.export_every: must be >= 0 (0 = none), got {self.export_every}")
-        if self.collapse_logs < 1:
-            raise ConfigError(f"train.collapse_logs: must be >= 1, got {self.collapse_logs}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ConfigError(f"train.cpu_threads: must be >= 1 or null, got {self.cpu_threads}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"train.batch_size: must be >= 1 or null, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"train.betas: need two values in [0, 1), got {list(self.betas)}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"train.grad_clip: must be >= 0, got {self.grad_clip}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"train.zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+    def check_fields(self) -> None:
+        """The rule no bound can say: a user DeepSpeed JSON must exist."""
         if self.deepspeed_config is not None and not Path(self.deepspeed_config).is_file():
-            raise ConfigError(f"train.deepspeed_config: file not found: {self.deepspeed_config}")
+            raise FieldError(f"deepspeed_config: file not found: {self.deepspeed_config}")
 
 
 def _task_sections(cls: type) -> type:
@@ -112,7 +90,7 @@ class PretrainConfig:
     """
 
     out_dir: str = option("runs/pretrain", "everything the run writes goes under it")
-    seed: int = option(0, "random seed (model init; augmentations use seed + rank)")
+    seed: int = option(0, "random seed (model init; augmentations use seed + rank)", ge=0)
     task: str = option("contrastive", "pretext task")
     resume: Literal["never", "auto"] = option(
         "auto", "auto: continue from out_dir's latest checkpoint if there is one; never: out_dir must hold none"
@@ -122,13 +100,13 @@ class PretrainConfig:
     track: bool = option(True, "log to MLflow on rank 0 (honours MLFLOW_TRACKING_URI)")
     data: LoaderConfig = option(factory=LoaderConfig, help="shards and streaming")
     model: UNetConfig = option(factory=UNetConfig, help="UNet architecture")
-    train: TrainConfig = option(factory=TrainConfig, help="optimisation and rhythm")
+    train: PretrainTrainConfig = option(factory=PretrainTrainConfig, help="optimisation and rhythm")
     probe: ProbeConfig = option(factory=ProbeConfig, help="segmentation probe on a few labeled volumes")
 
-    def validate(self) -> None:
-        """Cross-field checks (the nested dataclasses check their own fields)."""
+    def check_fields(self) -> None:
+        """Rules across sections (each field's bounds are checked by the loader)."""
         if self.train.warmup_steps >= self.train.max_steps and self.train.max_steps > 1:
-            raise ConfigError(
+            raise FieldError(
                 f"train.warmup_steps: must be < train.max_steps ({self.train.max_steps}), got {self.train.warmup_steps}"
             )
         check_model = getattr(self.task_config, "check_model", None)

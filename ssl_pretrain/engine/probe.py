@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.config import FieldError, option
 
 __all__ = ["ProbeConfig", "SegmentationProbe", "dice_per_class"]
 
@@ -52,23 +52,18 @@ class ProbeConfig:
     """The segmentation probe during pretraining (off while ``root`` is empty)."""
 
     root: str = option("", "labeled dataset (MSD dataset.json or its folder) for the probe; empty = no probe")
-    every: int = option(500, "steps between probes (and one at step 0: the random-init reference)")
-    steps: int = option(100, "Adam steps of the probe head")
-    lr: float = option(0.05, "learning rate of the probe head")
-    pixels: int = option(8192, "training pixels per head step, drawn from all training slices")
-    n_train: int = option(2, "labeled volumes the head is trained on")
-    n_eval: int = option(4, "held-out labeled volumes it is scored on")
-    seed: int = option(0, "seed of the subject split, the head's initialisation and its mini-batches")
+    every: int = option(500, "steps between probes (and one at step 0: the random-init reference)", ge=1)
+    steps: int = option(100, "Adam steps of the probe head", ge=1)
+    lr: float = option(0.05, "learning rate of the probe head", gt=0)
+    pixels: int = option(8192, "training pixels per head step, drawn from all training slices", ge=1)
+    n_train: int = option(2, "labeled volumes the head is trained on", ge=1)
+    n_eval: int = option(4, "held-out labeled volumes it is scored on", ge=1)
+    seed: int = option(0, "seed of the subject split, the head's initialisation and its mini-batches", ge=0)
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values or a missing ``root``."""
-        for name in ("every", "steps", "pixels", "n_train", "n_eval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"probe.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"probe.lr: must be > 0, got {self.lr}")
+    def check_fields(self) -> None:
+        """A given ``root`` must exist (the bounds are checked by the config loader)."""
         if self.root and not Path(self.root).exists():
-            raise ConfigError(f"probe.root: {self.root} not found (expected a labeled dataset folder or dataset.json)")
+            raise FieldError(f"root: {self.root} not found (expected a labeled dataset folder or dataset.json)")
 
     @property
     def enabled(self) -> bool:

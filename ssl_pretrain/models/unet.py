@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ssl_pretrain.config import ConfigError, from_dict, option
+from ssl_pretrain.config import from_dict, option
 
 __all__ = ["UNetConfig", "Encoder", "Decoder", "UNet"]
 
@@ -22,18 +22,13 @@ __all__ = ["UNetConfig", "Encoder", "Decoder", "UNet"]
 class UNetConfig:
     """Architecture of the 2D UNet (stored in every export)."""
 
-    in_channels: int = option(1, "input channels (MRI contrasts); must match the shards")
-    widths: tuple[int, ...] = option((32, 64, 128, 256, 512), "channels per level; depth = len(widths)")
+    in_channels: int = option(1, "input channels (MRI contrasts); must match the shards", ge=1)
+    widths: tuple[int, ...] = option(
+        (32, 64, 128, 256, 512), "channels per level; depth = len(widths)", ge=1, length=(2, None),
+        rule="need at least 2 positive widths",
+    )
     norm: Literal["instance", "batch"] = option("instance", "normalisation layer")
-    dropout: float = option(0.0, "dropout probability in the bottleneck")
-
-    def validate(self) -> None:
-        if self.in_channels < 1:
-            raise ConfigError(f"model.in_channels: must be >= 1, got {self.in_channels}")
-        if len(self.widths) < 2 or any(w < 1 for w in self.widths):
-            raise ConfigError(f"model.widths: need at least 2 positive widths, got {list(self.widths)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+    dropout: float = option(0.0, "dropout probability in the bottleneck", ge=0, lt=1)
 
     @property
     def depth(self) -> int:

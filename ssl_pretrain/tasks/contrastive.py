@@ -25,7 +25,7 @@ from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.health import contrastive_health
-from ssl_pretrain.tasks.views import AugmentConfig, matching_points, sample_at, two_views
+from ssl_pretrain.tasks.views import ContrastiveAugmentConfig, matching_points, sample_at, two_views
 
 __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
 
@@ -34,32 +34,22 @@ __all__ = ["ContrastiveConfig", "ContrastiveTask", "partition_groups"]
 class ContrastiveConfig:
     """Options of the contrastive task."""
 
-    temperature: float = option(0.1, "NT-Xent temperature of the global loss")
-    proj_hidden: int = option(256, "hidden width of the projection MLP")
-    proj_dim: int = option(128, "embedding size of the projection head")
+    temperature: float = option(0.1, "NT-Xent temperature of the global loss", gt=0)
+    proj_hidden: int = option(256, "hidden width of the projection MLP", ge=1)
+    proj_dim: int = option(128, "embedding size of the projection head", ge=1)
     positives: Literal["views", "partition"] = option(
         "views", "positives: the two views only, or also same-partition slices (needs position in meta)"
     )
-    partitions: int = option(4, "number of relative-position partitions per volume (positives=partition)")
-    local_weight: float = option(0.0, "weight of the local (decoder) contrastive loss; 0 turns it off")
-    local_level: int = option(-2, "decoder level of the local loss (index into coarsest→finest, -1 = full res)")
-    local_points: int = option(16, "points per slice in the local loss")
-    local_dim: int = option(64, "embedding size of the local head")
-    local_temperature: float = option(0.1, "NT-Xent temperature of the local loss")
-    augment: AugmentConfig = option(factory=AugmentConfig, help="view augmentations")
-
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values."""
-        for name in ("temperature", "local_temperature"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"contrastive.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("proj_hidden", "proj_dim", "local_dim", "local_points"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"contrastive.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.partitions < 2:
-            raise ConfigError(f"contrastive.partitions: must be >= 2, got {self.partitions}")
-        if self.local_weight < 0:
-            raise ConfigError(f"contrastive.local_weight: must be >= 0, got {self.local_weight}")
+    partitions: int = option(4, "number of relative-position partitions per volume (positives=partition)", ge=2)
+    local_weight: float = option(0.0, "weight of the local (decoder) contrastive loss; 0 turns it off", ge=0)
+    local_level: int = option(
+        -2, "decoder level of the local loss (index into coarsest→finest, -1 = full res)",
+        unbounded="its range depends on model.widths: checked against the UNet by check_model",
+    )
+    local_points: int = option(16, "points per slice in the local loss", ge=1)
+    local_dim: int = option(64, "embedding size of the local head", ge=1)
+    local_temperature: float = option(0.1, "NT-Xent temperature of the local loss", gt=0)
+    augment: ContrastiveAugmentConfig = option(factory=ContrastiveAugmentConfig, help="view augmentations")
 
     def check_model(self, model_cfg: UNetConfig) -> None:
         """Raise ConfigError when the local loss's ``local_level`` is not a level of this UNet's decoder."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.config import ConfigError, FieldError, option, validate
 from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
@@ -56,39 +56,24 @@ class RegressionConfig:
     """Options of the regression (restoration) task."""
 
     loss: Literal["l2", "l1"] = option("l2", "restoration loss over the image")
-    intensity_prob: float = option(0.9, "probability of the non-linear intensity transform")
-    shuffle_prob: float = option(0.5, "probability of local pixel shuffling")
-    shuffle_block: int = option(4, "block side (pixels) of local pixel shuffling")
-    shuffle_fraction: float = option(0.3, "fraction of blocks shuffled")
-    paint_prob: float = option(0.9, "probability of in- or out-painting")
-    inpaint_ratio: float = option(0.5, "share of in-painting among paintings (the rest is out-painting)")
-    paint_boxes: int = option(3, "boxes per in-/out-painting")
-    swap_prob: float = option(0.5, "probability of context restoration (patch swapping)")
-    swap_count: int = option(8, "patch pairs swapped")
-    swap_size: float = option(0.125, "swapped patch side as a fraction of the slice side")
-    mask_ratio: float = option(0.0, "share of mask_patch tiles masked per sample, in [0, 1) (0 = no masking)")
-    mask_patch: int = option(8, "side (pixels) of the square tiles that masking removes")
+    intensity_prob: float = option(0.9, "probability of the non-linear intensity transform", ge=0, le=1)
+    shuffle_prob: float = option(0.5, "probability of local pixel shuffling", ge=0, le=1)
+    shuffle_block: int = option(4, "block side (pixels) of local pixel shuffling", ge=1)
+    shuffle_fraction: float = option(0.3, "fraction of blocks shuffled", ge=0, le=1)
+    paint_prob: float = option(0.9, "probability of in- or out-painting", ge=0, le=1)
+    inpaint_ratio: float = option(0.5, "share of in-painting among paintings (the rest is out-painting)", ge=0, le=1)
+    paint_boxes: int = option(3, "boxes per in-/out-painting", ge=1)
+    swap_prob: float = option(0.5, "probability of context restoration (patch swapping)", ge=0, le=1)
+    swap_count: int = option(8, "patch pairs swapped", ge=1)
+    swap_size: float = option(0.125, "swapped patch side as a fraction of the slice side", gt=0, le=0.5)
+    mask_ratio: float = option(0.0, "share of mask_patch tiles masked per sample (0 = no masking)", ge=0, lt=1)
+    mask_patch: int = option(8, "side (pixels) of the square tiles that masking removes", ge=1)
     mask_loss: Literal["all", "masked"] = option("all", "pixels the loss is averaged over: all, or the masked only")
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values."""
-        for name in ("intensity_prob", "shuffle_prob", "shuffle_fraction", "paint_prob", "inpaint_ratio",
-                     "swap_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"regression.{name}: must be in [0, 1], got {v}")
-        for name in ("shuffle_block", "paint_boxes", "swap_count"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"regression.{name}: must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.swap_size <= 0.5:
-            raise ConfigError(f"regression.swap_size: must be in (0, 0.5], got {self.swap_size}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"regression.mask_ratio: must be in [0, 1), got {self.mask_ratio}")
-        if self.mask_patch < 1:
-            raise ConfigError(f"regression.mask_patch: must be >= 1, got {self.mask_patch}")
+    def check_fields(self) -> None:
+        """The rule across fields (the bounds are checked by the config loader)."""
         if self.mask_loss == "masked" and self.mask_ratio == 0.0:
-            raise ConfigError("regression.mask_loss: 'masked' needs regression.mask_ratio > 0 (nothing is masked at 0)")
-
+            raise FieldError("mask_loss: 'masked' needs regression.mask_ratio > 0 (nothing is masked at 0)")
 
 def _rand(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.rand(shape, generator=g, device=device)
@@ -275,7 +260,7 @@ class RegressionTask(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        cfg.validate()  # configs built in code skip load_config's check; mask_loss=masked needs a mask
+        validate(cfg, "regression.")  # configs built in code skip load_config's check; mask_loss=masked needs a mask
         self.model_cfg = model_cfg
         self.cfg = cfg
         unet = UNet(model_cfg, out_channels=model_cfg.in_channels)

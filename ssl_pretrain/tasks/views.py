@@ -24,67 +24,59 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ssl_pretrain.config import ConfigError, option
+from ssl_pretrain.config import FieldError, option
 from ssl_pretrain.tasks.intensity import bezier_remap, bias_field
 
-__all__ = ["AugmentConfig", "random_view", "two_views", "matching_points", "sample_at"]
+__all__ = ["ContrastiveAugmentConfig", "random_view", "two_views", "matching_points", "sample_at"]
 
 
 @dataclass
-class AugmentConfig:
+class ContrastiveAugmentConfig:
     """Ranges of the random view augmentations (SimCLR-style, tuned down for MRI)."""
 
-    crop_scale: tuple[float, ...] = option((0.5, 1.0), "random resized crop: (min, max) area fraction kept")
-    crop_ratio: tuple[float, ...] = option((0.75, 1.333), "random resized crop: (min, max) aspect ratio")
-    flip_prob: float = option(0.5, "probability of a left-right flip")
-    vflip_prob: float = option(
-        0.0, "probability of an up-down flip (off: slices are in canonical RAS, upside-down anatomy is implausible)"
+    crop_scale: tuple[float, ...] = option(
+        (0.5, 1.0), "random resized crop: (min, max) area fraction kept", gt=0, le=1, length=2
     )
-    rotate_deg: float = option(10.0, "small rotation: angle drawn uniformly in ±rotate_deg degrees")
-    brightness: float = option(0.2, "brightness shift: ± this many image standard deviations")
-    contrast: float = option(0.2, "contrast factor drawn in 1 ± contrast")
-    gamma: float = option(0.3, "gamma drawn as exp(U(-gamma, gamma)), applied on the min-max rescaled image")
-    noise_std: float = option(0.05, "Gaussian noise std, as a fraction of the image standard deviation")
-    blur_prob: float = option(0.3, "probability of a Gaussian blur")
-    blur_sigma: tuple[float, ...] = option((0.3, 1.0), "blur sigma range in pixels")
+    crop_ratio: tuple[float, ...] = option(
+        (0.75, 1.333), "random resized crop: (min, max) aspect ratio", gt=0, length=2
+    )
+    flip_prob: float = option(0.5, "probability of a left-right flip", ge=0, le=1)
+    vflip_prob: float = option(
+        0.0, "probability of an up-down flip (off: slices are in canonical RAS, upside-down anatomy is implausible)",
+        ge=0, le=1,
+    )
+    rotate_deg: float = option(10.0, "small rotation: angle drawn uniformly in ±rotate_deg degrees", ge=0)
+    brightness: float = option(0.2, "brightness shift: ± this many image standard deviations", ge=0)
+    contrast: float = option(0.2, "contrast factor drawn in 1 ± contrast", ge=0, lt=1)
+    gamma: float = option(0.3, "gamma drawn as exp(U(-gamma, gamma)), applied on the min-max rescaled image", ge=0)
+    noise_std: float = option(0.05, "Gaussian noise std, as a fraction of the image standard deviation", ge=0)
+    blur_prob: float = option(0.3, "probability of a Gaussian blur", ge=0, le=1)
+    blur_sigma: tuple[float, ...] = option((0.3, 1.0), "blur sigma range in pixels", gt=0, length=2)
     remap_prob: float = option(
-        0.0, "probability of a random monotone Bézier intensity remap on the min-max rescaled image (0 = off)"
+        0.0, "probability of a random monotone Bézier intensity remap on the min-max rescaled image (0 = off)",
+        ge=0, le=1,
     )
     invert_prob: float = option(
-        0.0, "probability that a remap is a decreasing curve (contrast inversion-like, T1 vs T2); needs remap_prob > 0"
+        0.0, "probability that a remap is a decreasing curve (contrast inversion-like, T1 vs T2); needs remap_prob > 0",
+        ge=0, le=1,
     )
     bias_field: float = option(
-        0.0, "MRI bias field: exp(Legendre polynomial in x, y), coefficients drawn in ± this (0 = off)"
+        0.0, "MRI bias field: exp(Legendre polynomial in x, y), coefficients drawn in ± this (0 = off)", ge=0
     )
-    bias_order: int = option(3, "polynomial degree of the bias field")
+    bias_order: int = option(3, "polynomial degree of the bias field", ge=1)
 
-    def validate(self) -> None:
-        """Raise ConfigError for out-of-range values."""
-        lo_hi = self.crop_scale
-        if len(lo_hi) != 2 or not (0.0 < lo_hi[0] <= lo_hi[1] <= 1.0):
-            raise ConfigError(f"contrastive.augment.crop_scale: need 0 < min <= max <= 1, got {list(lo_hi)}")
-        if len(self.crop_ratio) != 2 or not (0.0 < self.crop_ratio[0] <= self.crop_ratio[1]):
-            raise ConfigError(f"contrastive.augment.crop_ratio: need 0 < min <= max, got {list(self.crop_ratio)}")
-        if len(self.blur_sigma) != 2 or not (0.0 < self.blur_sigma[0] <= self.blur_sigma[1]):
-            raise ConfigError(f"contrastive.augment.blur_sigma: need 0 < min <= max, got {list(self.blur_sigma)}")
-        for name in ("flip_prob", "vflip_prob", "blur_prob", "remap_prob", "invert_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"contrastive.augment.{name}: must be in [0, 1], got {v}")
-        for name in ("rotate_deg", "brightness", "contrast", "gamma", "noise_std", "bias_field"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"contrastive.augment.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.contrast >= 1.0:
-            raise ConfigError(f"contrastive.augment.contrast: must be < 1, got {self.contrast}")
-        if self.bias_order < 1:
-            raise ConfigError(f"contrastive.augment.bias_order: must be >= 1, got {self.bias_order}")
-
+    def check_fields(self) -> None:
+        """Ranges must be ordered (each value's bounds are checked by the config loader)."""
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise FieldError(f"{name}: need min <= max, got {[lo, hi]}")
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
 
 
-def _random_theta(b: int, cfg: AugmentConfig, g: torch.Generator, device: torch.device) -> torch.Tensor:
+def _random_theta(b: int, cfg: ContrastiveAugmentConfig, g: torch.Generator, device: torch.device) -> torch.Tensor:
     """Per-sample affine ``(B, 2, 3)``: random resized crop, flips, rotation."""
     area = _uniform(b, cfg.crop_scale[0], cfg.crop_scale[1], g, device)
     log_ratio = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), g, device)
@@ -122,7 +114,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> to
     return y.reshape(b, c, h, w)
 
 
-def random_view(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def random_view(
+    x: torch.Tensor, cfg: ContrastiveAugmentConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One random view of every sample of a batch.
 
     Args:
@@ -172,7 +166,7 @@ def random_view(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> tupl
 
 
 def two_views(
-    x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
+    x: torch.Tensor, cfg: ContrastiveAugmentConfig, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two independent random views of every slice: ``(v0, v1, theta0, theta1)``, see :func:`random_view`."""
     v0, t0 = random_view(x, cfg, g)

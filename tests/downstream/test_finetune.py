@@ -272,10 +272,10 @@ def test_transfer_parts_and_pretrained_lr_scale(cohort: Path, tmp_path: Path) ->
 def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
     import numpy as np
 
-    from downstream.config import AugmentConfig
+    from downstream.config import FinetuneAugmentConfig
     from downstream.finetune import augment, build_augmentation
 
-    always = AugmentConfig(**{f: 1.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    always = FinetuneAugmentConfig(**{f: 1.0 for f in FinetuneAugmentConfig.__dataclass_fields__ if f.startswith("p_")})
     transforms = build_augmentation(always, (32, 32))
     image = torch.randn(3, 1, 32, 32)
     label = torch.zeros(3, 32, 32, dtype=torch.long)

@@ -12,14 +12,10 @@ from ssl_pretrain.config import ConfigError, flatten, load_config, option, parse
 
 @dataclass
 class Train:
-    lr: float = option(1e-3, "peak learning rate")
+    lr: float = option(1e-3, "peak learning rate", gt=0)
     max_steps: int = option(10, "optimizer steps")
     optimizer: Literal["adamw", "lamb"] = option("adamw", "optimizer")
     widths: tuple[int, ...] = option((8, 16), "channel widths")
-
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
 
 
 @dataclass

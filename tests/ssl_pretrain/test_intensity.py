@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_pretrain.config import ConfigError
+from ssl_pretrain.config import ConfigError, validate
 from ssl_pretrain.tasks.regression import RegressionConfig, corrupt
-from ssl_pretrain.tasks.views import AugmentConfig, random_view, two_views
+from ssl_pretrain.tasks.views import ContrastiveAugmentConfig, random_view, two_views
 
 # geometry and the older intensity augmentations off: a view is the image, up to rounding
 IDENTITY = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, rotate_deg=0.0,
@@ -46,7 +46,7 @@ def test_defaults_reproduce_the_views_from_before_the_intensity_options() -> Non
     # recorded with the code before remap/bias_field existed (same image, seed 3)
     x = _image()
     g = torch.Generator().manual_seed(3)
-    v0, v1, _, t1 = two_views(x, AugmentConfig(), g)
+    v0, v1, _, t1 = two_views(x, ContrastiveAugmentConfig(), g)
     torch.testing.assert_close(v0.double().sum().item(), 41.14884543442167, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(v1.double().sum().item(), 361.2831840351573, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(v0.abs().double().sum().item(), 2513.5273360947613, rtol=1e-6, atol=1e-4)
@@ -60,12 +60,12 @@ def test_intensity_options_off_draw_nothing() -> None:
     # remap_prob = 0 and bias_field = 0 switch them off whatever their companion options say
     x = _image()
     g0, g1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    ref = two_views(x, AugmentConfig(), g0)
-    off = two_views(x, AugmentConfig(remap_prob=0.0, invert_prob=1.0, bias_field=0.0, bias_order=5), g1)
+    ref = two_views(x, ContrastiveAugmentConfig(), g0)
+    off = two_views(x, ContrastiveAugmentConfig(remap_prob=0.0, invert_prob=1.0, bias_field=0.0, bias_order=5), g1)
     for a, b in zip(ref, off, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(g0.get_state(), g1.get_state())
-    on = two_views(x, AugmentConfig(remap_prob=1.0), torch.Generator().manual_seed(1))
+    on = two_views(x, ContrastiveAugmentConfig(remap_prob=1.0), torch.Generator().manual_seed(1))
     assert not torch.allclose(on[0], ref[0])
 
 
@@ -93,8 +93,8 @@ def test_bias_field_is_a_smooth_per_sample_polynomial_field() -> None:
     mask = torch.ones(size, size, dtype=torch.bool)
     mask[0, 0] = False
     for order in (1, 3):
-        cfg = AugmentConfig(**IDENTITY, bias_field=0.3, bias_order=order)
-        cfg.validate()
+        cfg = ContrastiveAugmentConfig(**IDENTITY, bias_field=0.3, bias_order=order)
+        validate(cfg)
         v, _ = random_view(x, cfg, torch.Generator().manual_seed(0))
         field = v[:, 0]  # x - min = 1 off the minimum pixel
         assert v[:, 0, 0, 0].abs().max() < 1e-6  # the minimum stays where it was
@@ -113,7 +113,7 @@ def test_bias_field_is_a_smooth_per_sample_polynomial_field() -> None:
 
 def test_bias_field_multiplies_signal_above_the_minimum() -> None:
     x = _image(b=3)
-    cfg = AugmentConfig(**IDENTITY, bias_field=0.5)
+    cfg = ContrastiveAugmentConfig(**IDENTITY, bias_field=0.5)
     v, _ = random_view(x, cfg, torch.Generator().manual_seed(2))
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(v.amin(dim=(1, 2, 3), keepdim=True), lo)
@@ -125,8 +125,8 @@ def test_bias_field_multiplies_signal_above_the_minimum() -> None:
 def test_remap_keeps_or_reverses_the_pixel_order() -> None:
     b = 4
     x = _ramp(b)
-    up, _ = random_view(x, AugmentConfig(**IDENTITY, remap_prob=1.0), torch.Generator().manual_seed(0))
-    down, _ = random_view(x, AugmentConfig(**IDENTITY, remap_prob=1.0, invert_prob=1.0),
+    up, _ = random_view(x, ContrastiveAugmentConfig(**IDENTITY, remap_prob=1.0), torch.Generator().manual_seed(0))
+    down, _ = random_view(x, ContrastiveAugmentConfig(**IDENTITY, remap_prob=1.0, invert_prob=1.0),
                           torch.Generator().manual_seed(0))
     for i in range(b):
         xi, ui, di = x[i].flatten(), up[i].flatten(), down[i].flatten()
@@ -145,7 +145,7 @@ def test_remap_keeps_or_reverses_the_pixel_order() -> None:
 def test_remap_and_inversion_are_drawn_per_sample() -> None:
     b = 16
     x = _ramp(b)
-    v, _ = random_view(x, AugmentConfig(**IDENTITY, remap_prob=0.5, invert_prob=0.5),
+    v, _ = random_view(x, ContrastiveAugmentConfig(**IDENTITY, remap_prob=0.5, invert_prob=0.5),
                        torch.Generator().manual_seed(4))
     changed = (v - x).flatten(1).abs().amax(1) > 1e-3
     rho = torch.tensor([_spearman(x[i].flatten(), v[i].flatten()) for i in range(b)])
@@ -156,8 +156,8 @@ def test_remap_and_inversion_are_drawn_per_sample() -> None:
 
 def test_intensity_views_are_reproducible() -> None:
     x = _image()
-    cfg = AugmentConfig(remap_prob=0.5, invert_prob=0.3, bias_field=0.3)
-    cfg.validate()
+    cfg = ContrastiveAugmentConfig(remap_prob=0.5, invert_prob=0.3, bias_field=0.3)
+    validate(cfg)
     a = two_views(x, cfg, torch.Generator().manual_seed(7))
     b = two_views(x, cfg, torch.Generator().manual_seed(7))
     c = two_views(x, cfg, torch.Generator().manual_seed(8))
@@ -172,4 +172,4 @@ def test_intensity_views_are_reproducible() -> None:
 )
 def test_intensity_options_are_validated(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"^contrastive\.augment\.{key}: must be"):
-        AugmentConfig(**{key: value}).validate()
+        validate(ContrastiveAugmentConfig(**{key: value}), "contrastive.augment.")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_pretrain.config import ConfigError, load_config
+from ssl_pretrain.config import ConfigError, load_config, validate
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.regression import (
     RegressionConfig,
@@ -130,7 +130,7 @@ def test_masking_is_reproducible_for_the_same_generator() -> None:
 )
 def test_bad_mask_options_name_the_key(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        RegressionConfig(**overrides).validate()  # type: ignore[arg-type]
+        validate(RegressionConfig(**overrides), "regression.")  # type: ignore[arg-type]
 
 
 def test_mask_options_from_the_command_line() -> None:
@@ -153,7 +153,7 @@ def test_masks_that_make_no_sense_for_the_slice_fail_at_the_first_batch(
     ratio: float, patch: int, tiles: int, masked: int
 ) -> None:
     cfg = RegressionConfig(mask_ratio=ratio, mask_patch=patch)
-    cfg.validate()  # the slice size is not known before the first batch
+    validate(cfg, "regression.")  # the slice size is not known before the first batch
     with pytest.raises(ConfigError, match=rf"regression\.mask_patch: {patch}-pixel tiles of a 32×32 slice give "
                                           rf"{tiles} tile\(s\), of which mask_ratio={ratio} masks {masked}"):
         corrupt(_images(h=32, w=32), cfg, torch.Generator().manual_seed(0))

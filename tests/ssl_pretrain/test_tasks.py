@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssl_pretrain.config import validate
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead, ReconstructionHead
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask, partition_groups
 from ssl_pretrain.tasks.registry import TASKS, PretextTask, register_task
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask, corrupt
-from ssl_pretrain.tasks.views import AugmentConfig, matching_points, random_view, sample_at, two_views
+from ssl_pretrain.tasks.views import ContrastiveAugmentConfig, matching_points, random_view, sample_at, two_views
 
 TINY = UNetConfig(widths=(8, 16, 32))
 
@@ -37,8 +38,8 @@ def test_heads_shapes() -> None:
 
 def test_views_are_reproducible_and_different() -> None:
     x = _batch()["image"]
-    v0, v1, t0, t1 = two_views(x, AugmentConfig(), torch.Generator().manual_seed(3))
-    w0, w1, _, _ = two_views(x, AugmentConfig(), torch.Generator().manual_seed(3))
+    v0, v1, t0, t1 = two_views(x, ContrastiveAugmentConfig(), torch.Generator().manual_seed(3))
+    w0, w1, _, _ = two_views(x, ContrastiveAugmentConfig(), torch.Generator().manual_seed(3))
     assert v0.shape == x.shape and t0.shape == (6, 2, 3)
     assert torch.equal(v0, w0) and torch.equal(v1, w1)
     assert not torch.allclose(v0, v1)
@@ -47,9 +48,9 @@ def test_views_are_reproducible_and_different() -> None:
 
 def test_identity_augmentation_returns_the_image() -> None:
     x = _batch()["image"]
-    cfg = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, rotate_deg=0.0,
+    cfg = ContrastiveAugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_prob=0.0, rotate_deg=0.0,
                         brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, blur_prob=0.0)
-    cfg.validate()
+    validate(cfg)
     v, _ = random_view(x, cfg, torch.Generator().manual_seed(0))
     torch.testing.assert_close(v, x, atol=1e-4, rtol=1e-4)
 
@@ -60,7 +61,7 @@ def test_matching_points_see_the_same_image_content() -> None:
     size = 64
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     x = torch.stack([xs, ys])[None].repeat(4, 1, 1, 1)
-    cfg = AugmentConfig(brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, blur_prob=0.0)
+    cfg = ContrastiveAugmentConfig(brightness=0.0, contrast=0.0, gamma=0.0, noise_std=0.0, blur_prob=0.0)
     g = torch.Generator().manual_seed(1)
     v0, t0 = random_view(x, cfg, g)
     v1, t1 = random_view(x, cfg, g)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from data_helpers import blob_volume, save
 
-from ssl_pretrain.config import ConfigError
+from ssl_pretrain.config import ConfigError, validate
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess, to_original_grid
 
 
@@ -27,7 +27,7 @@ def test_params_roundtrip_and_validation() -> None:
     with pytest.raises(ConfigError, match=r"preprocess.size\[0\]: expected int, got 16.5"):
         PreprocessParams.from_dict({"size": [16.5, 32]})
     with pytest.raises(ConfigError, match="preprocess.clip"):
-        PreprocessParams(clip=(99.0, 1.0)).validate()
+        validate(PreprocessParams(clip=(99.0, 1.0)), "preprocess.")
     with pytest.raises(ConfigError, match="preprocess: expected a mapping"):
         PreprocessParams.from_dict([1, 2])  # type: ignore[arg-type]
 
