@@ -7,8 +7,10 @@ loadable with ``torch.load(path, weights_only=True)``:
 key                value
 =================  ==========================================================================
 format_version     :data:`EXPORT_FORMAT_VERSION`
-task               a pretext task of the task table (``"contrastive"``, ``"regression"``, ...),
-                   ``"random"`` or ``"segmentation"``
+task               what produced the weights, a plain string: a pretext task's name
+                   (``"contrastive"``, ``"regression"``, a task registered outside the package),
+                   ``"random"`` or ``"segmentation"``; only pretraining checks it against the task
+                   table, so loading an export never needs the pretext tasks
 model_config       :meth:`UNetConfig.to_dict`
 encoder            encoder state dict
 decoder            decoder state dict, or ``None`` when the task did not train it
@@ -35,7 +37,6 @@ from ssl_pretrain.config import ConfigError
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet, UNetConfig
-from ssl_pretrain.tasks.registry import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ __all__ = [
 ]
 
 EXPORT_FORMAT_VERSION = 1
-_OTHER_TASKS = ("random", "segmentation")  # besides the pretext tasks of the table: finetuning's
-
-
-def _tasks() -> tuple[str, ...]:
-    """Task names an export may carry: the pretext tasks of the task table, then finetuning's."""
-    return (*TASKS, *_OTHER_TASKS)
-
-
 _REQUIRED = ("format_version", "task", "model_config", "encoder", "decoder", "head", "num_classes",
              "preprocessing", "info")
 
@@ -100,8 +93,8 @@ def save_export(
     Returns:
         The written path.
     """
-    if task not in _tasks():
-        raise ValueError(f"task: must be one of {', '.join(_tasks())}; got {task!r}")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"task: a non-empty name of what produced the weights, got {task!r}")
     payload = {
         "format_version": EXPORT_FORMAT_VERSION,
         "task": task,
@@ -145,8 +138,8 @@ def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ExportError(f"{p}: export lacks keys {', '.join(missing)}")
-    if data["task"] not in _tasks():
-        raise ExportError(f"{p}: unknown task {data['task']!r}; expected one of {', '.join(_tasks())}")
+    if not isinstance(data["task"], str) or not data["task"]:
+        raise ExportError(f"{p}: task must be a non-empty string, got {data['task']!r}")
     try:
         data["model_config"] = UNetConfig.from_dict(data["model_config"])
     except ConfigError as e:
