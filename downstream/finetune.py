@@ -31,7 +31,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +39,31 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.config import FinetuneAugmentConfig, FinetuneConfig
+from downstream.config import FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare
-from downstream.metrics import dice_score, summarize, volume_metrics
-from downstream.model_refs import resolve_model_file
-from downstream.predict import choose_largest_component, keep_largest_component, predict_slices
+from downstream.figures import contour_figure
+from downstream.inference import choose_largest_component, evaluate, evaluate_test, load_init
+from downstream.metrics import summarize
+from downstream.patches import PatchSampler, augment, build_augmentation
+from downstream.state import (
+    CHECKPOINT,
+    FinetuneState,
+    check_same_config,
+    read_checkpoint,
+    result_config,
+    resume_source,
+    save_checkpoint,
+)
 from ssl_pretrain.config import flatten, save_config
-from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
-from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, load_export, save_export
-from ssl_pretrain.fileio import atomic_path, atomic_savefig, atomic_write_text
+from ssl_pretrain.data.preprocess import Volume
+from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, save_export
+from ssl_pretrain.fileio import atomic_savefig, atomic_write_text
 from ssl_pretrain.models.unet import UNet
 from ssl_pretrain.tracking import NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "finetune", "load_init", "FinetuneState", "read_checkpoint", "result_config", "InjectedFault", "EvalCallback",
-]
+__all__ = ["finetune", "InjectedFault", "EvalCallback"]
 
 EvalCallback = Callable[[dict[str, Any], "str | None"], None]
 """``on_eval(metrics, checkpoint_dir)``: called after every evaluation (with the checkpoint folder)
@@ -67,33 +75,6 @@ _FAULT_MARKER = ".fault_injected"
 
 class InjectedFault(RuntimeError):
     """Raised once by the ``train.inject_fault_at_step`` testing hook."""
-
-
-# ---------------------------------------------------------------------------------------------
-# init
-# ---------------------------------------------------------------------------------------------
-
-
-def load_init(init: str, download_dir: Path | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Load the export an ``init`` names.
-
-    Args:
-        init: ``random``, a path to an export, or an MLflow URI.
-        download_dir: Where MLflow artifacts go.
-
-    Returns:
-        ``(export dict or None for random, local path or "random")``.
-
-    Raises:
-        ValueError: The file does not exist, is not a compatible export, or the URI does not resolve.
-    """
-    if init == "random":
-        return None, "random"
-    path = resolve_model_file(init, download_dir, key="init")
-    try:
-        return load_export(path), str(path)
-    except ExportError as e:
-        raise ExportError(f"init: {e}") from None
 
 
 def _build_model(
@@ -119,123 +100,6 @@ def _build_model(
         raise ExportError(f"init: {e}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# batches and augmentation
-# ---------------------------------------------------------------------------------------------
-
-
-class PatchSampler:
-    """Draws training batches of ``size`` patches from whole slices; a share is centred on foreground.
-
-    Slices keep their whole field of view (any ``H, W`` at least ``size``); a foreground draw picks a
-    slice with foreground and centres the patch on one of its foreground pixels (clamped inside the
-    slice), the other draws pick any slice and a uniform patch position.
-
-    Args:
-        volumes: Training volumes (image ``(S, C, H, W)``, label ``(S, H, W)``; ``H, W`` may differ
-            between volumes).
-        batch_size: Patches per batch.
-        foreground_fraction: Share of each batch centred on foreground.
-        size: Patch ``(h, w)``.
-    """
-
-    def __init__(
-        self, volumes: list[Volume], batch_size: int, foreground_fraction: float, size: tuple[int, int]
-    ) -> None:
-        self.images = [torch.from_numpy(v.image) for v in volumes]
-        self.labels = [torch.from_numpy(v.label.astype(np.int64)) for v in volumes]
-        self.slices = [(vi, s) for vi, v in enumerate(volumes) for s in range(v.image.shape[0])]
-        self.fg = [i for i, (vi, s) in enumerate(self.slices) if bool(self.labels[vi][s].any())]
-        self.batch_size, self.size = batch_size, (int(size[0]), int(size[1]))
-        self.n_fg = round(batch_size * foreground_fraction) if self.fg else 0
-
-    def _corner(self, vi: int, s: int, centred: bool, gen: torch.Generator) -> tuple[int, int]:
-        (h, w), (big_h, big_w) = self.size, self.images[vi].shape[-2:]
-        if centred:
-            pix = torch.nonzero(self.labels[vi][s])
-            cy, cx = pix[int(torch.randint(len(pix), (1,), generator=gen))].tolist()
-            return min(max(cy - h // 2, 0), big_h - h), min(max(cx - w // 2, 0), big_w - w)
-        top = int(torch.randint(big_h - h + 1, (1,), generator=gen))
-        return top, int(torch.randint(big_w - w + 1, (1,), generator=gen))
-
-    def sample(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(image (B, C, h, w), label (B, h, w) int64)``."""
-        idx_any = torch.randint(len(self.slices), (self.batch_size - self.n_fg,), generator=gen).tolist()
-        idx_fg = [self.fg[i] for i in torch.randint(len(self.fg), (self.n_fg,), generator=gen).tolist()]
-        images, labels = [], []
-        for k, centred in [(i, True) for i in idx_fg] + [(i, False) for i in idx_any]:
-            vi, s = self.slices[k]
-            top, left = self._corner(vi, s, centred, gen)
-            h, w = self.size
-            images.append(self.images[vi][s, :, top : top + h, left : left + w])
-            labels.append(self.labels[vi][s, top : top + h, left : left + w])
-        return torch.stack(images), torch.stack(labels)
-
-
-def build_augmentation(aug: FinetuneAugmentConfig, size: tuple[int, int]) -> Any:
-    """The MONAI transforms of one ``{"image": (C, h, w), "label": (1, h, w)}`` training sample.
-
-    Affine and elastic deformation (image bilinear, label nearest), bias field, gamma, Gaussian noise
-    and smoothing, low-resolution simulation, left-right mirroring; ranges scale with
-    ``aug.strength``; shifts and the elastic grid follow the patch ``size``. Seeded per batch from the
-    run's generator (:func:`augment`), never globally.
-    """
-    from monai.transforms import (
-        Compose,
-        Rand2DElasticd,
-        RandAdjustContrastd,
-        RandAffined,
-        RandBiasFieldd,
-        RandFlipd,
-        RandGaussianNoised,
-        RandGaussianSmoothd,
-        RandSimulateLowResolutiond,
-    )
-
-    s, both, img = aug.strength, ("image", "label"), ("image",)
-    geo = {"mode": ("bilinear", "nearest"), "padding_mode": ("border", "zeros")}
-    return Compose([
-        RandAffined(both, prob=aug.p_affine, rotate_range=math.radians(15) * s, scale_range=(0.15 * s, 0.15 * s),
-                    translate_range=(0.06 * size[0] * s, 0.06 * size[1] * s), **geo),
-        Rand2DElasticd(both, spacing=(max(4, size[0] // 4), max(4, size[1] // 4)), magnitude_range=(0.0, 1.5 * s),
-                       prob=aug.p_elastic, **geo),
-        RandBiasFieldd(img, prob=aug.p_bias_field, coeff_range=(0.0, 0.2 * s)),
-        RandAdjustContrastd(img, prob=aug.p_gamma, gamma=(max(0.1, 1 - 0.3 * s), 1 + 0.5 * s)),
-        RandGaussianNoised(img, prob=aug.p_noise, std=0.1 * s),
-        RandGaussianSmoothd(img, prob=aug.p_smooth, sigma_x=(0.25, 0.25 + 0.75 * s),
-                            sigma_y=(0.25, 0.25 + 0.75 * s)),
-        RandSimulateLowResolutiond(img, prob=aug.p_low_resolution, upsample_mode="bilinear",
-                                   zoom_range=(max(0.25, 1 - 0.5 * s), 1.0)),
-        RandFlipd(both, prob=aug.p_flip, spatial_axis=1),
-    ])
-
-
-def augment(
-    transforms: Any, image: torch.Tensor, label: torch.Tensor, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply :func:`build_augmentation`'s transforms to every sample, seeded from the run's generator.
-
-    The seed of the batch is drawn from ``gen`` (whose state the checkpoint holds), so a resumed run
-    augments exactly as an uninterrupted one.
-
-    Args:
-        transforms: The :func:`build_augmentation` compose.
-        image: ``(B, C, h, w)`` float.
-        label: ``(B, h, w)`` int64.
-        gen: The run's generator (CPU).
-
-    Returns:
-        Augmented ``(image, label)`` of the same shapes and dtypes.
-    """
-    transforms.set_random_state(seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    images, labels = [], []
-    for x, y in zip(image, label, strict=True):
-        d = transforms({"image": x, "label": y[None].float()})
-        images.append(torch.as_tensor(d["image"]).float())
-        labels.append(torch.as_tensor(d["label"])[0].round().long())
-    return torch.stack(images), torch.stack(labels)
-
-
 def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -243,106 +107,6 @@ def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluation, figures, files
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate(
-    model: torch.nn.Module,
-    volumes: dict[str, Volume],
-    num_classes: int,
-    device: torch.device,
-    *,
-    roi_size: tuple[int, int],
-    overlap: float,
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Mean foreground Dice of every volume on its preprocessed grid (validation, model selection).
-
-    Returns:
-        ``({id: Dice}, {id: prediction (S, H, W)})``.
-    """
-    per: dict[str, float] = {}
-    preds: dict[str, np.ndarray] = {}
-    for sid, vol in volumes.items():
-        pred = predict_slices(model, vol.image, roi_size=roi_size, overlap=overlap, device=device)
-        preds[sid] = pred
-        per[sid] = float(np.mean([dice_score(pred == c, vol.label == c) for c in range(1, num_classes)]))
-    return per, preds
-
-
-def _original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The label map of a subject on its file's own voxel grid, with that grid's spacing in mm."""
-    img = load_nifti(path, kind="label")
-    lab = np.asanyarray(img.dataobj)
-    lab = lab[..., 0] if lab.ndim == 4 else lab
-    return np.rint(lab).astype(np.uint8), tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def evaluate_test(
-    model: torch.nn.Module,
-    data: PreparedData,
-    ids: tuple[str, ...],
-    device: torch.device,
-    *,
-    overlap: float,
-    mirror_axes: tuple[int, ...] = (),
-    largest_component: list[int] | tuple[int, ...] = (),
-    nsd_tolerance: float | None = None,
-) -> tuple[dict[str, dict[str, list[float]]], dict[str, Volume], dict[str, np.ndarray]]:
-    """3D Dice / HD95 of whole-volume predictions mapped back to each file's grid, against its label file.
-
-    Nothing is cropped away: a structure anywhere in the field of view counts. The prediction is
-    made exactly as ``predict.py`` makes it (mirroring TTA and largest-component classes included).
-
-    Returns:
-        ``({id: {"dice": [...], "hd95": [...]}}, {id: preprocessed volume}, {id: prediction on it})``.
-    """
-    by_id = {s.id: s for s in data.dataset.subjects}
-    vols = data.volumes(ids)
-    per: dict[str, dict[str, list[float]]] = {}
-    preds: dict[str, np.ndarray] = {}
-    for sid, vol in vols.items():
-        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap,
-                                    mirror_axes=mirror_axes, device=device)
-        truth, spacing = _original_label(by_id[sid].label)
-        pred = keep_largest_component(to_original_grid(preds[sid], vol.geometry), largest_component)
-        per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes,
-                                  nsd_tolerance=nsd_tolerance)
-    return per, vols, preds
-
-
-def contour_figure(volumes: dict[str, Volume], preds: dict[str, np.ndarray], title: str, n: int = 4) -> Any:
-    """Matplotlib figure: ``n`` test slices with true (green) and predicted (red) contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    picks = []
-    for sid, vol in volumes.items():
-        area = vol.label.reshape(vol.label.shape[0], -1).astype(bool).sum(1)
-        picks.append((sid, int(area.argmax())))
-    picks = picks[:n]
-    fig, axes = plt.subplots(1, max(1, len(picks)), figsize=(3 * max(1, len(picks)), 3.2), squeeze=False)
-    for ax, (sid, s) in zip(axes[0], picks, strict=False):
-        vol = volumes[sid]
-        ax.imshow(vol.image[s, 0], cmap="gray")
-        if vol.label[s].any():
-            ax.contour(vol.label[s] > 0, levels=[0.5], colors="lime", linewidths=1.0)
-        if preds[sid][s].any():
-            ax.contour(preds[sid][s] > 0, levels=[0.5], colors="red", linewidths=1.0)
-        ax.set_title(f"{sid} z={s}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(f"{title} (green: truth, red: prediction)", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-
-
 
 
 def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: str) -> PreparedData:
@@ -362,138 +126,6 @@ def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: st
 # ---------------------------------------------------------------------------------------------
 # the run: state, setup, loop, final evaluation
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneState:
-    """Everything of a run that changes while it trains, besides the modules; saved at every evaluation.
-
-    Args:
-        step: Optimizer steps taken.
-        best_dice: Best validation Dice so far (``-1`` before the first evaluation).
-        best_step: Step of ``best_dice``.
-        bad_evals: Evaluations since the last improvement (early stopping).
-        history: One row per evaluation (step, train loss, val Dice, lr, encoder frozen).
-        best_model: State dict of the best model so far.
-    """
-
-    step: int = 0
-    best_dice: float = -1.0
-    best_step: int = 0
-    bad_evals: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def save(self, path: Path, run: _Run, logger: RunLogger) -> None:
-        """Write this state with the run's modules, config and MLflow run id atomically to ``path``.
-
-        The checkpoint it replaces is kept as ``state.prev.pt``, the fallback when ``path`` turns out
-        truncated (a disk full or a kill during a copy).
-        """
-        payload = {
-            "model": run.model.state_dict(),
-            "optimizer": run.opt.state_dict(),
-            "scheduler": run.sched.state_dict(),
-            "generator": run.gen.get_state(),
-            "best_model": self.best_model,
-            "step": self.step,
-            "best_dice": self.best_dice,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "history": self.history,
-            "config": result_config(run.cfg),
-            "mlflow_run_id": logger.run_id,
-        }
-        if path.is_file():
-            os.replace(path, path.with_name(_PREV))
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-
-    @classmethod
-    def restore(cls, payload: dict[str, Any], run: _Run) -> FinetuneState:
-        """Load a checkpoint payload (see :func:`read_checkpoint`) into the run's modules; return the state."""
-        run.model.load_state_dict(payload["model"])
-        run.opt.load_state_dict(payload["optimizer"])
-        run.sched.load_state_dict(payload["scheduler"])
-        run.gen.set_state(payload["generator"])
-        return cls(payload["step"], payload["best_dice"], payload["best_step"], payload["bad_evals"],
-                   list(payload["history"]), payload["best_model"])
-
-
-_CKPT, _PREV = "state.pt", "state.prev.pt"
-# config keys that do not change what a run computes: they may differ between a run and its resume
-_NOT_RESULT = ("out_dir", "resume", "data.cache_dir", "train.device", "train.num_threads",
-               "train.inject_fault_at_step")
-
-
-def result_config(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The flat config keys that decide a run's result (init, n_labeled, seed, data, model, train)."""
-    flat = flatten(cfg)
-    flat["data.root"] = str(Path(cfg.data.root).resolve())
-    return {k: v for k, v in flat.items() if k not in _NOT_RESULT and not k.startswith("tracking.")}
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """Read a finetuning checkpoint, falling back to the previous kept one when it is unreadable.
-
-    Args:
-        path: A checkpoint folder (``state.pt``, ``state.prev.pt``) or one checkpoint file.
-
-    Returns:
-        ``(the file read, its payload)``.
-
-    Raises:
-        ValueError: One line when no readable checkpoint is there.
-    """
-    p = Path(path)
-    folder, first = (p, p / _CKPT) if p.is_dir() else (p.parent, p)
-    bad: list[str] = []
-    for c in [first, folder / _PREV] if first.name == _CKPT else [first]:
-        if not c.is_file():
-            continue
-        try:
-            payload = torch.load(c, map_location="cpu", weights_only=True)
-            if not isinstance(payload, dict) or "step" not in payload:
-                raise TypeError("not a finetuning checkpoint")
-        except Exception as e:  # torch raises many types for truncated files
-            bad.append(f"{c} ({type(e).__name__})")
-            continue
-        if bad:
-            log.warning("checkpoint %s is unreadable; resuming from the previous one, %s", bad[0], c)
-        return c, payload
-    if not bad:
-        raise ValueError(f"resume: {first} does not exist")
-    raise ValueError(
-        f"{first}: unreadable checkpoint ({', '.join(bad)}) and no readable previous one; "
-        f"delete {folder} to start over"
-    )
-
-
-def _check_same_config(payload: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint whose run would compute something else than ``cfg``."""
-    saved, now = payload.get("config"), result_config(cfg)
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: checkpoint records no config (older mri-ssl); delete it or use another out_dir")
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        shown = ", ".join(f"{k}={saved.get(k)!r} (this run: {now.get(k)!r})" for k in diff[:4])
-        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
-        raise ValueError(
-            f"{path}: checkpoint of another config: {shown}{more}; rerun with its values to resume, "
-            "or use another out_dir"
-        )
-
-
-def _resume_source(cfg: FinetuneConfig, resume: str | os.PathLike[str] | None) -> Path | None:
-    """The checkpoint to continue: the one given, else ``<out_dir>/checkpoint`` with ``resume=auto``."""
-    if resume is not None:
-        return Path(resume)
-    folder = Path(cfg.out_dir) / "checkpoint"
-    if not ((folder / _CKPT).is_file() or (folder / _PREV).is_file()):
-        return None
-    if cfg.resume == "never":
-        raise ValueError(f"{folder}: holds a checkpoint; set resume=auto to continue it or choose another out_dir")
-    return folder
 
 
 def _prepare_out_dir(cfg: FinetuneConfig) -> Path:
@@ -557,6 +189,24 @@ class _Run:
     @property
     def pretrained(self) -> bool:
         return self.export is not None and bool(self.load_report.loaded)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The modules' part of a checkpoint: model, optimizer, schedule and the run's generator."""
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (other keys of a checkpoint payload are ignored)."""
+        self.model.load_state_dict(d["model"])
+        self.opt.load_state_dict(d["optimizer"])
+        self.sched.load_state_dict(d["scheduler"])
+        self.gen.set_state(d["generator"])
+
+    def save(self, state: FinetuneState, logger: RunLogger) -> None:
+        """Checkpoint the run: state, modules, the result-deciding config and the MLflow run id."""
+        payload = {**state.state_dict(), **self.state_dict(), "config": result_config(self.cfg),
+                   "mlflow_run_id": logger.run_id}
+        save_checkpoint(self.out / "checkpoint" / CHECKPOINT, payload)
 
 
 def _device(choice: str) -> torch.device:
@@ -633,18 +283,19 @@ def finetune(
     """
     t0 = time.time()
     out = _prepare_out_dir(cfg)
-    source = _resume_source(cfg, resume)
+    source = resume_source(cfg, resume)
     payload: dict[str, Any] | None = None
     if source is not None:
         source, payload = read_checkpoint(source)
-        _check_same_config(payload, cfg, source)
+        check_same_config(payload, cfg, source)
     own = logger is None
     logger = _start_logger(cfg, out, payload) if own else logger
     try:
         run = _build_run(cfg)
         state = FinetuneState(best_model=copy.deepcopy(run.model.state_dict()))
         if payload is not None:
-            state = FinetuneState.restore(payload, run)
+            run.load_state_dict(payload)
+            state.load_state_dict(payload)
             log.info("resumed from %s at step %d", source, state.step)
         else:
             _log_start(run, logger)
@@ -744,7 +395,7 @@ def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], tr
            "lr": run.opt.param_groups[0]["lr"], "encoder_frozen": float(frozen)}
     state.history.append(row)
     logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=state.step)
-    state.save(run.out / "checkpoint" / _CKPT, run, logger)
+    run.save(state, logger)
     return row
 
 

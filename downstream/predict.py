@@ -4,8 +4,9 @@ The finetuned ``model.pt`` holds the architecture, the weights (encoder, decoder
 number of classes and the preprocessing parameters, so nothing else is needed: every input goes
 through the same :func:`~ssl_pretrain.data.preprocess.preprocess` as training did (whole slices,
 padded only), every slice is segmented whole by Gaussian-weighted sliding windows of the training
-patch size (:func:`predict_probabilities`), and :func:`~ssl_pretrain.data.preprocess.to_original_grid`
-undoes padding, in-plane resampling and reorientation, so the mask has the input's shape, affine and
+patch size (:func:`~downstream.inference.predict_probabilities`), and
+:func:`~ssl_pretrain.data.preprocess.to_original_grid` undoes padding, in-plane resampling and
+reorientation, so the mask has the input's shape, affine and
 orientation and nothing outside a patch is dropped.
 
 Example:
@@ -14,10 +15,9 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,94 +26,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.model_refs import local_model_file
+from downstream.inference import keep_largest_component, load_segmentation_model, predict_probabilities
 from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
 from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
-from ssl_pretrain.export import build_unet, load_export
 from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict_probabilities", "predict_slices", "load_segmentation_model", "predict"]
+__all__ = ["predict"]
 
-
-
-@torch.no_grad()
-def predict_probabilities(
-    model: torch.nn.Module,
-    image: np.ndarray,
-    *,
-    roi_size: tuple[int, int] | list[int],
-    overlap: float = 0.5,
-    mirror_axes: tuple[int, ...] = (),
-    device: str | torch.device = "cpu",
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Class probabilities of every pixel of a preprocessed volume, whole slices at any size.
-
-    Each slice is segmented by MONAI's Gaussian-weighted ``sliding_window_inference`` with windows
-    of the training patch size, so a slice larger than a patch is covered completely.
-
-    Args:
-        model: Segmentation network mapping ``(B, C, h, w)`` to ``(B, K, h, w)`` logits.
-        image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
-        roi_size: Window ``(h, w)``: the patch size the model was trained on.
-        overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
-        mirror_axes: Test-time augmentation: the probabilities are averaged over every combination of
-            mirrorings along these axes of ``(B, C, H, W)`` (``(2, 3)``: the four in-plane ones), each
-            flipped back; ``()`` for none.
-        device: Where the model runs.
-        batch_size: Slices (and windows) per forward pass.
-
-    Returns:
-        ``(S, K, H, W)`` float32 softmax probabilities.
-    """
-    from monai.inferers import sliding_window_inference
-
-    was_training = model.training
-    model.eval()
-    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
-    out = []
-    for i in range(0, image.shape[0], batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
-        acc = None
-        for axes in flips:
-            xi = x.flip(axes) if axes else x
-            logits = sliding_window_inference(
-                xi, roi_size=tuple(roi_size), sw_batch_size=batch_size, predictor=model, overlap=overlap,
-                mode="gaussian",
-            )
-            p = torch.softmax(torch.as_tensor(logits).float(), dim=1)
-            p = p.flip(axes) if axes else p
-            acc = p if acc is None else acc + p
-        out.append((acc / len(flips)).cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(out, axis=0)
-
-
-def predict_slices(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
-    """``(S, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
-    return predict_probabilities(model, image, **kwargs).argmax(axis=1).astype(np.uint8)
-
-
-def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Load a finetuned model from a ``model.pt`` path or an MLflow URI.
-
-    Args:
-        ref: Path, ``runs:/…`` or ``models:/<name>@<alias>``.
-        device: Where to put the model.
-
-    Returns:
-        ``(model in eval mode, export dict)``.
-
-    Raises:
-        ValueError: The reference does not resolve, or the export has no segmentation head.
-    """
-    with local_model_file(ref, key="--model") as path:  # MLflow downloads are removed once loaded
-        export = load_export(path)
-        model, _ = build_unet(export, int(export["num_classes"] or 0), source=ref, strict=True)
-    return model.to(device).eval(), export
 
 
 def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
@@ -158,46 +80,6 @@ def _output_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output: cannot create the folder {folder} ({e.strerror})") from None
-
-
-def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
-    """Keep only the largest 3D connected component of each class in ``classes`` (others: background).
-
-    Args:
-        mask: Integer label map, any 3D grid.
-        classes: Label values to clean; other labels are left as they are.
-
-    Returns:
-        A cleaned copy.
-    """
-    from scipy import ndimage
-
-    out = mask.copy()
-    for c in classes:
-        comp, n = ndimage.label(mask == c, structure=np.ones((3, 3, 3), bool))
-        if n > 1:
-            largest = int(np.bincount(comp.ravel())[1:].argmax()) + 1
-            out[(comp > 0) & (comp != largest)] = 0
-    return out
-
-
-def choose_largest_component(
-    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int
-) -> dict[str, bool]:
-    """Per class, whether keeping its largest component raises mean validation Dice (nnU-Net's rule).
-
-    Returns:
-        ``{"1": True, ...}`` for every foreground class (JSON-able, recorded in the model's export).
-    """
-    from downstream.metrics import dice_score
-
-    choice: dict[str, bool] = {}
-    for c in range(1, num_classes):
-        base = np.mean([dice_score(p == c, t == c) for p, t in zip(preds, labels, strict=True)])
-        post = np.mean([dice_score(keep_largest_component(p, [c]) == c, t == c)
-                        for p, t in zip(preds, labels, strict=True)])
-        choice[str(c)] = bool(post > base)
-    return choice
 
 
 def _mirror_axes(tta: str | None) -> tuple[int, ...]:

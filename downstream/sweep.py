@@ -46,7 +46,7 @@ import numpy as np
 
 from downstream.config import FinetuneConfig, SweepConfig
 from downstream.data import draw_labeled, prepare, subject_attributes
-from downstream.finetune import load_init
+from downstream.inference import load_init
 from downstream.report import build_report
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
 from ssl_pretrain.data.preprocess import PreprocessParams
@@ -482,7 +482,7 @@ def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str
     import torch
     from mlflow.models import infer_signature
 
-    from downstream.predict import load_segmentation_model
+    from downstream.inference import load_segmentation_model
 
     best: dict[tuple[str, int], dict[str, Any]] = {}
     for r in rows:

@@ -273,7 +273,7 @@ def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
     import numpy as np
 
     from downstream.config import FinetuneAugmentConfig
-    from downstream.finetune import augment, build_augmentation
+    from downstream.patches import augment, build_augmentation
 
     always = FinetuneAugmentConfig(**{f: 1.0 for f in FinetuneAugmentConfig.__dataclass_fields__ if f.startswith("p_")})
     transforms = build_augmentation(always, (32, 32))

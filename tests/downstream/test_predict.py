@@ -79,7 +79,7 @@ def test_predict_bad_inputs(tmp_path: Path, capsys, mlflow_uri: str) -> None:
 def test_prediction_loads_strictly_what_finetuning_loads_partially(tmp_path: Path) -> None:
     import torch
 
-    from downstream.predict import load_segmentation_model
+    from downstream.inference import load_segmentation_model
     from ssl_pretrain.export import ExportError, build_unet, load_export
 
     from .conftest import make_export
@@ -122,7 +122,7 @@ def _seg_export(path: Path, seed: int, *, num_classes: int = 2, size: int = 32, 
 def test_tta_is_the_mean_of_the_mirrored_predictions(tmp_path: Path) -> None:
     import torch
 
-    from downstream.predict import load_segmentation_model, predict_probabilities
+    from downstream.inference import load_segmentation_model, predict_probabilities
 
     net, _ = load_segmentation_model(str(_seg_export(tmp_path / "m.pt", 0)))
     image = np.random.default_rng(0).normal(size=(3, 1, 40, 48)).astype(np.float32)  # larger than a patch
@@ -140,7 +140,7 @@ def test_tta_is_the_mean_of_the_mirrored_predictions(tmp_path: Path) -> None:
 
 
 def test_largest_component_removes_a_planted_island() -> None:
-    from downstream.predict import choose_largest_component, keep_largest_component
+    from downstream.inference import choose_largest_component, keep_largest_component
 
     mask = np.zeros((4, 20, 20), np.uint8)
     mask[1:3, 2:10, 2:10] = 1  # the structure

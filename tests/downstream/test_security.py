@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from downstream.inference import load_segmentation_model
 from downstream.model_refs import resolve_model_file
-from downstream.predict import load_segmentation_model, predict
+from downstream.predict import predict
 from ssl_pretrain.export import save_export
 from ssl_pretrain.models.unet import UNet, UNetConfig
 

@@ -1,0 +1,235 @@
+"""Inference shared by finetuning's evaluation, the sweep and ``predict.py``: one place for each step.
+
+* :func:`load_init` / :func:`load_segmentation_model`: an ``init`` (export path or MLflow URI) or a
+  finetuned model, through :func:`ssl_pretrain.export.build_unet`.
+* :func:`predict_probabilities` / :func:`predict_slices`: Gaussian-weighted sliding windows (MONAI)
+  over whole slices, with mirroring test-time augmentation.
+* :func:`keep_largest_component` / :func:`choose_largest_component`: post-processing, chosen per
+  class on validation (nnU-Net's rule).
+* :func:`evaluate` (validation Dice on the preprocessed grid) and :func:`evaluate_test` (test
+  metrics of predictions mapped back to each file's own grid, made exactly as ``predict.py`` makes
+  them).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from downstream.data import PreparedData
+from downstream.metrics import dice_score, volume_metrics
+from downstream.model_refs import local_model_file, resolve_model_file
+from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
+from ssl_pretrain.export import ExportError, build_unet, load_export
+from ssl_pretrain.models.unet import UNet
+
+__all__ = [
+    "choose_largest_component", "evaluate", "evaluate_test", "keep_largest_component", "load_init",
+    "load_segmentation_model", "predict_probabilities", "predict_slices",
+]
+
+
+def load_init(init: str, download_dir: Path | None = None) -> tuple[dict[str, Any] | None, str]:
+    """Load the export an ``init`` names.
+
+    Args:
+        init: ``random``, a path to an export, or an MLflow URI.
+        download_dir: Where MLflow artifacts go.
+
+    Returns:
+        ``(export dict or None for random, local path or "random")``.
+
+    Raises:
+        ValueError: The file does not exist, is not a compatible export, or the URI does not resolve.
+    """
+    if init == "random":
+        return None, "random"
+    path = resolve_model_file(init, download_dir, key="init")
+    try:
+        return load_export(path), str(path)
+    except ExportError as e:
+        raise ExportError(f"init: {e}") from None
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    roi_size: tuple[int, int] | list[int],
+    overlap: float = 0.5,
+    mirror_axes: tuple[int, ...] = (),
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Class probabilities of every pixel of a preprocessed volume, whole slices at any size.
+
+    Each slice is segmented by MONAI's Gaussian-weighted ``sliding_window_inference`` with windows
+    of the training patch size, so a slice larger than a patch is covered completely.
+
+    Args:
+        model: Segmentation network mapping ``(B, C, h, w)`` to ``(B, K, h, w)`` logits.
+        image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
+        roi_size: Window ``(h, w)``: the patch size the model was trained on.
+        overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
+        mirror_axes: Test-time augmentation: the probabilities are averaged over every combination of
+            mirrorings along these axes of ``(B, C, H, W)`` (``(2, 3)``: the four in-plane ones), each
+            flipped back; ``()`` for none.
+        device: Where the model runs.
+        batch_size: Slices (and windows) per forward pass.
+
+    Returns:
+        ``(S, K, H, W)`` float32 softmax probabilities.
+    """
+    from monai.inferers import sliding_window_inference
+
+    was_training = model.training
+    model.eval()
+    flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
+    out = []
+    for i in range(0, image.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
+        acc = None
+        for axes in flips:
+            xi = x.flip(axes) if axes else x
+            logits = sliding_window_inference(
+                xi, roi_size=tuple(roi_size), sw_batch_size=batch_size, predictor=model, overlap=overlap,
+                mode="gaussian",
+            )
+            p = torch.softmax(torch.as_tensor(logits).float(), dim=1)
+            p = p.flip(axes) if axes else p
+            acc = p if acc is None else acc + p
+        out.append((acc / len(flips)).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out, axis=0)
+
+
+def predict_slices(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``(S, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
+    return predict_probabilities(model, image, **kwargs).argmax(axis=1).astype(np.uint8)
+
+
+def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """Load a finetuned model from a ``model.pt`` path or an MLflow URI.
+
+    Args:
+        ref: Path, ``runs:/…`` or ``models:/<name>@<alias>``.
+        device: Where to put the model.
+
+    Returns:
+        ``(model in eval mode, export dict)``.
+
+    Raises:
+        ValueError: The reference does not resolve, or the export has no segmentation head.
+    """
+    with local_model_file(ref, key="--model") as path:  # MLflow downloads are removed once loaded
+        export = load_export(path)
+        model, _ = build_unet(export, int(export["num_classes"] or 0), source=ref, strict=True)
+    return model.to(device).eval(), export
+
+
+def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Keep only the largest 3D connected component of each class in ``classes`` (others: background).
+
+    Args:
+        mask: Integer label map, any 3D grid.
+        classes: Label values to clean; other labels are left as they are.
+
+    Returns:
+        A cleaned copy.
+    """
+    from scipy import ndimage
+
+    out = mask.copy()
+    for c in classes:
+        comp, n = ndimage.label(mask == c, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            largest = int(np.bincount(comp.ravel())[1:].argmax()) + 1
+            out[(comp > 0) & (comp != largest)] = 0
+    return out
+
+
+def choose_largest_component(
+    preds: Sequence[np.ndarray], labels: Sequence[np.ndarray], num_classes: int
+) -> dict[str, bool]:
+    """Per class, whether keeping its largest component raises mean validation Dice (nnU-Net's rule).
+
+    Returns:
+        ``{"1": True, ...}`` for every foreground class (JSON-able, recorded in the model's export).
+    """
+    choice: dict[str, bool] = {}
+    for c in range(1, num_classes):
+        base = np.mean([dice_score(p == c, t == c) for p, t in zip(preds, labels, strict=True)])
+        post = np.mean([dice_score(keep_largest_component(p, [c]) == c, t == c)
+                        for p, t in zip(preds, labels, strict=True)])
+        choice[str(c)] = bool(post > base)
+    return choice
+
+
+def evaluate(
+    model: torch.nn.Module,
+    volumes: dict[str, Volume],
+    num_classes: int,
+    device: torch.device,
+    *,
+    roi_size: tuple[int, int],
+    overlap: float,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Mean foreground Dice of every volume on its preprocessed grid (validation, model selection).
+
+    Returns:
+        ``({id: Dice}, {id: prediction (S, H, W)})``.
+    """
+    per: dict[str, float] = {}
+    preds: dict[str, np.ndarray] = {}
+    for sid, vol in volumes.items():
+        pred = predict_slices(model, vol.image, roi_size=roi_size, overlap=overlap, device=device)
+        preds[sid] = pred
+        per[sid] = float(np.mean([dice_score(pred == c, vol.label == c) for c in range(1, num_classes)]))
+    return per, preds
+
+
+def _original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The label map of a subject on its file's own voxel grid, with that grid's spacing in mm."""
+    img = load_nifti(path, kind="label")
+    lab = np.asanyarray(img.dataobj)
+    lab = lab[..., 0] if lab.ndim == 4 else lab
+    return np.rint(lab).astype(np.uint8), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def evaluate_test(
+    model: torch.nn.Module,
+    data: PreparedData,
+    ids: tuple[str, ...],
+    device: torch.device,
+    *,
+    overlap: float,
+    mirror_axes: tuple[int, ...] = (),
+    largest_component: list[int] | tuple[int, ...] = (),
+    nsd_tolerance: float | None = None,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, Volume], dict[str, np.ndarray]]:
+    """3D Dice / HD95 of whole-volume predictions mapped back to each file's grid, against its label file.
+
+    Nothing is cropped away: a structure anywhere in the field of view counts. The prediction is
+    made exactly as ``predict.py`` makes it (mirroring TTA and largest-component classes included).
+
+    Returns:
+        ``({id: {"dice": [...], "hd95": [...]}}, {id: preprocessed volume}, {id: prediction on it})``.
+    """
+    by_id = {s.id: s for s in data.dataset.subjects}
+    vols = data.volumes(ids)
+    per: dict[str, dict[str, list[float]]] = {}
+    preds: dict[str, np.ndarray] = {}
+    for sid, vol in vols.items():
+        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap,
+                                    mirror_axes=mirror_axes, device=device)
+        truth, spacing = _original_label(by_id[sid].label)
+        pred = keep_largest_component(to_original_grid(preds[sid], vol.geometry), largest_component)
+        per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes,
+                                  nsd_tolerance=nsd_tolerance)
+    return per, vols, preds
