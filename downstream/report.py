@@ -498,53 +498,13 @@ def build_report(
     sel = select_rows(rows)
     table = _table(sel, "test_dice", 3) if sel else "(no finished trials)"
     stats = analyze(sel, n_boot=n_boot)
-    nsd = _with_nsd(sel)
-    draws = sorted({len(c.seeds) for c in stats["cells"].values()})
-    basis = (
-        f"From {stats['volumes']} test volumes and {'/'.join(map(str, draws)) or 0} labeled draws (seeds) per n; "
-        f"95 % intervals from a hierarchical bootstrap ({n_boot} resamples of the draws, then of the test volumes). "
-        "For a seed, every init trains on the same labeled volumes (checked from each trial's train_ids), so "
-        "differences are paired by draw and by test volume."
-    )
     taken: set[str] = set()
     sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
               for pattern, tags in (budget_series or {}).items()]
-    parts = [f"# Label efficiency — {dataset}", ""]
-    top = [*stats["sentences"].values(), *[b["sentence"] for b in sweeps]]
-    if top:
-        parts += [*top, ""] + ([basis, ""] if stats["comparisons"] else [])
-    if stats["reason"]:
-        parts += [f"No paired statistics: {stats['reason']}.", ""]
-    parts += [
-        "Test Dice (3D, per volume, mean over foreground classes), mean ± std over seeds (number of "
-        "seeds); per seed the lr / weight decay with the best validation Dice.",
-        "",
-        table,
-        "",
-    ]
+    parts = _head_section(stats, sweeps, table, dataset, n_boot)
     files: list[Path] = []
     if stats["comparisons"]:
-        parts += [
-            "## Paired difference to random init",
-            "",
-            "Test Dice of the init minus random init's, same draw and same test volume: mean [95 % CI], and "
-            "the draws in which the init's mean Dice is higher.",
-            "",
-            _paired_table(stats),
-            "",
-        ]
-        power = _power_lines(stats)
-        parts += ["Power:", "", *power, ""] if power else [
-            f"Power: every interval's half-width is at most {RESOLVE:g} Dice.", ""]
-        parts += [
-            "## Labels saved",
-            "",
-            "Labeled volumes random init needs to reach the init's mean test Dice: random init's curve made "
-            "monotone (isotonic regression) and interpolated in log n; '≥ max n' when beyond the measured range.",
-            "",
-            _labels_table(stats),
-            "",
-        ]
+        parts += _comparison_section(stats)
         files.append(_labels_plot(stats, out / "labels_saved.png", dataset))
         parts += ["![labels saved](labels_saved.png)", ""]
     for b in sweeps:
@@ -556,64 +516,15 @@ def build_report(
             parts += [f"![pretraining budget]({b['plot']})", ""]
     if stats["notes"]:
         parts += ["Notes:", "", *[f"- {n}" for n in stats["notes"]], ""]
-    subgroups: dict[str, Any] = {}
-    subgroup_text = ""
-    if attributes and stats["cells"]:
-        text, subgroups = _subgroups(stats, attributes)
-        subgroup_text = text if subgroups else ""
-        if subgroups:
-            parts += ["## Subgroups", "", text]
-            files.append(_subgroup_plot(subgroups, out / "subgroups.png", dataset))
-            parts += ["![subgroups](subgroups.png)", ""]
+    subgroups, subgroup_text = _subgroup_section(stats, attributes, out, dataset, parts, files)
     if sel:
-        parts += [
-            "Test HD95 in mm (mean ± std over seeds; volumes with an undefined HD95 are left out):",
-            "",
-            _table(sel, "test_hd95", 2),
-            "",
-        ]
-        if nsd:
-            parts += [
-                "Test NSD (normalised surface Dice, mean ± std over seeds):",
-                "",
-                _table(nsd, "test_nsd", 3),
-                "",
-            ]
+        parts += _metric_section(sel)
         files += _plots(sel, rows, out, dataset)
-        parts += [
-            "![label efficiency](label_efficiency.png)",
-            "",
-            "Validation Dice vs finetuning step (pretrained inits often lead early and are caught up later):",
-            "",
-            "![validation curves](val_dice_curves.png)",
-            "",
-        ]
-    if budgets:
-        parts += [
-            "Pretraining budget of each pretrained init (from its export):",
-            "",
-            _budget_table(budgets),
-            "",
-        ]
-    if errors:
-        parts += ["Failed trials:", ""] + [f"- {e}" for e in errors] + [""]
-    if stopped:
-        parts += ["Stopped early by the scheduler (lr / weight-decay samples that lagged):", ""]
-        parts += [f"- {s}" for s in stopped] + [""]
-    md = out / "report.md"
-    atomic_write_text(md, "\n".join(parts))
-    res = out / "results.json"
-    slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    parts += _tail_section(budgets, errors, stopped)
     public = {k: v for k, v in stats.items() if k != "cells"}
     public["subgroups"] = subgroups
     public["budget"] = [{k: v for k, v in b.items() if k != "table"} for b in sweeps]
-    atomic_write_text(
-        res,
-        json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}, "stats": public}, indent=1,
-                   default=float),
-    )
-    files = [md, res, *files]
-    budget_sentences = [b["sentence"] for b in sweeps]
+    md, res = _write_report(out, parts, rows, errors, budgets, public)
     log.info("label-efficiency report: %s", md)  # the table and sentences are in the result (the CLI prints them)
     return {
         "table": table,
@@ -621,10 +532,120 @@ def build_report(
         "paired_table": _paired_table(stats) if stats["comparisons"] else "",
         "subgroups_table": subgroup_text,
         "budget": public["budget"],
-        "budget_sentences": budget_sentences,
+        "budget_sentences": [b["sentence"] for b in sweeps],
         "stats": public,
         "markdown": md,
         "plot": out / "label_efficiency.png",
         "curves": out / "val_dice_curves.png",
-        "files": files,
+        "files": [md, res, *files],
     }
+
+
+def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: str, dataset: str,
+                  n_boot: int) -> list[str]:
+    """Title, the labels-saved and budget sentences, the basis of the intervals and the Dice table."""
+    draws = sorted({len(c.seeds) for c in stats["cells"].values()})
+    basis = (
+        f"From {stats['volumes']} test volumes and {'/'.join(map(str, draws)) or 0} labeled draws (seeds) per n; "
+        f"95 % intervals from a hierarchical bootstrap ({n_boot} resamples of the draws, then of the test volumes). "
+        "For a seed, every init trains on the same labeled volumes (checked from each trial's train_ids), so "
+        "differences are paired by draw and by test volume."
+    )
+    parts = [f"# Label efficiency — {dataset}", ""]
+    top = [*stats["sentences"].values(), *[b["sentence"] for b in sweeps]]
+    if top:
+        parts += [*top, ""] + ([basis, ""] if stats["comparisons"] else [])
+    if stats["reason"]:
+        parts += [f"No paired statistics: {stats['reason']}.", ""]
+    return parts + [
+        "Test Dice (3D, per volume, mean over foreground classes), mean ± std over seeds (number of "
+        "seeds); per seed the lr / weight decay with the best validation Dice.",
+        "",
+        table,
+        "",
+    ]
+
+
+def _subgroup_section(stats: dict[str, Any], attributes: dict[str, dict[str, str]] | None, out: Path,
+                      dataset: str, parts: list[str], files: list[Path]) -> tuple[dict[str, Any], str]:
+    """Append the subgroup breakdown and its plot (when there are attributes); return it and its table."""
+    if not (attributes and stats["cells"]):
+        return {}, ""
+    text, subgroups = _subgroups(stats, attributes)
+    if not subgroups:
+        return {}, ""
+    parts += ["## Subgroups", "", text]
+    files.append(_subgroup_plot(subgroups, out / "subgroups.png", dataset))
+    parts += ["![subgroups](subgroups.png)", ""]
+    return subgroups, text
+
+
+def _comparison_section(stats: dict[str, Any]) -> list[str]:
+    """Paired differences to random init, the power lines and the labels-saved table."""
+    parts = [
+        "## Paired difference to random init",
+        "",
+        "Test Dice of the init minus random init's, same draw and same test volume: mean [95 % CI], and "
+        "the draws in which the init's mean Dice is higher.",
+        "",
+        _paired_table(stats),
+        "",
+    ]
+    power = _power_lines(stats)
+    parts += ["Power:", "", *power, ""] if power else [
+        f"Power: every interval's half-width is at most {RESOLVE:g} Dice.", ""]
+    return parts + [
+        "## Labels saved",
+        "",
+        "Labeled volumes random init needs to reach the init's mean test Dice: random init's curve made "
+        "monotone (isotonic regression) and interpolated in log n; '≥ max n' when beyond the measured range.",
+        "",
+        _labels_table(stats),
+        "",
+    ]
+
+
+def _metric_section(sel: list[dict[str, Any]]) -> list[str]:
+    """HD95 and NSD tables, and the label-efficiency and validation-curve figures."""
+    parts = ["Test HD95 in mm (mean ± std over seeds; volumes with an undefined HD95 are left out):", "",
+             _table(sel, "test_hd95", 2), ""]
+    nsd = _with_nsd(sel)
+    if nsd:
+        parts += ["Test NSD (normalised surface Dice, mean ± std over seeds):", "", _table(nsd, "test_nsd", 3), ""]
+    return parts + [
+        "![label efficiency](label_efficiency.png)",
+        "",
+        "Validation Dice vs finetuning step (pretrained inits often lead early and are caught up later):",
+        "",
+        "![validation curves](val_dice_curves.png)",
+        "",
+    ]
+
+
+def _tail_section(budgets: dict[str, dict[str, Any]] | None, errors: list[str] | None,
+                  stopped: list[str] | None) -> list[str]:
+    """The pretraining budget of each init, failed trials and trials the scheduler stopped."""
+    parts: list[str] = []
+    if budgets:
+        parts += ["Pretraining budget of each pretrained init (from its export):", "", _budget_table(budgets), ""]
+    if errors:
+        parts += ["Failed trials:", ""] + [f"- {e}" for e in errors] + [""]
+    if stopped:
+        parts += ["Stopped early by the scheduler (lr / weight-decay samples that lagged):", ""]
+        parts += [f"- {s}" for s in stopped] + [""]
+    return parts
+
+
+def _write_report(out: Path, parts: list[str], rows: list[dict[str, Any]], errors: list[str] | None,
+                  budgets: dict[str, dict[str, Any]] | None, public: dict[str, Any]) -> tuple[Path, Path]:
+    """``report.md`` and ``results.json`` (the rows without their histories), atomically."""
+    md = out / "report.md"
+    atomic_write_text(md, "\n".join(parts))
+    res = out / "results.json"
+    slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    atomic_write_text(
+        res,
+        json.dumps({"rows": slim, "errors": errors or [], "budgets": budgets or {}, "stats": public}, indent=1,
+                   default=float),
+    )
+    return md, res

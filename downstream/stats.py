@@ -305,28 +305,20 @@ def analyze(
         difference, labels matched with interval), ``"sentences"`` (``{init: the labels-saved
         sentence}``)}``.
     """
-    usable = [r for r in rows if r.get("test_per_volume")]
     out: dict[str, Any] = {"test_ids": [], "volumes": 0, "cells": {}, "reason": None, "notes": [],
                            "curve": None, "comparisons": [], "sentences": {}}
+    usable, test_ids = _common_test_volumes(rows, out)
     if not usable:
-        out["reason"] = "no trial has per-volume test metrics (test_per_volume in result.json)"
         return out
-    test_ids = sorted(set.intersection(*(set(r["test_per_volume"]) for r in usable)))
-    if len(usable) < len(rows):
-        out["notes"].append(f"{len(rows) - len(usable)} trial(s) without per-volume test metrics left out")
-    if set().union(*(set(r["test_per_volume"]) for r in usable)) != set(test_ids):
-        out["notes"].append(f"trials were tested on different volumes: statistics use the {len(test_ids)} common ones")
     cells = make_cells(usable, test_ids)
     out.update(test_ids=test_ids, volumes=len(test_ids), cells=cells)
     inits = list(dict.fromkeys(c.init for c in cells.values()))
-    if reference not in inits:
-        out["reason"] = (
-            f"the sweep has no init={reference}, so there is no baseline to pair with: no paired differences "
-            "or labels saved (add 'random' to init)"
-        )
-        return out
-    if not test_ids:
-        out["reason"] = "trials share no test volume"
+    out["reason"] = (
+        f"the sweep has no init={reference}, so there is no baseline to pair with: no paired differences "
+        "or labels saved (add 'random' to init)" if reference not in inits
+        else None if test_ids else "trials share no test volume"
+    )
+    if out["reason"]:
         return out
     rng = np.random.default_rng(seed)
     w_vols = bootstrap_weights(rng, n_boot, len(test_ids))
@@ -357,28 +349,11 @@ def analyze(
             if r is None:
                 out["notes"].append(f"{init} n={c.n_labeled}: no {reference} trials at this n to pair with")
             else:
-                pairs = []
-                for i, s in enumerate(c.seeds):
-                    if s not in r.seeds:
-                        continue
-                    j = r.seeds.index(s)
-                    if c.train_ids[i] != r.train_ids[j]:
-                        out["notes"].append(
-                            f"{init} n={c.n_labeled} seed {s}: trained on {list(c.train_ids[i])} but {reference} on "
-                            f"{list(r.train_ids[j])} (different training pools): left out of the pairing"
-                        )
-                        continue
-                    pairs.append((i, j))
-                if pairs:
-                    ii, jj = zip(*pairs, strict=True)
-                    diff = c.scores[list(ii)] - r.scores[list(jj)]
+                diff = _paired_scores(c, r, reference, out["notes"])
+                if diff is not None:
                     comp["paired"] = paired_difference(diff, rng=rng, n_boot=n_boot, w_vols=w_vols).to_dict()
-            point = float(matched_n(ns, curve, comp["mean"]))
-            boot = matched_n(ns, curve_boot, boot_mean(c))
-            # beyond the curve is +inf (or 0 below it): percentiles over a large finite stand-in
-            lo, hi = np.percentile(np.where(np.isinf(boot), 1e12, boot), [2.5, 97.5])
-            comp["labels"] = {"value": point, "ci95": [float(lo), float(hi)], "text": fmt_n(point, ns),
-                              "ci_text": _ci_text(float(lo), float(hi), ns)}
+            comp["labels"] = _labels_matched(ns, curve, curve_boot, comp["mean"], boot_mean(c))
+            point = comp["labels"]["value"]
             comp["saved"] = point - c.n if math.isfinite(point) and point > 0 else None
             out["comparisons"].append(comp)
             lab = comp["labels"]
@@ -388,6 +363,54 @@ def analyze(
             )
     out["sentences"] = {init: f"{init} " + "; ".join(p) + "." for init, p in pieces.items()}
     return out
+
+
+def _common_test_volumes(rows: list[dict[str, Any]], out: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The trials with per-volume test metrics and the test volumes they all share (notes and reason in ``out``)."""
+    usable = [r for r in rows if r.get("test_per_volume")]
+    if not usable:
+        out["reason"] = "no trial has per-volume test metrics (test_per_volume in result.json)"
+        return [], []
+    test_ids = sorted(set.intersection(*(set(r["test_per_volume"]) for r in usable)))
+    if len(usable) < len(rows):
+        out["notes"].append(f"{len(rows) - len(usable)} trial(s) without per-volume test metrics left out")
+    if set().union(*(set(r["test_per_volume"]) for r in usable)) != set(test_ids):
+        out["notes"].append(f"trials were tested on different volumes: statistics use the {len(test_ids)} common ones")
+    return usable, test_ids
+
+
+def _paired_scores(c: Cell, r: Cell, reference: str, notes: list[str]) -> np.ndarray | None:
+    """``c``'s scores minus the reference's, draw by draw (same seed, same training volumes), or None.
+
+    A seed whose two trials trained on different volumes is left out with a note.
+    """
+    pairs = []
+    for i, s in enumerate(c.seeds):
+        if s not in r.seeds:
+            continue
+        j = r.seeds.index(s)
+        if c.train_ids[i] != r.train_ids[j]:
+            notes.append(
+                f"{c.init} n={c.n_labeled} seed {s}: trained on {list(c.train_ids[i])} but {reference} on "
+                f"{list(r.train_ids[j])} (different training pools): left out of the pairing"
+            )
+            continue
+        pairs.append((i, j))
+    if not pairs:
+        return None
+    ii, jj = zip(*pairs, strict=True)
+    return c.scores[list(ii)] - r.scores[list(jj)]
+
+
+def _labels_matched(ns: np.ndarray, curve: np.ndarray, curve_boot: np.ndarray, mean: float,
+                    boot: np.ndarray) -> dict[str, Any]:
+    """Labeled volumes the reference needs to reach ``mean``, with its bootstrap interval and texts."""
+    point = float(matched_n(ns, curve, mean))
+    matched = matched_n(ns, curve_boot, boot)
+    # beyond the curve is +inf (or 0 below it): percentiles over a large finite stand-in
+    lo, hi = np.percentile(np.where(np.isinf(matched), 1e12, matched), [2.5, 97.5])
+    return {"value": point, "ci95": [float(lo), float(hi)], "text": fmt_n(point, ns),
+            "ci_text": _ci_text(float(lo), float(hi), ns)}
 
 
 def smallest_useful_budget(

@@ -553,6 +553,39 @@ def _log_best_models_once(
     return logged
 
 
+def _parent_run(cfg: SweepConfig, out: Path, fp: str, dataset: str, tracking_uri: str) -> RunLogger:
+    """The sweep's parent MLflow run: the one ``sweep_state.json`` records for this fingerprint, or a new one."""
+    state_file = out / "sweep_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    exp_name = f"sweep-{fp}"
+    parent = start_logger(
+        cfg.tracking.enabled,
+        cfg.tracking.experiment,
+        run_name=exp_name,
+        run_id=state.get(fp),
+        tracking_uri=tracking_uri or None,
+        tags=None if state.get(fp) else {"sweep": exp_name, "dataset": dataset},
+    )
+    if parent.run_id and fp not in state:
+        state[fp] = parent.run_id
+        atomic_write_text(state_file, json.dumps(state))
+        parent.log_params(flatten(cfg))
+        parent.log_artifact(out / "config.yaml")
+    return parent
+
+
+def _report(cfg: SweepConfig, specs: list[InitSpec], out: Path, dataset: str, rows: list[dict[str, Any]],
+            errors: list[str], stopped: list[str]) -> dict[str, Any]:
+    """The label-efficiency report of the finished trials (budgets and budget series from the inits)."""
+    budgets = {s.tag: s.info for s in specs if s.task != "random"}
+    series: dict[str, list[str]] = {}
+    for s in specs:
+        if s.series:
+            series.setdefault(s.series, []).append(s.tag)
+    return build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset,
+                        attributes=subject_attributes(cfg.data.root), budget_series=series)
+
+
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or continue) a sweep and write the label-efficiency report.
 
@@ -573,22 +606,8 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     dataset = _check_data(cfg, specs)
     fp = _fingerprint(cfg, specs)
     exp_name = f"sweep-{fp}"
-    state_file = out / "sweep_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     tracking_uri = _absolute_tracking_uri() if cfg.tracking.enabled else ""
-    parent = start_logger(
-        cfg.tracking.enabled,
-        cfg.tracking.experiment,
-        run_name=exp_name,
-        run_id=state.get(fp),
-        tracking_uri=tracking_uri or None,
-        tags=None if state.get(fp) else {"sweep": exp_name, "dataset": dataset},
-    )
-    if parent.run_id and fp not in state:
-        state[fp] = parent.run_id
-        atomic_write_text(state_file, json.dumps(state))
-        parent.log_params(flatten(cfg))
-        parent.log_artifact(out / "config.yaml")
+    parent = _parent_run(cfg, out, fp, dataset, tracking_uri)
     started = _init_ray(cfg)
     try:
         extra = {
@@ -606,13 +625,7 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
         t0 = time.time()
         for e in errors:
             log.warning("%s", e)
-        budgets = {s.tag: s.info for s in specs if s.task != "random"}
-        series: dict[str, list[str]] = {}
-        for s in specs:
-            if s.series:
-                series.setdefault(s.series, []).append(s.tag)
-        rep = build_report(rows, out / "report", budgets=budgets, errors=errors, stopped=stopped, dataset=dataset,
-                           attributes=subject_attributes(cfg.data.root), budget_series=series)
+        rep = _report(cfg, specs, out, dataset, rows, errors, stopped)
         for p in rep["files"]:
             parent.log_artifact(p, "report")
         parent.log_artifact(out / "splits.json")
