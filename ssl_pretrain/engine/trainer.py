@@ -31,9 +31,10 @@ from ssl_pretrain.data.loader import build_pretrain_loader
 from ssl_pretrain.data.shardformat import manifest_preprocess, meta_fields
 from ssl_pretrain.engine import plots
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
-from ssl_pretrain.engine.config import PretrainConfig, batch_plan, deepspeed_config
+from ssl_pretrain.engine.config import BatchPlan, PretrainConfig, batch_plan, deepspeed_config
 from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
 from ssl_pretrain.engine.probe import SegmentationProbe
+from ssl_pretrain.engine.state import PretrainState
 from ssl_pretrain.export import save_export
 from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text, read_own_text
 from ssl_pretrain.tasks.health import CollapseWatch
@@ -99,6 +100,27 @@ def _parameter_fingerprint(module: nn.Module) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@dataclasses.dataclass
+class _Window:
+    """Throughput of the steps since the last metrics row: summed over ranks, with the latest step's table."""
+
+    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    wait: float = 0.0
+    time: float = 0.0
+    last: Any = None
+
+    def add(self, table: torch.Tensor) -> None:
+        """One step's ``(ranks, [loss, data wait, step time])`` table."""
+        self.steps += 1
+        self.wait += float(table[:, 1].sum())
+        self.time += float(table[:, 2].sum())
+        self.last = table
+
+    def reset(self) -> None:
+        self.t0, self.steps, self.wait, self.time = time.perf_counter(), 0, 0.0, 0.0
+
+
 class Trainer:
     """One rank of a pretraining job (see :func:`run_pretraining`).
 
@@ -116,8 +138,7 @@ class Trainer:
         self.logger: RunLogger | None = None
         self._mlflow_from = 0  # first step whose metrics MLflow does not hold yet (after a resume)
         self.probe: SegmentationProbe | None = None  # rank 0 only
-        self.probe_history: list[tuple[int, float]] = []  # (step, probe Dice), saved with checkpoints
-        self.probe_time = 0.0  # seconds spent probing, over the whole run
+        self.state = PretrainState()  # what the run has done: saved in every checkpoint, restored on resume
         self._collapse = CollapseWatch(cfg.train.collapse_std, cfg.train.collapse_logs)
 
     # ---- checks before any compute -------------------------------------------------------------
@@ -171,88 +192,35 @@ class Trainer:
         cfg, info = self.cfg, self.info
         plan = batch_plan(cfg, info.world_size)
         ds_config = deepspeed_config(cfg, info.world_size)
-        if cfg.resume == "never" and self.ckpt.latest_tag() is not None:
-            raise CheckpointError(
-                f"{self.ckpt.root}: holds checkpoint {self.ckpt.latest_tag()}; set resume=auto to continue it or "
-                f"choose another out_dir"
-            )
-        tag = self.ckpt.readable_tag()  # a damaged latest checkpoint falls back to the previous one
-        meta = self.ckpt.read_meta(tag) if tag is not None else None
-        if meta is not None:
-            CheckpointDir.check_compatible(meta, self._expected_meta(plan.micro), self.ckpt.root)
-            if meta["step"] > cfg.train.max_steps:
-                raise CheckpointError(
-                    f"{self.ckpt.root}: checkpoint {tag} is at step {meta['step']}, beyond train.max_steps="
-                    f"{cfg.train.max_steps}; set train.max_steps >= {meta['step']} (larger continues training)"
-                )
-            if meta["step"] == cfg.train.max_steps and meta.get("finished") and self.export_path.is_file():
-                if info.is_main:
-                    log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
-                return self.export_path
-            if meta.get("finished") and info.is_main:
-                # the scheduler state is only its step count: the cosine decay is recomputed for the new length
-                log.info("%s: extending a finished run from %d to %d steps", cfg.out_dir, meta["step"],
-                         cfg.train.max_steps)
+        meta = self._resume_meta(plan)
+        if meta is not None and meta["step"] == cfg.train.max_steps and meta.get("finished") \
+                and self.export_path.is_file():
+            if info.is_main:
+                log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
+            return self.export_path
         rank_state = self.ckpt.read_rank_state(meta["tag"]) if meta is not None else None
-
-        data_cfg = dataclasses.replace(cfg.data, batch_size=plan.micro)
-        resolved = dataclasses.replace(cfg, data=data_cfg)
+        resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.micro))
         task = build_task(cfg, info)
-        loader = build_pretrain_loader(data_cfg, info.rank, info.world_size)
+        loader = build_pretrain_loader(resolved.data, info.rank, info.world_size)
         self._check_manifest(loader.manifest, task.needs_position)
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
         stream = self._stream(loader)
         first = self._next_full(stream, plan.micro)
         self._check_batch(first, cfg.task, task.needs_position)
-        if cfg.probe.enabled:  # every rank checks the probe input, so bad input stops all ranks alike
-            probe = SegmentationProbe(cfg.probe, manifest_preprocess(loader.manifest), cfg.model.in_channels,
-                                      info.device)
-            self.probe = probe if info.is_main else None
-            if cfg.probe.every > cfg.train.max_steps and info.is_main:
-                log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "
-                            "end only", cfg.probe.every, cfg.train.max_steps)
-
+        self._build_probe(loader)
         if info.is_main:
             save_config(resolved, self.out / "config.yaml")
         engine, _, _, _ = deepspeed.initialize(
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config,
             dist_init_required=False,
         )
-        step, samples_seen, wall_before, run_id = 0, 0, 0.0, None
-        if meta is not None and rank_state is not None:
-            self.ckpt.load(engine, meta["tag"])
-            restore_rng(rank_state["rng"])
-            task.set_rng_state(rank_state["task_rng"])
-            step, samples_seen = meta["step"], meta["samples_seen"]
-            wall_before, run_id = meta["wall_time_s"], meta.get("mlflow_run_id")
-            self.probe_history = [(int(a), float(b)) for a, b in meta.get("probe_history", [])]
-            self.probe_time = float(meta.get("probe_time_s", 0.0))
-            if info.is_main:
-                log.info("resuming %s from step %d", cfg.out_dir, step)
-                logged_until = self._truncate_metrics(step)
-                if run_id is not None:  # the MLflow run holds what metrics.jsonl held: log only later steps
-                    self._mlflow_from = logged_until + 1
-        else:
-            if info.is_main:  # rows of an attempt killed before its first checkpoint are not this run's
-                self._truncate_metrics(-1)
-            # dropout differs per rank; the task generators are seeded separately
-            torch.manual_seed(cfg.seed * 100_003 + info.rank)
-            np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)
-            random.seed(cfg.seed * 100_003 + info.rank)
-
-        tags = {"git_commit": _git_commit(), "task": cfg.task, "world_size": info.world_size}
-        self.logger = start_logger(
-            info.is_main and cfg.track, cfg.experiment, run_name=cfg.run_name, tags=tags, run_id=run_id
-        )
-        if run_id is None:
-            self.logger.log_params(flatten(resolved))
-            self.logger.log_artifact(self.out / "config.yaml")
+        self._restore(engine, task, meta, rank_state)
+        self._start_tracking(resolved)
+        assert self.logger is not None
         try:
-            last_loss = float(meta["loss"]) if meta is not None else float("nan")
-            final_loss = self._loop(engine, task, loader, stream, first, step, samples_seen, wall_before, plan,
-                                    last_loss)
-            self._finish(engine, task, loader, final_loss)
+            self._loop(engine, task, loader, stream, first, plan)
+            self._finish(task, loader)
         except BaseException as e:
             self.logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
@@ -260,6 +228,76 @@ class Trainer:
             stream.close()  # stops the DataLoader workers now, not at garbage collection (in-process callers)
         self.logger.end("FINISHED")
         return self.export_path
+
+    def _resume_meta(self, plan: BatchPlan) -> dict[str, Any] | None:
+        """The ``meta.json`` of the checkpoint to continue (None: start fresh), checked against this run."""
+        cfg = self.cfg
+        if cfg.resume == "never" and self.ckpt.latest_tag() is not None:
+            raise CheckpointError(
+                f"{self.ckpt.root}: holds checkpoint {self.ckpt.latest_tag()}; set resume=auto to continue it or "
+                f"choose another out_dir"
+            )
+        tag = self.ckpt.readable_tag()  # a damaged latest checkpoint falls back to the previous one
+        meta = self.ckpt.read_meta(tag) if tag is not None else None
+        if meta is None:
+            return None
+        CheckpointDir.check_compatible(meta, self._expected_meta(plan.micro), self.ckpt.root)
+        if meta["step"] > cfg.train.max_steps:
+            raise CheckpointError(
+                f"{self.ckpt.root}: checkpoint {tag} is at step {meta['step']}, beyond train.max_steps="
+                f"{cfg.train.max_steps}; set train.max_steps >= {meta['step']} (larger continues training)"
+            )
+        if meta.get("finished") and meta["step"] < cfg.train.max_steps and self.info.is_main:
+            # the scheduler state is only its step count: the cosine decay is recomputed for the new length
+            log.info("%s: extending a finished run from %d to %d steps", cfg.out_dir, meta["step"],
+                     cfg.train.max_steps)
+        return meta
+
+    def _build_probe(self, loader: Any) -> None:
+        """The segmentation probe; every rank checks its input, so bad input stops all ranks alike."""
+        cfg, info = self.cfg, self.info
+        if not cfg.probe.enabled:
+            return
+        probe = SegmentationProbe(cfg.probe, manifest_preprocess(loader.manifest), cfg.model.in_channels, info.device)
+        self.probe = probe if info.is_main else None
+        if cfg.probe.every > cfg.train.max_steps and info.is_main:
+            log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "
+                        "end only", cfg.probe.every, cfg.train.max_steps)
+
+    def _restore(self, engine: Any, task: PretextTask, meta: dict[str, Any] | None,
+                 rank_state: dict[str, Any] | None) -> None:
+        """Load the checkpoint into the engine, the RNGs and :attr:`state`; or seed a fresh run."""
+        cfg, info = self.cfg, self.info
+        if meta is not None and rank_state is not None:
+            self.ckpt.load(engine, meta["tag"])
+            restore_rng(rank_state["rng"])
+            task.set_rng_state(rank_state["task_rng"])
+            self.state.load_state_dict(meta)
+            if info.is_main:
+                log.info("resuming %s from step %d", cfg.out_dir, self.state.step)
+                logged_until = self._truncate_metrics(self.state.step)
+                if self.state.mlflow_run_id is not None:  # MLflow holds what metrics.jsonl held: log later steps
+                    self._mlflow_from = logged_until + 1
+            return
+        if info.is_main:  # rows of an attempt killed before its first checkpoint are not this run's
+            self._truncate_metrics(-1)
+        # dropout differs per rank; the task generators are seeded separately
+        torch.manual_seed(cfg.seed * 100_003 + info.rank)
+        np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)
+        random.seed(cfg.seed * 100_003 + info.rank)
+
+    def _start_tracking(self, resolved: PretrainConfig) -> None:
+        """The run's MLflow run on rank 0 (the checkpoint's on a resume); params and config when it is new."""
+        cfg, info = self.cfg, self.info
+        tags = {"git_commit": _git_commit(), "task": cfg.task, "world_size": info.world_size}
+        run_id = self.state.mlflow_run_id
+        self.logger = start_logger(
+            info.is_main and cfg.track, cfg.experiment, run_name=cfg.run_name, tags=tags, run_id=run_id
+        )
+        self.state.mlflow_run_id = self.logger.run_id
+        if run_id is None:
+            self.logger.log_params(flatten(resolved))
+            self.logger.log_artifact(self.out / "config.yaml")
 
     def _next_full(self, stream: Iterator[dict[str, Any]], micro: int) -> dict[str, Any]:
         """The next batch; in epoch mode, batches that are short or padded on any rank are skipped.
@@ -284,93 +322,97 @@ class Trainer:
         while True:  # the loader is an endless stream; a finite one simply starts over
             yield from loader
 
-    def _loop(
-        self, engine: Any, task: nn.Module, loader: Any, stream: Iterator[dict[str, Any]], first: dict[str, Any],
-        step: int, samples_seen: int, wall_before: float, plan: Any, final_loss: float,
-    ) -> float:
-        cfg, info, t = self.cfg, self.info, self.cfg.train
-        assert self.logger is not None
+    def _loop(self, engine: Any, task: PretextTask, loader: Any, stream: Iterator[dict[str, Any]],
+              first: dict[str, Any], plan: BatchPlan) -> None:
+        """Train from :attr:`state`'s step to ``train.max_steps``: log, probe, export, draw and checkpoint."""
+        cfg, info, t, st = self.cfg, self.info, self.cfg.train, self.state
         pending: dict[str, Any] | None = first
         self._seen: set[str] = set()
-        started = time.perf_counter()
-        win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
-        pbar = tqdm(total=t.max_steps, initial=step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
-        if step == 0 and cfg.probe.enabled:
-            self._probe(task, 0, wall_before)  # the random-init reference of every probe curve
+        started, wall_before = time.perf_counter(), st.wall_time_s
+        window = _Window()
+        pbar = tqdm(total=t.max_steps, initial=st.step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
+        if st.step == 0 and cfg.probe.enabled:
+            self._probe(task, 0)  # the random-init reference of every probe curve
         try:
-            while step < t.max_steps:
-                step_t0 = time.perf_counter()
-                wait = 0.0
-                loss_sum = torch.zeros((), device=info.device)
-                task_metrics: dict[str, torch.Tensor] = {}
-                for _ in range(plan.grad_accum):
-                    w0 = time.perf_counter()
-                    batch = pending if pending is not None else self._next_full(stream, plan.micro)
-                    pending = None
-                    wait += time.perf_counter() - w0
-                    if t.track_samples:
-                        pairs = zip(batch["subject"], batch["slice"].tolist(), strict=True)
-                        self._seen.update(f"{s}/{i}" for s, i in pairs)
-                    loss, task_metrics = engine(batch)
-                    engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
-                    engine.step()
-                    loss_sum += loss.detach().float()
-                step += 1
-                samples_seen += plan.global_batch
-                step_time = time.perf_counter() - step_t0
-                # one small collective per step: every rank's loss, data wait and step time
-                # (this is a host sync, needed by the NaN guard anyway)
-                mine = torch.tensor([0.0, wait, step_time], dtype=torch.float64, device=info.device)
-                mine[0] = loss_sum.double() / plan.grad_accum
-                everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
-                dist.all_gather(everyone, mine)
-                table = torch.stack(everyone).cpu()
-                final_loss = float(table[:, 0].mean())
-                if not math.isfinite(final_loss):
-                    raise TrainingDiverged(
-                        f"step {step}: loss is {final_loss} (not finite); stopped without saving. The last good "
-                        f"checkpoint is {self.ckpt.latest_tag() or 'none'} in {self.ckpt.root}; lower train.lr "
-                        f"or check the data, then resume"
-                    )
-                win_steps += 1
-                win_wait += float(table[:, 1].sum())
-                win_time += float(table[:, 2].sum())
+            while st.step < t.max_steps:
+                batch, task_metrics = self._step(engine, stream, pending, plan, window)
+                pending = None
+                st.wall_time_s = wall_before + time.perf_counter() - started
                 pbar.update(1)
-                if step % t.log_every == 0 or step == t.max_steps:
-                    elapsed = time.perf_counter() - win_t0
-                    row = {
-                        "step": step,
-                        "loss": final_loss,
-                        "lr": float(engine.get_lr()[0]),
-                        "samples_per_s": win_steps * plan.global_batch / max(elapsed, 1e-9),
-                        "data_wait_frac": win_wait / max(win_time, 1e-9),
-                        **{f"data_wait_s/rank{r}": float(table[r, 1]) for r in range(info.world_size)},
-                        **{k: float(v) for k, v in task_metrics.items()},
-                    }
-                    if info.is_main:
-                        self._log_row(row)
-                        pbar.set_postfix(loss=f"{final_loss:.4f}", lr=f"{row['lr']:.2e}")
-                        warning = self._collapse.update(step, row["health/std_norm"]) \
-                            if "health/std_norm" in row else None
-                        if warning:
-                            log.warning(warning)
-                    win_t0, win_steps, win_wait, win_time = time.perf_counter(), 0, 0.0, 0.0
-                wall = wall_before + time.perf_counter() - started
-                if cfg.probe.enabled and (step % cfg.probe.every == 0 or step == t.max_steps):
-                    self._probe(task, step, wall)
-                if info.is_main and t.export_every and step % t.export_every == 0:
-                    self._export(self.out / "export" / f"step-{step:07d}" / "model.pt", task, loader,
-                                 step, samples_seen, wall_before + time.perf_counter() - started, final_loss)
-                if info.is_main and step % t.image_every == 0:
-                    self._figure(task, batch, step)
-                if step % t.ckpt_every == 0 or step == t.max_steps:
-                    self._save(engine, task, loader, step, samples_seen,
-                               wall_before + time.perf_counter() - started, plan, final_loss)
+                if st.step % t.log_every == 0 or st.step == t.max_steps:
+                    self._log_window(engine, window, plan, task_metrics, pbar)
+                if cfg.probe.enabled and (st.step % cfg.probe.every == 0 or st.step == t.max_steps):
+                    self._probe(task, st.step)
+                if info.is_main and t.export_every and st.step % t.export_every == 0:
+                    st.wall_time_s = wall_before + time.perf_counter() - started
+                    self._export(self.out / "export" / f"step-{st.step:07d}" / "model.pt", task, loader)
+                if info.is_main and st.step % t.image_every == 0:
+                    self._figure(task, batch, st.step)
+                if st.step % t.ckpt_every == 0 or st.step == t.max_steps:
+                    st.wall_time_s = wall_before + time.perf_counter() - started
+                    self._save(engine, task, loader, plan)
         finally:
             pbar.close()
-        self._samples_seen = samples_seen
-        self._wall = wall_before + time.perf_counter() - started
-        return final_loss
+        st.wall_time_s = wall_before + time.perf_counter() - started
+
+    def _step(self, engine: Any, stream: Iterator[dict[str, Any]], pending: dict[str, Any] | None,
+              plan: BatchPlan, window: _Window) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One optimizer step (``grad_accum`` micro batches); updates :attr:`state` and ``window``."""
+        info, st = self.info, self.state
+        step_t0 = time.perf_counter()
+        wait = 0.0
+        loss_sum = torch.zeros((), device=info.device)
+        task_metrics: dict[str, torch.Tensor] = {}
+        for _ in range(plan.grad_accum):
+            w0 = time.perf_counter()
+            batch = pending if pending is not None else self._next_full(stream, plan.micro)
+            pending = None
+            wait += time.perf_counter() - w0
+            if self.cfg.train.track_samples:
+                self._seen.update(f"{s}/{i}" for s, i in zip(batch["subject"], batch["slice"].tolist(), strict=True))
+            loss, task_metrics = engine(batch)
+            engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
+            engine.step()
+            loss_sum += loss.detach().float()
+        st.step += 1
+        st.samples_seen += plan.global_batch
+        # one small collective per step: every rank's loss, data wait and step time
+        # (this is a host sync, needed by the NaN guard anyway)
+        mine = torch.tensor([0.0, wait, time.perf_counter() - step_t0], dtype=torch.float64, device=info.device)
+        mine[0] = loss_sum.double() / plan.grad_accum
+        everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+        dist.all_gather(everyone, mine)
+        table = torch.stack(everyone).cpu()
+        st.loss = float(table[:, 0].mean())
+        if not math.isfinite(st.loss):
+            raise TrainingDiverged(
+                f"step {st.step}: loss is {st.loss} (not finite); stopped without saving. The last good "
+                f"checkpoint is {self.ckpt.latest_tag() or 'none'} in {self.ckpt.root}; lower train.lr "
+                f"or check the data, then resume"
+            )
+        window.add(table)
+        return batch, task_metrics
+
+    def _log_window(self, engine: Any, window: _Window, plan: BatchPlan, task_metrics: dict[str, torch.Tensor],
+                    pbar: Any) -> None:
+        """The metrics row of the steps since the last log (rank 0 writes it); starts a new window."""
+        st, info = self.state, self.info
+        row = {
+            "step": st.step,
+            "loss": st.loss,
+            "lr": float(engine.get_lr()[0]),
+            "samples_per_s": window.steps * plan.global_batch / max(time.perf_counter() - window.t0, 1e-9),
+            "data_wait_frac": window.wait / max(window.time, 1e-9),
+            **{f"data_wait_s/rank{r}": float(window.last[r, 1]) for r in range(info.world_size)},
+            **{k: float(v) for k, v in task_metrics.items()},
+        }
+        if info.is_main:
+            self._log_row(row)
+            pbar.set_postfix(loss=f"{st.loss:.4f}", lr=f"{row['lr']:.2e}")
+            warning = self._collapse.update(st.step, row["health/std_norm"]) if "health/std_norm" in row else None
+            if warning:
+                log.warning(warning)
+        window.reset()
 
     def _log_row(self, row: dict[str, Any]) -> None:
         """One ``metrics.jsonl`` row, and to MLflow unless it holds that step already (rank 0)."""
@@ -379,22 +421,23 @@ class Trainer:
             self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         append_text(self.out / "metrics.jsonl", json.dumps(row) + "\n")
 
-    def _probe(self, task: PretextTask, step: int, wall: float) -> None:
+    def _probe(self, task: PretextTask, step: int) -> None:
         """Run the segmentation probe on rank 0 (the other ranks wait) and log it with ``probe.png``."""
         if self.probe is not None:
             assert self.logger is not None
             decoder = task.decoder if "decoder" in task.export_parts() else None
             result = self.probe.evaluate(task.encoder, decoder)
-            self.probe_time += result["time_s"]
-            self.probe_history.append((step, result["dice"]))
+            history = self.state.probe_history
+            self.state.probe_time_s += result["time_s"]
+            history.append((step, result["dice"]))
             row: dict[str, Any] = {"step": step, **{f"probe/{k}": v for k, v in result.items()}}
-            if self.probe_history[0][0] == 0:
-                row["probe/dice_random"] = self.probe_history[0][1]
-            row["probe/time_frac"] = self.probe_time / max(wall + result["time_s"], 1e-9)
+            if history[0][0] == 0:
+                row["probe/dice_random"] = history[0][1]
+            row["probe/time_frac"] = self.state.probe_time_s / max(self.state.wall_time_s + result["time_s"], 1e-9)
             self._log_row(row)
             log.info("step %d: probe Dice %.4f (random init %.4f), %.1f s", step, result["dice"],
                      row.get("probe/dice_random", float("nan")), result["time_s"])
-            curve = plots.probe_curve(self.probe_history, self.cfg.task, self.out / "plots" / "probe.png")
+            curve = plots.probe_curve(history, self.cfg.task, self.out / "plots" / "probe.png")
             if curve is not None:
                 self.logger.log_artifact(curve, "plots")
         if dist.is_initialized():
@@ -422,21 +465,11 @@ class Trainer:
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         return last
 
-    def _save(self, engine: Any, task: nn.Module, loader: Any, step: int, samples_seen: int, wall: float,
-              plan: Any, loss: float) -> None:
-        meta = {
-            **self._expected_meta(plan.micro),
-            "step": step,
-            "samples_seen": samples_seen,
-            "wall_time_s": wall,
-            "loss": loss,
-            "finished": step == self.cfg.train.max_steps,
-            "probe_history": [list(h) for h in self.probe_history],
-            "probe_time_s": self.probe_time,
-            "mlflow_run_id": self.logger.run_id if self.logger is not None else None,
-        }
+    def _save(self, engine: Any, task: PretextTask, loader: Any, plan: BatchPlan) -> None:
+        meta = {**self._expected_meta(plan.micro), **self.state.state_dict(),
+                "finished": self.state.step == self.cfg.train.max_steps}
         rank_state = {"loader": loader.state_dict(), "rng": capture_rng(), "task_rng": task.rng_state()}
-        self.ckpt.save(engine, step, meta, rank_state)
+        self.ckpt.save(engine, self.state.step, meta, rank_state)
 
     def _figure(self, task: nn.Module, batch: dict[str, Any], step: int) -> None:
         import matplotlib.pyplot as plt
@@ -449,8 +482,8 @@ class Trainer:
         assert self.logger is not None
         self.logger.log_artifact(path, "plots")
 
-    def _finish(self, engine: Any, task: nn.Module, loader: Any, final_loss: float) -> None:
-        cfg, info = self.cfg, self.info
+    def _finish(self, task: PretextTask, loader: Any) -> None:
+        cfg, info, st = self.cfg, self.info, self.state
         assert self.logger is not None
         summary: dict[str, Any] = {}
         if cfg.train.check_replicas:
@@ -466,23 +499,14 @@ class Trainer:
             dist.all_gather_object(gathered, sorted(self._seen))
             summary["samples_by_rank"] = gathered
         if info.is_main:
-            info_dict = self._export(self.export_path, task, loader, cfg.train.max_steps, self._samples_seen,
-                                     self._wall, final_loss)
-            summary.update(info_dict, export=str(self.export_path))
-            if self.probe_history:
-                best_step, best = max(self.probe_history, key=lambda h: (h[1], -h[0]))
-                summary["probe"] = {
-                    "best_dice": best, "best_step": best_step,
-                    "random_init_dice": self.probe_history[0][1] if self.probe_history[0][0] == 0 else None,
-                    "time_s": self.probe_time, "time_frac": self.probe_time / max(self._wall, 1e-9),
-                }
-                log.info("probe: best Dice %.4f at step %d; probing took %.1f s of %.1f s (%.1f %%)", best, best_step,
-                         self.probe_time, self._wall, 100 * summary["probe"]["time_frac"])
+            summary.update(self._export(self.export_path, task, loader), export=str(self.export_path))
+            if st.probe_history:
+                summary["probe"] = self._probe_summary()
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=1))
             rows = plots.read_metrics(self.out / "metrics.jsonl")
             figures = [
                 plots.loss_curve(rows, cfg.task, self.out / "plots" / "loss.png"),
-                plots.probe_curve(self.probe_history, cfg.task, self.out / "plots" / "probe.png"),
+                plots.probe_curve(st.probe_history, cfg.task, self.out / "plots" / "probe.png"),
                 plots.health_curves(rows, cfg.task, self.out / "plots" / "health.png"),
             ]
             summary_file = self.out / "summary.json"
@@ -494,17 +518,31 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-    def _export(self, path: Path, task: PretextTask, loader: Any, step: int, samples_seen: int, wall: float,
-                loss: float) -> dict[str, Any]:
+    def _probe_summary(self) -> dict[str, Any]:
+        """The probe's best Dice, its random-init reference and its share of the run's time."""
+        st = self.state
+        best_step, best = max(st.probe_history, key=lambda h: (h[1], -h[0]))
+        out = {
+            "best_dice": best, "best_step": best_step,
+            "random_init_dice": st.probe_history[0][1] if st.probe_history[0][0] == 0 else None,
+            "time_s": st.probe_time_s, "time_frac": st.probe_time_s / max(st.wall_time_s, 1e-9),
+        }
+        log.info("probe: best Dice %.4f at step %d; probing took %.1f s of %.1f s (%.1f %%)", best, best_step,
+                 st.probe_time_s, st.wall_time_s, 100 * out["time_frac"])
+        return out
+
+    def _export(self, path: Path, task: PretextTask, loader: Any) -> dict[str, Any]:
         """Write an export of the current weights (rank 0); returns its ``info`` (the budget and probe Dice)."""
+        st = self.state
+        step = st.step
         info_dict: dict[str, Any] = {
             "steps": step,
-            "samples_seen": samples_seen,
-            "wall_time_s": wall,
-            "final_loss": loss,
+            "samples_seen": st.samples_seen,
+            "wall_time_s": st.wall_time_s,
+            "final_loss": st.loss,
             "world_size": self.info.world_size,
         }
-        done = [h for h in self.probe_history if h[0] <= step]
+        done = [h for h in st.probe_history if h[0] <= step]
         if done:
             info_dict["probe_step"], info_dict["probe_dice"] = done[-1]
         save_export(
