@@ -39,6 +39,7 @@ from typing import Literal
 
 import torch
 
+from mri_ssl import CONFIG_DIR
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import SITES, make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
@@ -47,8 +48,7 @@ from ssl_pretrain.engine.plots import read_metrics
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "launch" / "configs"
+CONFIGS = CONFIG_DIR
 
 __all__ = ["DEMO_SEEDS", "Scale", "SCALES", "make_cohorts", "pick_scale", "run_experiment", "shard_cohort",
            "site_splits", "sweep_stage"]
@@ -253,7 +253,7 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Pat
     if (run_dir / "checkpoints").is_dir():
         _say(f"resuming {task} pretraining from its last checkpoint in {run_dir / 'checkpoints'}")
     config = CONFIGS / scale.pretrain_config.format(task=task)
-    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(config)]
+    script = ["mri_ssl.cli.pretrain", "--config", str(config)]  # a module: runs from an installed mri-ssl
     overrides = [
         f"task={task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto",
         f"train.max_steps={scale.pretrain_steps}", f"data.batch_size={scale.pretrain_batch}",
@@ -268,9 +268,9 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Pat
                       f"probe.n_train={n_train}", f"probe.n_eval={min(4, pool - n_train)}"]
     gpus = torch.cuda.device_count()
     if gpus > 0:
-        cmd = ["deepspeed", "--num_gpus", str(gpus), *script, *overrides]
+        cmd = ["deepspeed", "--num_gpus", str(gpus), "--module", *script, *overrides]
     else:
-        cmd = [sys.executable, *script, *overrides]
+        cmd = [sys.executable, "-m", *script, *overrides]
     _run(cmd, out)
     return export
 
@@ -301,7 +301,7 @@ def sweep_stage(out: Path, labeled: Path, exports: Mapping[str, Path], scale: Sc
     out.mkdir(parents=True, exist_ok=True)  # the sweep runs in out (MLflow's local store lands there)
     inits = ["random", *[str(p) for p in exports.values()]]
     cmd = [
-        sys.executable, str(REPO / "launch" / "sweep.py"), "--config", str(CONFIGS / scale.sweep_config),
+        sys.executable, "-m", "mri_ssl.cli.sweep", "--config", str(CONFIGS / scale.sweep_config),
         f"data.root={labeled}", f"out_dir={sweep_dir}", f"init={inits}",
         f"n_labeled={list(scale.labeled_counts)}", f"seeds={list(scale.seeds)}",
         f"train.max_steps={scale.finetune_steps}", f"train.eval_every={scale.eval_every}",

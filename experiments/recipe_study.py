@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from experiments.label_efficiency import DEMO_SEEDS, SCALES, Scale, make_cohorts, shard_cohort, site_splits, sweep_stage
+from mri_ssl import CONFIG_DIR
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
@@ -69,8 +70,7 @@ from ssl_pretrain.engine.plots import read_metrics
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "launch" / "configs" / "debug.yaml"
+CONFIG = CONFIG_DIR / "debug.yaml"
 UNLABELED_SEED, LABELED_SEED = 101, 102  # the demo uses 1 and 2: keep its cohorts out of the study
 MIX_SEED = 103  # the other organ's unlabeled phantoms, pooled in for the cohort-mixture recipes
 FINETUNE_SEED = 104  # the finetune check's labeled cohort (the demo's scenario on subjects of its own)
@@ -257,7 +257,7 @@ def _overrides(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: P
 def _pretrain_cmd(name: str, recipe: Recipe, scale: Scale, shards: Path, run_dir: Path, steps: int,
                   *extra: str, seed: int = 0) -> list[str]:
     """``launch/pretrain.py`` on ``debug.yaml`` with the study's overrides, then ``extra``."""
-    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(CONFIG),
+    return [sys.executable, "-m", "mri_ssl.cli.pretrain", "--config", str(CONFIG),
             *_overrides(name, recipe, scale, shards, run_dir, steps, seed), *extra]
 
 

@@ -490,6 +490,7 @@ def parse_config(
     *,
     doc: str | None = None,
     add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+    config_dir: Path | None = None,
 ) -> tuple[T, argparse.Namespace]:
     """Parse an entry script's command line: ``--config FILE`` then ``dotted.key=value`` words.
 
@@ -500,6 +501,8 @@ def parse_config(
         argv: Arguments (default ``sys.argv[1:]``).
         doc: Text shown at the top of ``--help`` (usually the script's docstring).
         add_flags: Adds the script's own flags to the parser.
+        config_dir: Folder of shipped configs: ``--config NAME`` (``debug``, ``debug.yaml``) that is not
+            an existing path is looked up there.
 
     Returns:
         ``(config, namespace)``; the namespace holds ``config``, ``local_rank`` and the script's flags.
@@ -515,12 +518,18 @@ def parse_config(
     parser = argparse.ArgumentParser(
         description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=None, help="YAML config file (e.g. launch/configs/debug.yaml)")
+    shipped = f"; shipped: {', '.join(sorted(p.stem for p in config_dir.glob('*.yaml')))}" if config_dir else ""
+    parser.add_argument("--config", default=None, help=f"YAML config file, or the name of a shipped one{shipped}")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     if add_flags is not None:
         add_flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)
+    if args.config is not None and config_dir is not None and not Path(args.config).exists():
+        for name in (args.config, f"{args.config}.yaml"):
+            if "/" not in name and (config_dir / name).is_file():
+                args.config = str(config_dir / name)
+                break
     try:
         cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as e:

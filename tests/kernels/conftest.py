@@ -16,6 +16,7 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 
 # Imported before this conftest, in compiled mode: reload, dependencies first.
-for name in ("kernels.ntxent_triton", "kernels.ntxent", "kernels.ntxent_reference", "kernels.bench", "kernels"):
+for name in ("kernels.ntxent_triton", "kernels.ntxent", "tests.kernels.ntxent_reference", "benchmarks.ntxent",
+             "kernels"):
     if name in sys.modules:
         importlib.reload(sys.modules[name])

@@ -1,6 +1,6 @@
 """NT-Xent loss: Triton kernels (interpreted on the CPU) and the chunked torch path against a
 deliberately naive reference that builds the whole similarity matrix in float64
-(``kernels/ntxent_reference.py``, whose cases ``python -m kernels.gpu_check`` runs on CUDA)."""
+(``tests/kernels/ntxent_reference.py``, whose cases ``python -m benchmarks.gpu_check`` runs on CUDA)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import NTXentLoss, nt_xent
-from kernels.ntxent_reference import CASES, Case, check_against_reference, check_every_block_config
 from kernels.ntxent_torch import lse_backward_torch, lse_forward_torch
+from tests.kernels.ntxent_reference import CASES, Case, check_against_reference, check_every_block_config
 
 IMPLS = ["triton", "torch"]
 CPU = torch.device("cpu")

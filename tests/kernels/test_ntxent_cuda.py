@@ -2,8 +2,8 @@
 
 This session runs the kernels interpreted (``conftest.py`` sets TRITON_INTERPRET=1 before
 triton decorates them), so the compiled kernels are checked in a fresh interpreter without
-that variable: ``python -m kernels.gpu_check --no-bench --json``, which runs the cases of
-``kernels/ntxent_reference.py`` on CUDA. Each test below reports one of its checks.
+that variable: ``python -m benchmarks.gpu_check --no-bench --json``, which runs the cases of
+``tests/kernels/ntxent_reference.py`` on CUDA. Each test below reports one of its checks.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import gpu_check
-from kernels.bench import run_gpu_table
+from benchmarks import gpu_check
+from benchmarks.ntxent import run_gpu_table
 
 REPO = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(
@@ -30,8 +30,8 @@ CHECK_NAMES = [name for name, _ in gpu_check.named_checks(torch.device("cuda"))]
 
 
 def _run_gpu_check(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run ``python -m kernels.gpu_check`` from the repository root in a fresh interpreter."""
-    cmd = [sys.executable, "-m", "kernels.gpu_check", *args]
+    """Run ``python -m benchmarks.gpu_check`` from the repository root in a fresh interpreter."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 

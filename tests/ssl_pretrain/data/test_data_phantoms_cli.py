@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from ssl_pretrain.data.bench import run as run_bench
+from benchmarks.loader import run as run_bench
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort, make_subject, save_montage
 from ssl_pretrain.data.preprocess import PreprocessParams, preprocess

@@ -2,15 +2,15 @@
 
 Usage::
 
-    python -m kernels.gpu_check                   # checks + GPU benchmark, one summary block
-    python -m kernels.gpu_check --no-bench        # the correctness checks only
-    python -m kernels.gpu_check --json out.json   # also write every check's result
+    python -m benchmarks.gpu_check                   # checks + GPU benchmark, one summary block
+    python -m benchmarks.gpu_check --no-bench        # the correctness checks only
+    python -m benchmarks.gpu_check --json out.json   # also write every check's result
 
 It needs torch and triton only (``kernels`` imports nothing else of the project; pytest is
-not needed). First every case of ``kernels/ntxent_reference.py`` -- loss and both gradients
+not needed). First every case of ``tests/kernels/ntxent_reference.py`` -- loss and both gradients
 against the fp64 reference, fp32 / bf16 / fp16, pairs, groups, batched, strided -- runs on
 CUDA through the compiled Triton kernels and through the torch path, and every autotuning
-candidate of both kernels is checked; then the GPU half of ``python -m kernels.bench`` runs
+candidate of both kernels is checked; then the GPU half of ``python -m benchmarks.ntxent`` runs
 (eager naive, ``torch.compile``d naive, Triton; bf16; 4k-64k pairs). It stops starting
 baseline benchmark cases at ``BUDGET_S`` so that the whole check ends within 5 minutes on one
 GPU (the Triton rows, seconds each, always run).
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.ntxent import DIM, GPU_PAIRS, MIB, gpu_ratios, run_gpu_table
 from kernels import ntxent
-from kernels.bench import DIM, GPU_PAIRS, MIB, gpu_ratios, run_gpu_table
-from kernels.ntxent_reference import CASES, check_every_block_config
+from tests.kernels.ntxent_reference import CASES, check_every_block_config
 
 #: Seconds after the start past which no further baseline benchmark case starts: the longest
 #: one (a ``torch.compile``) takes about a minute and the whole check must end within 5 minutes.
@@ -97,7 +97,7 @@ def summary(device: str, results: dict[str, dict], table: dict | None, seconds: 
     Args:
         device: the first line's description of the machine (:func:`device_line`).
         results: what :func:`run_checks` returned.
-        table: what :func:`kernels.bench.run_gpu_table` returned, or None (``--no-bench``).
+        table: what :func:`benchmarks.ntxent.run_gpu_table` returned, or None (``--no-bench``).
         seconds: the check's wall time so far.
     """
     failed = [name for name, res in results.items() if not res["ok"]]
@@ -144,7 +144,7 @@ def _cell(row: dict, key: str, width: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check (see the module docstring); return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--no-bench", action="store_true", help="run the correctness checks only")
     parser.add_argument("--json", type=Path, help="write every check's result to this file")
     args = parser.parse_args(argv)
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_bench:
         table = run_gpu_table(GPU_PAIRS, DIM, device, torch.bfloat16, deadline=start + BUDGET_S)
     lines, ok = summary(device_line(), results, table, time.monotonic() - start)
-    print("=" * 30 + " kernels.gpu_check summary " + "=" * 30)
+    print("=" * 30 + " benchmarks.gpu_check summary " + "=" * 30)
     print("\n".join(lines))
     return 0 if ok else 1
 

@@ -4,10 +4,10 @@ Prints tables and ratios; asserts nothing (the goals are printed next to the num
 
 Usage::
 
-    python -m kernels.bench                         # CPU table; GPU table too when CUDA is present
-    python -m kernels.bench --cpu-pairs 1024 8192   # chosen CPU sizes only
-    python -m kernels.bench --no-cpu                # GPU table only
-    TRITON_INTERPRET=1 python -m kernels.bench --smoke   # GPU code path on the CPU, tiny sizes
+    python -m benchmarks.ntxent                         # CPU table; GPU table too when CUDA is present
+    python -m benchmarks.ntxent --cpu-pairs 1024 8192   # chosen CPU sizes only
+    python -m benchmarks.ntxent --no-cpu                # GPU table only
+    TRITON_INTERPRET=1 python -m benchmarks.ntxent --smoke   # GPU code path on the CPU, tiny sizes
 
 CPU: forward + backward in fp32 at D = 128, each (size, implementation) in its own
 subprocess so peak RSS is per case; the fp32 matmul rate is measured in the same process
@@ -15,7 +15,7 @@ right before the case, because other work on the machine moves both numbers toge
 GPU: bf16, eager naive vs ``torch.compile``d naive vs the Triton kernels, timed with
 ``triton.testing.do_bench``; memory is ``max_memory_allocated`` above the inputs; each Triton
 row is followed by the block configurations the autotuner chose for that size.
-``python -m kernels.gpu_check`` runs this GPU half after the CUDA correctness checks.
+``python -m benchmarks.gpu_check`` runs this GPU half after the CUDA correctness checks.
 FLOPs are counted as 3 matmuls of the (2N x 2N x D) similarity: ``3 * 2 * (2N)^2 * D``.
 """
 
@@ -160,7 +160,7 @@ def run_cpu_case(impl: str, pairs: int, dim: int) -> dict[str, float | int | str
 
 def _cpu_case_subprocess(impl: str, pairs: int, dim: int) -> dict[str, float | int | str]:
     """Run :func:`run_cpu_case` in a fresh interpreter (so ``ru_maxrss`` is this case's)."""
-    cmd = [sys.executable, "-m", "kernels.bench", "--case", impl, "--pairs", str(pairs), "--dim", str(dim)]
+    cmd = [sys.executable, "-m", "benchmarks.ntxent", "--case", impl, "--pairs", str(pairs), "--dim", str(dim)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -370,7 +370,7 @@ def gpu_ratios(rows: Sequence[dict], dim: int, peak_tflops: float) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the command line and run the benchmarks (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ntxent", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-pairs", type=int, nargs="+", default=list(CPU_PAIRS), help="CPU sizes (pairs)")
     parser.add_argument("--gpu-pairs", type=int, nargs="+", default=list(GPU_PAIRS), help="GPU sizes (pairs)")
     parser.add_argument("--dim", type=int, default=DIM, help="embedding size D")

@@ -1,6 +1,6 @@
 """Benchmark: DeepSpeed engine vs a plain PyTorch DDP loop, 2 CPU ranks, same model / data / optimizer.
 
-    python -m ssl_pretrain.bench [--task regression|contrastive] [--steps 40] [--rounds 2]
+    python -m benchmarks.pretrain_step [--task regression|contrastive] [--steps 40] [--rounds 2]
 
 Synthetic liver phantoms are sharded into a temporary directory and streamed by the real loader
 (``--workers`` per rank and loop, default one). Three loops are built once — DDP (``torch.optim.AdamW`` +

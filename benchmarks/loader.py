@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m ssl_pretrain.data.bench                  # 12 liver subjects at 256×256, 4000 slices
-    python -m ssl_pretrain.data.bench --subjects 24 --slices 8000 --keep /tmp/bench
+    python -m benchmarks.loader                  # 12 liver subjects at 256×256, 4000 slices
+    python -m benchmarks.loader --subjects 24 --slices 8000 --keep /tmp/bench
 
 All four readers run in this process, on one core (``torch.set_num_threads(1)``, no workers),
 and deliver float32 tensors ``(B, C, H, W)`` batched, before augmentation:

@@ -1,7 +1,7 @@
 """The fp64 reference of the NT-Xent loss and the cases every implementation is checked on.
 
 Plain functions, no pytest: ``tests/kernels/test_ntxent.py`` runs the cases on the CPU (the
-Triton kernels under ``TRITON_INTERPRET=1``), ``python -m kernels.gpu_check`` runs the same
+Triton kernels under ``TRITON_INTERPRET=1``), ``python -m benchmarks.gpu_check`` runs the same
 cases compiled on CUDA, and ``tests/kernels/test_ntxent_cuda.py`` reports the latter in pytest.
 
 Inputs are drawn on the CPU from a seeded generator and then moved, so every device checks
