@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TypeVar
 
+from mri_ssl import CONFIG_DIR
+from ssl_pretrain.config import parse_config
+
+T = TypeVar("T")
 COMMANDS = {
     "pretrain": "self-supervised pretraining (DeepSpeed)",
     "finetune": "finetune one model on a few labeled volumes",
@@ -21,7 +26,7 @@ COMMANDS = {
     "demo": "the whole label-efficiency experiment on synthetic MRI",
 }
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "parse_run_config"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,3 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     module = importlib.import_module(f"mri_ssl.cli.{argv[0].replace('-', '_')}")
     return int(module.main(argv[1:]) or 0)
+
+
+def parse_run_config(cls: type[T], argv: list[str] | None, doc: str | None) -> T:
+    """A training command's config: ``--config FILE_OR_SHIPPED_NAME``, ``key=value`` words and ``--resume``.
+
+    ``--resume`` is the same as ``resume=auto``; a bad key or value exits 2 with one line naming it.
+    """
+    cfg, args = parse_config(
+        cls, argv, doc=doc, config_dir=CONFIG_DIR,
+        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
+    )
+    if args.resume:
+        cfg.resume = "auto"  # type: ignore[attr-defined]
+    return cfg

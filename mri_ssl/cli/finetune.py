@@ -19,23 +19,14 @@ import logging
 import sys
 
 from downstream.config import FinetuneConfig
-from mri_ssl import CONFIG_DIR
-from ssl_pretrain.config import parse_config
+from mri_ssl.cli import parse_run_config
 from ssl_pretrain.fileio import run_locked
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, finetune, print the test metrics. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg, args = parse_config(
-        FinetuneConfig,
-        argv,
-        doc=__doc__,
-        config_dir=CONFIG_DIR,
-        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
-    )
-    if args.resume:
-        cfg.resume = "auto"
+    cfg = parse_run_config(FinetuneConfig, argv, __doc__)
     return run_locked(cfg.out_dir, lambda: _run(cfg))  # bad input and a held lock: one error line
 
 

@@ -32,8 +32,7 @@ import logging
 import os
 import sys
 
-from mri_ssl import CONFIG_DIR
-from ssl_pretrain.config import parse_config
+from mri_ssl.cli import parse_run_config
 from ssl_pretrain.engine.config import PretrainConfig
 from ssl_pretrain.fileio import run_locked
 
@@ -44,15 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    cfg, args = parse_config(  # a bad key or value exits 2 with one line naming it
-        PretrainConfig,
-        argv,
-        doc=__doc__,
-        config_dir=CONFIG_DIR,
-        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
-    )
-    if args.resume:
-        cfg.resume = "auto"
+    cfg = parse_run_config(PretrainConfig, argv, __doc__)
     # one run per out_dir; rank 0 holds the lock for the whole job
     return run_locked(cfg.out_dir, lambda: _run(cfg), enabled=os.environ.get("RANK", "0") == "0")
 

@@ -65,5 +65,6 @@ def test_installed_package_runs_the_demo_stages_from_elsewhere(installed: Path, 
                "init=pre/export/model.pt", "n_labeled=1", "data.n_val=1", "data.n_test=1", "train.max_steps=2",
                "train.eval_every=2", "train.batch_size=2", "train.warmup_steps=0", "tracking.enabled=false").stdout
     assert "test Dice" in out
-    _run(installed, tmp_path, *cli, "predict", "--model", "ft/model.pt", "--input", "data/imagesTr", "--output", "masks")
+    _run(installed, tmp_path, *cli, "predict", "--model", "ft/model.pt", "--input", "data/imagesTr",
+         "--output", "masks")
     assert list((tmp_path / "masks").glob("*_mask.nii.gz"))
