@@ -41,6 +41,12 @@ class DataConfig:
         "JSON file with train_pool / val / test lists of subject ids: a fixed split instead of the seeded "
         "one (n_val, n_test, split_seed are then ignored)",
     )
+    labels: tuple[str, ...] | None = option(
+        None,
+        "class names by label value, background first ([background, prostate]), for a folder without a "
+        "dataset.json; null: inferred from the label files, which must then hold the values 0..K-1",
+        length=(2, None),
+    )
     n_val: int = option(2, "validation subjects (fixed, used for early stopping and model selection)", ge=1)
     n_test: int = option(3, "test subjects (fixed, never seen in training or selection)", ge=1)
     split_seed: int = option(0, "seed of the subject-level split; keep it fixed across a study", ge=0)

@@ -32,15 +32,16 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
+from downstream.config import DataConfig
 from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, preprocess
+from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, load_nifti, preprocess
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ __all__ = [
     "PreparedData",
     "VolumeCache",
     "open_labeled",
+    "prepare_configured",
     "make_splits",
     "load_splits",
     "write_splits",
@@ -126,17 +128,25 @@ class PreparedData:
         return {i: self.cache.load(by_id[i]) for i in ids}
 
 
-def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
-    """Find the labeled subjects of a dataset folder.
+def open_labeled(root: str | os.PathLike[str], labels: Sequence[str] | None = None) -> LabeledDataset:
+    """Find the labeled subjects of a dataset folder and its classes.
+
+    Classes come from a declaration: ``dataset.json``'s ``labels``, or else ``labels`` (the config's
+    ``data.labels``: class names by value, background first). Without either they are inferred from
+    the label files, read with the safe loader (an unreadable label skips its subject with the
+    reason), and must then be the contiguous integers ``0..K-1``: a stray value (a 255 in one file)
+    is an error naming the files and values, not ``K = 256`` classes.
 
     Args:
         root: MSD-layout folder or a folder with image/label folders of matching names.
+        labels: Class names by value when ``dataset.json`` declares none.
 
     Returns:
-        The dataset; subjects without a label are listed in ``skipped``.
+        The dataset; subjects without a (readable) label are listed in ``skipped``.
 
     Raises:
-        ValueError: ``root`` does not exist, its ``dataset.json`` is malformed, or no subject has a label.
+        ValueError: ``root`` does not exist, its ``dataset.json`` is malformed, no subject has a
+            label, or inferred label values are not contiguous from 0.
     """
     if not str(root):
         raise ValueError("data.root: required - a labeled dataset folder (MSD layout or imagesTr/ + labelsTr/)")
@@ -161,14 +171,40 @@ def open_labeled(root: str | os.PathLike[str]) -> LabeledDataset:
             label_names = parse_msd_labels(meta["labels"], meta_path)
             declared = True
         name = str(meta.get("name") or name)
+    if not declared and labels:
+        label_names, declared = dict(enumerate(labels)), True
     if not declared:
-        values: set[int] = set()
-        for s in labeled:
-            values.update(int(v) for v in np.unique(np.asanyarray(nib.load(s.label).dataobj)))
-        label_names = {v: ("background" if v == 0 else f"class{v}") for v in sorted(values | {0})}
+        labeled, label_names = _infer_classes(root, labeled, skipped)
     labeled.sort(key=lambda s: s.id)
     attributes = read_attributes(root, labeled)
     return LabeledDataset(root, _safe_name(name), labeled, label_names, declared, skipped, attributes)
+
+
+def _infer_classes(root: Path, labeled: list[LabeledSubject], skipped: list[tuple[str, str]]
+                   ) -> tuple[list[LabeledSubject], dict[int, str]]:
+    """Classes from the label files' values (safe loader; unreadable labels skip their subject)."""
+    values_of: dict[str, set[int]] = {}
+    readable = []
+    for s in labeled:
+        try:
+            data = np.asanyarray(load_nifti(s.label, kind="label").dataobj)
+        except InputError as e:
+            skipped.append((str(s.image), str(e)))
+            continue
+        values_of[str(s.label)] = {int(v) for v in np.unique(data)}
+        readable.append(s)
+    if not readable:
+        raise ValueError(f"data.root: {root} holds no readable label file ({skipped[0][1] if skipped else ''})")
+    values = set().union(*values_of.values()) | {0}
+    stray = sorted(values - set(range(len(values))))
+    if stray:
+        files = [f for f, v in values_of.items() if v & set(stray)]
+        raise ValueError(
+            f"{files[0]}: label values {stray} make the classes {sorted(values)[:8]}… not contiguous from 0"
+            f"{f' (also in {len(files) - 1} more file(s))' if len(files) > 1 else ''}; fix the label files or "
+            f"declare the classes (dataset.json 'labels', or data.labels=[background, …])"
+        )
+    return readable, {v: ("background" if v == 0 else f"class{v}") for v in sorted(values)}
 
 
 _ENTRY_KEYS = {"image", "label"}
@@ -421,6 +457,7 @@ def prepare(
     cache_dir: str | os.PathLike[str],
     splits_file: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> PreparedData:
     """Open a labeled dataset, preprocess every volume into the cache and split the usable ones.
 
@@ -438,6 +475,7 @@ def prepare(
         splits_file: A fixed split (``data.splits``) used instead of the seeded one (``n_val``,
             ``n_test`` and ``split_seed`` are then ignored).
         out_dir: Where the split used is written as ``splits.json`` (not written when ``None``).
+        labels: Class names by value when the dataset declares none (``data.labels``).
 
     Returns:
         The prepared data.
@@ -445,8 +483,8 @@ def prepare(
     Raises:
         ValueError: No usable dataset, too few usable volumes for the splits, or a bad splits file.
     """
-    ds = open_labeled(root)
-    allowed = tuple(ds.label_names) if ds.declared else None
+    ds = open_labeled(root, labels)
+    allowed = tuple(ds.label_names)
     cache = VolumeCache(cache_dir, params, allowed)
     skipped = list(ds.skipped)
     good: list[str] = []
@@ -467,3 +505,10 @@ def prepare(
     if out_dir is not None:
         write_splits(splits, Path(out_dir) / "splits.json")
     return PreparedData(ds, params, splits, cache, skipped)
+
+
+def prepare_configured(data: DataConfig, params: PreprocessParams, *, cache_dir: str | os.PathLike[str],
+                       out_dir: str | os.PathLike[str] | None) -> PreparedData:
+    """:func:`prepare` with the ``data`` section of a finetuning or sweep config."""
+    return prepare(data.root, params, n_val=data.n_val, n_test=data.n_test, split_seed=data.split_seed,
+                   cache_dir=cache_dir, splits_file=data.splits, out_dir=out_dir, labels=data.labels)

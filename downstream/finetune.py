@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from downstream.config import FinetuneConfig
-from downstream.data import PreparedData, draw_labeled, prepare
+from downstream.data import PreparedData, draw_labeled, prepare_configured
 from downstream.figures import contour_figure
 from downstream.inference import choose_largest_component, evaluate, evaluate_test, load_init
 from downstream.metrics import summarize
@@ -111,16 +111,8 @@ def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 
 def _prepare_data(cfg: FinetuneConfig, export: dict[str, Any] | None, source: str) -> PreparedData:
     params = choose_preprocessing(cfg.data.preprocess, [(source, export)] if export is not None else [])
-    return prepare(
-        cfg.data.root,
-        params,
-        n_val=cfg.data.n_val,
-        n_test=cfg.data.n_test,
-        split_seed=cfg.data.split_seed,
-        cache_dir=cfg.data.cache_dir or Path(cfg.out_dir) / "cache",
-        splits_file=cfg.data.splits,
-        out_dir=cfg.out_dir,
-    )
+    return prepare_configured(cfg.data, params, cache_dir=cfg.data.cache_dir or Path(cfg.out_dir) / "cache",
+                              out_dir=cfg.out_dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,8 +95,9 @@ def volume_metrics(
         nsd_tolerance: Tolerance in mm of the normalised surface Dice; ``None`` leaves it out.
 
     Returns:
-        ``{"dice": [per class], "hd95": [per class, nan where undefined], "nsd": [per class]}``
-        (``nsd`` only with ``nsd_tolerance``).
+        ``{"dice": [per class], "hd95": [per class, nan where undefined], "empty": [1.0 where the
+        class is absent from both prediction and label: its Dice 1 and HD95 0 say so], "nsd": [per
+        class]}`` (``nsd`` only with ``nsd_tolerance``).
 
     Raises:
         ValueError: Shapes differ or the spacing does not have three positive values.
@@ -110,10 +111,12 @@ def volume_metrics(
     dice: list[float] = []
     hd95: list[float] = []
     nsd: list[float] = []
+    empty: list[float] = []
     for c in range(1, num_classes):
         p, t = pred == c, true == c
         dice.append(dice_score(p, t))
-        if not p.any() and not t.any():
+        empty.append(float(not p.any() and not t.any()))
+        if empty[-1]:
             hd95.append(0.0)
             nsd.append(1.0)
         elif not p.any() or not t.any():
@@ -122,7 +125,7 @@ def volume_metrics(
         else:
             hd95.append(_hd95(p, t, spacing))
             nsd.append(_nsd(p, t, spacing, nsd_tolerance) if nsd_tolerance is not None else float("nan"))
-    out = {"dice": dice, "hd95": hd95}
+    out = {"dice": dice, "hd95": hd95, "empty": empty}
     if nsd_tolerance is not None:
         out["nsd"] = nsd
     return out
@@ -145,6 +148,7 @@ def summarize(per_volume: list[dict[str, list[float]]], prefix: str = "") -> dic
 
     Returns:
         Flat dict: ``dice`` / ``dice_std`` (mean over classes, then mean / std over volumes),
+        ``dice_empty_both`` (how many (volume, class) pairs were empty in both and scored 1),
         ``hd95`` / ``hd95_std`` / ``hd95_undefined`` likewise, ``nsd`` / ``nsd_std`` when the
         volumes have it, and ``dice_c{k}`` / ``hd95_c{k}`` (/ ``nsd_c{k}``) per class ``k``.
     """
@@ -155,6 +159,8 @@ def summarize(per_volume: list[dict[str, list[float]]], prefix: str = "") -> dic
     vol_dice = [float(np.mean(v["dice"])) for v in per_volume]
     vol_hd = [float(np.mean(v["hd95"])) for v in per_volume]  # nan if any class is undefined
     out["dice"], out["dice_std"], _ = _mean_std(vol_dice)
+    # (volume, class) pairs absent from both prediction and label: they enter the means as Dice 1
+    out["dice_empty_both"] = int(sum(sum(v.get("empty", ())) for v in per_volume))
     out["hd95"], out["hd95_std"], out["hd95_undefined"] = _mean_std(vol_hd)
     has_nsd = all("nsd" in v for v in per_volume)
     if has_nsd:

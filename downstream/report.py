@@ -514,8 +514,9 @@ def build_report(
         if sel:
             files.append(_budget_plot(b, budgets or {}, sel, out / b["plot"], dataset))
             parts += [f"![pretraining budget]({b['plot']})", ""]
-    if stats["notes"]:
-        parts += ["Notes:", "", *[f"- {n}" for n in stats["notes"]], ""]
+    notes = [*stats["notes"], *_empty_notes(sel)]
+    if notes:
+        parts += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     subgroups, subgroup_text = _subgroup_section(stats, attributes, out, dataset, parts, files)
     if sel:
         parts += _metric_section(sel)
@@ -564,6 +565,17 @@ def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: st
         table,
         "",
     ]
+
+
+def _empty_notes(sel: list[dict[str, Any]]) -> list[str]:
+    """Say where a class absent from both prediction and label scored Dice 1 inside a mean."""
+    counts = {(r["init_tag"], r["n_labeled"], r["seed"]): r.get("test_dice_empty_both", 0) for r in sel}
+    hit = {k: n for k, n in counts.items() if n}
+    if not hit:
+        return []
+    return [f"{sum(hit.values())} (test volume, class) pair(s) in {len(hit)} trial(s) had the class in neither the "
+            "label nor the prediction and entered the mean Dice as 1.0 (e.g. "
+            + ", ".join(f"{i} n={n} seed {s}: {c}" for (i, n, s), c in list(hit.items())[:3]) + ")"]
 
 
 def _subgroup_section(stats: dict[str, Any], attributes: dict[str, dict[str, str]] | None, out: Path,

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from downstream.config import FinetuneConfig, SweepConfig
-from downstream.data import draw_labeled, prepare, subject_attributes
+from downstream.data import draw_labeled, prepare_configured, subject_attributes
 from downstream.inference import load_init
 from downstream.report import build_report
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
@@ -183,16 +183,7 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
             params = PreprocessParams.from_dict(s.params)
         except ValueError as e:
             raise ValueError(f"data.{e}") from None
-        data = prepare(
-            cfg.data.root,
-            params,
-            n_val=cfg.data.n_val,
-            n_test=cfg.data.n_test,
-            split_seed=cfg.data.split_seed,
-            cache_dir=_cache_dir(cfg),
-            splits_file=cfg.data.splits,
-            out_dir=cfg.out_dir,
-        )
+        data = prepare_configured(cfg.data, params, cache_dir=_cache_dir(cfg), out_dir=cfg.out_dir)
         for n in cfg.n_labeled:
             draw_labeled(data.splits.train_pool, n, 0)  # raises one line when n is too large
         name = data.dataset.name

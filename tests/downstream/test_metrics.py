@@ -38,7 +38,7 @@ def test_empty_structures_are_explicit() -> None:
     empty = np.zeros((3, 8, 8), np.uint8)
     some = _box((3, 8, 8), (1, 2, 2), (2, 5, 5))
     both = volume_metrics(empty, empty, spacing=(2.0, 1.0, 1.0), num_classes=2)
-    assert both == {"dice": [1.0], "hd95": [0.0]}
+    assert both == {"dice": [1.0], "hd95": [0.0], "empty": [1.0]}  # scored 1, and said to be empty
     missed = volume_metrics(empty, some, spacing=(2.0, 1.0, 1.0), num_classes=2)
     assert missed["dice"] == [0.0] and math.isnan(missed["hd95"][0])
     s = summarize([both, missed, volume_metrics(some, some, spacing=(2.0, 1.0, 1.0), num_classes=2)], "test_")
