@@ -59,6 +59,14 @@ def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
     return dsts
 
 
+def _plan_outputs(src: Path, out: Path) -> tuple[list[Path], list[Path], bool]:
+    """``(input files, their mask paths, whether the input is a folder)``; the mask folder is created."""
+    files, many = _input_files(src), src.is_dir()
+    dsts = _output_paths(files, out, many)
+    _output_folder(out if many or not is_nifti_name(out) else out.parent)
+    return files, dsts, many
+
+
 def _input_files(src: Path) -> list[Path]:
     """The NIfTI files of ``--input``: the file itself or a folder's (hidden files left out)."""
     if src.is_dir():
@@ -190,8 +198,8 @@ def predict(
 
     Raises:
         ValueError: Missing input, no NIfTI files, two inputs with one mask name, a mask over an
-            input, unusable model, a bad option or an ensemble that does not agree; a bad volume
-            among several is skipped with a one-line warning instead.
+            input, unusable model, a bad option, an ensemble that does not agree, or every input of
+            a folder skipped; a bad volume among several is skipped with a one-line warning instead.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"--overlap: must be in [0, 1), got {overlap}")
@@ -202,25 +210,19 @@ def predict(
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    src, out = Path(input), Path(output)
-    files, many = _input_files(src), src.is_dir()
-    dsts = _output_paths(files, out, many)
-    _output_folder(out if many or not is_nifti_name(out) else out.parent)
+    files, dsts, many = _plan_outputs(Path(input), Path(output))
     nets, exports = _load_ensemble(refs, dev)
     export = exports[0]
     lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
-    written: list[Path] = []
-    said: set[str] = set()
+    written, skipped, said = [], [], set()  # masks written; "file: reason" of inputs skipped; notes given once
     for f, dst in tqdm(list(zip(files, dsts, strict=True)), desc="predict", unit="vol", disable=len(files) < 2):
         try:
             vol = preprocess(f, params)
             _check_geometry(f, vol, params, said)
             if vol.image.shape[1] != export["model_config"].in_channels:
-                raise ValueError(
-                    f"{f}: {vol.image.shape[1]} channel(s), the model expects "
-                    f"{export['model_config'].in_channels}"
-                )
+                raise ValueError(f"{f}: {vol.image.shape[1]} channel(s), the model expects "
+                                 f"{export['model_config'].in_channels}")
             probs = np.mean([predict_probabilities(net, vol.image, roi_size=params.size, overlap=overlap,
                                                    mirror_axes=axes, device=dev, batch_size=batch_size)
                              for net in nets], axis=0)
@@ -228,7 +230,8 @@ def predict(
         except ValueError as e:
             if not many:
                 raise
-            log.warning("skipped %s: %s", f, str(e).splitlines()[0])
+            skipped.append(f"{f}: {str(e).splitlines()[0]}")
+            log.warning("skipped %s", skipped[-1])
             continue
         reference = load_nifti(f)
         _save_mask(original, reference, dst)
@@ -236,4 +239,8 @@ def predict(
             _save_probabilities(probs, vol.geometry, reference, _probabilities_path(dst))
         written.append(dst)
         log.info("%s -> %s", f, dst)
+    if skipped and not written:
+        raise ValueError(f"--input: all {len(skipped)} input(s) skipped, no mask written (first: {skipped[0]})")
+    if skipped:
+        log.warning("%d of %d input(s) skipped (reasons above)", len(skipped), len(files))
     return written

@@ -514,8 +514,7 @@ def build_report(
         if sel:
             files.append(_budget_plot(b, budgets or {}, sel, out / b["plot"], dataset))
             parts += [f"![pretraining budget]({b['plot']})", ""]
-    notes = [*stats["notes"], *_empty_notes(sel)]
-    if notes:
+    if notes := [*stats["notes"], *_empty_notes(sel)]:
         parts += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     subgroups, subgroup_text = _subgroup_section(stats, attributes, out, dataset, parts, files)
     if sel:

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, write the shards, return the exit status (1 when --strict and inputs were skipped)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--input", type=Path, required=True, help="folder, MSD dataset.json or .txt list file")
+    ap.add_argument("--input", type=Path, required=True, action="append",
+                    help="folder, MSD dataset.json or .txt list file (once: list several folders' volumes in a .txt)")
     ap.add_argument("--output", type=Path, required=True, help="shard directory to create")
     _add_preprocess_flags(ap)
     ap.add_argument("--labels", choices=["auto", "yes", "no"], default="auto",
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="any skipped input is an error (exit status 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing shard directory whole")
     args = ap.parse_args(argv)
+    if len(args.input) > 1:  # argparse would keep the last one silently
+        ap.error(f"--input: given {len(args.input)} times ({', '.join(map(str, args.input))}); give one folder, "
+                 "dataset.json or a .txt list file naming every volume")
+    args.input = args.input[0]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         params = PreprocessParams.from_dict({f.name: getattr(args, f.name) for f in _preprocess_fields()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -60,3 +61,48 @@ def test_an_empty_empty_class_is_reported_not_silently_averaged() -> None:
     assert m["empty"] == [0.0, 1.0] and m["dice"][1] == 1.0
     s = summarize([m, m], "test_")
     assert s["test_dice_empty_both"] == 2
+
+
+def _segmentation_model(path: Path) -> Path:
+    """A (untrained) finetuned-model export: UNet with a 2-class head and 32×32 preprocessing."""
+    import torch
+
+    from ssl_pretrain.data.preprocess import PreprocessParams
+    from ssl_pretrain.export import save_export
+    from ssl_pretrain.models.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(widths=(4, 8)), 2)
+    return save_export(path, task="segmentation", model_config=net.cfg, encoder_state=net.encoder.state_dict(),
+                       decoder_state=net.decoder.state_dict(), head_state=net.head.state_dict(), num_classes=2,
+                       preprocessing=PreprocessParams(spacing=(2.0, 2.0), size=(32, 32)).to_dict(),
+                       info={"largest_component": {"1": False}})
+
+
+def test_predict_fails_when_it_skipped_every_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mri_ssl.cli.predict import main
+
+    model = _segmentation_model(tmp_path / "model.pt")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (scans / "b.nii").write_bytes(b"\x00" * 100)
+    assert main(["--model", str(model), "--input", str(scans), "--output", str(tmp_path / "masks")]) == 2
+    err = capsys.readouterr().err
+    assert "all 2 input(s) skipped, no mask written" in err and "a.nii.gz" in err
+    # a positive control: with one good scan beside them, that one is written and the run succeeds
+    _folder(tmp_path / "ds", n=1)
+    shutil.copy(tmp_path / "ds" / "images" / "case0.nii.gz", scans / "good.nii.gz")
+    assert main(["--model", str(model), "--input", str(scans), "--output", str(tmp_path / "masks")]) == 0
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == ["good_mask.nii.gz"]
+
+
+def test_make_shards_refuses_a_second_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mri_ssl.cli.make_shards import main
+
+    a, b = _folder(tmp_path / "a", n=1), _folder(tmp_path / "b", n=1)
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(a), "--input", str(b), "--output", str(tmp_path / "shards")])
+    assert e.value.code == 2
+    assert "--input: given 2 times" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
