@@ -13,6 +13,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+@pytest.fixture(autouse=True)
+def _triton_interpret_only_in_kernel_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TRITON_INTERPRET=1`` is the kernel tests' (tests/kernels/conftest.py sets it before triton imports).
+
+    Every other test runs without it, and so do the processes it starts: on a machine with a GPU a
+    training subprocess compiles the kernels instead of interpreting them.
+    """
+    if "kernels" not in request.path.relative_to(request.config.rootpath).parts[:2]:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _session_tracking_store(tmp_path_factory) -> None:
     """Point MLflow at a session-wide temporary store unless a test sets its own."""

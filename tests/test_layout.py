@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,22 @@ def test_no_function_over_80_lines(package: str) -> None:
                 if n > MAX_LINES:
                     long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def test_no_triton_interpret_outside_the_kernel_tests() -> None:
+    assert "TRITON_INTERPRET" not in os.environ
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('TRITON_INTERPRET'))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "None"
+
+
+def test_triton_interpret_is_scoped_to_the_kernel_tests() -> None:
+    """With the kernel tests collected in the same session (their conftest sets the variable), the
+    probe above still sees no TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_bench.py",
+         "tests/test_layout.py::test_no_triton_interpret_outside_the_kernel_tests", "-k", "triton_interpret"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-2000:]
