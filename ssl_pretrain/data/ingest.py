@@ -5,8 +5,9 @@
   a file named ``*_seg.nii.gz`` / ``*_label.nii.gz`` / ``*_mask.nii.gz`` next to an image is its label.
 * **MSD**: ``dataset.json`` (or the folder holding it); ``training`` entries give image and label,
   ``test`` entries images only, ``labels`` declares the allowed label values.
-* **List file** (``.txt``): one image path per line, optionally ``image<TAB or space>label``;
-  relative paths are relative to the list file; ``#`` starts a comment.
+* **List file** (``.txt``): one image path per line, optionally ``image<TAB>label``; spaces,
+  ``#`` and non-ASCII characters are part of a name; relative paths are relative to the list
+  file; a line starting with ``#`` is a comment.
 
 Discovery never raises for one bad entry: missing files are returned as ``skipped`` with a reason.
 :func:`split_ids` is the one subject-level split of the project (shard validation split, finetuning
@@ -143,7 +144,7 @@ def _unique_ids(subjects: list[Subject]) -> list[Subject]:
     """Make ids unique and safe for WebDataset keys (no dots, no slashes)."""
     seen: dict[str, int] = {}
     for s in subjects:
-        base = re.sub(r"[^A-Za-z0-9_\-]", "_", s.id) or "subject"
+        base = re.sub(r"[^\w\-]", "_", s.id) or "subject"  # letters of any script stay readable
         sid = base
         while sid in seen:
             seen[base] += 1
@@ -274,12 +275,13 @@ def _from_list(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
     root = path.parent
     subjects = []
     for n, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+        # one path per line (spaces, '#' and any Unicode belong to the name), or image<TAB>label;
+        # a comment is a line that starts with '#'
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = line.split("\t") if "\t" in line else line.split()
-        if len(parts) > 2:
-            skipped.append((f"{path}:{n}", "expected 'image' or 'image label' on the line"))
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) > 2 or not all(parts):
+            skipped.append((f"{path}:{n}", "expected 'image' or 'image<TAB>label' on the line"))
             continue
         files = [Path(p) if Path(p).is_absolute() else root / p for p in parts]
         missing = [f for f in files if not f.is_file()]

@@ -203,3 +203,22 @@ def test_nifti_name_helpers() -> None:
     assert nifti_stem("a/case_01.nii.gz") == "case_01" == nifti_stem(Path("case_01.nii"))
     assert nifti_stem("notes.txt") == "notes"
     assert is_nifti_name("x.nii.gz") and is_nifti_name("x.nii") and not is_nifti_name("x.nii.gz.bak")
+
+
+def test_list_files_take_names_with_spaces_hashes_and_unicode(tmp_path: Path) -> None:
+    """One path per line; only a line starting with '#' is a comment; ids stay readable (issue 26.12)."""
+    from ssl_pretrain.data.ingest import discover
+
+    img, lab = blob_volume(0, 4)
+    names = ["scan 01.nii.gz", "prostate#2.nii.gz", "früh_03.nii.gz"]
+    for name in names:
+        save(tmp_path / name, img)
+    save(tmp_path / "mask 01.nii.gz", lab)
+    listing = tmp_path / "volumes.txt"
+    listing.write_text("# my cohort\n" "scan 01.nii.gz\tmask 01.nii.gz\n" "prostate#2.nii.gz\n" "früh_03.nii.gz\n",
+                       encoding="utf-8")
+    subjects, skipped = discover(listing)
+    assert not skipped
+    assert sorted(s.id for s in subjects) == ["früh_03", "prostate_2", "scan_01"]
+    by_id = {s.id: s for s in subjects}
+    assert by_id["scan_01"].label == tmp_path / "mask 01.nii.gz"
