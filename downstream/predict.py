@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from downstream.inference import keep_largest_component, load_segmentation_model, predict_probabilities
 from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
-from ssl_pretrain.data.preprocess import PreprocessParams, load_nifti, preprocess, to_original_grid
+from ssl_pretrain.data.preprocess import PreprocessParams, preprocess, to_original_grid
 from ssl_pretrain.fileio import atomic_path
 from ssl_pretrain.models.unet import UNet
 
@@ -126,7 +126,7 @@ def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, 
 def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[str]) -> None:
     """Warn when an input's in-plane spacing is far from the training spacing; say once that slices
     smaller than the model's patch are padded."""
-    file_zooms = np.asarray(nib.load(path).header.get_zooms()[:3], dtype=float)
+    file_zooms = np.linalg.norm(np.asarray(vol.geometry["affine"], dtype=float)[:3, :3], axis=0)  # the affine's
     canon = np.empty(3)
     canon[np.asarray(vol.geometry["ornt"])[:, 0].astype(int)] = file_zooms  # (x, y, z) after reorienting
     rows_cols = [float(canon[1]), float(canon[0])]  # params.spacing is (row = y, column = x)
@@ -139,14 +139,11 @@ def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[st
         log.info("slices smaller than the model's patch %s are padded to it (first: %s)", list(params.size), path)
 
 
-def _save_probabilities(probs: np.ndarray, geometry: dict, reference: nib.Nifti1Image, path: Path) -> None:
+def _save_probabilities(probs: np.ndarray, geometry: dict, source: Path, path: Path) -> None:
     """``(X, Y, Z, K)`` probabilities on the input's grid; 2 bytes a voxel (NIfTI has no float16:
     uint16 with ``scl_slope`` = 1/65535, read back as floats)."""
     maps = np.stack([to_original_grid(probs[:, k], geometry) for k in range(probs.shape[1])], axis=-1)
-    img = nib.Nifti1Image(np.rint(np.clip(maps, 0, 1) * 65535).astype(np.uint16), reference.affine)
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
-    img.set_data_dtype(np.uint16)
+    img = _on_input_grid(np.rint(np.clip(maps, 0, 1) * 65535).astype(np.uint16), source)
     img.header.set_slope_inter(1.0 / 65535, 0.0)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
@@ -156,11 +153,22 @@ def _probabilities_path(mask_path: Path) -> Path:
     return mask_path.with_name(f"{nifti_stem(mask_path).removesuffix('_mask')}_probabilities.nii.gz")
 
 
-def _save_mask(mask: np.ndarray, reference: nib.Nifti1Image, path: Path) -> None:
-    img = nib.Nifti1Image(mask.astype(np.uint8), reference.affine)
-    img.set_qform(reference.affine, code=1)
-    img.set_sform(reference.affine, code=1)
-    img.set_data_dtype(np.uint8)
+def _on_input_grid(data: np.ndarray, source: Path) -> nib.Nifti1Image:
+    """An image of ``data`` with the input file's exact header: qform, sform, their codes, pixdim.
+
+    So every viewer (ITK-SNAP and SimpleITK read the qform, nibabel prefers the sform) puts it on
+    the input's grid, even when the input's qform and sform disagree. Only shape, type and scaling
+    are the mask's own.
+    """
+    header = nib.load(source).header.copy()  # the header as written (the file was validated already)
+    img = nib.Nifti1Image(data, None, header=header)  # no affine: the header's qform / sform stay as they are
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def _save_mask(mask: np.ndarray, source: Path, path: Path) -> None:
+    img = _on_input_grid(mask.astype(np.uint8), source)
     with atomic_path(path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
 
@@ -233,10 +241,9 @@ def predict(
             skipped.append(f"{f}: {str(e).splitlines()[0]}")
             log.warning("skipped %s", skipped[-1])
             continue
-        reference = load_nifti(f)
-        _save_mask(original, reference, dst)
+        _save_mask(original, f, dst)
         if save_probabilities:
-            _save_probabilities(probs, vol.geometry, reference, _probabilities_path(dst))
+            _save_probabilities(probs, vol.geometry, f, _probabilities_path(dst))
         written.append(dst)
         log.info("%s -> %s", f, dst)
     if skipped and not written:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_pretrain.data.ingest import discover, parse_msd_labels
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams
+from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
 from ssl_pretrain.fileio import OutputLockedError, lock_output_dir
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleave the slices of this many subjects in each shard (1 = subject order)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and interleaving")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="preprocessing processes")
+    ap.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
+                    help="largest volume a file may claim (voxels × channels); larger ones are skipped unread")
     ap.add_argument("--strict", action="store_true", help="any skipped input is an error (exit status 1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing shard directory whole")
     args = ap.parse_args(argv)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 subjects, args.output, params, samples_per_shard=args.samples_per_shard,
                 val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, strict=args.strict,
                 overwrite=args.overwrite, skipped=skipped, mix_subjects=args.mix_subjects,
-                label_names=_label_names(args.input) if labels is not False else None,
+                label_names=_label_names(args.input) if labels is not False else None, max_voxels=args.max_voxels,
             )
     except (InputError, OutputLockedError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)

@@ -29,7 +29,9 @@ type            order         where
 
 from __future__ import annotations
 
-import gzip
+import io
+import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 
 from ssl_pretrain.config import ConfigError, FieldError, from_dict, option, to_dict, validate
 
+log = logging.getLogger(__name__)
+
 _RAS_ORNT = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 SpacingHW = tuple[float, float]
@@ -50,6 +54,9 @@ SpacingXYZ = tuple[float, float, float]
 """Voxel size in mm along RAS (x, y, z); x runs along W, y along H, z along S."""
 SpacingSHW = tuple[float, float, float]
 """Voxel size in mm along the array axes (S, H, W) of a preprocessed volume."""
+
+MAX_VOXELS = 2**28
+"""Default largest volume (voxels, channels included) a file may claim: 268 M, ~1 GiB as float32."""
 
 LABEL_AFFINE_ATOL = 1e-3
 """Largest accepted difference of any label affine element from the image's (mm, or mm per voxel)."""
@@ -138,7 +145,9 @@ class Volume:
         return (z, y, x)
 
 
-def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -> nib.Nifti1Image:
+def load_nifti(
+    path: str | Path, *, kind: Literal["image", "label"] = "image", max_voxels: int = MAX_VOXELS
+) -> nib.Nifti1Image:
     """Read a NIfTI file completely and validate it.
 
     All bytes are read and a gzip stream is decompressed to its end, so a truncated or corrupted
@@ -148,6 +157,8 @@ def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -
         path: ``.nii`` or ``.nii.gz`` file.
         kind: ``"image"`` also rejects NaN/Inf and all-constant data; ``"label"`` allows a constant
             (e.g. empty) label map.
+        max_voxels: Largest volume accepted; the header's claim is checked against it and against
+            the file's own size before any voxel is allocated.
 
     Returns:
         A ``Nifti1Image`` whose data is in memory (``get_fdata`` needs no further I/O).
@@ -161,11 +172,14 @@ def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -
     raw = path.read_bytes()
     if not raw:
         raise InputError(f"{path}: empty file")
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise InputError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
+    gz = raw[:2] == b"\x1f\x8b"
+    header = _read_header(path, _gunzip(path, raw, 544, whole=False) if gz else raw[:544])
+    need = _claimed_bytes(path, header, max_voxels)
+    if gz:
+        raw = _gunzip(path, raw, need + 65536, whole=True)  # a little slack for writers that pad the end
+    if len(raw) < need:
+        raise InputError(f"{path}: the header claims {need:,} bytes (shape {header.get_data_shape()}), the file holds "
+                         f"{len(raw):,}: truncated, or a header that lies about its size")
     img: nib.Nifti1Image | None = None
     for klass in (nib.Nifti1Image, nib.Nifti2Image):
         try:
@@ -192,12 +206,82 @@ def load_nifti(path: str | Path, *, kind: Literal["image", "label"] = "image") -
             raise InputError(f"{path}: volume contains NaN or Inf values")
         if data.min() == data.max():
             raise InputError(f"{path}: volume is constant (all voxels = {data.flat[0]})")
-    zooms = img.header.get_zooms()[:3]
-    if not all(np.isfinite(z) and z > 0 for z in zooms):
-        raise InputError(f"{path}: invalid voxel size {tuple(float(z) for z in zooms)}")
+    zooms = _affine_zooms(path, img, header)
     out = nib.Nifti1Image(data, img.affine, header=img.header if isinstance(img, nib.Nifti1Image) else None)
     out.set_data_dtype(data.dtype)
+    out.header.set_zooms((*zooms, *out.header.get_zooms()[3:]))  # one source of spacing: the affine
     return out
+
+
+def _gunzip(path: Path, raw: bytes, limit: int, *, whole: bool) -> bytes:
+    """At most ``limit`` decompressed bytes of a gzip stream (``whole``: all of it, which must fit).
+
+    Bounded, so a small ``.nii.gz`` that inflates to gigabytes is refused before it is held; the
+    stream's CRC and length are checked when it is read whole.
+    """
+    d = zlib.decompressobj(wbits=31)
+    try:
+        out = d.decompress(raw, limit + 1 if whole else limit)
+        if not whole:
+            return out
+        total = len(out)
+        while total > limit and d.unconsumed_tail:  # read on in bounded pieces: is the rest even valid?
+            total += len(d.decompress(d.unconsumed_tail, 1 << 20))
+    except zlib.error as exc:
+        raise InputError(f"{path}: corrupt or truncated gzip stream ({exc})") from None
+    if not d.eof:
+        raise InputError(f"{path}: corrupt or truncated gzip stream (it ends before its last byte)")
+    if total > limit:
+        raise InputError(f"{path}: decompresses to {total:,} bytes, more than the {limit:,} its header claims "
+                         "(a header that lies about its size)")
+    return out
+
+
+def _read_header(path: Path, head: bytes) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header at the start of ``head``, as written (nibabel's fixes not applied)."""
+    for klass, size, magic in ((nib.Nifti1Header, 348, (b"n+1", b"ni1")), (nib.Nifti2Header, 540, (b"n+2", b"ni2"))):
+        try:
+            hdr = klass.from_fileobj(io.BytesIO(head), check=False)
+        except Exception:  # too short, or not this class's layout: try the next class
+            continue
+        if int(hdr["sizeof_hdr"]) == size and bytes(hdr["magic"].item()) in magic:
+            return hdr
+    raise InputError(f"{path}: not a NIfTI-1/NIfTI-2 file")
+
+
+def _claimed_bytes(path: Path, header: nib.Nifti1Header, max_voxels: int) -> int:
+    """Bytes the header says the file holds (offset + data), checked against ``max_voxels`` first."""
+    try:
+        shape = tuple(int(s) for s in header.get_data_shape())
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset())
+    except Exception as exc:  # nibabel raises several types for a malformed header
+        raise InputError(f"{path}: unreadable NIfTI header ({type(exc).__name__})") from None
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        raise InputError(f"{path}: the header claims shape {shape} = {voxels:,} voxels, more than max_voxels="
+                         f"{max_voxels:,} (raise --max-voxels / data.preprocess.max_voxels if the volume is real)")
+    return offset + voxels * itemsize
+
+
+def _affine_zooms(path: Path, img: nib.Nifti1Image, header: nib.Nifti1Header) -> tuple[float, float, float]:
+    """Voxel size in mm from the affine nibabel chose (sform if valid, else qform), with warnings.
+
+    A header whose pixdim disagrees with that affine by more than 1 % (zero pixdim included, which
+    nibabel silently reads as 1 mm) and a qform that disagrees with the sform are named in a warning.
+    """
+    zooms = np.sqrt((np.asarray(img.affine[:3, :3], dtype=float) ** 2).sum(axis=0))
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise InputError(f"{path}: invalid voxel size {tuple(float(z) for z in zooms)} (from its affine)")
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    if not np.allclose(pixdim, zooms, rtol=0.01, atol=0):
+        log.warning("%s: header pixdim %s mm disagrees with the affine's voxel size %s mm; using the affine",
+                    path, [round(float(z), 4) for z in pixdim], [round(float(z), 4) for z in zooms])
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    if q_code > 0 and s_code > 0 and not np.allclose(header.get_qform(), header.get_sform(), atol=1e-3):
+        log.warning("%s: qform (code %d) and sform (code %d) disagree; using the sform, as nibabel does",
+                    path, q_code, s_code)
+    return float(zooms[0]), float(zooms[1]), float(zooms[2])
 
 
 def _squeeze_trailing(path: Path, data: np.ndarray) -> np.ndarray:
@@ -263,6 +347,7 @@ def preprocess(
     label_path: str | Path | None = None,
     *,
     allowed_labels: tuple[int, ...] | list[int] | None = None,
+    max_voxels: int = MAX_VOXELS,
 ) -> Volume:
     """Load one volume (and its label) and turn it into preprocessed axial slices.
 
@@ -271,6 +356,7 @@ def preprocess(
         params: preprocessing parameters.
         label_path: optional 3D label map on the same voxel grid.
         allowed_labels: label values the dataset declares (e.g. ``(0, 1)``); others are an error.
+        max_voxels: largest volume the image file may claim (:func:`load_nifti`).
 
     Returns:
         :class:`Volume` with image ``(S, C, H, W)`` float32 and label ``(S, H, W)`` uint8.
@@ -286,7 +372,7 @@ def preprocess(
     """
     validate(params, "preprocess.")  # parameters built in code have not been through from_dict
     image_path = Path(image_path)
-    img = load_nifti(image_path)
+    img = load_nifti(image_path, max_voxels=max_voxels)
     data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
     if data.ndim == 3:
         data = data[..., None]
@@ -378,7 +464,7 @@ def _load_label(
     size_xy: tuple[int, int],
     allowed_labels: tuple[int, ...] | list[int] | None,
 ) -> np.ndarray:
-    lab_img = load_nifti(label_path, kind="label")
+    lab_img = load_nifti(label_path, kind="label", max_voxels=max(MAX_VOXELS, math.prod(img.shape[:3])))
     lab = np.asanyarray(lab_img.dataobj)
     if lab.ndim == 4 and lab.shape[3] == 1:
         lab = lab[..., 0]

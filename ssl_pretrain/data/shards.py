@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ssl_pretrain.data.ingest import Subject, split_ids
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams, preprocess
 from ssl_pretrain.data.shardformat import (
     FORMAT,
     IMAGE,
@@ -47,11 +47,12 @@ from ssl_pretrain.fileio import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
-def _prepare(job: tuple[Subject, PreprocessParams]) -> tuple[str, Any]:
+def _prepare(job: tuple[Subject, PreprocessParams, int]) -> tuple[str, Any]:
     """Worker: preprocess one subject; returns ("ok", payload) or ("skip", (path, reason))."""
-    subject, params = job
+    subject, params, max_voxels = job
     try:
-        vol = preprocess(subject.image, params, subject.label, allowed_labels=subject.allowed_labels)
+        vol = preprocess(subject.image, params, subject.label, allowed_labels=subject.allowed_labels,
+                         max_voxels=max_voxels)
     except InputError as exc:
         return "skip", (str(subject.image), str(exc))
     except Exception as exc:  # an unexpected failure of one volume must not lose the cohort
@@ -65,7 +66,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one core per worker process; the pool provides the parallelism
 
 
-def _results(jobs: list[tuple[Subject, PreprocessParams]], workers: int) -> Iterator[tuple[str, Any]]:
+def _results(jobs: list[tuple[Subject, PreprocessParams, int]], workers: int) -> Iterator[tuple[str, Any]]:
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_prepare, jobs)
         return
@@ -152,6 +153,7 @@ def write_shards(
     mix_subjects: int = 8,
     label_names: dict[str, str] | None = None,
     progress: bool = True,
+    max_voxels: int = MAX_VOXELS,
 ) -> dict[str, Any]:
     """Preprocess ``subjects`` and write them as WebDataset shards plus ``manifest.json``.
 
@@ -170,6 +172,7 @@ def write_shards(
             order before writing (1 = subject order), so a shard mixes subjects.
         label_names: label value → name (e.g. MSD ``labels``), recorded in the manifest.
         progress: show a tqdm progress bar.
+        max_voxels: largest volume a file may claim; a larger one is skipped before it is read.
 
     Returns:
         The manifest (the top-level one, with per-split manifests under ``"splits"``, when split).
@@ -198,7 +201,7 @@ def write_shards(
         splits = {"train": train, "val": val} if val else {"all": train}
         manifests: dict[str, dict[str, Any]] = {}
         split_of = {s.id: name for name, group in splits.items() for s in group}
-        jobs = [(s, params) for name in splits for s in splits[name]]
+        jobs = [(s, params, max_voxels) for name in splits for s in splits[name]]
         writers = {}
         for name in splits:
             d = tmp_root if name == "all" else tmp_root / name
@@ -209,7 +212,7 @@ def write_shards(
             from tqdm import tqdm
 
             results = tqdm(results, total=len(jobs), desc="shards", unit="subject")
-        for (subject, _), (status, payload) in zip(jobs, results, strict=True):
+        for (subject, _, _), (status, payload) in zip(jobs, results, strict=True):
             if status == "skip":
                 path, reason = payload
                 logger.warning("skipped %s", reason)

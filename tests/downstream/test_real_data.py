@@ -106,3 +106,78 @@ def test_make_shards_refuses_a_second_input(tmp_path: Path, capsys: pytest.Captu
     assert e.value.code == 2
     assert "--input: given 2 times" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+def _oblique_t2(path: Path, *, zero_pixdim: bool = False, qform_differs: bool = False) -> Path:
+    """A 0.6 × 0.6 × 3.6 mm LPS volume; optionally pixdim zeroed, or a qform (scanner) ≠ sform (aligned)."""
+    aff = np.array([[-0.6, 0, 0, 20.0], [0, -0.6, 0, 30.0], [0, 0, 3.6, -10.0], [0, 0, 0, 1]])
+    data = np.random.default_rng(1).normal(100, 10, (60, 50, 6)).astype(np.float32)
+    data[20:40, 15:35, 2:4] += 80
+    img = nib.Nifti1Image(data, aff)
+    img.set_sform(aff, code=2)
+    qform = aff.copy()
+    if qform_differs:
+        qform[:3, 3] += [1.5, 0.0, 0.0]
+    img.set_qform(qform, code=1)
+    if zero_pixdim:
+        img.set_qform(None, code=0)
+        img.header["pixdim"][1:4] = 0
+    nib.save(img, path)
+    return path
+
+
+def test_zero_pixdim_takes_the_spacing_from_the_affine(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from ssl_pretrain.data.preprocess import PreprocessParams, preprocess
+
+    params = PreprocessParams(spacing=(1.2, 1.2), size=(32, 32))
+    good = preprocess(_oblique_t2(tmp_path / "good.nii.gz"), params)
+    with caplog.at_level("WARNING"):
+        zero = preprocess(_oblique_t2(tmp_path / "zero.nii.gz", zero_pixdim=True), params)
+    assert zero.geometry["resampled_shape"] == good.geometry["resampled_shape"] == [30, 25]  # 60·0.6/1.2, 50·0.6/1.2
+    assert zero.spacing == pytest.approx(good.spacing) and zero.spacing[2] == pytest.approx(3.6)
+    assert "zero.nii.gz: header pixdim [0.0, 0.0, 0.0] mm disagrees with the affine's voxel size" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        preprocess(_oblique_t2(tmp_path / "q.nii.gz", qform_differs=True), params)
+    assert "q.nii.gz: qform (code 1) and sform (code 2) disagree; using the sform" in caplog.text
+
+
+def test_masks_carry_the_input_header_exactly(tmp_path: Path) -> None:
+    from downstream.predict import predict
+
+    model = _segmentation_model(tmp_path / "model.pt")
+    src = _oblique_t2(tmp_path / "scan.nii.gz", qform_differs=True)
+    (mask,) = predict(str(model), src, tmp_path / "masks", save_probabilities=True)
+    a, b = nib.load(src), nib.load(mask)
+    assert b.shape == a.shape and b.get_data_dtype() == np.uint8
+    for img in (b, nib.load(tmp_path / "masks" / "scan_probabilities.nii.gz")):
+        np.testing.assert_array_equal(img.get_qform(), a.get_qform())  # what ITK-SNAP / SimpleITK read
+        np.testing.assert_array_equal(img.get_sform(), a.get_sform())  # what nibabel reads
+        assert (int(img.header["qform_code"]), int(img.header["sform_code"])) == (1, 2)
+        np.testing.assert_array_equal(img.header["pixdim"][1:4], a.header["pixdim"][1:4])
+
+
+def test_a_header_that_lies_about_its_size_allocates_nothing(tmp_path: Path) -> None:
+    import gzip as gz
+    import tracemalloc
+
+    from ssl_pretrain.data.preprocess import InputError, load_nifti
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((500, 500, 400))  # 100 M voxels of uint8 claimed ...
+    hdr.set_data_dtype(np.uint8)
+    liar = tmp_path / "liar.nii"
+    liar.write_bytes(hdr.binaryblock + b"\x00" * 4 + b"\x01" * 128)  # ... 480 bytes held
+    bomb = tmp_path / "bomb.nii.gz"  # 8 M voxels of zeros: a few kB on disk, 32 MB inflated
+    nib.save(nib.Nifti1Image(np.zeros((200, 200, 200), np.float32), np.eye(4)), tmp_path / "big.nii")
+    bomb.write_bytes(gz.compress((tmp_path / "big.nii").read_bytes()))
+    tracemalloc.start()
+    with pytest.raises(InputError, match=r"liar.nii: the header claims 100,000,000 bytes .* the file holds 480:"):
+        load_nifti(liar)
+    with pytest.raises(InputError, match=r"bomb.nii.gz: the header claims shape \(200, 200, 200\) = 8,000,000 voxels, "
+                                         r"more than max_voxels=1,000,000"):
+        load_nifti(bomb, max_voxels=1_000_000)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 * 2**20, peak  # nothing near the claimed sizes was allocated
+    assert load_nifti(bomb, kind="label").shape == (200, 200, 200)  # a positive control: under the limit it loads
