@@ -454,12 +454,12 @@ def test_budget_sweep_over_three_exports_cli(cohort: Path, step_exports: Path, t
 
     # the named budget is the smallest whose paired difference has its interval above zero, or none
     paired = {c["init"]: c["paired"] for c in results["stats"]["comparisons"]}
+    # (tests/downstream/test_report.py constructs both answers; here the real sweep's must follow the rule)
     useful = [t for t in b["tags"] if paired[t]["mean"] > 0 and paired[t]["ci95"][0] > 0]
-    if useful:
-        assert b["smallest"]["tag"] == useful[0]
-        assert f"is {b['smallest']['samples_seen']} samples seen (step {b['smallest']['steps']}; n=1:" in b["sentence"]
-    else:
-        assert b["smallest"] is None and ": none found; at no budget" in b["sentence"]
+    assert (b["smallest"] or {}).get("tag") == (useful[0] if useful else None)
+    expected = (f"is {b['smallest']['samples_seen']} samples seen (step {b['smallest']['steps']}; n=1:"
+                if useful else ": none found; at no budget")
+    assert expected in b["sentence"]
     print(b["sentence"])  # the measured answer, for the record (pytest -s)
 
     # printed after the table: the labels-saved sentences and the budget sentence
