@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,3 +291,58 @@ def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
     assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)  # the generator alone decides
     assert not torch.equal(a_img, c_img) and not torch.equal(a_img, image)
     assert a_img.shape == image.shape and a_lab.dtype == torch.long and set(a_lab.unique().tolist()) <= {0, 1}
+
+
+def test_an_oracle_scores_dice_one_up_to_the_resampling_loss(cohort: Path, tmp_path: Path) -> None:
+    """Known answer on a resampled, anisotropic, non-RAS cohort (issue 26.14).
+
+    Each image is its own label (×100, plus noise), so a per-pixel threshold network is an oracle:
+    its only loss is the resampling's. That bound is computed here without the evaluation code (the
+    label pushed through the preprocessing grid and back); the evaluation must reproduce it exactly,
+    and the bound itself must be high (the round trip keeps a non-RAS, anisotropic file's geometry).
+    """
+    import nibabel as nib
+    import torch
+    from torch import nn
+
+    from downstream.data import prepare
+    from downstream.inference import evaluate_test
+    from downstream.metrics import dice_score
+    from ssl_pretrain.data.preprocess import PreprocessParams, preprocess, to_original_grid
+
+    root = tmp_path / "oracle"
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for lab_file in sorted((cohort / "labelsTr").glob("*.nii.gz")):
+        lab = nib.load(lab_file)
+        img = np.asanyarray(lab.dataobj).astype(np.float32) * 100 + rng.normal(0, 1, lab.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, lab.affine, lab.header), root / "imagesTr" / lab_file.name)
+        nib.save(lab, root / "labelsTr" / lab_file.name)
+    (root / "dataset.json").write_text((cohort / "dataset.json").read_text())
+    params = PreprocessParams(spacing=(7.5, 9.75), size=(32, 32), norm="minmax", clip=(0.0, 100.0),
+                              field_of_view="pad")  # 1.5× coarser than the files' 5 × 6.5 mm grid
+    data = prepare(root, params, n_val=1, n_test=3, split_seed=0, cache_dir=tmp_path / "cache")
+    oracle = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():  # logit of class 1 = 40 (x - 0.5), class 0 its negative: argmax = x > 0.5
+        oracle.weight[:] = torch.tensor([-40.0, 40.0]).view(2, 1, 1, 1)
+        oracle.bias[:] = torch.tensor([20.0, -20.0])
+    per, _, _ = evaluate_test(oracle, data, data.splits.test, torch.device("cpu"), overlap=0.5)
+    for sid in data.splits.test:
+        vol = preprocess(root / "imagesTr" / f"{sid}.nii.gz", params)
+        back = to_original_grid((vol.image[:, 0] > 0.5).astype(np.uint8), vol.geometry)
+        truth = np.asanyarray(nib.load(root / "labelsTr" / f"{sid}.nii.gz").dataobj)
+        bound = dice_score(back == 1, truth == 1)
+        assert 0.9 < bound < 1.0, (sid, bound)  # resampled for real, and the geometry survives the round trip
+        assert per[sid]["dice"] == [pytest.approx(bound, abs=1e-9)]
+
+
+def test_sliding_windows_of_an_identity_network_return_the_input() -> None:
+    import torch
+    from torch import nn
+
+    from downstream.inference import predict_probabilities
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 45, 37)).astype(np.float32)  # larger than the window
+    out = predict_probabilities(nn.Identity(), x, roi_size=(16, 16), overlap=0.5)
+    np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(x), dim=1).numpy(), atol=1e-6)
