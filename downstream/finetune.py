@@ -442,7 +442,7 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
         **test,
         "test_per_volume": per_test,
         "history": state.history,
-        "pretrain_info": dict(export["info"]) if export is not None else {},
+        "pretrain_info": {k: v for k, v in export["info"].items() if k != "pretrain_subjects"} if export else {},
         "load_report": run.load_report.counts(),
         "dataset": data.dataset.name,
         "num_classes": run.num_classes,

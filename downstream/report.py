@@ -501,7 +501,7 @@ def build_report(
     taken: set[str] = set()
     sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
               for pattern, tags in (budget_series or {}).items()]
-    parts = _head_section(stats, sweeps, table, dataset, n_boot)
+    parts = _head_section(stats, sweeps, table, dataset, n_boot, leaks := _leak_lines(budgets or {}, sel))
     files: list[Path] = []
     if stats["comparisons"]:
         parts += _comparison_section(stats)
@@ -520,10 +520,9 @@ def build_report(
     if sel:
         parts += _metric_section(sel)
         files += _plots(sel, rows, out, dataset)
-    parts += _tail_section(budgets, errors, stopped)
-    public = {k: v for k, v in stats.items() if k != "cells"}
-    public["subgroups"] = subgroups
-    public["budget"] = [{k: v for k, v in b.items() if k != "table"} for b in sweeps]
+    parts += _tail_section(budgets, errors, stopped, leaks)
+    public = {k: v for k, v in stats.items() if k != "cells"} | {
+        "subgroups": subgroups, "budget": [{k: v for k, v in b.items() if k != "table"} for b in sweeps]}
     md, res = _write_report(out, parts, rows, errors, budgets, public)
     log.info("label-efficiency report: %s", md)  # the table and sentences are in the result (the CLI prints them)
     return {
@@ -533,6 +532,7 @@ def build_report(
         "subgroups_table": subgroup_text,
         "budget": public["budget"],
         "budget_sentences": [b["sentence"] for b in sweeps],
+        "leaks": leaks,
         "stats": public,
         "markdown": md,
         "plot": out / "label_efficiency.png",
@@ -542,7 +542,7 @@ def build_report(
 
 
 def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: str, dataset: str,
-                  n_boot: int) -> list[str]:
+                  n_boot: int, leaks: list[str]) -> list[str]:
     """Title, the labels-saved and budget sentences, the basis of the intervals and the Dice table."""
     draws = sorted({len(c.seeds) for c in stats["cells"].values()})
     basis = (
@@ -551,7 +551,8 @@ def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: st
         "For a seed, every init trains on the same labeled volumes (checked from each trial's train_ids), so "
         "differences are paired by draw and by test volume."
     )
-    parts = [f"# Label efficiency — {dataset}", ""]
+    warnings = [line for line in leaks if line.startswith("WARNING")]
+    parts = [f"# Label efficiency — {dataset}", ""] + ([*warnings, ""] if warnings else [])
     top = [*stats["sentences"].values(), *[b["sentence"] for b in sweeps]]
     if top:
         parts += [*top, ""] + ([basis, ""] if stats["comparisons"] else [])
@@ -575,6 +576,29 @@ def _empty_notes(sel: list[dict[str, Any]]) -> list[str]:
     return [f"{sum(hit.values())} (test volume, class) pair(s) in {len(hit)} trial(s) had the class in neither the "
             "label nor the prediction and entered the mean Dice as 1.0 (e.g. "
             + ", ".join(f"{i} n={n} seed {s}: {c}" for (i, n, s), c in list(hit.items())[:3]) + ")"]
+
+
+def _leak_lines(budgets: dict[str, dict[str, Any]], sel: list[dict[str, Any]]) -> list[str]:
+    """Per pretrained init: does its pretraining set (the subjects its export records) hold a test subject?
+
+    A line starting with ``WARNING`` where it does: that init's test Dice was measured on subjects it
+    was pretrained on (``make_shards --exclude`` keeps them out).
+    """
+    test = sorted({i for r in sel for i in r.get("test_ids", ())})
+    lines = []
+    for tag, info in budgets.items():
+        seen = info.get("pretrain_subjects")
+        if not isinstance(seen, list):
+            lines.append(f"{tag}: unknown (its export records no pretraining subjects)")
+            continue
+        leaked = sorted(set(seen) & set(test))
+        if leaked:
+            lines.append(f"WARNING {tag}: its pretraining shards hold {len(leaked)} of the {len(test)} test subjects "
+                         f"({', '.join(leaked[:5])}{', …' if len(leaked) > 5 else ''}): it was pretrained on subjects "
+                         "it is tested on; re-shard with make_shards --exclude")
+        else:
+            lines.append(f"{tag}: none of the {len(test)} test subjects among its {len(seen)} pretraining subjects")
+    return lines
 
 
 def _subgroup_section(stats: dict[str, Any], attributes: dict[str, dict[str, str]] | None, out: Path,
@@ -634,11 +658,12 @@ def _metric_section(sel: list[dict[str, Any]]) -> list[str]:
 
 
 def _tail_section(budgets: dict[str, dict[str, Any]] | None, errors: list[str] | None,
-                  stopped: list[str] | None) -> list[str]:
-    """The pretraining budget of each init, failed trials and trials the scheduler stopped."""
+                  stopped: list[str] | None, leaks: list[str]) -> list[str]:
+    """The pretraining budget and data of each init, failed trials and trials the scheduler stopped."""
     parts: list[str] = []
     if budgets:
         parts += ["Pretraining budget of each pretrained init (from its export):", "", _budget_table(budgets), ""]
+        parts += ["Pretraining data and the test subjects:", "", *[f"- {line}" for line in leaks], ""]
     if errors:
         parts += ["Failed trials:", ""] + [f"- {e}" for e in errors] + [""]
     if stopped:

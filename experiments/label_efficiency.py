@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 
 from mri_ssl import CONFIG_DIR
-from ssl_pretrain.data.ingest import discover
+from ssl_pretrain.data.ingest import discover, read_exclusions
 from ssl_pretrain.data.phantoms import SITES, make_cohort
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.data.shards import write_shards
@@ -225,11 +225,13 @@ def _probe_pool(labeled: Path, splits: Path) -> tuple[Path, int]:
     return path, len(lines)
 
 
-def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams) -> Path:
+def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams,
+                 exclude: Path | None = None) -> Path:
     """Shard the unlabeled volumes of ``cohorts`` (one folder, or several pooled) into ``shards``.
 
     Reuses ``shards`` when its manifest (written last) is there. Small shards (~64 slices) are the
-    unit of shard shuffling and of splitting across ranks and workers.
+    unit of shard shuffling and of splitting across ranks and workers. ``exclude``: a split file whose
+    validation and test subjects are kept out (``make_shards --exclude``).
     """
     if (shards / "manifest.json").is_file():
         _say(f"reusing shards at {shards}")
@@ -240,7 +242,8 @@ def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams
         subjects += found
         skipped += missed
     _say(f"sharding {len(subjects)} unlabeled volumes from {', '.join(map(str, cohorts))} into {shards}")
-    write_shards(subjects, shards, params, samples_per_shard=64, workers=min(2, os.cpu_count() or 1), skipped=skipped)
+    write_shards(subjects, shards, params, samples_per_shard=64, workers=min(2, os.cpu_count() or 1), skipped=skipped,
+                 exclude=read_exclusions(exclude) if exclude is not None else ())
     return shards
 
 
@@ -345,7 +348,7 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
     unlabeled, labeled = cohorts["unlabeled"], cohorts["labeled"]
     splits = _seeded_splits(labeled, scale) if sites == 1 else site_splits(labeled, scale)
     probe = _probe_pool(labeled, splits)
-    shards = shard_cohort([unlabeled], out / "shards", params)
+    shards = shard_cohort([unlabeled], out / "shards", params, exclude=splits)  # no evaluation subject pretrains
     exports = {task: _pretrain(out, task, shards, scale, probe) for task in ("contrastive", "regression")}
     for task, export in exports.items():
         _say_probe(task, export.parent.parent)

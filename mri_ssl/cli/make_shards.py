@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from ssl_pretrain.data.ingest import discover, parse_msd_labels
+from ssl_pretrain.data.ingest import discover, parse_msd_labels, read_exclusions
 from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
 from ssl_pretrain.fileio import OutputLockedError, lock_output_dir
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleave the slices of this many subjects in each shard (1 = subject order)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and interleaving")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="preprocessing processes")
+    ap.add_argument("--exclude", type=Path, default=None, metavar="SPLITS_OR_LIST",
+                    help="keep these subjects out: a data.splits JSON (its val and test subjects) or a list of ids / "
+                         "paths; every evaluation subject belongs here")
     ap.add_argument("--max-voxels", type=int, default=MAX_VOXELS,
                     help="largest volume a file may claim (voxels × channels); larger ones are skipped unread")
     ap.add_argument("--strict", action="store_true", help="any skipped input is an error (exit status 1)")
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                                             | _SHARD_FIXED)
         labels = {"auto": None, "yes": True, "no": False}[args.labels]
         subjects, skipped = discover(args.input, labels=labels)
+        exclude = read_exclusions(args.exclude) if args.exclude is not None else set()
         # one writer per output; the lock sits beside it because the output is replaced whole
         with lock_output_dir(args.output, beside=True):
             manifest = write_shards(
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_fraction=args.val_fraction, seed=args.seed, workers=args.workers, strict=args.strict,
                 overwrite=args.overwrite, skipped=skipped, mix_subjects=args.mix_subjects,
                 label_names=_label_names(args.input) if labels is not False else None, max_voxels=args.max_voxels,
+                exclude=exclude,
             )
     except (InputError, OutputLockedError) as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)

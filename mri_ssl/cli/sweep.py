@@ -57,6 +57,9 @@ def _run(cfg: SweepConfig) -> int:
         print("\n" + report["subgroups_table"].strip())
     for sentence in [*result["sentences"].values(), *result["budget_sentences"]]:
         print(sentence)
+    for line in report["leaks"]:
+        if line.startswith("WARNING"):
+            print(line, file=sys.stderr)
     for line in result["errors"]:
         print(line, file=sys.stderr)
     print(f"report: {result['report']['markdown']}")

@@ -144,7 +144,7 @@ def _unique_ids(subjects: list[Subject]) -> list[Subject]:
     """Make ids unique and safe for WebDataset keys (no dots, no slashes)."""
     seen: dict[str, int] = {}
     for s in subjects:
-        base = re.sub(r"[^\w\-]", "_", s.id) or "subject"  # letters of any script stay readable
+        base = _safe_id(s.id)  # letters of any script stay readable
         sid = base
         while sid in seen:
             seen[base] += 1
@@ -291,3 +291,41 @@ def _from_list(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
         subjects.append(Subject(nifti_stem(files[0]), files[0], files[1] if len(files) == 2 else None,
                                 _rel(files[0], root)))
     return subjects
+
+
+def read_exclusions(path: str | Path) -> set[str]:
+    """Subject ids to keep out of a pretraining set: evaluation subjects must never be pretrained on.
+
+    Args:
+        path: A split file (JSON: its ``val`` and ``test`` lists — every subject that evaluates a
+            model — are excluded; ``train_pool`` is not) or a text list (one subject id or NIfTI path
+            per line; ``#`` at line start is a comment). Paths are reduced to the id discovery gives
+            them (the file name without ``.nii[.gz]``, with the same character rules).
+
+    Raises:
+        InputError: Missing or unreadable file, or a JSON file without ``val`` / ``test`` lists.
+    """
+    from ssl_pretrain.data.preprocess import InputError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--exclude: {path} is not a readable file ({exc})") from None
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--exclude: {path} is not valid JSON (line {exc.lineno})") from None
+        lists = [raw.get(k) for k in ("val", "test")] if isinstance(raw, dict) else [None]
+        if not all(isinstance(v, list) for v in lists):
+            raise InputError(f"--exclude: {path} must hold 'val' and 'test' lists of subject ids (a data.splits file)")
+        names = [str(i) for v in lists for i in v]
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return {_safe_id(nifti_stem(n) if is_nifti_name(n) else n) for n in names}
+
+
+def _safe_id(name: str) -> str:
+    """The id discovery gives a name: letters of any script, digits, ``_`` and ``-`` kept, the rest ``_``."""
+    return re.sub(r"[^\w\-]", "_", name) or "subject"

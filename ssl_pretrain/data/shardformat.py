@@ -72,8 +72,8 @@ MAX_MEMBER_BYTES = 1 << 30  # no member of a slice sample comes near this; a lar
 __all__ = [
     "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION",
     "CorruptShardError", "NpySpec", "TarShardWriter", "check_meta", "is_local", "iter_tar_members",
-    "manifest_preprocess", "meta_fields", "npy_bytes", "open_shard", "open_verified", "plain_name", "read_manifest",
-    "read_manifest_file", "split_name",
+    "manifest_preprocess", "manifest_subjects", "meta_fields", "npy_bytes", "open_shard", "open_verified",
+    "plain_name", "read_manifest", "read_manifest_file", "split_name",
 ]
 
 
@@ -520,6 +520,19 @@ def manifest_preprocess(manifest: Any) -> dict[str, Any]:
         return dict(manifest["preprocess"])
     logger.warning("shard manifest has no preprocessing parameters; an export records none")
     return {}
+
+
+def manifest_subjects(manifest: Any) -> list[str] | None:
+    """The subject ids a shard directory holds (all its splits), or ``None`` when its manifest lists none."""
+    if not isinstance(manifest, dict):
+        return None
+    if isinstance(manifest.get("subjects"), list):
+        return sorted(str(s["id"]) if isinstance(s, dict) else str(s) for s in manifest["subjects"])
+    splits = manifest.get("splits")
+    if isinstance(splits, dict) and all(isinstance(v, dict) and isinstance(v.get("subjects"), list)
+                                        for v in splits.values()):
+        return sorted(str(i) for v in splits.values() for i in v["subjects"])
+    return None
 
 
 def meta_fields(manifest: Any) -> list[str] | None:

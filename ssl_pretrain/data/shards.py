@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ def write_shards(
     label_names: dict[str, str] | None = None,
     progress: bool = True,
     max_voxels: int = MAX_VOXELS,
+    exclude: Collection[str] = (),
 ) -> dict[str, Any]:
     """Preprocess ``subjects`` and write them as WebDataset shards plus ``manifest.json``.
 
@@ -173,6 +174,8 @@ def write_shards(
         label_names: label value → name (e.g. MSD ``labels``), recorded in the manifest.
         progress: show a tqdm progress bar.
         max_voxels: largest volume a file may claim; a larger one is skipped before it is read.
+        exclude: subject ids left out (evaluation subjects: :func:`~ssl_pretrain.data.ingest.read_exclusions`),
+            listed in the manifest's ``excluded``.
 
     Returns:
         The manifest (the top-level one, with per-split manifests under ``"splits"``, when split).
@@ -187,7 +190,10 @@ def write_shards(
         raise ValueError(f"mix_subjects: {mix_subjects!r} must be ≥ 1")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    subjects = list(subjects)
+    excluded = sorted(s.id for s in subjects if s.id in exclude)
+    subjects = [s for s in subjects if s.id not in exclude]
+    if excluded:
+        logger.info("left out %d excluded subject(s): %s", len(excluded), ", ".join(excluded[:8]))
     if not subjects and not skipped:
         raise InputError(f"{out_dir}: no input subjects to write")
     train, val = split_subjects(subjects, val_fraction, seed)
@@ -225,7 +231,7 @@ def write_shards(
         if strict and skips:
             raise InputError(f"{len(skips)} input(s) skipped and --strict is set; first: {skips[0]['reason']}")
         for name, w in writers.items():
-            manifests[name] = w.finish(skips)
+            manifests[name] = w.finish(skips, excluded)
         if sum(m["num_samples"] for m in manifests.values()) == 0:
             raise InputError(f"{out_dir}: no subject could be written ({len(skips)} skipped)")
         if "all" in manifests:
@@ -238,6 +244,7 @@ def write_shards(
                 "splits": {n: {"dir": n, "num_samples": m["num_samples"], "num_subjects": m["num_subjects"],
                                "subjects": [s["id"] for s in m["subjects"]]} for n, m in manifests.items()},
                 "skipped": skips,
+                "excluded": excluded,
             }
             atomic_write_text(tmp_root / MANIFEST, json.dumps(top, indent=1) + "\n")
         _commit(tmp_root, out_dir)
@@ -330,7 +337,7 @@ class _SplitWriter:
             })
         self.pending = []
 
-    def finish(self, skipped: list[dict[str, str]]) -> dict[str, Any]:
+    def finish(self, skipped: list[dict[str, str]], excluded: list[str]) -> dict[str, Any]:
         """Flush, close the last shard and write ``manifest.json`` (last)."""
         self._flush()
         shards = self.writer.finish()
@@ -354,6 +361,7 @@ class _SplitWriter:
             "shards": shards,
             "subjects": self.subjects,
             "skipped": skipped,
+            "excluded": excluded,
         }
         atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         return manifest

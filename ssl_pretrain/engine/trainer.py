@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
-from ssl_pretrain.data.shardformat import manifest_preprocess, meta_fields
+from ssl_pretrain.data.shardformat import manifest_preprocess, manifest_subjects, meta_fields
 from ssl_pretrain.engine import plots
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import BatchPlan, PretrainConfig, batch_plan, deepspeed_config
@@ -542,6 +542,9 @@ class Trainer:
             "final_loss": st.loss,
             "world_size": self.info.world_size,
         }
+        subjects = manifest_subjects(getattr(loader, "manifest", None))
+        if subjects is not None:  # the sweep's report checks them against its test subjects (leakage)
+            info_dict["pretrain_subjects"] = subjects
         done = [h for h in st.probe_history if h[0] <= step]
         if done:
             info_dict["probe_step"], info_dict["probe_dice"] = done[-1]

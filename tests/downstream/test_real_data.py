@@ -181,3 +181,46 @@ def test_a_header_that_lies_about_its_size_allocates_nothing(tmp_path: Path) -> 
     tracemalloc.stop()
     assert peak < 4 * 2**20, peak  # nothing near the claimed sizes was allocated
     assert load_nifti(bomb, kind="label").shape == (200, 200, 200)  # a positive control: under the limit it loads
+
+
+def test_make_shards_excludes_the_evaluation_subjects(tmp_path: Path) -> None:
+    """--exclude SPLITS keeps a split file's val and test subjects out of the pretraining set (26.4)."""
+    import json
+
+    from mri_ssl.cli.make_shards import main
+
+    root = _folder(tmp_path / "ds", n=4)
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train_pool": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
+    assert main(["--input", str(root / "images"), "--output", str(tmp_path / "sh"), "--exclude", str(splits),
+                 "--size", "16", "16", "--spacing", "1", "1", "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "sh" / "manifest.json").read_text())
+    assert [s["id"] for s in manifest["subjects"]] == ["case0", "case1"]
+    assert manifest["excluded"] == ["case2", "case3"]
+    listing = tmp_path / "test_ids.txt"
+    listing.write_text("# test subjects\ncase1\nimages/case3.nii.gz\n")
+    assert main(["--input", str(root / "images"), "--output", str(tmp_path / "sh2"), "--exclude", str(listing),
+                 "--size", "16", "16", "--spacing", "1", "1", "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "sh2" / "manifest.json").read_text())
+    assert [s["id"] for s in manifest["subjects"]] == ["case0", "case2"] and manifest["excluded"] == ["case1", "case3"]
+
+
+def test_the_report_warns_when_an_init_was_pretrained_on_test_subjects(tmp_path: Path) -> None:
+    from downstream.report import build_report
+
+    def row(init: str, seed: int, dice: float) -> dict:
+        return {"init_tag": init, "n_labeled": 1, "seed": seed, "best_val_dice": dice, "test_dice": dice,
+                "test_hd95": 1.0, "train_ids": [f"p{seed}"], "test_ids": ["t1", "t2"], "history": [],
+                "test_per_volume": {t: {"dice": [dice], "hd95": [1.0]} for t in ("t1", "t2")}}
+
+    rows = [row(i, s, d) for i, d in (("random", 0.5), ("clean", 0.6), ("leaky", 0.7)) for s in (0, 1)]
+    budgets = {"clean": {"steps": 10, "pretrain_subjects": ["u1", "u2"]},
+               "leaky": {"steps": 10, "pretrain_subjects": ["u1", "t2"]}, "old": {"steps": 10}}
+    rep = build_report(rows, tmp_path / "r", budgets=budgets, n_boot=200)
+    md = (tmp_path / "r" / "report.md").read_text()
+    warning = ("WARNING leaky: its pretraining shards hold 1 of the 2 test subjects (t2): it was pretrained on "
+               "subjects it is tested on; re-shard with make_shards --exclude")
+    assert md.splitlines()[2] == warning  # right under the title
+    assert "- clean: none of the 2 test subjects among its 2 pretraining subjects" in md
+    assert "- old: unknown (its export records no pretraining subjects)" in md
+    assert rep["leaks"][1] == warning

@@ -47,6 +47,8 @@ def test_contrastive_run_exports_tracks_and_finishes_once(pretrain_shards: Path,
     assert data["task"] == "contrastive" and data["format_version"] == 1
     assert data["preprocessing"]["size"] == [32, 32]
     assert data["info"]["steps"] == 12 and data["info"]["world_size"] == 1
+    manifest = json.loads((pretrain_shards / "manifest.json").read_text())
+    assert data["info"]["pretrain_subjects"] == sorted(s["id"] for s in manifest["subjects"])  # for leak checks
     net = UNet(cfg.model, out_channels=2)
     net.encoder.load_state_dict(data["encoder"])
     net.decoder.load_state_dict(data["decoder"])  # the local loss trained the decoder
