@@ -12,7 +12,9 @@ nearest) → per-volume percentile clip + z-score or [0, 1] → centre crop/pad 
 slices ``(S, C, H, W)``.
 
 Slice display convention: rows (H) run anterior → posterior (−y), columns (W) run patient right →
-left (+x), i.e. the radiological view; slice index runs inferior → superior (+z).
+left (+x), i.e. the radiological view; slice index runs inferior → superior (+z). With
+``slice_axis: acquisition`` a sagittal or coronal scan is sliced along its own through-plane axis
+instead, in the frame (y, z, x) or (x, z, y) taking the place of (x, y, z): superior stays up.
 
 Spacings (voxel sizes in mm) come in three orders, each with its own type:
 
@@ -92,6 +94,11 @@ class PreprocessParams:
     )
     channels: tuple[int, ...] | None = option(
         None, "channel indices kept from a 4D input; null keeps all", ge=0, length=(1, None)
+    )
+    slice_axis: Literal["axial", "acquisition"] = option(
+        "axial",
+        "axial: 2D slices along the patient's z (a sagittal or coronal scan is resliced, with a warning); "
+        "acquisition: along the scan's own through-plane axis (its thickest voxel side)",
     )
     field_of_view: Literal["crop", "pad"] = option(
         "crop",
@@ -382,8 +389,8 @@ def preprocess(
         if bad:
             raise InputError(f"{image_path}: channel(s) {bad} requested but the image has {n_ch} channel(s)")
         data = data[..., list(params.channels)]
-    ornt = nib.orientations.io_orientation(img.affine)
-    canon = nib.orientations.apply_orientation(data, ornt)  # (X', Y', Z', C) in RAS
+    ornt = _slicing_orientation(image_path, img, params.slice_axis)
+    canon = nib.orientations.apply_orientation(data, ornt)  # (X', Y', Z', C): RAS, or the acquisition's frame
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     canon_zooms = np.empty(3)
     canon_zooms[ornt[:, 0].astype(int)] = zooms
@@ -452,6 +459,38 @@ def check_label_affine(
             f"{label_path}: label affine differs from image {Path(image_path).name} affine by up to {diff:.4g} "
             f"(tolerance {LABEL_AFFINE_ATOL:g}); the label must be on the image's voxel grid"
         )
+
+
+_PLANES = ("sagittal", "coronal", "axial")  # the plane whose normal is RAS axis x, y, z
+
+
+def _slicing_orientation(path: Path, img: nib.Nifti1Image, slice_axis: str) -> np.ndarray:
+    """File axes → the frame whose third axis is sliced: RAS (``axial``), or the acquisition's own.
+
+    The acquisition's through-plane axis is the file axis with the thickest voxels (when it is at
+    least 1.5× the others; an isotropic scan has none and is sliced axially). ``acquisition`` puts
+    that axis last, keeping superior up in the slices of a sagittal or coronal scan (sagittal:
+    (y, z, x), coronal: (x, z, y)); ``axial`` reslices it, and says so once per file.
+    """
+    ornt = nib.orientations.io_orientation(img.affine)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    thick = int(np.argmax(zooms))
+    others = np.delete(zooms, thick)
+    if zooms[thick] < 1.5 * others.max():
+        return ornt
+    through = int(ornt[thick, 0])  # RAS axis the slices are stacked along: 0 sagittal, 1 coronal, 2 axial
+    if through == 2:
+        return ornt
+    if slice_axis == "axial":
+        log.warning("%s: a %s acquisition (%.3g mm slices) is resliced axially: its %s-axis pixels are "
+                    "interpolated from %.3g mm; preprocess.slice_axis=acquisition (make_shards --slice-axis "
+                    "acquisition) keeps its own slices", path, _PLANES[through], zooms[thick], "xy"[through],
+                    zooms[thick])
+        return ornt
+    order = [1, 2, 0] if through == 0 else [0, 2, 1]  # target axes as RAS axes; the through-plane one last
+    out = ornt.copy()
+    out[:, 0] = [order.index(int(a)) for a in ornt[:, 0]]
+    return out
 
 
 def _load_label(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -134,3 +135,30 @@ def test_load_reads_whole_gzip(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="i.nii.gz: corrupt or truncated gzip"):
         preprocess(p, PreprocessParams())
     assert nib.load(p).shape == (24, 20, 5)  # nibabel alone only reads the header
+
+
+def test_a_sagittal_acquisition_is_sliced_as_acquired_or_resliced_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26.13: 8 sagittal slices of 4 mm (file axis 0 = patient x) with 0.8 mm in-plane voxels."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (8, 40, 30)).astype(np.float32)  # (x: 8 × 4 mm, y: 40 × 0.8, z: 30 × 0.8)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[2:6, 10:25, 5:20] = 1
+    img[lab == 1] += 60
+    affine = np.diag([4.0, 0.8, 0.8, 1.0])
+    save(tmp_path / "sag.nii.gz", img, affine)
+    save(tmp_path / "sag_label.nii.gz", lab, affine)
+    params = PreprocessParams(spacing=(0.8, 0.8), size=(48, 48), field_of_view="pad")
+    with caplog.at_level("WARNING"):
+        axial = preprocess(tmp_path / "sag.nii.gz", params, tmp_path / "sag_label.nii.gz")
+    assert "sag.nii.gz: a sagittal acquisition (4 mm slices) is resliced axially" in caplog.text
+    assert axial.image.shape[0] == 30  # one slice per z voxel, each interpolated along x from 4 mm
+    caplog.clear()
+    own = dataclasses.replace(params, slice_axis="acquisition")
+    with caplog.at_level("WARNING"):
+        vol = preprocess(tmp_path / "sag.nii.gz", own, tmp_path / "sag_label.nii.gz")
+    assert "resliced" not in caplog.text
+    assert vol.image.shape[0] == 8 and vol.spacing[2] == pytest.approx(4.0)  # the 8 acquired slices
+    assert vol.label[:, 0, :].sum() == 0 and vol.label.sum() == lab.sum()  # superior up, nothing interpolated
+    np.testing.assert_array_equal(to_original_grid(vol.label, vol.geometry), lab)  # and back to the file's grid
