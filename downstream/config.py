@@ -133,6 +133,9 @@ class TrackingConfig:
     )
     register: bool = option(True, "sweeps: register the best model with the alias below")
     alias: str = option("champion", "registry alias of the overall best model")
+    promote: bool = option(
+        False, "move the alias to this sweep's best even when it does not beat the current one on validation Dice"
+    )
 
 
 @dataclass

@@ -504,23 +504,53 @@ def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str
             if r is overall:
                 logged["champion_uri"] = info.model_uri
     if cfg.tracking.register and "champion_uri" in logged:
-        name = f"mri-ssl-{dataset}"
-        mv = mlflow.register_model(logged["champion_uri"], name)
-        mlflow.MlflowClient().set_registered_model_alias(name, cfg.tracking.alias, mv.version)
-        logged.update(
-            registered=f"models:/{name}@{cfg.tracking.alias}",
-            version=mv.version,
-            champion=overall["trial_key"],
-        )
-        log.info(
-            "registered %s version %s as @%s (trial %s, val Dice %.3f)",
-            name,
-            mv.version,
-            cfg.tracking.alias,
-            overall["trial_key"],
-            overall["best_val_dice"],
-        )
+        logged.update(_register(logged["champion_uri"], overall, f"mri-ssl-{dataset}", cfg, parent.run_id))
     return logged
+
+
+def _register(uri: str, r: dict[str, Any], name: str, cfg: SweepConfig, sweep_run_id: str) -> dict[str, Any]:
+    """Register the sweep's best model as a new version with its facts; move the alias only when it earns it.
+
+    The alias (``@champion``) moves when the new version's validation Dice beats the current
+    champion's on the same validation subjects, or with ``tracking.promote`` (``--promote``); a
+    smoke-test sweep never replaces the production model by accident.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {"init": r["init"], "init_tag": r["init_tag"], "n_labeled": str(r["n_labeled"]), "seed": str(r["seed"]),
+            "val_dice": f"{r['best_val_dice']:.6f}", "test_dice": f"{r.get('test_dice', float('nan')):.6f}",
+            "val_ids": ",".join(r["val_ids"]), "sweep_run_id": sweep_run_id, "trial": r["trial_key"]}
+    mv = mlflow.register_model(uri, name, tags=tags)
+    client.update_model_version(name, mv.version, description=(
+        f"Best of sweep run {sweep_run_id} on validation Dice: init {r['init_tag']}, {r['n_labeled']} labeled "
+        f"volume(s), seed {r['seed']}; val Dice {r['best_val_dice']:.3f}, test Dice {float(tags['test_dice']):.3f}"))
+    promote, why = _earns_alias(client, name, cfg, tags)
+    if promote:
+        client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
+    log.info("registered %s version %s (trial %s, val Dice %.3f); @%s %s: %s", name, mv.version, r["trial_key"],
+             r["best_val_dice"], cfg.tracking.alias, "moved" if promote else "kept", why)
+    return {"registered": f"models:/{name}/{mv.version}", "version": mv.version, "champion": r["trial_key"],
+            "promoted": promote, "promotion": why}
+
+
+def _earns_alias(client: Any, name: str, cfg: SweepConfig, tags: dict[str, str]) -> tuple[bool, str]:
+    """Whether the new version takes the alias, and why (one phrase)."""
+    from mlflow.exceptions import MlflowException
+
+    if cfg.tracking.promote:
+        return True, "promoted (--promote)"
+    try:
+        current = client.get_model_version_by_alias(name, cfg.tracking.alias)
+    except MlflowException:
+        return True, "the first model with this alias"
+    if current.tags.get("val_ids") != tags["val_ids"]:
+        return False, (f"version {current.version} holds it and was validated on other subjects; compare on the "
+                       "same validation subjects or use --promote")
+    old, new = float(current.tags.get("val_dice", "nan")), float(tags["val_dice"])
+    if new > old:
+        return True, f"val Dice {new:.3f} beats version {current.version}'s {old:.3f} on the same subjects"
+    return False, f"val Dice {new:.3f} does not beat version {current.version}'s {old:.3f} on the same subjects"
 
 
 def _log_best_models_once(

@@ -39,7 +39,10 @@ from ssl_pretrain.fileio import run_locked
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the sweep, print the report table and its sentences. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg, _ = parse_config(SweepConfig, argv, doc=__doc__, config_dir=CONFIG_DIR)
+    cfg, args = parse_config(SweepConfig, argv, doc=__doc__, config_dir=CONFIG_DIR, add_flags=lambda p: p.add_argument(
+        "--promote", action="store_true", help="same as tracking.promote=true: the best model takes the alias"))
+    if args.promote:
+        cfg.tracking.promote = True
     # one sweep per out_dir (its trials, under trials/, take no lock of their own); bad input: one error line
     return run_locked(cfg.out_dir, lambda: _run(cfg))
 
@@ -64,7 +67,8 @@ def _run(cfg: SweepConfig) -> int:
         print(line, file=sys.stderr)
     print(f"report: {result['report']['markdown']}")
     if result.get("registered"):
-        print(f"registered: {result['registered']} (version {result['version']})")
+        print(f"registered: {result['registered']} (version {result['version']}); @{cfg.tracking.alias}: "
+              f"{result['promotion']}")
     return 0
 
 

@@ -10,6 +10,7 @@ one, a run that already finished just returns its export, and a finished run giv
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from ssl_pretrain.tasks.health import CollapseWatch
 from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
 
-__all__ = ["TrainingDiverged", "build_task", "run_pretraining", "Trainer"]
+__all__ = ["TrainingDiverged", "build_task", "run_name", "run_pretraining", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,16 @@ def run_pretraining(cfg: PretrainConfig) -> Path:
     finally:
         torch.set_num_threads(threads)  # in-process callers get their setting back
         shutdown_distributed(info)
+
+
+_NOT_IN_NAME = ("out_dir", "run_name", "resume", "track", "experiment")
+
+
+def run_name(cfg: PretrainConfig) -> str:
+    """``<task>-<digest>``: the MLflow name of a run without ``run_name``; the digest is of its config
+    (what it trains, not where it writes), so two runs of one recipe share a name and others do not."""
+    flat = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_NAME}
+    return f"{cfg.task}-{hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
 def _git_commit() -> str:
@@ -292,7 +303,8 @@ class Trainer:
         tags = {"git_commit": _git_commit(), "task": cfg.task, "world_size": info.world_size}
         run_id = self.state.mlflow_run_id
         self.logger = start_logger(
-            info.is_main and cfg.track, cfg.experiment, run_name=cfg.run_name, tags=tags, run_id=run_id
+            info.is_main and cfg.track, cfg.experiment, run_name=cfg.run_name or run_name(resolved), tags=tags,
+            run_id=run_id,
         )
         self.state.mlflow_run_id = self.logger.run_id
         if run_id is None:

@@ -224,3 +224,54 @@ def test_the_report_warns_when_an_init_was_pretrained_on_test_subjects(tmp_path:
     assert "- clean: none of the 2 test subjects among its 2 pretraining subjects" in md
     assert "- old: unknown (its export records no pretraining subjects)" in md
     assert rep["leaks"][1] == warning
+
+
+def test_the_registry_alias_moves_only_for_a_better_model(mlflow_uri: str) -> None:
+    """A smoke-test sweep never replaces the champion (26.8): tags, description, alias rules."""
+    import mlflow
+
+    from downstream.config import SweepConfig
+    from downstream.sweep import _register
+    from ssl_pretrain.config import load_config
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):  # noqa: ANN001, ANN201
+            return model_input
+
+    def trial(val: float, val_ids: list[str], seed: int = 0) -> tuple[str, dict]:
+        with mlflow.start_run() as run:
+            uri = mlflow.pyfunc.log_model(name="m", python_model=Echo(), pip_requirements=[]).model_uri
+        r = {"init": "runs/c1/export/model.pt", "init_tag": "contrastive", "n_labeled": 2, "seed": seed,
+             "best_val_dice": val, "test_dice": val - 0.1, "val_ids": val_ids, "trial_key": f"t{val}-{seed}"}
+        return uri, r | {"sweep": run.info.run_id}
+
+    cfg = load_config(SweepConfig)
+    client = mlflow.MlflowClient()
+    first = _register(*trial(0.80, ["v1", "v2"]), "mri-ssl-toy", cfg, "sweep-a")
+    assert first["promoted"] and str(client.get_model_version_by_alias("mri-ssl-toy", "champion").version) == "1"
+    mv = client.get_model_version("mri-ssl-toy", "1")
+    assert mv.tags["val_dice"] == "0.800000" and mv.tags["n_labeled"] == "2" and mv.tags["sweep_run_id"] == "sweep-a"
+    assert mv.tags["init_tag"] == "contrastive" and mv.tags["test_dice"] == "0.700000"
+    assert "val Dice 0.800, test Dice 0.700" in mv.description
+    smoke = _register(*trial(0.60, ["v1", "v2"]), "mri-ssl-toy", cfg, "sweep-b")  # worse: alias stays
+    assert not smoke["promoted"] and "does not beat version 1's 0.800" in smoke["promotion"]
+    other = _register(*trial(0.95, ["w1"]), "mri-ssl-toy", cfg, "sweep-c")  # other subjects: not comparable
+    assert not other["promoted"] and "validated on other subjects" in other["promotion"]
+    assert str(client.get_model_version_by_alias("mri-ssl-toy", "champion").version) == "1"
+    better = _register(*trial(0.85, ["v1", "v2"]), "mri-ssl-toy", cfg, "sweep-d")
+    assert better["promoted"] and str(client.get_model_version_by_alias("mri-ssl-toy", "champion").version) == "4"
+    cfg.tracking.promote = True
+    forced = _register(*trial(0.10, ["x"]), "mri-ssl-toy", cfg, "sweep-e")
+    assert forced["promoted"] and str(client.get_model_version_by_alias("mri-ssl-toy", "champion").version) == "5"
+
+
+def test_pretraining_runs_get_a_name_from_the_task_and_config() -> None:
+    from ssl_pretrain.config import load_config
+    from ssl_pretrain.engine.config import PretrainConfig
+    from ssl_pretrain.engine.trainer import run_name
+
+    a = load_config(PretrainConfig, overrides=["out_dir=x"])
+    b = load_config(PretrainConfig, overrides=["out_dir=y", "resume=never"])  # same recipe elsewhere
+    c = load_config(PretrainConfig, overrides=["train.lr=0.01"])
+    assert run_name(a) == run_name(b) != run_name(c) and run_name(a).startswith("contrastive-")
+    assert len(run_name(a)) == len("contrastive-") + 8
