@@ -54,6 +54,7 @@ from downstream.state import (
     resume_source,
     save_checkpoint,
 )
+from ssl_pretrain import termination
 from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import Volume
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, save_export
@@ -351,6 +352,9 @@ def _train(run: _Run, state: FinetuneState, on_eval: EvalCallback | None, logger
             state.step += 1
             bar.update(1)
             running.append(float(loss.detach()))  # host sync once per step: CPU-sized runs, cheap
+            if termination.requested():  # SIGTERM (launch/finetune.py): checkpoint this step, then stop
+                run.save(state, logger)
+                raise termination.Terminated(f"SIGTERM: stopped at step {state.step} after its checkpoint")
             if state.step % cfg.train.eval_every and state.step != total:
                 continue
             row = _evaluation(run, state, val_vols, float(np.mean(running)), frozen, logger)

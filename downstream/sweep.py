@@ -48,6 +48,7 @@ from downstream.config import FinetuneConfig, SweepConfig
 from downstream.data import draw_labeled, prepare_configured, subject_attributes
 from downstream.inference import load_init
 from downstream.report import build_report
+from ssl_pretrain import termination
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.export import choose_preprocessing
@@ -334,6 +335,7 @@ def _init_ray(cfg: SweepConfig) -> bool:
         ray.init(address=address)
     else:
         start_local_ray(cfg.search.ray_num_cpus or os.cpu_count() or 1)
+    termination.reinstall()  # ray.init replaced the SIGTERM handler with one that dumps a stack and exits 1
     return True
 
 

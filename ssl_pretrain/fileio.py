@@ -208,23 +208,34 @@ def lock_output_dir(
         os.close(fd)  # releases the lock
 
 
-def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, enabled: bool = True) -> int:
+def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, enabled: bool = True,
+               stops_at_steps: bool = True) -> int:
     """Run an entry script's ``body`` holding the lock of its output directory (one run per ``out_dir``).
 
     A ``ValueError`` — the lock held elsewhere, ``out_dir`` not a directory, or bad input the body
     did not turn into a message itself — becomes one ``error:`` line on stderr and exit status 2.
+    Ctrl-C and SIGTERM become one line saying how to resume (exit 130 / 143).
 
     Args:
         directory: The run's ``out_dir``.
         body: The script's work; returns its exit status.
         enabled: ``False`` runs ``body`` without the lock (ranks other than 0).
+        stops_at_steps: SIGTERM is polled by the body's training loop, which saves a checkpoint and
+            stops at its next step (:mod:`ssl_pretrain.termination`); ``False`` stops at once.
 
     Returns:
         The exit status.
     """
+    from ssl_pretrain.termination import requested, sigterm_handling
+
     try:
-        with lock_output_dir(directory, enabled=enabled):
+        with sigterm_handling(immediate=not stops_at_steps), lock_output_dir(directory, enabled=enabled):
             return body()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        what = "terminated (SIGTERM)" if requested() else "interrupted"
+        print(f"{what}; run the same command again to resume from the last checkpoint in {directory}",
+              file=sys.stderr)
+        return 143 if requested() else 130

@@ -44,3 +44,37 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     # Only the variable: mlflow.set_tracking_uri would outlive the test in this process.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def _sigterm_when(cmd: list[str], ready, *, env: dict[str, str] | None = None, cwd=None,
+                  timeout: float = 240.0) -> tuple[int, str, float]:
+    """Start ``cmd``, send it SIGTERM once ``ready()`` holds; return (exit code, stderr, seconds it took to exit)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd)
+    try:
+        t0 = time.monotonic()
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"{cmd[:3]} ended before the signal: {proc.stderr.read()[-3000:]}")
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"{cmd[:3]}: not ready within {timeout} s")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=timeout)
+        return proc.returncode, err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def sigterm_when():
+    """:func:`_sigterm_when`: run a command and send it SIGTERM when a condition holds."""
+    return _sigterm_when

@@ -60,10 +60,6 @@ def _run(cfg: PretrainConfig) -> int:
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         print(f"error: {lines[-1].strip()}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume from the last checkpoint in {cfg.out_dir}",
-              file=sys.stderr)
-        return 130
     if os.environ.get("RANK", "0") == "0":
         print(f"export: {export}")
     return 0

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.promote:
         cfg.tracking.promote = True
     # one sweep per out_dir (its trials, under trials/, take no lock of their own); bad input: one error line
-    return run_locked(cfg.out_dir, lambda: _run(cfg))
+    return run_locked(cfg.out_dir, lambda: _run(cfg), stops_at_steps=False)  # SIGTERM: Ray shut down, trials resumable
 
 
 def _run(cfg: SweepConfig) -> int:

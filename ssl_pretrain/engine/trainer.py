@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ssl_pretrain import termination
 from ssl_pretrain.config import ConfigError, flatten, save_config
 from ssl_pretrain.data.loader import build_pretrain_loader
 from ssl_pretrain.data.shardformat import manifest_preprocess, manifest_subjects, meta_fields
@@ -360,9 +361,12 @@ class Trainer:
                     self._export(self.out / "export" / f"step-{st.step:07d}" / "model.pt", task, loader)
                 if info.is_main and st.step % t.image_every == 0:
                     self._figure(task, batch, st.step)
-                if st.step % t.ckpt_every == 0 or st.step == t.max_steps:
+                stop = bool(window.last[:, 3].max() > 0)  # SIGTERM on any rank: save now, then stop
+                if st.step % t.ckpt_every == 0 or st.step == t.max_steps or stop:
                     st.wall_time_s = wall_before + time.perf_counter() - started
                     self._save(engine, task, loader, plan)
+                if stop and st.step < t.max_steps:
+                    raise termination.Terminated(f"SIGTERM: stopped at step {st.step} after its checkpoint")
         finally:
             pbar.close()
         st.wall_time_s = wall_before + time.perf_counter() - started
@@ -388,9 +392,10 @@ class Trainer:
             loss_sum += loss.detach().float()
         st.step += 1
         st.samples_seen += plan.global_batch
-        # one small collective per step: every rank's loss, data wait and step time
-        # (this is a host sync, needed by the NaN guard anyway)
-        mine = torch.tensor([0.0, wait, time.perf_counter() - step_t0], dtype=torch.float64, device=info.device)
+        # one small collective per step: every rank's loss, data wait, step time and whether SIGTERM
+        # arrived (this is a host sync, needed by the NaN guard anyway; all ranks stop at the same step)
+        mine = torch.tensor([0.0, wait, time.perf_counter() - step_t0, float(termination.requested())],
+                            dtype=torch.float64, device=info.device)
         mine[0] = loss_sum.double() / plan.grad_accum
         everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
         dist.all_gather(everyone, mine)
