@@ -29,7 +29,7 @@ from tqdm import tqdm
 from downstream.inference import keep_largest_component, load_segmentation_model, predict_probabilities
 from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
 from ssl_pretrain.data.preprocess import PreprocessParams, preprocess, to_original_grid
-from ssl_pretrain.fileio import atomic_path
+from ssl_pretrain.fileio import atomic_path, check_writable
 from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,13 @@ def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
 
 
 def _plan_outputs(src: Path, out: Path) -> tuple[list[Path], list[Path], bool]:
-    """``(input files, their mask paths, whether the input is a folder)``; the mask folder is created."""
+    """``(input files, their mask paths, whether the input is a folder)``; the mask folder is created
+    and written to once, so a read-only or full disk fails here, before any inference."""
     files, many = _input_files(src), src.is_dir()
     dsts = _output_paths(files, out, many)
-    _output_folder(out if many or not is_nifti_name(out) else out.parent)
+    folder = out if many or not is_nifti_name(out) else out.parent
+    _output_folder(folder)
+    check_writable(folder)
     return files, dsts, many
 
 

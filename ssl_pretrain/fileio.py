@@ -208,6 +208,26 @@ def lock_output_dir(
         os.close(fd)  # releases the lock
 
 
+def os_error_line(e: OSError, where: str | os.PathLike[str]) -> str:
+    """``PATH: strerror (errno NAME)`` for an ``OSError`` (the path it names, else ``where``)."""
+    name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else type(e).__name__
+    return f"{e.filename or where}: {e.strerror or e} (errno {name})"
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a file in ``folder`` (created if missing), so a read-only or full disk fails
+    before any work rather than after it. Raises the ``OSError``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+    try:
+        os.write(fd, b"x")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
 def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, enabled: bool = True,
                stops_at_steps: bool = True) -> int:
     """Run an entry script's ``body`` holding the lock of its output directory (one run per ``out_dir``).
@@ -234,6 +254,9 @@ def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, en
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk: one line, not a traceback (nothing half-written stays)
+        print(f"error: {os_error_line(e, directory)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         what = "terminated (SIGTERM)" if requested() else "interrupted"
         print(f"{what}; run the same command again to resume from the last checkpoint in {directory}",

@@ -29,7 +29,7 @@ from typing import Any
 from ssl_pretrain.data.ingest import discover, parse_msd_labels, read_exclusions
 from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams
 from ssl_pretrain.data.shards import write_shards
-from ssl_pretrain.fileio import OutputLockedError, lock_output_dir
+from ssl_pretrain.fileio import OutputLockedError, lock_output_dir, os_error_line
 
 
 def _label_names(path: Path) -> dict[str, str] | None:
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValueError as exc:
         ap.error(str(exc))
+    except OSError as exc:  # a read-only or full disk: one line (the shards are written to a temporary folder)
+        print(f"make_shards: error: {os_error_line(exc, args.output)}", file=sys.stderr)
+        return 1
     splits = manifest.get("splits") or {"all": manifest}
     for name, m in splits.items():
         print(f"{name}: {m['num_subjects']} subjects, {m['num_samples']} slices")

@@ -18,6 +18,8 @@ import argparse
 import logging
 import sys
 
+from ssl_pretrain.fileio import os_error_line
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, predict, print the written files. Returns the exit code."""
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk: one line
+        print(f"error: {os_error_line(e, args.output)}", file=sys.stderr)
+        return 1
     for p in written:
         print(p)
     return 0

@@ -275,3 +275,77 @@ def test_pretraining_runs_get_a_name_from_the_task_and_config() -> None:
     c = load_config(PretrainConfig, overrides=["train.lr=0.01"])
     assert run_name(a) == run_name(b) != run_name(c) and run_name(a).startswith("contrastive-")
     assert len(run_name(a)) == len("contrastive-") + 8
+
+
+def test_a_full_disk_at_the_last_write_is_one_line_and_leaves_no_model(
+    cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """26.10: ENOSPC while the finetuned model is renamed into place: exit 1, one line with path and errno."""
+    import errno
+    import os
+
+    from mri_ssl.cli.finetune import main
+
+    from .conftest import tiny_overrides
+
+    out = tmp_path / "ft"
+    real_replace = os.replace
+
+    def full_disk(src, dst):  # noqa: ANN001, ANN202
+        if Path(dst).name == "model.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code = main(["--config", "finetune", *tiny_overrides(cohort, out, size=32), "train.max_steps=2",
+                 "train.eval_every=2"])
+    assert code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[-1] == f"error: {out / 'model.pt'}: No space left on device (errno ENOSPC)"
+    assert not (out / "model.pt").exists() and not list(out.glob(".model.pt*"))  # nothing half-written
+
+
+def test_predict_checks_the_output_is_writable_before_inference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import tempfile
+
+    from mri_ssl.cli.predict import main
+
+    _folder(tmp_path / "ds", n=1)
+    masks = tmp_path / "masks"
+
+    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.EROFS, "Read-only file system", str(kwargs.get("dir", "")))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    # the model does not even exist: the output is checked first, before anything is loaded or computed
+    code = main(["--model", str(tmp_path / "no-model.pt"), "--input", str(tmp_path / "ds" / "images"),
+                 "--output", str(masks)])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == f"error: {masks}: Read-only file system (errno EROFS)"
+
+
+def test_a_really_full_disk_while_sharding(tmp_path: Path) -> None:
+    """26.10 on a real file system: a 256 kB tmpfs fills up; one line, and no manifest under the final name."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a tmpfs (not root, or no mount permission)")
+    try:
+        root = _folder(tmp_path / "ds", n=3)
+        proc = subprocess.run([sys.executable, "-m", "mri_ssl.cli.make_shards", "--input", str(root / "images"),
+                               "--output", str(disk / "shards"), "--size", "256", "256", "--spacing", "0.1", "0.1",
+                               "--workers", "1"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+        assert last.startswith("make_shards: error: ") and last.endswith("No space left on device (errno ENOSPC)")
+        assert "Traceback" not in proc.stderr
+        # the temporary shard folder is gone too; only the (empty) lock file beside the output stays
+        assert [p.name for p in disk.iterdir()] == [".shards.lock"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
