@@ -356,30 +356,30 @@ def analyze(
             point = comp["labels"]["value"]
             comp["saved"] = point - c.n if math.isfinite(point) and point > 0 else None
             out["comparisons"].append(comp)
-            pieces.setdefault(init, []).append(
-                f"with {_volumes(c.n_labeled, c.n)}" + (" matches random init with" if not pieces.get(init) else ",")
-                + f" {_saving_text(comp)}"
-            )
+            said = any(" matches random init with " in piece for piece in pieces.get(init, []))
+            pieces.setdefault(init, []).append(_saving_piece(comp, _volumes(c.n_labeled, c.n), said))
     out["sentences"] = {init: f"{init} " + "; ".join(p) + "." for init, p in pieces.items()}
     return out
 
 
-def _saving_text(comp: dict[str, Any]) -> str:
-    """The labels-saved phrase of one comparison, never claiming more than its paired difference supports.
+def _saving_piece(comp: dict[str, Any], volumes: str, said: bool) -> str:
+    """One n's part of the labels-saved sentence, never claiming more than its paired difference supports.
 
     A number of labeled volumes is stated only when the paired difference to random init at that n has
-    its 95 % interval above zero; otherwise the interval is quoted and no saving is claimed (random init's
-    curve, made monotone, can manufacture a "saving" where the draws show none).
+    its 95 % interval above zero (``"with 2 labeled volumes matches random init with 3.4 (…)"``, or
+    ``", 3.4 (…)"`` once the sentence has said it); otherwise the interval is quoted and no saving is
+    claimed (random init's curve, made monotone, can manufacture a "saving" where the draws show none).
     """
     lab, paired = comp["labels"], comp["paired"]
+    lab["claimed"] = paired is not None and paired["ci95"][0] > 0
+    if lab["claimed"]:
+        return f"with {volumes}{',' if said else ' matches random init with'} {lab['text']} ({lab['ci_text']})"
     if paired is None:
-        return "no saving resolved (no paired draws)"
+        return f"with {volumes}, no saving resolved (no paired draws)"
     lo, hi = paired["ci95"]
-    if lo > 0:
-        return f"{lab['text']} ({lab['ci_text']})"
     where = "below zero" if hi < 0 else "includes zero"
-    comp["labels"]["claimed"] = False
-    return f"no saving resolved (paired difference {paired['mean']:+.3f}, 95 % CI [{lo:+.3f}, {hi:+.3f}] {where})"
+    return (f"with {volumes}, no saving resolved (paired difference {paired['mean']:+.3f}, "
+            f"95 % CI [{lo:+.3f}, {hi:+.3f}] {where})")
 
 
 def _common_test_volumes(rows: list[dict[str, Any]], out: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
