@@ -7,6 +7,7 @@ single-rank group on 127.0.0.1 and a free port is created, so the code path is t
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -108,6 +109,11 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     _skip_cpu_shm_build()
+    if not dist.is_initialized() and _local_rendezvous():
+        # a job on this machine only: its rendezvous and gloo listen on loopback, not on every interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+        store = _loopback_store(rank, world, int(os.environ["MASTER_PORT"]))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:
@@ -117,6 +123,43 @@ def init_distributed() -> DistInfo:
         _OWN_GROUP = info
         _OWN_ENV_VALUES = {key: os.environ[key] for key in _OWN_ENV}
     return info
+
+
+_LISTENERS: list[socket.socket] = []  # rank 0's bound rendezvous sockets, open for the life of the process
+
+
+def _local_rendezvous() -> bool:
+    """Whether the job meets on this machine: ``MASTER_ADDR`` is a loopback address and no launcher
+    (torchrun's agent, ``TORCHELASTIC_USE_AGENT_STORE``) already serves the store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return False
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(os.environ.get("MASTER_ADDR", ""))).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_interface() -> str:
+    """The loopback interface's name (``lo`` on Linux), for gloo's ``GLOO_SOCKET_IFNAME``."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n == "lo" or n.startswith("lo")), "lo")
+
+
+def _loopback_store(rank: int, world: int, port: int) -> dist.TCPStore:
+    """The job's rendezvous store, its server listening on 127.0.0.1 only.
+
+    torch's ``TCPStore`` server listens on every interface (``::``) even when ``MASTER_ADDR`` is
+    127.0.0.1; rank 0 therefore binds the socket itself and hands it over (``master_listen_fd``),
+    the other ranks connect as clients.
+    """
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world, False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    _LISTENERS.append(sock)
+    return dist.TCPStore("127.0.0.1", port, world, True, master_listen_fd=sock.fileno())
 
 
 def shutdown_distributed(info: DistInfo | None) -> None:

@@ -21,7 +21,7 @@ def test_finetuning_stops_at_a_checkpoint_and_resumes(cohort: Path, tmp_path: Pa
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "ft"
-    overrides = [*tiny_overrides(cohort, out, size=32), "train.max_steps=400", "train.eval_every=1000",
+    overrides = [*tiny_overrides(cohort, out, size=32), "train.max_steps=200", "train.eval_every=1000",
                  "tracking.enabled=true", "train.augment=false"]
     cmd = ["-m", "mri_ssl.cli.finetune", "--config", "finetune", *overrides]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
@@ -35,7 +35,7 @@ def test_finetuning_stops_at_a_checkpoint_and_resumes(cohort: Path, tmp_path: Pa
     assert last == f"terminated (SIGTERM); run the same command again to resume from the last checkpoint in {out}"
     assert "Traceback" not in err
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
-    assert 0 < state["step"] < 400
+    assert 0 < state["step"] < 200
     run_id = (out / "mlflow_run_id").read_text().strip()
     assert MlflowClient(mlflow_uri).get_run(run_id).info.status == "KILLED"
     import subprocess
@@ -44,7 +44,7 @@ def test_finetuning_stops_at_a_checkpoint_and_resumes(cohort: Path, tmp_path: Pa
     again = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {out / 'checkpoint'}" in again.stderr and f"at step {state['step']}" in again.stderr
-    assert json.loads((out / "result.json").read_text())["steps"] == 400
+    assert json.loads((out / "result.json").read_text())["steps"] == 200
 
 
 @pytest.mark.slow

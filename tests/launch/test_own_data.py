@@ -36,8 +36,8 @@ def test_the_readme_walkthrough_runs(tmp_path: Path) -> None:
     data = tmp_path / "mydata"
     manifest = json.loads((data / "shards" / "manifest.json").read_text())
     assert manifest["excluded"] == ["prostate_s11_006", "prostate_s11_007", "prostate_s11_008", "prostate_s11_009"]
-    assert manifest["num_subjects"] == 18 and manifest["channels"] == 2
+    assert manifest["num_subjects"] == 12 and manifest["channels"] == 2
     report = (data / "sweep" / "report" / "report.md").read_text()
-    assert "none of the 3 test subjects among its 18 pretraining subjects" in report and "WARNING" not in report
+    assert "none of the 3 test subjects among its 12 pretraining subjects" in report and "WARNING" not in report
     assert len(list((data / "masks").glob("*_mask.nii.gz"))) == 10
     assert len(list((data / "masks_champion").glob("*_mask.nii.gz"))) == 10

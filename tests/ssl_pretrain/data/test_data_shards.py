@@ -132,7 +132,7 @@ def test_make_shards_flags_are_the_preprocess_fields(msd_cohort: Path, tmp_path:
         if f.name == "field_of_view":  # shards are always fixed-size crops: no flag
             assert "--field-of-view" not in usage and "--field_of_view" not in usage
             continue
-        assert f"--{f.name} " in usage and f.metadata["help"].split()[0] in usage
+        assert f"--{f.name.replace('_', '-')} " in usage and f.metadata["help"].split()[0] in usage
     out = tmp_path / "cli"
     common = ["--input", str(msd_cohort), "--spacing", "2.5", "2.0", "--workers", "1", "--samples-per-shard", "10"]
     assert main([*common, "--output", str(out), "--size", "16", "20", "--channels", "0", "--norm", "minmax"]) == 0
