@@ -246,7 +246,7 @@ def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, en
     Returns:
         The exit status.
     """
-    from ssl_pretrain.termination import requested, sigterm_handling
+    from ssl_pretrain.termination import received, sigterm_handling
 
     try:
         with sigterm_handling(immediate=not stops_at_steps), lock_output_dir(directory, enabled=enabled):
@@ -258,7 +258,7 @@ def run_locked(directory: str | os.PathLike[str], body: Callable[[], int], *, en
         print(f"error: {os_error_line(e, directory)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        what = "terminated (SIGTERM)" if requested() else "interrupted"
+        what = "terminated (SIGTERM)" if received() else "interrupted"
         print(f"{what}; run the same command again to resume from the last checkpoint in {directory}",
               file=sys.stderr)
-        return 143 if requested() else 130
+        return 143 if received() else 130

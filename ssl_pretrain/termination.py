@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-__all__ = ["Terminated", "reinstall", "requested", "sigterm_handling"]
+__all__ = ["Terminated", "received", "reinstall", "requested", "sigterm_handling"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -23,7 +23,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _requested = threading.Event()
-_active: list = []  # the handler of the innermost sigterm_handling block
+_active: list[Callable[[int, FrameType | None], None]] = []  # the innermost block's handler last
 
 
 def reinstall() -> None:
@@ -34,11 +34,14 @@ def reinstall() -> None:
 
 
 def requested() -> bool:
-    """Whether SIGTERM arrived in the current (or last) :func:`sigterm_handling` block.
+    """Whether SIGTERM arrived inside the current :func:`sigterm_handling` block (a training loop then
+    saves and raises :class:`Terminated` at its next step); always False outside a block."""
+    return bool(_active) and _requested.is_set()
 
-    A training loop saves and raises :class:`Terminated` at its next step when it is set; a library
-    that turns the exception into its own ``KeyboardInterrupt`` (Ray Tune does) still shows here.
-    """
+
+def received() -> bool:
+    """Whether SIGTERM arrived in the current or the last block: what stopped a command, even when a
+    library turned :class:`Terminated` into its own ``KeyboardInterrupt`` (Ray Tune does)."""
     return _requested.is_set()
 
 
