@@ -10,11 +10,14 @@ first, evaluates 3D validation Dice every ``train.eval_every`` steps with early 
 finally evaluates the best model on the fixed test set: whole-slice sliding-window predictions
 mapped back to each file's grid, 3D Dice and HD95 in mm against the original label files.
 
-Everything resuming needs (:class:`FinetuneState`: weights, optimizer, schedule, step, the one
-random generator, best model, history; plus the result-deciding config and the MLflow run id) is
-saved in ``<out_dir>/checkpoint/state.pt`` at every evaluation (the previous one kept as
-``state.prev.pt``), so re-running the same command (``resume: auto``) or a retried Ray trial
-continues exactly where it was, in the same MLflow run.
+The pieces live beside it: :mod:`downstream.patches` (batches and augmentation),
+:mod:`downstream.inference` (loading, sliding windows, evaluation), :mod:`downstream.state`
+(resume state and checkpoint files), :mod:`downstream.figures`. Everything resuming needs (the
+typed :class:`~downstream.state.FinetuneState` — step, best model, history — plus the run's
+modules: weights, optimizer, schedule and the one random generator, the result-deciding config and
+the MLflow run id) is saved in ``<out_dir>/checkpoint/state.pt`` at every evaluation and on
+SIGTERM (the previous one kept as ``state.prev.pt``), so re-running the same command
+(``resume: auto``) or a retried Ray trial continues where it was, in the same MLflow run.
 
 Outputs under ``out_dir``: ``model.pt`` (export format + head + preprocessing + the per-class
 largest-component choice: all that ``predict.py`` needs), ``config.yaml``, ``init_load_report.json``,
