@@ -6,9 +6,12 @@ Usage::
     python launch/make_shards.py --input data/prostate/dataset.json --output data/p_shards \\
         --spacing 0.8 0.8 --size 192 192 --channels 0 --val-fraction 0.2 --workers 8
     python launch/make_shards.py --input volumes.txt --output data/shards --strict --overwrite
+    python launch/make_shards.py --input data/brain --output data/shards3d --spacing 1 1 1   # 3D: (Z Y X) mm
 
 ``--input`` is a folder (``.nii``/``.nii.gz`` found recursively), an MSD ``dataset.json`` (or its
-folder) or a ``.txt`` list file (``image [label]`` per line). Bad volumes are skipped with one line
+folder) or a ``.txt`` list file (``image [label]`` per line). Two ``--spacing`` values (H W) write 2D
+slices of ``--size``; three (Z Y X) write one whole volume per subject, cropped to its non-zero box
+(:mod:`ssl_pretrain.data.volumes`; ``--size`` is not used). Bad volumes are skipped with one line
 each and recorded in the manifest; ``--strict`` makes any skip an error (exit status 1, nothing
 written). An existing output directory is refused unless ``--overwrite``, which replaces it whole.
 """
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     splits = manifest.get("splits") or {"all": manifest}
     for name, m in splits.items():
-        print(f"{name}: {m['num_subjects']} subjects, {m['num_samples']} slices")
+        unit = "volumes" if m.get("layout", manifest.get("layout")) == "volume" else "slices"
+        print(f"{name}: {m['num_subjects']} subjects, {m['num_samples']} {unit}")
     n_skip = len(manifest["skipped"])
     print(f"wrote {args.output}" + (f" ({n_skip} input(s) skipped, listed in manifest.json)" if n_skip else ""))
     return 0

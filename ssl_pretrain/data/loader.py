@@ -100,6 +100,15 @@ class LoaderConfig:
     labels: bool = option(True, "deliver 'label' when every sample has one")
     prefetch_factor: int = option(2, "batches prefetched per worker", ge=1)
     pin_memory: bool = option(False, "pin batches (GPU hosts)")
+    patch_size: tuple[int, ...] = option(
+        (64, 64, 64), "3D shards: patch (D, H, W) cut from each volume (padded where the volume is smaller)",
+        ge=1, length=3,
+    )
+    patches_per_volume: int = option(2, "3D shards: random patches cut from each volume read", ge=1)
+    foreground_fraction: float = option(
+        0.0, "3D shards with labels: share of patches centred on a random foreground voxel (nnU-Net: 0.33)",
+        ge=0, le=1,
+    )
 
 
 
@@ -117,6 +126,25 @@ class _Raw:
     meta: dict
     label: memoryview | None
     url: str
+    shape: tuple[int, ...] | None = None  # volumes: the image's (C, D, H, W); slices: the manifest's
+
+
+@dataclass
+class _Patch:
+    """One patch of a volume: where it starts (may be negative or run past the end: padded)."""
+
+    volume: _Raw
+    origin: tuple[int, int, int]
+
+
+def _overlap(size: tuple[int, ...], origin: tuple[int, ...], patch: tuple[int, ...]) -> tuple[tuple[slice, ...], ...]:
+    """``(source slices in the volume, destination slices in the patch)`` of a patch at ``origin``."""
+    src, dst = [], []
+    for n, o, p in zip(size, origin, patch, strict=True):
+        lo, hi = max(0, o), min(n, o + p)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - o, lo - o + max(0, hi - lo)))
+    return tuple(src), tuple(dst)
 
 
 def _new_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -144,6 +172,7 @@ class _SliceStream(IterableDataset):
         super().__init__()
         self.urls, self.counts, self.entries = urls, counts, entries
         self.image, self.label = image, label
+        self.volumes = None in image.shape  # 3D shards: one volume per sample, cut into patches
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = epoch, start
@@ -176,7 +205,8 @@ class _SliceStream(IterableDataset):
         self._first_round, self._skip_samples = self._resume_point(
             taken[worker] * cfg.batch_size, worker, n_workers
         )
-        return iter(wds.DataPipeline(self._rounds, self._read, self._shuffle, self._batch))
+        stages = [self._rounds, self._read, self._patches, self._shuffle, self._batch]
+        return iter(wds.DataPipeline(*(st for st in stages if self.volumes or st != self._patches)))
 
     def _resample_pool(self, worker: int, n_workers: int) -> list[int]:
         """Shards this rank × worker draws from in resampled mode: its own split of the shard list.
@@ -283,15 +313,17 @@ class _SliceStream(IterableDataset):
             meta_b = parts.get("meta.json")
             if img is None or meta_b is None:
                 raise CorruptShardError(f"{url}: sample {key} lacks image.npy or meta.json")
-            img = self.image.payload(img, url, f"{key}.image.npy")
+            shape, img = self.image.payload_shape(img, url, f"{key}.image.npy")
             lab = parts.get("label.npy") if self.label is not None else None
             if self.label is not None:
                 if lab is None:
                     raise CorruptShardError(f"{url}: sample {key} lacks label.npy")
-                lab = self.label.payload(lab, url, f"{key}.label.npy")
+                lab_shape, lab = self.label.payload_shape(lab, url, f"{key}.label.npy")
+                if lab_shape != shape[1:]:
+                    raise CorruptShardError(f"{url}: {key}.label.npy has shape {lab_shape}, its image {shape}")
             try:
                 meta = json.loads(bytes(meta_b))
-                check_meta(meta)
+                check_meta(meta, self.volumes)
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise CorruptShardError(f"{url}: corrupt {key}.meta.json ({exc})") from None
         except CorruptShardError as exc:
@@ -300,7 +332,34 @@ class _SliceStream(IterableDataset):
             self._corrupt += 1
             logger.warning("skipping a corrupt sample: %s", exc)
             return None
-        return _Raw(key, img, meta, lab, url)
+        return _Raw(key, img, meta, lab, url, shape)
+
+    # stage 2b (volumes): each volume becomes patches_per_volume patches, drawn by a per-round generator
+    def _patches(self, volumes: Iterable[tuple[int, _Raw]]) -> Iterator[tuple[int, _Patch]]:
+        worker, _ = self._worker()
+        cur, rng = None, random.Random()
+        for r, v in volumes:
+            if r != cur:
+                cur = r
+                rng = random.Random(f"{self.cfg.seed}-patch-{self.rank}-{worker}-{self.epoch}-{r}")
+            for _ in range(self.cfg.patches_per_volume):
+                yield r, _Patch(v, self._origin(v, rng))
+
+    def _origin(self, v: _Raw, rng: random.Random) -> tuple[int, int, int]:
+        """A random patch origin: uniform over the volume (a smaller volume is padded at a random side),
+        or with probability ``foreground_fraction`` (and labels) centred on a random foreground voxel."""
+        assert v.shape is not None
+        size, patch = v.shape[1:], self.cfg.patch_size
+        centre = None
+        if v.label is not None and rng.random() < self.cfg.foreground_fraction:
+            fg = np.flatnonzero(np.frombuffer(v.label, dtype=np.uint8))
+            if fg.size:
+                centre = np.unravel_index(int(fg[rng.randrange(fg.size)]), size)
+        if centre is not None:
+            return tuple(int(c) - p // 2 for c, p in zip(centre, patch, strict=True))  # type: ignore[return-value]
+        lows = [min(0, n - p) for n, p in zip(size, patch, strict=True)]
+        highs = [max(0, n - p) for n, p in zip(size, patch, strict=True)]
+        return tuple(rng.randint(lo, hi) for lo, hi in zip(lows, highs, strict=True))  # type: ignore[return-value]
 
     # stage 3: seeded shuffle buffer, flushed at the end of each round (so rounds are independent)
     def _shuffle(self, samples: Iterable[tuple[int, _Raw]]) -> Iterator[_Raw]:
@@ -328,15 +387,14 @@ class _SliceStream(IterableDataset):
         yield from buf
 
     # stage 4: batches of tensors; skipped batches (resume) are consumed without decoding
-    def _batch(self, samples: Iterable[_Raw]) -> Iterator[dict[str, Any]]:
+    def _batch(self, samples: Iterable[Any]) -> Iterator[dict[str, Any]]:
         bsz = self.cfg.batch_size
-        h, w = self.image.shape[1:]
         it = iter(samples)
         for _ in range(self._skip_samples):  # resume: replay without decoding
             if next(it, None) is None:
                 break
         made = self._skip_batches
-        chunk: list[_Raw] = []
+        chunk: list[Any] = []
         reported = self._corrupt  # corrupt items met while replaying were counted before the resume
         for s in it:
             chunk.append(s)
@@ -356,7 +414,9 @@ class _SliceStream(IterableDataset):
             reported = self._corrupt
             made += 1
 
-    def _collate(self, chunk: list[_Raw], corrupt: int) -> dict[str, Any]:
+    def _collate(self, chunk: list[Any], corrupt: int) -> dict[str, Any]:
+        if self.volumes:
+            return self._collate_patches(chunk, corrupt)
         n = len(chunk)
         c, h, w = self.image.shape
         # float16 payloads are converted straight from the (memory-mapped) tar into the float32
@@ -383,8 +443,45 @@ class _SliceStream(IterableDataset):
             batch["label"] = label
         return batch
 
+    def _collate_patches(self, chunk: list[_Patch], corrupt: int) -> dict[str, Any]:
+        n, c = len(chunk), self.image.shape[0]
+        patch = tuple(self.cfg.patch_size)
+        image = _new_batch((n, c, *patch), torch.float32)
+        labels = self.label is not None and self.cfg.labels
+        label = _new_batch((n, *patch), torch.uint8) if labels else None
+        for i, p in enumerate(chunk):
+            v = p.volume
+            assert v.shape is not None
+            vol = np.frombuffer(v.image, dtype=np.float16).reshape(v.shape)
+            src, dst = _overlap(v.shape[1:], p.origin, patch)
+            fill = vol[(slice(None), *src)].min(axis=(1, 2, 3)) if vol.size else 0
+            image[i] = torch.from_numpy(np.asarray(fill, dtype=np.float32)).view(c, 1, 1, 1)  # background
+            image[i][(slice(None), *dst)] = torch.from_numpy(vol[(slice(None), *src)].astype(np.float32))
+            if label is not None:
+                label[i].zero_()
+                lab = np.frombuffer(v.label, dtype=np.uint8).reshape(v.shape[1:])  # type: ignore[arg-type]
+                label[i][dst] = torch.from_numpy(lab[src].copy())
+        batch: dict[str, Any] = {
+            "image": image,
+            "subject": [p.volume.meta["subject"] for p in chunk],
+            "origin": torch.tensor([p.origin for p in chunk], dtype=torch.int64),
+            "valid": torch.ones(n, dtype=torch.bool),
+            "corrupt": corrupt,
+        }
+        if label is not None:
+            batch["label"] = label
+        return batch
+
     def _padding(self, corrupt: int) -> dict[str, Any]:
         bsz = self.cfg.batch_size
+        if self.volumes:
+            patch = tuple(self.cfg.patch_size)
+            batch = {"image": torch.zeros((bsz, self.image.shape[0], *patch)), "subject": [""] * bsz,
+                     "origin": torch.zeros((bsz, 3), dtype=torch.int64), "valid": torch.zeros(bsz, dtype=torch.bool),
+                     "corrupt": corrupt}
+            if self.label is not None and self.cfg.labels:
+                batch["label"] = torch.zeros((bsz, *patch), dtype=torch.uint8)
+            return batch
         c, h, w = self.image.shape
         batch: dict[str, Any] = {
             "image": torch.zeros((bsz, c, h, w), dtype=torch.float32),
@@ -482,6 +579,9 @@ class PretrainLoader:
         if manifest is None:
             raise ValueError(f"data.shards: no manifest.json found for {cfg.shards!r} (set data.manifest)")
         self.manifest: dict[str, Any] = manifest
+        self.volumes = manifest.get("layout") == "volume"
+        if self.volumes and self.counts is not None:  # the stream's samples are patches
+            self.counts = [n * cfg.patches_per_volume for n in self.counts]
         spec = manifest["sample"]
         self._image = NpySpec(tuple(spec["image.npy"]["shape"]), spec["image.npy"]["dtype"])
         lab = spec.get("label.npy")
@@ -541,7 +641,10 @@ class PretrainLoader:
         }
 
     def _identity(self) -> dict[str, Any]:
+        patches = {"patch_size": list(self.cfg.patch_size), "patches_per_volume": self.cfg.patches_per_volume,
+                   "foreground_fraction": self.cfg.foreground_fraction} if self.volumes else {}
         return {
+            **patches,
             "mode": self.cfg.mode,
             "seed": self.cfg.seed,
             "batch_size": self.cfg.batch_size,

@@ -22,6 +22,7 @@ Spacings (voxel sizes in mm) come in three orders, each with its own type:
 type            order         where
 =============== ============= ==============================================================
 ``SpacingHW``   (H, W)        :attr:`PreprocessParams.spacing`: the target in-plane grid
+                              (three values (Z, Y, X), a ``SpacingSHW``, make volumes)
 ``SpacingXYZ``  (x, y, z) RAS :attr:`Volume.spacing` and the shards' ``meta.json`` ``spacing``
                               (x along W, y along H, z along S)
 ``SpacingSHW``  (S, H, W)     :attr:`Volume.array_spacing`: the order of the axes of
@@ -77,9 +78,11 @@ class PreprocessParams:
     derives its flags from these fields.
     """
 
-    spacing: SpacingHW = option(
-        (1.5, 1.5), "target in-plane spacing in mm as (row, column) = (H, W)", gt=0, length=2,
-        rule="{value} must be two positive floats",
+    spacing: tuple[float, ...] = option(
+        (1.5, 1.5),
+        "target spacing in mm: (H, W) in-plane for slices, or (Z, Y, X) = (D, H, W) for volumes "
+        "(ssl_pretrain.data.volumes)", gt=0, length=(2, 3),
+        rule="{value} must be two (H W: slices) or three (Z Y X: volumes) positive floats",
     )
     size: tuple[int, int] = option(
         (256, 256), "output (H, W) after centre crop/pad (field_of_view=pad: the patch)", ge=1, length=2,
@@ -111,6 +114,11 @@ class PreprocessParams:
         lo, hi = self.clip
         if lo >= hi:
             raise FieldError(f"clip: {list(self.clip)} must be percentiles 0 <= low < high <= 100")
+
+    @property
+    def volumetric(self) -> bool:
+        """Three spacing values: whole volumes (:mod:`ssl_pretrain.data.volumes`), not slices."""
+        return len(self.spacing) == 3
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (tuples become lists); :func:`ssl_pretrain.config.to_dict`."""
@@ -348,6 +356,34 @@ def _normalise(arr: np.ndarray, params: PreprocessParams) -> np.ndarray:
     return out
 
 
+def read_canonical(
+    image_path: Path, params: PreprocessParams, max_voxels: int
+) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
+    """Read an image, keep ``params.channels`` and reorient it to the slicing frame.
+
+    Returns:
+        ``(img, ornt, canon, canon_zooms)``: the NIfTI image, the file → frame orientation, the
+        float32 data ``(X', Y', Z', C)`` in that frame (RAS, or the acquisition's own) and its voxel
+        sizes in mm.
+    """
+    img = load_nifti(image_path, max_voxels=max_voxels)
+    data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
+    if data.ndim == 3:
+        data = data[..., None]
+    n_ch = data.shape[3]
+    if params.channels is not None:
+        bad = [c for c in params.channels if c >= n_ch]
+        if bad:
+            raise InputError(f"{image_path}: channel(s) {bad} requested but the image has {n_ch} channel(s)")
+        data = data[..., list(params.channels)]
+    ornt = _slicing_orientation(image_path, img, params.slice_axis)
+    canon = nib.orientations.apply_orientation(data, ornt)
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    canon_zooms = np.empty(3)
+    canon_zooms[ornt[:, 0].astype(int)] = zooms
+    return img, ornt, canon, canon_zooms
+
+
 def preprocess(
     image_path: str | Path,
     params: PreprocessParams,
@@ -378,22 +414,10 @@ def preprocess(
         >>> vol = preprocess("img.nii.gz", PreprocessParams(size=(64, 64)))  # doctest: +SKIP
     """
     validate(params, "preprocess.")  # parameters built in code have not been through from_dict
+    if len(params.spacing) != 2:
+        raise ConfigError(f"preprocess.spacing: {list(params.spacing)} is a volume spacing (Z Y X); slices take (H W)")
     image_path = Path(image_path)
-    img = load_nifti(image_path, max_voxels=max_voxels)
-    data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
-    if data.ndim == 3:
-        data = data[..., None]
-    n_ch = data.shape[3]
-    if params.channels is not None:
-        bad = [c for c in params.channels if c >= n_ch]
-        if bad:
-            raise InputError(f"{image_path}: channel(s) {bad} requested but the image has {n_ch} channel(s)")
-        data = data[..., list(params.channels)]
-    ornt = _slicing_orientation(image_path, img, params.slice_axis)
-    canon = nib.orientations.apply_orientation(data, ornt)  # (X', Y', Z', C): RAS, or the acquisition's frame
-    zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    canon_zooms = np.empty(3)
-    canon_zooms[ornt[:, 0].astype(int)] = zooms
+    img, ornt, canon, canon_zooms = read_canonical(image_path, params, max_voxels)
     cx, cy, cz = canon.shape[:3]
     # params.spacing is (row=H=y, col=W=x)
     nx = max(1, int(round(cx * canon_zooms[0] / params.spacing[1])))
@@ -493,16 +517,15 @@ def _slicing_orientation(path: Path, img: nib.Nifti1Image, slice_axis: str) -> n
     return out
 
 
-def _load_label(
-    label_path: Path,
-    image_path: Path,
-    img: nib.Nifti1Image,
-    ornt: np.ndarray,
-    out_xy: tuple[int, int],
-    offset: tuple[int, int],
-    size_xy: tuple[int, int],
+def read_label(
+    label_path: Path, image_path: Path, img: nib.Nifti1Image, ornt: np.ndarray,
     allowed_labels: tuple[int, ...] | list[int] | None,
 ) -> np.ndarray:
+    """Read a label map, check it against its image (shape, affine, declared values) and reorient it.
+
+    Returns:
+        uint8 ``(X', Y', Z')`` in the image's slicing frame (``ornt``).
+    """
     lab_img = load_nifti(label_path, kind="label", max_voxels=max(MAX_VOXELS, math.prod(img.shape[:3])))
     lab = np.asanyarray(lab_img.dataobj)
     if lab.ndim == 4 and lab.shape[3] == 1:
@@ -518,7 +541,20 @@ def _load_label(
     bad = [int(v) for v in values if int(v) not in allowed]
     if bad:
         raise InputError(f"{label_path}: label values {bad} not among declared labels {sorted(allowed)[:16]}")
-    lab = nib.orientations.apply_orientation(lab.astype(np.uint8), ornt)
+    return nib.orientations.apply_orientation(lab.astype(np.uint8), ornt)
+
+
+def _load_label(
+    label_path: Path,
+    image_path: Path,
+    img: nib.Nifti1Image,
+    ornt: np.ndarray,
+    out_xy: tuple[int, int],
+    offset: tuple[int, int],
+    size_xy: tuple[int, int],
+    allowed_labels: tuple[int, ...] | list[int] | None,
+) -> np.ndarray:
+    lab = read_label(label_path, image_path, img, ornt, allowed_labels)
     ix = _nearest_index(lab.shape[0], out_xy[0])
     iy = _nearest_index(lab.shape[1], out_xy[1])
     lab = lab[ix][:, iy]

@@ -49,6 +49,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import tarfile
@@ -67,10 +68,12 @@ MANIFEST = "manifest.json"
 IMAGE, LABEL, META = "image.npy", "label.npy", "meta.json"
 IMAGE_DTYPE, LABEL_DTYPE = "float16", "uint8"
 META_FIELDS = ("subject", "slice", "num_slices", "position", "spacing", "source", "preprocess")
+# a volume sample (manifest "layout": "volume"): shape (D, H, W), spacing (D, H, W) mm, crop_box on the native grid
+VOLUME_META_FIELDS = ("subject", "shape", "spacing", "crop_box", "source", "preprocess")
 MAX_MEMBER_BYTES = 1 << 30  # no member of a slice sample comes near this; a larger size is a corrupt header
 
 __all__ = [
-    "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION",
+    "FORMAT", "IMAGE", "LABEL", "MANIFEST", "META", "META_FIELDS", "SHARD_PATTERN", "VERSION", "VOLUME_META_FIELDS",
     "CorruptShardError", "NpySpec", "TarShardWriter", "check_meta", "is_local", "iter_tar_members",
     "manifest_preprocess", "manifest_subjects", "meta_fields", "npy_bytes", "open_shard", "open_verified",
     "plain_name", "read_manifest", "read_manifest_file", "split_name",
@@ -349,17 +352,49 @@ def open_verified(url: str, entry: dict[str, Any] | None, verify: Literal["none"
 
 
 class NpySpec:
-    """Expected ``.npy`` layout: header bytes computed once, then checked by prefix comparison."""
+    """Expected ``.npy`` layout: header bytes computed once, then checked by prefix comparison.
 
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
+    ``None`` in ``shape`` (volumes: their sizes differ) means any size on that axis; such a spec
+    parses every header (:meth:`payload_shape`).
+    """
+
+    def __init__(self, shape: tuple[int | None, ...], dtype: str) -> None:
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
+        if None in self.shape:
+            self.header, self.nbytes = b"", -1
+            return
         buf = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             buf, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
         )
         self.header = buf.getvalue()
         self.nbytes = len(self.header) + int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def payload_shape(self, data: bytes | memoryview, url: str, name: str) -> tuple[tuple[int, ...], memoryview]:
+        """``(shape, array bytes)``; the shape is read from the header when the spec leaves sizes open.
+
+        Raises:
+            CorruptShardError: not a C-order ``.npy`` of the expected dtype, rank and fixed sizes.
+        """
+        if self.nbytes >= 0:
+            return self.shape, self.payload(data, url, name)  # type: ignore[return-value]
+        try:
+            f = io.BytesIO(bytes(data[: 1 << 16]))
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            shape = tuple(int(n) for n in shape)
+            ok = not fortran and np.dtype(dtype) == self.dtype and len(shape) == len(self.shape)
+            ok = ok and all(e is None or e == n for e, n in zip(self.shape, shape, strict=False))
+            ok = ok and len(data) - f.tell() == math.prod(shape) * self.dtype.itemsize
+        except Exception:  # numpy raises several types for a damaged header; all mean "not this array"
+            ok = False
+        if not ok:
+            want = tuple("*" if n is None else n for n in self.shape)
+            raise CorruptShardError(f"{url}: corrupt {name}: expected a {self.dtype} .npy of shape {want}, "
+                                    f"got {len(data)} bytes starting {bytes(data[:10])!r}")
+        return shape, memoryview(data)[f.tell():]
 
     def payload(self, data: bytes | memoryview, url: str, name: str) -> memoryview:
         """The array bytes after the ``.npy`` header (zero-copy view), after checking dtype and shape.
@@ -416,7 +451,11 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _is_shape(v: Any, ndim: int) -> bool:
+def _is_shape(v: Any, ndim: int, volume: bool = False) -> bool:
+    """A slice shape of ``ndim`` positive sizes, or a volume's: ``ndim + 1`` entries, the spatial ones null."""
+    if volume:
+        return isinstance(v, list) and len(v) == ndim + 1 and all(d is None for d in v[-3:]) and (
+            ndim == 2 or (_is_count(v[0]) and v[0] > 0))
     return isinstance(v, list) and len(v) == ndim and all(_is_count(d) and d > 0 for d in v)
 
 
@@ -447,15 +486,21 @@ def _check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
         sha = entry.get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
             raise ValueError(f"{mpath}: shards[{i}].sha256 {sha!r} must be 64 lower-case hex digits")
+    layout = manifest.get("layout", "slice")
+    if layout not in ("slice", "volume"):
+        raise ValueError(f"{mpath}: layout {layout!r} must be 'slice' or 'volume'")
+    volume = layout == "volume"  # volumes: the spatial sizes are null (each sample has its own)
     sample = manifest.get("sample")
     image = sample.get(IMAGE) if isinstance(sample, dict) else None
-    if not (isinstance(image, dict) and image.get("dtype") == IMAGE_DTYPE and _is_shape(image.get("shape"), 3)):
-        raise ValueError(f"{mpath}: sample.{IMAGE} {image!r} must be {{'dtype': '{IMAGE_DTYPE}', 'shape': [C, H, W]}}")
+    want = "[C, null, null, null]" if volume else "[C, H, W]"
+    if not (isinstance(image, dict) and image.get("dtype") == IMAGE_DTYPE and _is_shape(image.get("shape"), 3, volume)):
+        raise ValueError(f"{mpath}: sample.{IMAGE} {image!r} must be {{'dtype': '{IMAGE_DTYPE}', 'shape': {want}}}")
     label = sample.get(LABEL)
     if label is not None and not (isinstance(label, dict) and label.get("dtype") == LABEL_DTYPE
-                                  and _is_shape(label.get("shape"), 2)):
+                                  and _is_shape(label.get("shape"), 2, volume)):
+        want = "[null, null, null]" if volume else "[H, W]"
         raise ValueError(f"{mpath}: sample.{LABEL} {label!r} must be null or "
-                         f"{{'dtype': '{LABEL_DTYPE}', 'shape': [H, W]}}")
+                         f"{{'dtype': '{LABEL_DTYPE}', 'shape': {want}}}")
 
 
 def read_manifest_file(mpath: str | Path) -> dict[str, Any]:
@@ -541,8 +586,9 @@ def meta_fields(manifest: Any) -> list[str] | None:
     return list(fields) if isinstance(fields, list) else None
 
 
-def check_meta(meta: Any) -> None:
-    """Check the ``meta.json`` fields the loader delivers (``subject``, ``slice``, ``position``).
+def check_meta(meta: Any, volume: bool = False) -> None:
+    """Check the ``meta.json`` fields the loader delivers (``subject``, and ``slice`` and ``position``
+    of a slice, or ``shape`` of a volume).
 
     Raises:
         ValueError: not an object, a missing field, or a value of the wrong type or range.
@@ -552,6 +598,11 @@ def check_meta(meta: Any) -> None:
     subject, slice_, position = meta.get("subject"), meta.get("slice"), meta.get("position")
     if not isinstance(subject, str) or not subject:
         raise ValueError(f"subject {subject!r} must be a non-empty string")
+    if volume:
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+            raise ValueError(f"shape {shape!r} must be three positive integers (D, H, W)")
+        return
     if isinstance(slice_, bool) or not isinstance(slice_, int) or slice_ < 0:
         raise ValueError(f"slice {slice_!r} must be a non-negative integer")
     if isinstance(position, bool) or not isinstance(position, (int, float)) or not 0.0 <= position <= 1.0:

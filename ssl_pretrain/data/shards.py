@@ -38,10 +38,12 @@ from ssl_pretrain.data.shardformat import (
     META,
     META_FIELDS,
     VERSION,
+    VOLUME_META_FIELDS,
     TarShardWriter,
     npy_bytes,
     read_manifest_file,
 )
+from ssl_pretrain.data.volumes import preprocess_volume
 from ssl_pretrain.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ def _prepare(job: tuple[Subject, PreprocessParams, int]) -> tuple[str, Any]:
     """Worker: preprocess one subject; returns ("ok", payload) or ("skip", (path, reason))."""
     subject, params, max_voxels = job
     try:
+        if params.volumetric:
+            v = preprocess_volume(subject.image, params, subject.label, allowed_labels=subject.allowed_labels,
+                                  max_voxels=max_voxels)
+            return "ok", (v.image.astype(np.float16), v.label, v.spacing, v.geometry)
         vol = preprocess(subject.image, params, subject.label, allowed_labels=subject.allowed_labels,
                          max_voxels=max_voxels)
     except InputError as exc:
@@ -212,7 +218,8 @@ def write_shards(
         for name in splits:
             d = tmp_root if name == "all" else tmp_root / name
             d.mkdir(exist_ok=True)
-            writers[name] = _SplitWriter(d, name, params, samples_per_shard, mix_subjects, seed, label_names)
+            kind = _VolumeWriter if params.volumetric else _SplitWriter
+            writers[name] = kind(d, name, params, samples_per_shard, mix_subjects, seed, label_names)
         results = _results(jobs, workers)
         if progress:
             from tqdm import tqdm
@@ -240,6 +247,7 @@ def write_shards(
             top = {
                 "format": FORMAT,
                 "version": VERSION,
+                **({"layout": "volume"} if params.volumetric else {}),
                 "preprocess": params.to_dict(),
                 "splits": {n: {"dir": n, "num_samples": m["num_samples"], "num_subjects": m["num_subjects"],
                                "subjects": [s["id"] for s in m["subjects"]]} for n, m in manifests.items()},
@@ -354,6 +362,90 @@ class _SplitWriter:
             },
             "channels": c,
             "size": [h, w],
+            "has_labels": bool(self.subjects) and self.n_labeled == len(self.subjects),
+            "label_names": self.label_names,
+            "num_samples": self.n_samples,
+            "num_subjects": len(self.subjects),
+            "shards": shards,
+            "subjects": self.subjects,
+            "skipped": skipped,
+            "excluded": excluded,
+        }
+        atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        return manifest
+
+
+class _VolumeWriter(_SplitWriter):
+    """Writes one split of volumes: one sample per subject (``layout: volume`` in the manifest).
+
+    Volumes of ``mix`` consecutive subjects are written in a seeded random order. Shapes differ
+    between subjects (each is cropped to its own non-zero box), so the manifest gives ``null`` for
+    the spatial sizes and each ``meta.json`` the sample's ``shape``, ``spacing`` and ``crop_box``.
+    """
+
+    def add(self, subject: Subject, image: np.ndarray, label: np.ndarray | None,  # type: ignore[override]
+            spacing: tuple[float, float, float], geometry: dict[str, Any]) -> str | None:
+        """Queue one preprocessed volume; returns a skip reason when its channels differ from the split's."""
+        if self.shape is None:
+            self.shape = (image.shape[0],)
+        elif image.shape[0] != self.shape[0]:
+            return (f"{subject.image}: {image.shape[0]} channel(s) differ from the cohort's {self.shape[0]}; "
+                    f"select channels with --channels")
+        self.pending.append((subject, image, label, spacing, geometry))
+        if len(self.pending) >= self.mix:
+            self._flush()
+        return None
+
+    def _flush(self) -> None:
+        order = list(range(len(self.pending)))
+        if self.mix > 1:
+            self.rng.shuffle(order)
+        for i in order:
+            subject, image, label, spacing, geometry = self.pending[i]
+            meta = {
+                "subject": subject.id,
+                "shape": list(image.shape[1:]),
+                "spacing": [round(float(s), 6) for s in spacing],
+                "crop_box": geometry["crop_box"],
+                "source": subject.source or str(subject.image),
+                "preprocess": self.params_dict,
+            }
+            members = [(IMAGE, npy_bytes(image))]
+            if label is not None:
+                members.append((LABEL, npy_bytes(label)))
+            members.append((META, json.dumps(meta, separators=(",", ":")).encode()))
+            shard = self.writer.write(subject.id, members)
+            self.n_samples += 1
+            self.n_labeled += label is not None
+            self.subjects.append({
+                "id": subject.id,
+                "source": meta["source"],
+                "label": label is not None,
+                "shape": meta["shape"],
+                "spacing": meta["spacing"],
+                "crop_box": meta["crop_box"],
+                "shards": [shard],
+            })
+        self.pending = []
+
+    def finish(self, skipped: list[dict[str, str]], excluded: list[str]) -> dict[str, Any]:
+        """Flush, close the last shard and write ``manifest.json`` (last)."""
+        self._flush()
+        shards = self.writer.finish()
+        c = self.shape[0] if self.shape is not None else 0
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "layout": "volume",
+            "split": self.split,
+            "preprocess": self.params_dict,
+            "sample": {
+                IMAGE: {"dtype": IMAGE_DTYPE, "shape": [c, None, None, None]},
+                LABEL: {"dtype": LABEL_DTYPE, "shape": [None, None, None]} if self.n_labeled else None,
+                META: list(VOLUME_META_FIELDS),
+            },
+            "channels": c,
+            "spacing": list(self.params.spacing),
             "has_labels": bool(self.subjects) and self.n_labeled == len(self.subjects),
             "label_names": self.label_names,
             "num_samples": self.n_samples,
