@@ -11,8 +11,10 @@ task               what produced the weights, a plain string: a pretext task's n
                    (``"contrastive"``, ``"regression"``, a task registered outside the package),
                    ``"random"`` or ``"segmentation"``; only pretraining checks it against the task
                    table, so loading an export never needs the pretext tasks
-model_config       :meth:`UNetConfig.to_dict`
-encoder            encoder state dict
+model_config       :meth:`UNetConfig.to_dict`; a 3D model's holds ``network_class_name`` and
+                   ``arch`` (nnU-Net's ``arch_kwargs``), from which :func:`network_state_dict`'s
+                   keys load into ``dynamic_network_architectures``' network as they are
+encoder            encoder state dict (3D: ``net.encoder.state_dict()``, the library's keys)
 decoder            decoder state dict, or ``None`` when the task did not train it
 head               segmentation head state dict, or ``None``
 num_classes        classes of the head (background included), or ``None``
@@ -47,6 +49,7 @@ __all__ = [
     "save_export",
     "load_export",
     "build_unet",
+    "network_state_dict",
     "choose_preprocessing",
 ]
 
@@ -147,6 +150,14 @@ def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def network_state_dict(export: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A 3D export's weights under the network's own keys (``encoder.…``, ``decoder.…``): what
+    ``net.load_state_dict`` of the ``dynamic_network_architectures`` network built from the export's
+    ``network_class_name`` and ``arch`` takes (with ``strict=False`` when the export has no decoder)."""
+    parts = {"encoder": export["encoder"], "decoder": export["decoder"]}
+    return {f"{part}.{k}": v for part, state in parts.items() if state is not None for k, v in state.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # export -> model, and whose preprocessing a run uses
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +248,9 @@ def build_unet(
             raise ValueError("build_unet: a random init needs model_config")
         return UNet(model_config, num_classes), LoadReport(source)
     mcfg = export["model_config"]
+    if mcfg.spatial_dims != 2:
+        raise ExportError(f"{source}: a 3D export (model.spatial_dims=3); finetuning and prediction run 2D models "
+                          f"only so far")
     if in_channels is not None and mcfg.in_channels != in_channels:
         raise ExportError(
             f"{source}: export has in_channels={mcfg.in_channels}, the data has {in_channels} channel(s)"

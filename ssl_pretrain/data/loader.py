@@ -465,6 +465,7 @@ class _SliceStream(IterableDataset):
             "image": image,
             "subject": [p.volume.meta["subject"] for p in chunk],
             "origin": torch.tensor([p.origin for p in chunk], dtype=torch.int64),
+            "spacing": torch.tensor([p.volume.meta["spacing"] for p in chunk], dtype=torch.float32),
             "valid": torch.ones(n, dtype=torch.bool),
             "corrupt": corrupt,
         }
@@ -477,7 +478,8 @@ class _SliceStream(IterableDataset):
         if self.volumes:
             patch = tuple(self.cfg.patch_size)
             batch = {"image": torch.zeros((bsz, self.image.shape[0], *patch)), "subject": [""] * bsz,
-                     "origin": torch.zeros((bsz, 3), dtype=torch.int64), "valid": torch.zeros(bsz, dtype=torch.bool),
+                     "origin": torch.zeros((bsz, 3), dtype=torch.int64), "spacing": torch.ones((bsz, 3)),
+                     "valid": torch.zeros(bsz, dtype=torch.bool),
                      "corrupt": corrupt}
             if self.label is not None and self.cfg.labels:
                 batch["label"] = torch.zeros((bsz, *patch), dtype=torch.uint8)

@@ -602,6 +602,10 @@ def check_meta(meta: Any, volume: bool = False) -> None:
         shape = meta.get("shape")
         if not isinstance(shape, list) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
             raise ValueError(f"shape {shape!r} must be three positive integers (D, H, W)")
+        spacing = meta.get("spacing")
+        if not isinstance(spacing, list) or len(spacing) != 3 or not all(
+                type(s) in (int, float) and s > 0 for s in spacing):
+            raise ValueError(f"spacing {spacing!r} must be three positive numbers (D, H, W) mm")
         return
     if isinstance(slice_, bool) or not isinstance(slice_, int) or slice_ < 0:
         raise ValueError(f"slice {slice_!r} must be a non-negative integer")

@@ -39,6 +39,7 @@ from ssl_pretrain.engine.probe import SegmentationProbe
 from ssl_pretrain.engine.state import PretrainState
 from ssl_pretrain.export import save_export
 from ssl_pretrain.fileio import append_text, atomic_savefig, atomic_write_text, read_own_text
+from ssl_pretrain.models.dna import patch_divisor
 from ssl_pretrain.tasks.health import CollapseWatch
 from ssl_pretrain.tasks.registry import TASKS, PretextTask
 from ssl_pretrain.tracking import RunLogger, start_logger
@@ -50,6 +51,13 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+def sample_keys(batch: dict[str, Any]) -> list[str]:
+    """One key per sample of a batch: ``subject/slice``, or ``subject/d,h,w`` (a patch's origin)."""
+    where = batch["origin"].tolist() if "origin" in batch else batch["slice"].tolist()
+    return [f"{s}/{','.join(map(str, w)) if isinstance(w, list) else w}" for s, w in
+            zip(batch["subject"], where, strict=True)]
 
 
 def build_task(cfg: PretrainConfig, info: DistInfo) -> PretextTask:
@@ -177,11 +185,22 @@ class Trainer:
     def _check_batch(self, batch: dict[str, Any], task: str, needs_position: bool) -> None:
         where = f"data.shards={self.cfg.data.shards}"
         image = batch.get("image")
-        if not isinstance(image, torch.Tensor) or image.ndim != 4:
-            raise ValueError(f"{where}: batches lack a (B, C, H, W) 'image'")
-        c, h, w = image.shape[1:]
+        dims = self.cfg.model.spatial_dims
+        if not isinstance(image, torch.Tensor) or image.ndim != dims + 2:
+            want = "(B, C, H, W) slices" if dims == 2 else "(B, C, D, H, W) patches of 3D shards (make_shards --spacing Z Y X)"
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+            raise ValueError(f"{where}: model.spatial_dims={dims} needs {want}; these shards give images of shape {got}")
+        c = image.shape[1]
         if c != self.cfg.model.in_channels:
             raise ConfigError(f"model.in_channels: is {self.cfg.model.in_channels}, but the shards have {c} channels")
+        if dims == 3:
+            assert self.cfg.model.arch is not None  # the model config's check
+            div = patch_divisor(self.cfg.model.arch)
+            if any(n % d for n, d in zip(image.shape[2:], div, strict=True)):
+                raise ConfigError(f"data.patch_size: {list(image.shape[2:])} must be multiples of {list(div)} per axis "
+                                  f"(the product of model.arch.strides)")
+            return
+        h, w = image.shape[2:]
         div = self.cfg.model.divisor
         if h % div or w % div:
             raise ConfigError(
@@ -385,7 +404,7 @@ class Trainer:
             pending = None
             wait += time.perf_counter() - w0
             if self.cfg.train.track_samples:
-                self._seen.update(f"{s}/{i}" for s, i in zip(batch["subject"], batch["slice"].tolist(), strict=True))
+                self._seen.update(sample_keys(batch))
             loss, task_metrics = engine(batch)
             engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
             engine.step()

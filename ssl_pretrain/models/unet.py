@@ -13,14 +13,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ssl_pretrain.config import from_dict, option
+from ssl_pretrain.config import FieldError, from_dict, option
 
 __all__ = ["UNetConfig", "Encoder", "Decoder", "UNet"]
 
 
 @dataclass
 class UNetConfig:
-    """Architecture of the 2D UNet (stored in every export)."""
+    """Architecture of the model (stored in every export): the 2D UNet below, or a 3D network of
+    ``dynamic_network_architectures`` (:mod:`ssl_pretrain.models.dna`) when ``spatial_dims`` is 3."""
 
     in_channels: int = option(1, "input channels (MRI contrasts); must match the shards", ge=1)
     widths: tuple[int, ...] = option(
@@ -29,6 +30,29 @@ class UNetConfig:
     )
     norm: Literal["instance", "batch"] = option("instance", "normalisation layer")
     dropout: float = option(0.0, "dropout probability in the bottleneck", ge=0, lt=1)
+    spatial_dims: int = option(
+        2, "2: this module's UNet on slices (widths, norm, dropout); 3: the dynamic_network_architectures "
+        "network network_class_name + arch on volumes (ssl_pretrain.models.dna)", choices=(2, 3),
+    )
+    network_class_name: str = option(
+        "PlainConvUNet", "3D: PlainConvUNet or ResidualEncoderUNet (as nnU-Net plans name it)"
+    )
+    arch: dict | None = option(
+        None, "3D: the network's arch_kwargs exactly as an nnU-Net plans file writes them (features_per_stage, "
+        "strides, kernel_sizes, n_conv_per_stage or n_blocks_per_stage, norm_op, ...)",
+    )
+
+    def check_fields(self) -> None:
+        """A 3D model needs an ``arch`` the library accepts (built on the meta device); a 2D one takes none."""
+        if self.spatial_dims == 2:
+            if self.arch is not None:
+                raise FieldError("arch: only for spatial_dims=3 (2D models take widths, norm, dropout)")
+            return
+        if self.arch is None:
+            raise FieldError("arch: required for spatial_dims=3 (nnU-Net's arch_kwargs; see launch/configs/debug3d.yaml)")
+        from ssl_pretrain.models.dna import check_arch  # the library is needed for 3D models only
+
+        check_arch(self.network_class_name, self.arch, self.in_channels)
 
     @property
     def depth(self) -> int:
@@ -41,7 +65,10 @@ class UNetConfig:
         return 2 ** (self.depth - 1)
 
     def to_dict(self) -> dict:
-        """JSON-able form, stored in exports."""
+        """JSON-able form, stored in exports (a 2D model's has no 3D keys, as before they existed)."""
+        if self.spatial_dims == 3:
+            return {"in_channels": self.in_channels, "spatial_dims": 3,
+                    "network_class_name": self.network_class_name, "arch": self.arch}
         return {"in_channels": self.in_channels, "widths": list(self.widths), "norm": self.norm,
                 "dropout": self.dropout}
 

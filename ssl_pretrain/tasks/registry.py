@@ -14,7 +14,7 @@ A task defined outside the package (a plugin, a test) calls :func:`register_task
 
 Example:
     >>> sorted(TASKS)
-    ['contrastive', 'regression']
+    ['contrastive', 'mim', 'regression']
     >>> TASKS["regression"].config.__name__
     'RegressionConfig'
 """
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask
+from ssl_pretrain.tasks.mim import MIMConfig, MIMTask
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask
 
 __all__ = ["PretextTask", "TaskSpec", "TASKS", "register_task"]
@@ -89,17 +90,20 @@ class TaskSpec:
             ``check_model(model_cfg)`` for checks that need the UNet architecture).
         task: The task class (see :class:`PretextTask` for its constructor).
         help: One line for ``--help``.
+        dims: The ``model.spatial_dims`` the task runs on.
     """
 
     config: type
     task: Callable[..., PretextTask]
     help: str
+    dims: tuple[int, ...] = (2,)
 
 
 # the table: one line per pretext task
 TASKS: dict[str, TaskSpec] = {
     "contrastive": TaskSpec(ContrastiveConfig, ContrastiveTask, "contrastive task options (SimCLR NT-Xent)"),
     "regression": TaskSpec(RegressionConfig, RegressionTask, "regression task options (restoration)"),
+    "mim": TaskSpec(MIMConfig, MIMTask, "masked image modelling options (3D, nnssl's pretext)", dims=(3,)),
 }
 
 

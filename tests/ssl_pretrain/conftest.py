@@ -30,3 +30,20 @@ def labeled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ssl_pretrain.data.phantoms import make_cohort
 
     return make_cohort("liver", 6, tmp_path_factory.mktemp("probe") / "liver", seed=1)
+
+
+@pytest.fixture(scope="session")
+def volume_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 synthetic liver volumes as 3D shards at 8 × 6 × 6 mm (≈ 24 × 64 × 64 voxels), one per shard, no labels."""
+    from ssl_pretrain.data.ingest import discover
+    from ssl_pretrain.data.phantoms import make_cohort
+    from ssl_pretrain.data.preprocess import PreprocessParams
+    from ssl_pretrain.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("volume_data")
+    raw = make_cohort("liver", 4, root / "raw", seed=0, labels=False)
+    subjects, _ = discover(raw)
+    out = root / "shards"
+    write_shards(subjects, out, PreprocessParams(spacing=(8.0, 6.0, 6.0)), samples_per_shard=1, workers=1,
+                 progress=False)
+    return out

@@ -151,11 +151,15 @@ def test_registry_table_drives_config_and_export(tmp_path: Path) -> None:
     from ssl_pretrain.engine.config import PretrainConfig
     from ssl_pretrain.export import load_export, save_export
 
+    from ssl_pretrain.models.dna import TINY_ARCH
+
+    tiny3d = UNetConfig(spatial_dims=3, arch=TINY_ARCH)
     for name, spec in TASKS.items():
-        assert isinstance(spec.task(TINY, spec.config(), seed=0, distributed=False), PretextTask), name
+        model = TINY if 2 in spec.dims else tiny3d
+        assert isinstance(spec.task(model, spec.config(), seed=0, distributed=False), PretextTask), name
     keys = {k for k, _, _ in describe(PretrainConfig)}
     assert {"contrastive.temperature", "regression.loss"} <= keys
-    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression'; got 'jigsaw'"):
+    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression', 'mim'; got 'jigsaw'"):
         load_config(PretrainConfig, overrides=["task=jigsaw"])
     # the export records the task as a string: one from a task registered in another process loads here
     save_export(tmp_path / "m.pt", task="jigsaw", model_config=TINY, encoder_state={}, decoder_state=None,

@@ -58,7 +58,7 @@ def test_patches_are_the_volume_at_their_origin_padded_with_background(volume_sh
     assert loader.manifest["layout"] == "volume"
     volumes = _volumes(volume_shard_dir)
     batch = next(iter(loader))
-    assert set(batch) == {"image", "label", "subject", "origin", "valid"}
+    assert set(batch) == {"image", "label", "subject", "origin", "spacing", "valid"}
     assert batch["image"].shape == (5, 1, *patch) and batch["label"].shape == (5, *patch)
     for i, (sid, origin) in enumerate(zip(batch["subject"], batch["origin"].tolist(), strict=True)):
         image, label = volumes[sid]
