@@ -187,9 +187,11 @@ class Trainer:
         image = batch.get("image")
         dims = self.cfg.model.spatial_dims
         if not isinstance(image, torch.Tensor) or image.ndim != dims + 2:
-            want = "(B, C, H, W) slices" if dims == 2 else "(B, C, D, H, W) patches of 3D shards (make_shards --spacing Z Y X)"
+            want = ("(B, C, H, W) slices" if dims == 2
+                    else "(B, C, D, H, W) patches of 3D shards (make_shards --spacing Z Y X)")
             got = tuple(image.shape) if isinstance(image, torch.Tensor) else None
-            raise ValueError(f"{where}: model.spatial_dims={dims} needs {want}; these shards give images of shape {got}")
+            raise ValueError(f"{where}: model.spatial_dims={dims} needs {want}; these shards give images of "
+                             f"shape {got}")
         c = image.shape[1]
         if c != self.cfg.model.in_channels:
             raise ConfigError(f"model.in_channels: is {self.cfg.model.in_channels}, but the shards have {c} channels")

@@ -49,7 +49,8 @@ class UNetConfig:
                 raise FieldError("arch: only for spatial_dims=3 (2D models take widths, norm, dropout)")
             return
         if self.arch is None:
-            raise FieldError("arch: required for spatial_dims=3 (nnU-Net's arch_kwargs; see launch/configs/debug3d.yaml)")
+            raise FieldError("arch: required for spatial_dims=3 (nnU-Net's arch_kwargs; see "
+                             "launch/configs/debug3d.yaml)")
         from ssl_pretrain.models.dna import check_arch  # the library is needed for 3D models only
 
         check_arch(self.network_class_name, self.arch, self.in_channels)

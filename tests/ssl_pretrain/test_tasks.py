@@ -150,7 +150,6 @@ def test_registry_table_drives_config_and_export(tmp_path: Path) -> None:
     from ssl_pretrain.config import ConfigError, describe, load_config
     from ssl_pretrain.engine.config import PretrainConfig
     from ssl_pretrain.export import load_export, save_export
-
     from ssl_pretrain.models.dna import TINY_ARCH
 
     tiny3d = UNetConfig(spatial_dims=3, arch=TINY_ARCH)
