@@ -21,6 +21,7 @@ from ssl_pretrain.engine.config import PretrainConfig
 ROOTS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "sweep": SweepConfig}
 CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
 SHIPPED = {"debug": PretrainConfig, "contrastive": PretrainConfig, "regression": PretrainConfig,
+           "debug3d": PretrainConfig, "mae3d": PretrainConfig,
            "finetune": FinetuneConfig, "sweep": SweepConfig, "sweep_debug": SweepConfig}
 
 
@@ -127,6 +128,10 @@ def test_no_config_class_hand_writes_range_checks() -> None:
     for _, cls in ROOTS.items():
         for _, _, _, owner in _leaves(cls):
             assert not hasattr(owner, "validate"), f"{owner.__name__} still has a hand-written validate()"
+
+
+def test_every_shipped_config_is_checked() -> None:
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
