@@ -1,6 +1,7 @@
 """Benchmark: DeepSpeed engine vs a plain PyTorch DDP loop, 2 CPU ranks, same model / data / optimizer.
 
     python -m benchmarks.pretrain_step [--task regression|contrastive] [--steps 40] [--rounds 2]
+    python -m benchmarks.pretrain_step --dims 3 --task mim [--patch 32]     # debug3d's network, 3D patches
 
 Synthetic liver phantoms are sharded into a temporary directory and streamed by the real loader
 (``--workers`` per rank and loop, default one). Three loops are built once — DDP (``torch.optim.AdamW`` +
@@ -29,16 +30,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mri_ssl import CONFIG_DIR
 from ssl_pretrain.config import load_config
 from ssl_pretrain.data.loader import build_pretrain_loader
 from ssl_pretrain.engine.config import PretrainConfig, deepspeed_config
 from ssl_pretrain.engine.distributed import free_port, init_distributed
 from ssl_pretrain.engine.trainer import build_task
+from ssl_pretrain.tasks.registry import TASKS
 
 MODES = ("ddp", "deepspeed-zero0", "deepspeed-zero1")
 
 
-def _make_shards(root: Path, size: int) -> Path:
+def _make_shards(root: Path, size: int, dims: int) -> Path:
     from ssl_pretrain.data.ingest import discover
     from ssl_pretrain.data.phantoms import make_cohort
     from ssl_pretrain.data.preprocess import PreprocessParams
@@ -47,8 +50,11 @@ def _make_shards(root: Path, size: int) -> Path:
     raw = make_cohort("liver", 4, root / "raw", seed=0, labels=False)
     subjects, _ = discover(raw)
     out = root / "shards"
-    write_shards(subjects, out, PreprocessParams(size=(size, size), spacing=(256 / size * 1.5,) * 2),
-                 samples_per_shard=32, workers=1, progress=False)
+    if dims == 3:  # volumes of about 24 x 64 x 64 voxels, one per shard
+        params, per_shard = PreprocessParams(spacing=(8.0, 6.0, 6.0)), 1
+    else:
+        params, per_shard = PreprocessParams(size=(size, size), spacing=(256 / size * 1.5,) * 2), 32
+    write_shards(subjects, out, params, samples_per_shard=per_shard, workers=1, progress=False)
     return out
 
 
@@ -132,12 +138,17 @@ def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namesp
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated c10d calls
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     init_distributed()
-    cfg = load_config(PretrainConfig, overrides=[
-        f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}",
-        f"data.num_workers={args.workers}",
-        "data.shuffle_buffer=64", "model.widths=[8,16,32]", "train.max_steps=100000", "train.warmup_steps=1",
-        "contrastive.proj_hidden=32", "contrastive.proj_dim=16", "track=false",
-    ])
+    common = [f"task={args.task}", f"data.shards={shards}", f"data.batch_size={args.batch}",
+              f"data.num_workers={args.workers}", "train.max_steps=100000", "train.warmup_steps=1", "track=false"]
+    if args.dims == 3:  # debug3d's PlainConvUNet (widths 8-32)
+        cfg = load_config(PretrainConfig, CONFIG_DIR / "debug3d.yaml",
+                          [*common, f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+                           "data.shuffle_buffer=8"])
+    else:
+        cfg = load_config(PretrainConfig, overrides=[
+            *common, "data.shuffle_buffer=64", "model.widths=[8,16,32]", "contrastive.proj_hidden=32",
+            "contrastive.proj_dim=16",
+        ])
     results = _measure(cfg, args.steps, args.warmup, args.rounds)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
@@ -147,25 +158,29 @@ def _worker(rank: int, world: int, port: int, shards: str, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print one line per loop plus the ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=("regression", "contrastive"), default="regression")
+    p.add_argument("--task", choices=sorted(TASKS), default="regression")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2: slices; 3: volumes and debug3d's network")
+    p.add_argument("--patch", type=int, default=32, help="3D patch side in voxels")
     p.add_argument("--steps", type=int, default=10, help="timed steps per turn")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per loop")
     p.add_argument("--rounds", type=int, default=8, help="turns: the three loops take turns this many times")
-    p.add_argument("--batch", type=int, default=8, help="micro batch per rank")
+    p.add_argument("--batch", type=int, default=None, help="micro batch per rank (default 8 slices, 2 patches)")
     p.add_argument("--size", type=int, default=64, help="slice side in pixels")
     p.add_argument("--workers", type=int, default=1,
                    help="DataLoader workers per rank and loop (0: load in the training process)")
     args = p.parse_args(argv)
+    args.batch = args.batch or (2 if args.dims == 3 else 8)
     world = 2
     with tempfile.TemporaryDirectory() as d:
-        shards = _make_shards(Path(d), args.size)
+        shards = _make_shards(Path(d), args.size, args.dims)
         out = Path(d) / "result.json"
         mp.spawn(_worker, args=(world, free_port(), str(shards), args, str(out)), nprocs=world, join=True)
         results = json.loads(out.read_text())
     med = results
     base = med["ddp"]["samples_per_s"]
-    print(f"pretraining step, {world} CPU ranks, task={args.task}, UNet widths (8,16,32), "
-          f"{args.size}x{args.size}, micro batch {args.batch}/rank, {args.rounds} turns of {args.steps} steps per loop")
+    shape = f"{args.patch}³ patches, PlainConvUNet" if args.dims == 3 else f"{args.size}x{args.size}, UNet"
+    print(f"pretraining step, {world} CPU ranks, task={args.task}, {shape} widths (8,16,32), "
+          f"micro batch {args.batch}/rank, {args.rounds} turns of {args.steps} steps per loop")
     for m in MODES:
         print(f"{m:>16}: {med[m]['samples_per_s']:8.1f} samples/s  ratio vs DDP {med[m]['samples_per_s'] / base:5.3f}"
               f"  data wait {100 * med[m]['data_wait_frac']:5.1f} % of step time")

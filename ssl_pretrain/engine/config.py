@@ -113,9 +113,6 @@ class PretrainConfig:
         if self.model.spatial_dims not in dims:
             raise FieldError(f"task: {self.task} runs on model.spatial_dims {' or '.join(map(str, dims))}, "
                              f"not {self.model.spatial_dims}")
-        if self.model.spatial_dims == 3 and self.probe.enabled:
-            raise FieldError("probe.root: the segmentation probe runs on 2D models only so far; leave probe.root "
-                             "empty for a 3D model")
         check_model = getattr(self.task_config, "check_model", None)
         if callable(check_model):  # task options that depend on the UNet architecture
             check_model(self.model)

@@ -3,6 +3,8 @@
 Every ``probe.every`` steps rank 0 freezes the network, computes per-pixel features of a few
 labeled volumes once, trains a light head on them and reports its Dice on held-out volumes:
 
+* **Volumes** (3D shards and models): the same on whole preprocessed volumes, with encoder
+  hypercolumns (trilinear) for every task — a 3D network's decoder ends in its own output layer.
 * **Features.** When the task trained the decoder: the decoder's full-resolution output
   (``widths[0]`` channels). Encoder-only tasks: hypercolumns — every encoder level upsampled
   (bilinear) to full resolution and concatenated (``sum(widths)`` channels). Each channel is
@@ -106,9 +108,10 @@ class SegmentationProbe:
     """
 
     def __init__(self, cfg: ProbeConfig, preprocessing: dict[str, Any], in_channels: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", divisor: tuple[int, ...] | None = None) -> None:
         from ssl_pretrain.data.ingest import discover
         from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+        from ssl_pretrain.data.volumes import preprocess_volume
 
         self.cfg = cfg
         self.device = torch.device(device)
@@ -137,14 +140,17 @@ class SegmentationProbe:
         random.Random(f"probe-{cfg.seed}").shuffle(order)
         chosen = [subjects[i] for i in order[:need]]
         volumes = []
+        self.divisor = divisor  # 3D: volumes are padded to multiples of it for the network
+        prepare = preprocess_volume if params.volumetric else preprocess
         for s in chosen:
             try:
-                vol = preprocess(s.image, params, s.label, allowed_labels=s.allowed_labels)
+                vol = prepare(s.image, params, s.label, allowed_labels=s.allowed_labels)
             except InputError as e:
                 raise ValueError(f"probe.root: {e}") from None
-            if vol.image.shape[1] != in_channels:
+            channels = vol.image.shape[0 if params.volumetric else 1]
+            if channels != in_channels:
                 raise ValueError(
-                    f"probe.root={root}: {s.image} has {vol.image.shape[1]} channels after the shards' "
+                    f"probe.root={root}: {s.image} has {channels} channels after the shards' "
                     f"preprocessing ({preprocessing}), the model takes model.in_channels={in_channels}"
                 )
             volumes.append((torch.from_numpy(vol.image), torch.from_numpy(vol.label.astype("int64"))))
@@ -183,6 +189,8 @@ class SegmentationProbe:
             class, and ``time_s``.
         """
         t0 = time.perf_counter()
+        if self.divisor is not None:
+            return {**self._evaluate_volumes(encoder), "time_s": time.perf_counter() - t0}
         modes = [(m, m.training) for m in (encoder, decoder) if m is not None]
         for m, _ in modes:
             m.eval()  # normalisation layers must not update running statistics on probe data
@@ -207,6 +215,41 @@ class SegmentationProbe:
         result.update({f"dice/class{c + 1}": float(v) for c, v in enumerate(per_class)})
         result["time_s"] = time.perf_counter() - t0
         return result
+
+    @torch.no_grad()
+    def _volume_features(self, encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """Hypercolumns ``(voxels, F)`` of one volume ``(C, D, H, W)``: every encoder stage, trilinear to full
+        resolution (the volume is padded with its minimum to multiples of the network's divisor, then cropped)."""
+        assert self.divisor is not None
+        param = next(encoder.parameters())
+        size = image.shape[1:]
+        pad = [(-n) % d for n, d in zip(size, self.divisor, strict=True)]
+        x = F.pad(image[None], [v for p in reversed(pad) for v in (0, p)], value=float(image.min()))
+        feats = encoder(x.to(param.device, param.dtype))
+        f = torch.cat([F.interpolate(level.float(), size=x.shape[2:], mode="trilinear", align_corners=False)
+                       for level in feats], 1)[0, :, : size[0], : size[1], : size[2]]
+        return f.flatten(1).T.to(self.device)
+
+    def _evaluate_volumes(self, encoder: nn.Module) -> dict[str, float]:
+        """The 3D probe: a linear head on encoder hypercolumns of whole volumes (the decoder of a 3D
+        network ends in its own output layer, so the encoder is what is probed, for every task)."""
+        mode = encoder.training
+        encoder.eval()
+        try:
+            train_x = torch.cat([self._volume_features(encoder, img) for img, _ in self.train])
+            eval_x = [self._volume_features(encoder, img) for img, _ in self.eval]
+        finally:
+            encoder.train(mode)
+        train_y = torch.cat([lab.flatten() for _, lab in self.train]).to(self.device)
+        mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+        head = self._train_head(((train_x - mean) / std)[:, :, None, None], train_y)
+        scores = []
+        with torch.no_grad():
+            for x, (_, lab) in zip(eval_x, self.eval, strict=True):
+                logits = F.linear((x - mean) / std, head.weight[:, :, 0, 0], head.bias)
+                scores.append(dice_per_class(logits.argmax(1).cpu().view(lab.shape), lab, self.num_classes))
+        per_class = torch.stack(scores).mean(0)
+        return {"dice": float(per_class.mean()), **{f"dice/class{c + 1}": float(v) for c, v in enumerate(per_class)}}
 
     def _train_head(self, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
         """A 1×1 convolution fitted to features ``x`` ``(N, F, H, W)`` and labels ``y`` ``(N, H, W)``."""

@@ -291,7 +291,9 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if not cfg.probe.enabled:
             return
-        probe = SegmentationProbe(cfg.probe, manifest_preprocess(loader.manifest), cfg.model.in_channels, info.device)
+        divisor = patch_divisor(cfg.model.arch) if cfg.model.arch is not None else None  # 3D: whole volumes
+        probe = SegmentationProbe(cfg.probe, manifest_preprocess(loader.manifest), cfg.model.in_channels, info.device,
+                                  divisor)
         self.probe = probe if info.is_main else None
         if cfg.probe.every > cfg.train.max_steps and info.is_main:
             log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "

@@ -63,9 +63,11 @@ def contrastive_health(z0: torch.Tensor, z1: torch.Tensor) -> dict[str, torch.Te
 
 
 def psnr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over slices of the PSNR (dB) of ``estimate`` against ``target`` ``(B, C, H, W)``, peak = target's range."""
-    peak = (target.amax(dim=(1, 2, 3)) - target.amin(dim=(1, 2, 3))).clamp_min(1e-6)
-    mse = (estimate.float() - target.float()).square().mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    """Mean over samples of the PSNR (dB) of ``estimate`` against ``target`` ``(B, C, *spatial)``;
+    peak = target's range."""
+    dims = tuple(range(1, target.ndim))
+    peak = (target.amax(dim=dims) - target.amin(dim=dims)).clamp_min(1e-6)
+    mse = (estimate.float() - target.float()).square().mean(dim=dims).clamp_min(1e-12)
     return (10 * torch.log10(peak.square() / mse)).mean()
 
 

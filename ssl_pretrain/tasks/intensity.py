@@ -19,16 +19,17 @@ __all__ = ["bezier_remap", "bias_field"]
 
 
 def _minmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample ``(lo, span)`` of ``x`` ``(B, C, H, W)``, each ``(B, 1, 1, 1)``."""
-    lo = x.amin(dim=(1, 2, 3), keepdim=True)
-    return lo, (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-6)
+    """Per-sample ``(lo, span)`` of ``x`` ``(B, C, *spatial)``, each ``(B, 1, …, 1)``."""
+    dims = tuple(range(1, x.ndim))
+    lo = x.amin(dim=dims, keepdim=True)
+    return lo, (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-6)
 
 
 def bezier_remap(x: torch.Tensor, g: torch.Generator, invert_prob: float) -> torch.Tensor:
     """Random monotone cubic Bézier intensity curve per sample, on the min-max rescaled slice.
 
     Args:
-        x: ``(B, C, H, W)`` float images.
+        x: ``(B, C, H, W)`` float images (or ``(B, C, D, H, W)`` volumes).
         g: Generator on ``x.device``; draws ``(B, 2)`` and ``(B, 2)`` control points, then ``(B,)``
             inversion draws (always, whatever ``invert_prob``: the draw count does not depend on it).
         invert_prob: Probability per sample that the curve is flipped to a decreasing one.
@@ -53,7 +54,7 @@ def bezier_remap(x: torch.Tensor, g: torch.Generator, invert_prob: float) -> tor
     y0, y1 = by.gather(1, hi_idx - 1), by.gather(1, hi_idx)
     w = ((flat - x0) / (x1 - x0).clamp_min(1e-6)).clamp(0, 1)
     y = (y0 + w * (y1 - y0)).reshape_as(x)
-    flip = (torch.rand((b,), generator=g, device=dev) < invert_prob).view(b, 1, 1, 1)
+    flip = (torch.rand((b,), generator=g, device=dev) < invert_prob).view(b, *[1] * (x.ndim - 1))
     y = torch.where(flip, 1 - y, y)
     return y * span + lo
 

@@ -10,6 +10,7 @@ Encoder and decoder are exported (nnssl's finetuning loads both).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from ssl_pretrain.config import option, validate
 from ssl_pretrain.models.dna import build_network
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
+from ssl_pretrain.tasks.regression import random_tiles
 
 __all__ = ["MIMConfig", "MIMTask", "block_mask", "masked_mse"]
 
@@ -47,17 +49,10 @@ def block_mask(shape: tuple[int, ...], block: tuple[int, int, int], ratio: float
         ratio: Share of blocks masked (at least one block is masked and one left visible).
         generator: Draws the blocks (on the batch's device).
     """
-    b, spatial = shape[0], shape[2:]
-    grid = [-(-n // k) for n, k in zip(spatial, block, strict=True)]
-    n_blocks = grid[0] * grid[1] * grid[2]
+    b, spatial = shape[0], tuple(shape[2:])
+    n_blocks = math.prod(-(-n // k) for n, k in zip(spatial, block, strict=True))
     k = min(max(1, round(ratio * n_blocks)), max(1, n_blocks - 1))
-    scores = torch.rand(b, n_blocks, generator=generator, device=generator.device)
-    masked = torch.zeros(b, n_blocks, dtype=torch.bool, device=generator.device)
-    masked.scatter_(1, scores.argsort(dim=1)[:, :k], True)
-    m = masked.view(b, 1, *grid)
-    for axis, k_ in enumerate(block):
-        m = m.repeat_interleave(k_, dim=2 + axis)
-    return m[:, :, : spatial[0], : spatial[1], : spatial[2]]
+    return random_tiles(b, spatial, block, k, generator, generator.device)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,15 +84,19 @@ class MIMTask(nn.Module):
         if model_cfg.spatial_dims != 3 or model_cfg.arch is None:  # the config's check (TASKS dims), for code
             raise ValueError("MIMTask: needs a 3D model config (spatial_dims=3 and an arch)")
         self.cfg = cfg
-        self.net = build_network(model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
-                                 num_classes=model_cfg.in_channels)
-        self.encoder = self.net.encoder
-        self.decoder = self.net.decoder
+        net = build_network(model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
+                            num_classes=model_cfg.in_channels)
+        self.encoder = net.encoder
+        self.decoder = net.decoder  # its segmentation layer outputs the image channels
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def export_parts(self) -> tuple[str, ...]:
         """Encoder and decoder (the decoder's segmentation layer is the image reconstruction)."""
         return ("encoder", "decoder")
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output for ``x`` (the library's UNet forward: decoder over the encoder's skips)."""
+        return self.decoder(self.encoder(x))
 
     def _mask(self, batch: dict[str, Any], x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         spacing = batch["spacing"][0] if "spacing" in batch else torch.ones(3)
@@ -108,7 +107,7 @@ class MIMTask(nn.Module):
         param = next(self.parameters())
         x = batch["image"].to(param.device, torch.float32)
         mask = self._mask(batch, x, self.generator)
-        pred = self.net((x * ~mask).to(param.dtype)).float()
+        pred = self.reconstruct((x * ~mask).to(param.dtype)).float()
         masked, visible = masked_mse(pred, x, mask)
         return masked, {"mse_masked": masked.detach(), "mse_visible": visible.detach(),
                         "masked_share": mask.float().mean().detach()}
@@ -126,7 +125,7 @@ class MIMTask(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            pred = self.net((x * ~mask).to(param.dtype)).float()
+            pred = self.reconstruct((x * ~mask).to(param.dtype)).float()
         finally:
             self.train(was_training)
         mid = x.shape[2] // 2

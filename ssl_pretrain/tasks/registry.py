@@ -14,7 +14,7 @@ A task defined outside the package (a plugin, a test) calls :func:`register_task
 
 Example:
     >>> sorted(TASKS)
-    ['contrastive', 'mim', 'regression']
+    ['contrastive', 'contrastive3d', 'mim', 'regression']
     >>> TASKS["regression"].config.__name__
     'RegressionConfig'
 """
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ssl_pretrain.tasks.contrastive import ContrastiveConfig, ContrastiveTask
+from ssl_pretrain.tasks.contrastive3d import Contrastive3DConfig, Contrastive3DTask
 from ssl_pretrain.tasks.mim import MIMConfig, MIMTask
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask
 
@@ -102,8 +103,11 @@ class TaskSpec:
 # the table: one line per pretext task
 TASKS: dict[str, TaskSpec] = {
     "contrastive": TaskSpec(ContrastiveConfig, ContrastiveTask, "contrastive task options (SimCLR NT-Xent)"),
-    "regression": TaskSpec(RegressionConfig, RegressionTask, "regression task options (restoration)"),
+    "regression": TaskSpec(RegressionConfig, RegressionTask, "regression task options (restoration; 2D and 3D)",
+                           dims=(2, 3)),
     "mim": TaskSpec(MIMConfig, MIMTask, "masked image modelling options (3D, nnssl's pretext)", dims=(3,)),
+    "contrastive3d": TaskSpec(Contrastive3DConfig, Contrastive3DTask,
+                              "3D contrastive options (global NT-Xent + dense voxel loss)", dims=(3,)),
 }
 
 

@@ -1,4 +1,4 @@
-"""Regression pretext task: restore a slice from a corrupted copy (Models Genesis, context restoration).
+"""Regression pretext task: restore a slice or a 3D patch from a corrupted copy (Models Genesis, context restoration).
 
 Corruptions (Zhou et al. 2019; Chen et al. 2019), each applied to a sample with its own
 probability, in this order, all as batched torch ops:
@@ -27,6 +27,11 @@ Masking options (``regression.*``):
 - ``mask_loss`` (``"all"`` | ``"masked"``, default ``"all"``): pixels the loss is averaged over;
   ``"masked"`` counts only masked pixels (MAE's choice), and needs ``mask_ratio > 0``.
 
+Every corruption works on slices ``(B, C, H, W)`` and on 3D patches ``(B, C, D, H, W)`` alike
+(blocks, boxes, patches and tiles become cubes; a slice batch draws exactly what it drew before
+volumes existed). With ``model.spatial_dims: 3`` the network is nnU-Net's (``model.arch``), whose
+segmentation layer outputs the image channels.
+
 The UNet (encoder + decoder + :class:`~ssl_pretrain.models.heads.ReconstructionHead`) restores
 the original; the loss is L2 (or L1), the mean over the image's pixels (or over the masked ones
 with ``mask_loss=masked``). Encoder and decoder are exported.
@@ -34,6 +39,7 @@ with ``mask_loss=masked``). Encoder and decoder are exported.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_pretrain.config import ConfigError, FieldError, option, validate
+from ssl_pretrain.models.dna import build_network
 from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
@@ -80,60 +87,106 @@ def _rand(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> t
 
 
 def _local_shuffle(x: torch.Tensor, block: int, fraction: float, g: torch.Generator) -> torch.Tensor:
-    """Permute the pixels inside a random ``fraction`` of the ``block``×``block`` tiles of each sample."""
-    b, c, h, w = x.shape
-    hb, wb = h // block, w // block
-    if hb == 0 or wb == 0:
+    """Permute the pixels (voxels) inside a random ``fraction`` of the ``block``-sided tiles of each sample.
+
+    ``x`` is ``(B, C, H, W)`` or ``(B, C, D, H, W)``; edge pixels that fill no whole tile stay put.
+    """
+    b, c, *size = x.shape
+    d = len(size)
+    nb = [n // block for n in size]
+    if min(nb) == 0:
         return x
-    core = x[..., : hb * block, : wb * block].reshape(b, c, hb, block, wb, block)
-    core = core.permute(0, 1, 2, 4, 3, 5).reshape(b, c, hb, wb, block * block)
-    perm = _rand((b, 1, hb, wb, block * block), g, x.device).argsort(-1).expand_as(core)
-    chosen = _rand((b, 1, hb, wb, 1), g, x.device) < fraction
+    core_sl = (Ellipsis, *(slice(0, k * block) for k in nb))
+    core = x[core_sl].reshape(b, c, *(v for k in nb for v in (k, block)))
+    tiles_first = [0, 1, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2)]
+    core = core.permute(*tiles_first).reshape(b, c, *nb, block**d)
+    perm = _rand((b, 1, *nb, block**d), g, x.device).argsort(-1).expand_as(core)
+    chosen = _rand((b, 1, *nb, 1), g, x.device) < fraction
     core = torch.where(chosen, core.gather(-1, perm), core)
-    core = core.reshape(b, c, hb, wb, block, block).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hb * block, wb * block)
+    back = [0, 1, *(v for i in range(d) for v in (2 + i, 2 + d + i))]
+    core = core.reshape(b, c, *nb, *[block] * d).permute(*back).reshape(b, c, *(k * block for k in nb))
     out = x.clone()
-    out[..., : hb * block, : wb * block] = core
+    out[core_sl] = core
     return out
 
 
 def _box_union(
-    b: int, n: int, h: int, w: int, size: tuple[float, float], g: torch.Generator, dev: torch.device
+    b: int, n: int, size: tuple[int, ...], frac: tuple[float, float], g: torch.Generator, dev: torch.device
 ) -> torch.Tensor:
-    """Union of ``n`` random boxes per sample, sides a ``size`` fraction of the slice: ``(B, 1, H, W)`` bool."""
-    bh = (size[0] + (size[1] - size[0]) * _rand((b, n), g, dev)) * h
-    bw = (size[0] + (size[1] - size[0]) * _rand((b, n), g, dev)) * w
-    y0 = _rand((b, n), g, dev) * (h - bh)
-    x0 = _rand((b, n), g, dev) * (w - bw)
-    ys = torch.arange(h, device=dev).view(1, 1, h, 1)
-    xs = torch.arange(w, device=dev).view(1, 1, 1, w)
-    inside = (
-        (ys >= y0[..., None, None]) & (ys < (y0 + bh)[..., None, None])
-        & (xs >= x0[..., None, None]) & (xs < (x0 + bw)[..., None, None])
-    )
+    """Union of ``n`` random boxes per sample, sides a ``frac`` fraction of the image's: ``(B, 1, *size)`` bool.
+
+    Draws every axis's sides, then every axis's corners (the 2D order: heights, widths, rows, columns).
+    """
+    sides = [(frac[0] + (frac[1] - frac[0]) * _rand((b, n), g, dev)) * m for m in size]
+    corners = [_rand((b, n), g, dev) * (m - side) for m, side in zip(size, sides, strict=True)]
+    inside = torch.ones((b, n, *[1] * len(size)), dtype=torch.bool, device=dev)
+    for axis, (m, side, lo) in enumerate(zip(size, sides, corners, strict=True)):
+        pos = torch.arange(m, device=dev).view(1, 1, *[m if a == axis else 1 for a in range(len(size))])
+        lo_, hi_ = (v.view(b, n, *[1] * len(size)) for v in (lo, lo + side))
+        inside = inside & (pos >= lo_) & (pos < hi_)
     return inside.any(1, keepdim=True)
 
 
+def _paint(y: torch.Tensor, boxes: int, inpaint_ratio: float, g: torch.Generator) -> torch.Tensor:
+    """Per sample, in-painting (``boxes`` small boxes replaced by uniform noise; probability
+    ``inpaint_ratio``) or out-painting (all but ``boxes`` larger boxes replaced); ``y`` is ``(B, C, *spatial)``.
+
+    Draws the noise, the holes, the kept boxes, then the choice (the order the 2D task always had)."""
+    b, dims = y.shape[0], tuple(range(1, y.ndim))
+    lo = y.amin(dim=dims, keepdim=True)
+    span = y.amax(dim=dims, keepdim=True) - lo
+    noise = lo + span * _rand(tuple(y.shape), g, y.device)
+    holes = _box_union(b, boxes, tuple(y.shape[2:]), (0.1, 0.3), g, y.device)
+    keep = _box_union(b, boxes, tuple(y.shape[2:]), (0.3, 0.6), g, y.device)
+    inpaint = (_rand((b,), g, y.device) < inpaint_ratio).view(b, *[1] * (y.ndim - 1))
+    return torch.where(inpaint, torch.where(holes, noise, y), torch.where(keep, y, noise))
+
+
 def _swap_patches(x: torch.Tensor, count: int, size: float, chosen: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Swap ``count`` random pairs of square patches in the ``chosen`` ``(B,)`` samples."""
-    b, c, h, w = x.shape
-    dev = x.device
-    p = max(1, round(size * min(h, w)))
-    ys = torch.arange(h, device=dev).view(1, h, 1)
-    xs = torch.arange(w, device=dev).view(1, 1, w)
-    pix = (ys * w + xs).expand(b, h, w)
-    flat = x.reshape(b, c, h * w)
+    """Swap ``count`` random pairs of square (cubic) patches in the ``chosen`` ``(B,)`` samples.
+
+    ``x`` is ``(B, C, *spatial)``. Per pair, both corners are drawn along each axis in turn (the 2D
+    order: rows, then columns).
+    """
+    b, c, *dims = x.shape
+    d, dev, n = len(dims), x.device, math.prod(dims)
+    p = max(1, round(size * min(dims)))
+    pos = [torch.arange(m, device=dev).view(1, *[m if a == axis else 1 for a in range(d)])
+           for axis, m in enumerate(dims)]
+    strides = [math.prod(dims[axis + 1:]) for axis in range(d)]
+    pix = sum(q * st for q, st in zip(pos, strides, strict=True)).expand(b, *dims)
+    one = (b, *[1] * d)
+    flat = x.reshape(b, c, n)
     for _ in range(count):
-        ya, yb = ((_rand((2, b), g, dev) * (h - p + 1)).long().clamp(max=h - p)).unbind(0)
-        xa, xb = ((_rand((2, b), g, dev) * (w - p + 1)).long().clamp(max=w - p)).unbind(0)
+        corners = [(_rand((2, b), g, dev) * (m - p + 1)).long().clamp(max=m - p).unbind(0) for m in dims]
 
-        def box(y0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-            y0, x0 = y0.view(b, 1, 1), x0.view(b, 1, 1)
-            return (ys >= y0) & (ys < y0 + p) & (xs >= x0) & (xs < x0 + p) & chosen.view(b, 1, 1)
+        def box(which: int, corners: list[tuple[torch.Tensor, ...]] = corners) -> torch.Tensor:
+            inside = chosen.view(one)
+            for q, corner in zip(pos, corners, strict=True):
+                lo = corner[which].view(one)
+                inside = inside & (q >= lo) & (q < lo + p)
+            return inside
 
-        offset = ((yb - ya) * w + (xb - xa)).view(b, 1, 1)
-        src = torch.where(box(ya, xa), pix + offset, torch.where(box(yb, xb), pix - offset, pix))
-        flat = flat.gather(2, src.reshape(b, 1, h * w).expand(b, c, h * w))
-    return flat.reshape(b, c, h, w)
+        offset = sum((cb - ca) * st for (ca, cb), st in zip(corners, strides, strict=True)).view(one)
+        src = torch.where(box(0), pix + offset, torch.where(box(1), pix - offset, pix))
+        flat = flat.gather(2, src.reshape(b, 1, n).expand(b, c, n))
+    return flat.reshape(b, c, *dims)
+
+
+def random_tiles(b: int, size: tuple[int, ...], tile: tuple[int, ...], k: int, g: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """``(B, 1, *size)`` bool: ``k`` random tiles of side ``tile`` per sample, True inside them.
+
+    The image is tiled from its corner (edge tiles cut to the image); the ``k`` tiles are the ``k``
+    smallest of one ``(B, tiles)`` uniform draw, so each sample gets exactly ``k``.
+    """
+    grid = [-(-n // t) for n, t in zip(size, tile, strict=True)]
+    tiles = math.prod(grid)
+    chosen = _rand((b, tiles), g, device).argsort(1)[:, :k]
+    m = torch.zeros(b, tiles, dtype=torch.bool, device=device).scatter_(1, chosen, True).view(b, *grid)
+    for axis, t in enumerate(tile):
+        m = m.repeat_interleave(t, dim=1 + axis)
+    return m[(slice(None), *(slice(0, n) for n in size))][:, None]
 
 
 def patch_mask(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> torch.Tensor:
@@ -150,21 +203,16 @@ def patch_mask(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> to
     Raises:
         ConfigError: The tile is larger than the slice, or the ratio masks no tile or every tile.
     """
-    b, _, h, w = x.shape
+    b, _, *size = x.shape
     p = cfg.mask_patch
-    hp, wp = -(-h // p), -(-w // p)  # ceil: edge tiles are cut to the slice, so every pixel can be masked
-    tiles = hp * wp
+    tiles = math.prod(-(-n // p) for n in size)  # ceil: edge tiles are cut to the image, every pixel can be masked
     k = round(cfg.mask_ratio * tiles)
-    if p > min(h, w) or not 0 < k < tiles:
+    if p > min(size) or not 0 < k < tiles:
         raise ConfigError(
-            f"regression.mask_patch: {p}-pixel tiles of a {h}×{w} slice give {tiles} tile(s), of which "
-            f"mask_ratio={cfg.mask_ratio} masks {k}; need a tile no larger than the slice and 0 < masked < tiles"
+            f"regression.mask_patch: {p}-pixel tiles of a {'×'.join(map(str, size))} image give {tiles} tile(s), of "
+            f"which mask_ratio={cfg.mask_ratio} masks {k}; need a tile no larger than the image and 0 < masked < tiles"
         )
-    # a random subset of exactly k tiles per sample: the k smallest of B×tiles uniform draws
-    chosen = _rand((b, tiles), g, x.device).argsort(1)[:, :k]
-    tile_mask = torch.zeros(b, tiles, dtype=torch.bool, device=x.device).scatter_(1, chosen, True)
-    pixel_mask = tile_mask.view(b, hp, 1, wp, 1).expand(b, hp, p, wp, p).reshape(b, hp * p, wp * p)
-    return pixel_mask[:, None, :h, :w]
+    return random_tiles(b, tuple(size), (p,) * len(size), k, g, x.device)
 
 
 def corrupt_with_mask(
@@ -181,20 +229,15 @@ def corrupt_with_mask(
         ``(corrupted, mask)``: ``(B, C, H, W)`` corrupted images (``x`` is not modified) and the
         ``(B, 1, H, W)`` bool mask of :func:`patch_mask`, or None when ``mask_ratio`` is 0.
     """
-    b, c, h, w = x.shape
+    b = x.shape[0]
     dev = x.device
 
     def pick(prob: float) -> torch.Tensor:
-        return (_rand((b,), g, dev) < prob).view(b, 1, 1, 1)
+        return (_rand((b,), g, dev) < prob).view(b, *[1] * (x.ndim - 1))
 
     y = torch.where(pick(cfg.intensity_prob), bezier_remap(x, g, invert_prob=0.5), x)
     y = torch.where(pick(cfg.shuffle_prob), _local_shuffle(y, cfg.shuffle_block, cfg.shuffle_fraction, g), y)
-    lo = y.amin(dim=(1, 2, 3), keepdim=True)
-    span = y.amax(dim=(1, 2, 3), keepdim=True) - lo
-    noise = lo + span * _rand((b, c, h, w), g, dev)
-    holes = _box_union(b, cfg.paint_boxes, h, w, (0.1, 0.3), g, dev)
-    keep = _box_union(b, cfg.paint_boxes, h, w, (0.3, 0.6), g, dev)
-    painted = torch.where(pick(cfg.inpaint_ratio), torch.where(holes, noise, y), torch.where(keep, y, noise))
+    painted = _paint(y, cfg.paint_boxes, cfg.inpaint_ratio, g)
     y = torch.where(pick(cfg.paint_prob), painted, y)
     y = _swap_patches(y, cfg.swap_count, cfg.swap_size, pick(cfg.swap_prob).view(b), g)
     if cfg.mask_ratio == 0.0:
@@ -205,7 +248,8 @@ def corrupt_with_mask(
     # normalisation (0 is the mean of a z-scored volume, not of every slice or contrast), and so
     # adds no artificial edge beyond the tile border itself.
     visible = (~mask).to(y.dtype)
-    fill = (y * visible).sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True)
+    spatial = tuple(range(2, y.ndim))
+    fill = (y * visible).sum(spatial, keepdim=True) / visible.sum(spatial, keepdim=True)
     return torch.where(mask, fill, y), mask
 
 
@@ -263,10 +307,17 @@ class RegressionTask(nn.Module):
         validate(cfg, "regression.")  # configs built in code skip load_config's check; mask_loss=masked needs a mask
         self.model_cfg = model_cfg
         self.cfg = cfg
-        unet = UNet(model_cfg, out_channels=model_cfg.in_channels)
-        self.encoder = unet.encoder
-        self.decoder = unet.decoder
-        self.head = ReconstructionHead(model_cfg.widths[0], model_cfg.in_channels)
+        self.head: nn.Module | None
+        if model_cfg.spatial_dims == 3:  # nnU-Net's network: its segmentation layer outputs the image channels
+            assert model_cfg.arch is not None  # the model config's check
+            net = build_network(model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
+                                num_classes=model_cfg.in_channels)
+            self.encoder, self.decoder, self.head = net.encoder, net.decoder, None
+        else:
+            unet = UNet(model_cfg, out_channels=model_cfg.in_channels)
+            self.encoder = unet.encoder
+            self.decoder = unet.decoder
+            self.head = ReconstructionHead(model_cfg.widths[0], model_cfg.in_channels)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def export_parts(self) -> tuple[str, ...]:
@@ -274,8 +325,10 @@ class RegressionTask(nn.Module):
         return ("encoder", "decoder")
 
     def restore(self, corrupted: torch.Tensor) -> torch.Tensor:
-        """Restored images ``(B, C, H, W)`` (in the parameters' dtype) from corrupted ones."""
+        """Restored images ``(B, C, *spatial)`` (in the parameters' dtype) from corrupted ones."""
         param = next(self.parameters())
+        if self.head is None:  # 3D: the library's UNet forward
+            return self.decoder(self.encoder(corrupted.to(param.dtype)))
         return self.head(self.decoder(self.encoder(corrupted.to(param.dtype)))[-1])
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -311,7 +364,10 @@ class RegressionTask(nn.Module):
             restored = self.restore(corrupted).float()
         finally:
             self.train(was_training)
-        return image_grid([("corrupted", corrupted), ("restored", restored), ("original", x)])
+        columns = [("corrupted", corrupted), ("restored", restored), ("original", x)]
+        if x.ndim == 5:  # volumes: their middle slices
+            columns = [(t, v[:, :, v.shape[2] // 2]) for t, v in columns]
+        return image_grid(columns)
 
     def rng_state(self) -> torch.Tensor:
         """State of the corruption generator (saved in checkpoints)."""

@@ -21,7 +21,7 @@ from ssl_pretrain.engine.config import PretrainConfig
 ROOTS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "sweep": SweepConfig}
 CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
 SHIPPED = {"debug": PretrainConfig, "contrastive": PretrainConfig, "regression": PretrainConfig,
-           "debug3d": PretrainConfig, "mae3d": PretrainConfig,
+           "debug3d": PretrainConfig, "mae3d": PretrainConfig, "contrastive3d": PretrainConfig,
            "finetune": FinetuneConfig, "sweep": SweepConfig, "sweep_debug": SweepConfig}
 
 

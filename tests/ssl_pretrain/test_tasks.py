@@ -158,7 +158,8 @@ def test_registry_table_drives_config_and_export(tmp_path: Path) -> None:
         assert isinstance(spec.task(model, spec.config(), seed=0, distributed=False), PretextTask), name
     keys = {k for k, _, _ in describe(PretrainConfig)}
     assert {"contrastive.temperature", "regression.loss"} <= keys
-    with pytest.raises(ConfigError, match="task: must be one of 'contrastive', 'regression', 'mim'; got 'jigsaw'"):
+    allowed = "'contrastive', 'regression', 'mim', 'contrastive3d'"
+    with pytest.raises(ConfigError, match=f"task: must be one of {allowed}; got 'jigsaw'"):
         load_config(PretrainConfig, overrides=["task=jigsaw"])
     # the export records the task as a string: one from a task registered in another process loads here
     save_export(tmp_path / "m.pt", task="jigsaw", model_config=TINY, encoder_state={}, decoder_state=None,
