@@ -449,18 +449,23 @@ class _SliceStream(IterableDataset):
         image = _new_batch((n, c, *patch), torch.float32)
         labels = self.label is not None and self.cfg.labels
         label = _new_batch((n, *patch), torch.uint8) if labels else None
-        for i, p in enumerate(chunk):
-            v = p.volume
-            assert v.shape is not None
-            vol = np.frombuffer(v.image, dtype=np.float16).reshape(v.shape)
-            src, dst = _overlap(v.shape[1:], p.origin, patch)
-            fill = vol[(slice(None), *src)].min(axis=(1, 2, 3)) if vol.size else 0
-            image[i] = torch.from_numpy(np.asarray(fill, dtype=np.float32)).view(c, 1, 1, 1)  # background
-            image[i][(slice(None), *dst)] = torch.from_numpy(vol[(slice(None), *src)].astype(np.float32))
-            if label is not None:
-                label[i].zero_()
-                lab = np.frombuffer(v.label, dtype=np.uint8).reshape(v.shape[1:])  # type: ignore[arg-type]
-                label[i][dst] = torch.from_numpy(lab[src].copy())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for i, p in enumerate(chunk):
+                v = p.volume
+                assert v.shape is not None
+                # torch converts the float16 view straight into the float32 batch (numpy's cast is ~5x slower)
+                vol = torch.from_numpy(np.frombuffer(v.image, dtype=np.float16).reshape(v.shape))
+                src, dst = _overlap(v.shape[1:], p.origin, patch)
+                inner = vol[(slice(None), *src)]
+                if inner.shape[1:] != patch:  # padded: the background is the patch's own minimum
+                    image[i] = inner.amin(dim=(1, 2, 3)).float().view(c, 1, 1, 1)
+                image[i][(slice(None), *dst)] = inner
+                if label is not None:
+                    lab = torch.from_numpy(np.frombuffer(v.label, dtype=np.uint8).reshape(v.shape[1:]))  # type: ignore[arg-type]
+                    if lab[src].shape != patch:
+                        label[i].zero_()
+                    label[i][dst] = lab[src]
         batch: dict[str, Any] = {
             "image": image,
             "subject": [p.volume.meta["subject"] for p in chunk],

@@ -26,7 +26,8 @@ from torch import nn
 
 from ssl_pretrain.config import FieldError
 
-__all__ = ["NETWORKS", "REQUIRES_IMPORT", "TINY_ARCH", "build_network", "check_arch", "patch_divisor"]
+__all__ = ["NETWORKS", "REQUIRES_IMPORT", "TINY_ARCH", "build_network", "check_arch", "patch_divisor",
+           "without_deep_supervision"]
 
 # the classes an ``arch`` may name (short or full), by their full dotted name
 NETWORKS = {
@@ -102,6 +103,15 @@ def build_network(network_class_name: str, arch_kwargs: dict[str, Any], *, input
         raise FieldError(f"arch: {network_class_name} rejects these arch_kwargs: {line}") from None
     if initialize and hasattr(net, "initialize"):
         net.apply(net.initialize)
+    return net
+
+
+def without_deep_supervision(net: nn.Module) -> nn.Module:
+    """Freeze the decoder's lower-resolution output layers: the library builds one per stage, but without
+    deep supervision only the last is used, and parameters without gradients stall DDP (and cost
+    optimizer state). They stay in the state dict, so the keys remain the library's."""
+    for layer in list(net.decoder.seg_layers)[:-1]:
+        layer.requires_grad_(False)
     return net
 
 

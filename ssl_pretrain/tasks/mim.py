@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ssl_pretrain.config import option, validate
-from ssl_pretrain.models.dna import build_network
+from ssl_pretrain.models.dna import build_network, without_deep_supervision
 from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.regression import random_tiles
@@ -84,8 +84,9 @@ class MIMTask(nn.Module):
         if model_cfg.spatial_dims != 3 or model_cfg.arch is None:  # the config's check (TASKS dims), for code
             raise ValueError("MIMTask: needs a 3D model config (spatial_dims=3 and an arch)")
         self.cfg = cfg
-        net = build_network(model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
-                            num_classes=model_cfg.in_channels)
+        net = without_deep_supervision(build_network(
+            model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
+            num_classes=model_cfg.in_channels))
         self.encoder = net.encoder
         self.decoder = net.decoder  # its segmentation layer outputs the image channels
         self.generator = torch.Generator(device=device).manual_seed(seed)

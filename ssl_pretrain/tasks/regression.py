@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_pretrain.config import ConfigError, FieldError, option, validate
-from ssl_pretrain.models.dna import build_network
+from ssl_pretrain.models.dna import build_network, without_deep_supervision
 from ssl_pretrain.models.heads import ReconstructionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
 from ssl_pretrain.tasks.figures import image_grid
@@ -310,8 +310,9 @@ class RegressionTask(nn.Module):
         self.head: nn.Module | None
         if model_cfg.spatial_dims == 3:  # nnU-Net's network: its segmentation layer outputs the image channels
             assert model_cfg.arch is not None  # the model config's check
-            net = build_network(model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
-                                num_classes=model_cfg.in_channels)
+            net = without_deep_supervision(build_network(
+                model_cfg.network_class_name, model_cfg.arch, input_channels=model_cfg.in_channels,
+                num_classes=model_cfg.in_channels))
             self.encoder, self.decoder, self.head = net.encoder, net.decoder, None
         else:
             unet = UNet(model_cfg, out_channels=model_cfg.in_channels)
