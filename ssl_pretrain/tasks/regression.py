@@ -208,9 +208,10 @@ def patch_mask(x: torch.Tensor, cfg: RegressionConfig, g: torch.Generator) -> to
     tiles = math.prod(-(-n // p) for n in size)  # ceil: edge tiles are cut to the image, every pixel can be masked
     k = round(cfg.mask_ratio * tiles)
     if p > min(size) or not 0 < k < tiles:
+        what = "slice" if len(size) == 2 else "patch"
         raise ConfigError(
-            f"regression.mask_patch: {p}-pixel tiles of a {'×'.join(map(str, size))} image give {tiles} tile(s), of "
-            f"which mask_ratio={cfg.mask_ratio} masks {k}; need a tile no larger than the image and 0 < masked < tiles"
+            f"regression.mask_patch: {p}-pixel tiles of a {'×'.join(map(str, size))} {what} give {tiles} tile(s), of "
+            f"which mask_ratio={cfg.mask_ratio} masks {k}; need a tile no larger than the {what} and 0 < masked < tiles"
         )
     return random_tiles(b, tuple(size), (p,) * len(size), k, g, x.device)
 
