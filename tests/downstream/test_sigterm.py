@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_finetuning_stops_at_a_checkpoint_and_resumes(cohort: Path, tmp_path: Path, mlflow_uri: str,
                                                       sigterm_when) -> None:
     from mlflow.tracking import MlflowClient
@@ -48,6 +49,7 @@ def test_finetuning_stops_at_a_checkpoint_and_resumes(cohort: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_sweep_shuts_ray_down_without_a_traceback(cohort: Path, tmp_path: Path, sigterm_when) -> None:
     out = tmp_path / "sw"
     cmd = ["-m", "mri_ssl.cli.sweep", "--config", "sweep_debug", *tiny_overrides(cohort, out, size=32),

@@ -53,6 +53,7 @@ def _run(cmd: str, timeout: float) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_readme_main_command_end_to_end(tmp_path):
     out = tmp_path / "demo"
     install, demo = _demo_command(out)

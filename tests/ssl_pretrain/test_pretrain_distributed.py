@@ -124,6 +124,7 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
         run_pretraining(cfg)
 
 
+@pytest.mark.serial
 def test_kill_9_and_resume_gives_the_same_losses_and_probes(pretrain_shards: Path, labeled: Path,
                                                             tmp_path: Path) -> None:
     common = ["contrastive.positives=partition", "contrastive.local_weight=1.0", "track=false",

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_pretraining_checkpoints_at_the_next_step_and_resumes(pretrain_shards: Path, tmp_path: Path,
                                                               mlflow_uri: str, sigterm_when) -> None:
     from mlflow.tracking import MlflowClient
