@@ -60,7 +60,10 @@ def test_readme_main_command_end_to_end(tmp_path):
     _run(install, timeout=600)
 
     # 1. Start the demo and press Ctrl-C (SIGINT to its process group) once pretraining has a checkpoint.
+    # SIGINT as a terminal has it: a runner started in the background (`cmd &`) ignores SIGINT, and its
+    # children would inherit that and never see the Ctrl-C this test sends
     proc = subprocess.Popen(demo, shell=True, cwd=REPO, env=_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpts = out / "pretrain" / "contrastive" / "checkpoints"
     deadline = time.time() + 300
