@@ -348,20 +348,27 @@ class _SplitWriter:
     def finish(self, skipped: list[dict[str, str]], excluded: list[str]) -> dict[str, Any]:
         """Flush, close the last shard and write ``manifest.json`` (last)."""
         self._flush()
-        shards = self.writer.finish()
         c, h, w = self.shape if self.shape is not None else (0, *self.params.size)
+        return self._write_manifest({}, [c, h, w], [h, w], META_FIELDS, {"size": [h, w]}, skipped, excluded)
+
+    def _write_manifest(self, head: dict[str, Any], image_shape: list[Any], label_shape: list[Any],
+                        meta_fields: Sequence[str], grid: dict[str, Any], skipped: list[dict[str, str]],
+                        excluded: list[str]) -> dict[str, Any]:
+        """Close the last shard and write the split's ``manifest.json`` (the one field order of both layouts)."""
+        shards = self.writer.finish()
         manifest = {
             "format": FORMAT,
             "version": VERSION,
+            **head,
             "split": self.split,
             "preprocess": self.params_dict,
             "sample": {
-                IMAGE: {"dtype": IMAGE_DTYPE, "shape": [c, h, w]},
-                LABEL: {"dtype": LABEL_DTYPE, "shape": [h, w]} if self.n_labeled else None,
-                META: list(META_FIELDS),
+                IMAGE: {"dtype": IMAGE_DTYPE, "shape": image_shape},
+                LABEL: {"dtype": LABEL_DTYPE, "shape": label_shape} if self.n_labeled else None,
+                META: list(meta_fields),
             },
-            "channels": c,
-            "size": [h, w],
+            "channels": image_shape[0],
+            **grid,
             "has_labels": bool(self.subjects) and self.n_labeled == len(self.subjects),
             "label_names": self.label_names,
             "num_samples": self.n_samples,
@@ -431,29 +438,6 @@ class _VolumeWriter(_SplitWriter):
     def finish(self, skipped: list[dict[str, str]], excluded: list[str]) -> dict[str, Any]:
         """Flush, close the last shard and write ``manifest.json`` (last)."""
         self._flush()
-        shards = self.writer.finish()
         c = self.shape[0] if self.shape is not None else 0
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "layout": "volume",
-            "split": self.split,
-            "preprocess": self.params_dict,
-            "sample": {
-                IMAGE: {"dtype": IMAGE_DTYPE, "shape": [c, None, None, None]},
-                LABEL: {"dtype": LABEL_DTYPE, "shape": [None, None, None]} if self.n_labeled else None,
-                META: list(VOLUME_META_FIELDS),
-            },
-            "channels": c,
-            "spacing": list(self.params.spacing),
-            "has_labels": bool(self.subjects) and self.n_labeled == len(self.subjects),
-            "label_names": self.label_names,
-            "num_samples": self.n_samples,
-            "num_subjects": len(self.subjects),
-            "shards": shards,
-            "subjects": self.subjects,
-            "skipped": skipped,
-            "excluded": excluded,
-        }
-        atomic_write_text(self.out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-        return manifest
+        return self._write_manifest({"layout": "volume"}, [c, None, None, None], [None, None, None],
+                                    VOLUME_META_FIELDS, {"spacing": list(self.params.spacing)}, skipped, excluded)
