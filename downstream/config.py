@@ -56,6 +56,12 @@ class DataConfig:
         "parameters win; field_of_view is always pad here: see choose_preprocessing)",
     )
 
+    def check_fields(self) -> None:
+        """Finetuning reads slices: a volume spacing (three values) is refused here, not deep in a trial."""
+        if self.preprocess.volumetric:
+            raise FieldError(f"preprocess.spacing: {list(self.preprocess.spacing)} is a volume spacing (Z Y X); "
+                             f"finetuning runs on slices so far: give two values (H W)")
+
 @dataclass
 class ModelConfig:
     """Architecture of a randomly initialised UNet (an export brings its own)."""

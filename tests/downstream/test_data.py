@@ -193,3 +193,11 @@ def test_one_subject_split_serves_shards_finetuning_splits_and_draws() -> None:
         split_ids([*ids, "case_01"], (1,), seed=0)
     with pytest.raises(ValueError, match="add up to at most the 12 subjects"):
         split_ids(ids, (10, 3), seed=0)
+
+
+def test_finetuning_refuses_a_volume_spacing_at_load() -> None:
+    from downstream.config import FinetuneConfig
+    from ssl_pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.preprocess\.spacing: \[1\.0, 1\.0, 1\.0\] is a volume spacing"):
+        load_config(FinetuneConfig, overrides=["data.preprocess.spacing=[1, 1, 1]"])
