@@ -342,17 +342,21 @@ class _SliceStream(IterableDataset):
             if r != cur:
                 cur = r
                 rng = random.Random(f"{self.cfg.seed}-patch-{self.rank}-{worker}-{self.epoch}-{r}")
+            foreground: list[np.ndarray] = []  # this volume's foreground voxels, found once, on first need
             for _ in range(self.cfg.patches_per_volume):
-                yield r, _Patch(v, self._origin(v, rng))
+                yield r, _Patch(v, self._origin(v, rng, foreground))
 
-    def _origin(self, v: _Raw, rng: random.Random) -> tuple[int, int, int]:
+    def _origin(self, v: _Raw, rng: random.Random, foreground: list[np.ndarray]) -> tuple[int, int, int]:
         """A random patch origin: uniform over the volume (a smaller volume is padded at a random side),
-        or with probability ``foreground_fraction`` (and labels) centred on a random foreground voxel."""
+        or with probability ``foreground_fraction`` (and labels) centred on a random foreground voxel.
+        ``foreground`` caches the volume's foreground voxel indices across its patches."""
         assert v.shape is not None
         size, patch = v.shape[1:], self.cfg.patch_size
         centre = None
         if v.label is not None and rng.random() < self.cfg.foreground_fraction:
-            fg = np.flatnonzero(np.frombuffer(v.label, dtype=np.uint8))
+            if not foreground:
+                foreground.append(np.flatnonzero(np.frombuffer(v.label, dtype=np.uint8)))
+            fg = foreground[0]
             if fg.size:
                 centre = np.unravel_index(int(fg[rng.randrange(fg.size)]), size)
         if centre is not None:

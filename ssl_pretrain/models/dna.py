@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import pydoc
 from typing import Any
 
@@ -138,11 +137,3 @@ def feature_channels(arch_kwargs: dict[str, Any]) -> list[int]:
     """Channels of each encoder stage (finest first)."""
     f = arch_kwargs["features_per_stage"]
     return [int(f)] * int(arch_kwargs["n_stages"]) if isinstance(f, int) else [int(x) for x in f]
-
-
-def parameter_count(network_class_name: str, arch_kwargs: dict[str, Any], input_channels: int) -> int:
-    """Parameters of the network (built on the meta device)."""
-    with torch.device("meta"):
-        net = build_network(network_class_name, arch_kwargs, input_channels=input_channels, num_classes=1,
-                            initialize=False)
-    return sum(math.prod(p.shape) for p in net.parameters())

@@ -55,7 +55,8 @@ class Contrastive3DConfig:
 
     def check_model(self, model_cfg: UNetConfig) -> None:
         """``dense_stage`` must be a stage of the network."""
-        stages = len(feature_channels(model_cfg.arch or {"n_stages": 0, "features_per_stage": []}))
+        assert model_cfg.arch is not None  # the task table admits 3D models only, and they have an arch
+        stages = len(feature_channels(model_cfg.arch))
         if self.dense_weight > 0 and self.dense_stage >= stages:
             raise FieldError(f"contrastive3d.dense_stage: the network has {stages} stages (0..{stages - 1}); "
                              f"got {self.dense_stage}")

@@ -7,6 +7,7 @@ import json
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -65,3 +66,13 @@ def rewrite_tar(path: Path, edit: Callable[[tarfile.TarInfo, bytes], bytes], fmt
             m.size = len(data)
             tout.addfile(m, io.BytesIO(data))
     tmp.replace(path)
+
+
+def take(loader: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` batches of ``loader`` (its state then sits right after them)."""
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out

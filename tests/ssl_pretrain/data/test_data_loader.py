@@ -12,21 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from data_helpers import rewrite_tar
+from data_helpers import rewrite_tar, take
 
 from ssl_pretrain.config import ConfigError, from_dict
 from ssl_pretrain.data.epochs import epoch_plan, resume_position
 from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
 from ssl_pretrain.data.shardformat import CorruptShardError
-
-
-def _take(loader: Any, n: int) -> list[dict[str, Any]]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 def _keys(batches: list[dict[str, Any]]) -> list[tuple[str, int]]:
@@ -119,7 +110,7 @@ def test_resampled_ranks_and_workers_read_disjoint_shards(shard_dir: Path) -> No
     cfg = LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=8, seed=3)
     loaders = [build_pretrain_loader(cfg, rank, 2) for rank in range(2)]
     assert len(loaders[0].urls) >= 4  # enough shards for 2 ranks x 2 workers
-    by_rank = [set(_keys(_take(loader, 12))) for loader in loaders]
+    by_rank = [set(_keys(take(loader, 12))) for loader in loaders]
     assert by_rank[0] and by_rank[1] and not by_rank[0] & by_rank[1]
     owner = {}
     for url in loaders[0].urls:  # which rank's split each subject's shard belongs to
@@ -136,24 +127,24 @@ def test_resampled_ranks_and_workers_read_disjoint_shards(shard_dir: Path) -> No
 @pytest.mark.parametrize("mode", ["resampled", "epoch"])
 def test_resume_continues_with_the_same_next_batches(shard_dir: Path, mode: str) -> None:
     cfg = LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=2, shuffle_buffer=12, mode=mode, seed=7)
-    full = _take(build_pretrain_loader(cfg, 1, 2), 9)
+    full = take(build_pretrain_loader(cfg, 1, 2), 9)
     interrupted = build_pretrain_loader(cfg, 1, 2)
-    _take(interrupted, 5)
+    take(interrupted, 5)
     state = json.loads(json.dumps(interrupted.state_dict()))
     resumed = build_pretrain_loader(cfg, 1, 2)
     resumed.load_state_dict(state)
-    _assert_same(_take(resumed, 4), full[5:])
+    _assert_same(take(resumed, 4), full[5:])
 
 
 def test_resume_in_process_and_seed(shard_dir: Path) -> None:
     cfg = LoaderConfig(shards=str(shard_dir), batch_size=5, num_workers=0, shuffle_buffer=20, seed=1)
-    full = _take(build_pretrain_loader(cfg, 0, 1), 30)  # several resampled rounds
+    full = take(build_pretrain_loader(cfg, 0, 1), 30)  # several resampled rounds
     a = build_pretrain_loader(cfg, 0, 1)
-    _take(a, 23)
+    take(a, 23)
     b = build_pretrain_loader(cfg, 0, 1)
     b.load_state_dict(a.state_dict())
-    _assert_same(_take(b, 7), full[23:])
-    other = _take(build_pretrain_loader(LoaderConfig(**{**cfg.__dict__, "seed": 2}), 0, 1), 3)
+    _assert_same(take(b, 7), full[23:])
+    other = take(build_pretrain_loader(LoaderConfig(**{**cfg.__dict__, "seed": 2}), 0, 1), 3)
     assert _keys(other) != _keys(full[:3])
 
 

@@ -12,17 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from data_helpers import take
 
 from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
-
-
-def _take(loader: Any, n: int) -> list[dict[str, Any]]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
 
 
 def _volumes(shard_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -92,12 +84,12 @@ def test_epoch_splits_volumes_by_rank_and_worker_without_overlap(volume_shard_di
 def test_resume_repeats_the_same_patches(volume_shard_dir: Path, workers: int, rank: int, world: int) -> None:
     cfg = LoaderConfig(shards=str(volume_shard_dir), batch_size=3, num_workers=workers, patch_size=(4, 8, 8),
                        patches_per_volume=2, shuffle_buffer=6, seed=3, foreground_fraction=0.5)
-    full = _take(build_pretrain_loader(cfg, rank, world), 14)  # several resampled rounds
+    full = take(build_pretrain_loader(cfg, rank, world), 14)  # several resampled rounds
     interrupted = build_pretrain_loader(cfg, rank, world)
-    _take(interrupted, 9)
+    take(interrupted, 9)
     resumed = build_pretrain_loader(cfg, rank, world)
     resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
-    after = _take(resumed, 5)
+    after = take(resumed, 5)
     assert _keys(after) == _keys(full[9:])
     for a, b in zip(after, full[9:], strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
