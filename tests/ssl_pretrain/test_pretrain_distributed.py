@@ -16,6 +16,7 @@ from ssl_pretrain.engine.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "launch" / "configs" / "debug.yaml"
+DEBUG3D = ROOT / "launch" / "configs" / "debug3d.yaml"
 SCRIPT = ROOT / "launch" / "pretrain.py"
 BIN = Path(sys.executable).parent
 
@@ -28,8 +29,8 @@ def _env() -> dict[str, str]:
     return {**env, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _args(shards: Path, out: Path, *overrides: str) -> list[str]:
-    return [str(SCRIPT), "--config", str(DEBUG), f"data.shards={shards}", f"out_dir={out}", *overrides]
+def _args(shards: Path, out: Path, *overrides: str, config: Path = DEBUG) -> list[str]:
+    return [str(SCRIPT), "--config", str(config), f"data.shards={shards}", f"out_dir={out}", *overrides]
 
 
 def _run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -124,16 +125,26 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
         run_pretraining(cfg)
 
 
-@pytest.mark.serial
-def test_kill_9_and_resume_gives_the_same_losses_and_probes(pretrain_shards: Path, labeled: Path,
-                                                            tmp_path: Path) -> None:
-    common = ["contrastive.positives=partition", "contrastive.local_weight=1.0", "track=false",
-              "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000", "data.num_workers=1",
-              f"probe.root={labeled}", "probe.every=8", "probe.steps=20"]
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _run([sys.executable] + _args(pretrain_shards, ref, *common))
+# per dimensionality: config, shards fixture, overrides; the 3D run's patches are cut by a loader worker from
+# volume shards and its MIM masks drawn per step, so the resume must restore both streams exactly
+KILL_RUNS = {
+    "2d": (DEBUG, "pretrain_shards", ("contrastive.positives=partition", "contrastive.local_weight=1.0")),
+    "3d": (DEBUG3D, "volume_shards", ("task=mim",)),
+}
 
-    proc = subprocess.Popen([sys.executable] + _args(pretrain_shards, killed, *common), env=_env(), cwd=ROOT,
+
+@pytest.mark.serial
+@pytest.mark.parametrize("dims", sorted(KILL_RUNS))
+def test_kill_9_and_resume_gives_the_same_losses_and_probes(dims: str, labeled: Path, tmp_path: Path,
+                                                            request: pytest.FixtureRequest) -> None:
+    config, shards_fixture, extra = KILL_RUNS[dims]
+    shards = request.getfixturevalue(shards_fixture)
+    common = [*extra, "track=false", "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000",
+              "data.num_workers=1", f"probe.root={labeled}", "probe.every=8", "probe.steps=20"]
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run([sys.executable] + _args(shards, ref, *common, config=config))
+
+    proc = subprocess.Popen([sys.executable] + _args(shards, killed, *common, config=config), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
@@ -145,7 +156,7 @@ def test_kill_9_and_resume_gives_the_same_losses_and_probes(pretrain_shards: Pat
     k = json.loads((killed / "checkpoints" / latest.read_text() / "meta.json").read_text())["step"]
     assert 4 <= k < 24
 
-    _run([sys.executable] + _args(pretrain_shards, killed, *common))  # resume=auto
+    _run([sys.executable] + _args(shards, killed, *common, config=config))  # resume=auto
     ref_losses, resumed = _losses(ref), _losses(killed)
     assert sorted(resumed) == list(range(1, 25))
     for step in range(k + 1, 25):
