@@ -284,7 +284,7 @@ class _SliceStream(IterableDataset):
                 )
 
     def _read_shard(self, url: str) -> Iterator[_Raw]:
-        stream = open_verified(url, self.entries.get(url), self.cfg.verify, self._verified)
+        stream = open_verified(url, self.entries.get(url), self.cfg.verify, self._verified, populate=not self.volumes)
         try:
             key, parts = None, {}
             for name, data in iter_tar_members(stream, url):

@@ -290,14 +290,18 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def open_shard(url: str) -> Any:
-    """A local shard is memory-mapped (zero-copy member slices); other URLs are streamed by wds.gopen."""
+def open_shard(url: str, populate: bool = True) -> Any:
+    """A local shard is memory-mapped (zero-copy member slices); other URLs are streamed by wds.gopen.
+
+    ``populate``: map every (cached) page up front (``MAP_POPULATE``) instead of faulting 4 KiB at a
+    time — right when every byte is read (slices); patches of volumes touch only part of them, and
+    faulting in just those pages is faster (about 2x per 64³ patch of a 14 MB volume).
+    """
     if is_local(url):
         with open(url, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""
-            # MAP_POPULATE maps the (cached) pages up front instead of faulting 4 KiB at a time
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
             return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     import webdataset as wds
 
@@ -310,11 +314,12 @@ def _identity(path: str) -> tuple[int, int, int, int]:
 
 
 def open_verified(url: str, entry: dict[str, Any] | None, verify: Literal["none", "size", "sha256"],
-                  verified: set[tuple[Any, ...]]) -> Any:
+                  verified: set[tuple[Any, ...]], populate: bool = True) -> Any:
     """:func:`open_shard`, then check the shard against its manifest entry.
 
     Args:
         url: the shard.
+        populate: passed to :func:`open_shard`.
         entry: its manifest entry (``bytes``, ``sha256``); ``None`` reads it unchecked.
         verify: ``"none"``, ``"size"`` (cheap) or ``"sha256"`` (size and digest).
         verified: identities (url, device, inode, size, mtime) of local shards already hashed by
@@ -330,7 +335,7 @@ def open_verified(url: str, entry: dict[str, Any] | None, verify: Literal["none"
     """
     try:
         ident = (url, *_identity(url)) if is_local(url) and verify == "sha256" else None
-        stream = open_shard(url)
+        stream = open_shard(url, populate)
         if verify == "none" or entry is None:
             return stream
         if not isinstance(stream, (bytes, mmap.mmap)):
