@@ -91,6 +91,32 @@ def test_deepspeed_two_ranks_both_tasks(pretrain_shards: Path, labeled: Path, tm
     assert {r.data.tags["world_size"] for r in runs_logged} == {"2"}
 
 
+def test_one_step_on_two_ranks_equals_one_step_on_one_rank_over_their_batches(tmp_path: Path) -> None:
+    """Issue 25.7: the gradient is averaged over ranks, ZeRO 1's partitioned update and the gathered
+    negatives are right, not only consistent between replicas (scripts/one_step.py says how a scale
+    error is made visible)."""
+    script = str(ROOT / "tests" / "ssl_pretrain" / "scripts" / "one_step.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    _run([sys.executable, script, str(one)])
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), script, str(two)])
+    import torch
+
+    ref, dist2 = torch.load(one), torch.load(two)
+
+    def max_abs(a: dict, b: dict) -> float:
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    for case in ("contrastive-zero0", "contrastive-zero1", "regression-zero0", "regression-zero1"):
+        moved = max_abs(ref[case]["after"], ref[case]["before"])
+        assert moved > 0, case
+        assert abs(dist2[case]["loss"] - ref[case]["loss"]) <= 1e-6 * abs(ref[case]["loss"]), case
+        assert max_abs(dist2[case]["after"], ref[case]["after"]) <= 1e-3 * moved, case
+    # the control: without the other rank's negatives the step is another step
+    case = "contrastive-own-negatives"
+    moved = max_abs(ref[case]["after"], ref[case]["before"])
+    assert max_abs(dist2[case]["after"], ref[case]["after"]) > 1e-2 * moved
+
+
 def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "nodes"
     port = str(free_port())
