@@ -151,44 +151,53 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
         run_pretraining(cfg)
 
 
-# per dimensionality: config, shards fixture, overrides; the 3D run's patches are cut by a loader worker from
-# volume shards and its MIM masks drawn per step, so the resume must restore both streams exactly
+# config, shards fixture, ranks, steps, overrides (a probe every half run). 2D: two DeepSpeed ranks under
+# ZeRO 1 (each rank's optimizer partition and loader position must come back); 3D: patches cut by a loader
+# worker from volume shards and MIM masks drawn per step, so the resume must restore both streams exactly
 KILL_RUNS = {
-    "2d": (DEBUG, "pretrain_shards", ("contrastive.positives=partition", "contrastive.local_weight=1.0")),
-    "3d": (DEBUG3D, "volume_shards", ("task=mim",)),
+    "2d-2ranks-zero1": (DEBUG, "pretrain_shards", 2, 24, ("contrastive.positives=partition",
+                                                          "contrastive.local_weight=1.0", "train.zero_stage=1",
+                                                          "data.batch_size=4")),
+    "3d": (DEBUG3D, "volume_shards", 1, 12, ("task=mim",)),
 }
 
 
 @pytest.mark.serial
-@pytest.mark.parametrize("dims", sorted(KILL_RUNS))
-def test_kill_9_and_resume_gives_the_same_losses_and_probes(dims: str, labeled: Path, tmp_path: Path,
+@pytest.mark.parametrize("case", sorted(KILL_RUNS))
+def test_kill_9_and_resume_gives_the_same_losses_and_probes(case: str, labeled: Path, tmp_path: Path,
                                                             request: pytest.FixtureRequest) -> None:
-    config, shards_fixture, extra = KILL_RUNS[dims]
+    config, shards_fixture, ranks, steps, extra = KILL_RUNS[case]
     shards = request.getfixturevalue(shards_fixture)
-    common = [*extra, "track=false", "train.max_steps=24", "train.ckpt_every=4", "train.image_every=1000",
-              "data.num_workers=1", f"probe.root={labeled}", "probe.every=8", "probe.steps=20"]
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    _run([sys.executable] + _args(shards, ref, *common, config=config))
+    common = [*extra, "track=false", f"train.max_steps={steps}", "train.ckpt_every=4", "train.image_every=1000",
+              "data.num_workers=1", f"probe.root={labeled}", f"probe.every={steps // 2}", "probe.steps=20"]
 
-    proc = subprocess.Popen([sys.executable] + _args(shards, killed, *common, config=config), env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def command(out: Path) -> list[str]:
+        launcher = [sys.executable] if ranks == 1 else [
+            str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+        return launcher + _args(shards, out, *common, config=config)
+
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _run(command(ref))
+
+    proc = subprocess.Popen(command(killed), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank at once
     proc.wait()
     assert not (killed / "export").exists(), "the run finished before it could be killed"
     k = json.loads((killed / "checkpoints" / latest.read_text() / "meta.json").read_text())["step"]
-    assert 4 <= k < 24
+    assert 4 <= k < steps
 
-    _run([sys.executable] + _args(shards, killed, *common, config=config))  # resume=auto
+    _run(command(killed))  # resume=auto
     ref_losses, resumed = _losses(ref), _losses(killed)
-    assert sorted(resumed) == list(range(1, 25))
-    for step in range(k + 1, 25):
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(k + 1, steps + 1):
         assert abs(resumed[step] - ref_losses[step]) <= 1e-5, (step, resumed[step], ref_losses[step])
     ref_probes, resumed_probes = _probes(ref), _probes(killed)
-    assert sorted(resumed_probes) == sorted(ref_probes) == [0, 8, 16, 24]
+    assert sorted(resumed_probes) == sorted(ref_probes) == [0, steps // 2, steps]
     for step in ref_probes:  # the probe is a function of the weights: the resumed run reproduces it
         assert abs(resumed_probes[step] - ref_probes[step]) <= 1e-4, (step, resumed_probes, ref_probes)
 
