@@ -36,7 +36,7 @@ from ssl_pretrain.models.unet import UNetConfig
 from ssl_pretrain.tasks.regression import RegressionConfig, RegressionTask
 from tests.netcheck import is_loopback, listeners
 
-from .conftest import BUDGET, PARAMS32, make_export, tiny_overrides
+from .conftest import PARAMS32, make_export, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -100,20 +100,49 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     log.close()
 
 
-def test_sweep_with_pretrained_init_crash_resume_and_registry(
+def _pretrain_against(cohort: Path, out: Path) -> Path:
+    """The pipeline's first half: the cohort's images as shards (the sweep's 32×32 preprocessing) and a
+    short real contrastive pretraining run, tracked wherever ``MLFLOW_TRACKING_URI`` points."""
+    from ssl_pretrain.data.ingest import discover
+    from ssl_pretrain.data.shards import write_shards
+    from ssl_pretrain.engine.config import PretrainConfig
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    subjects, _ = discover(cohort)
+    write_shards(subjects, out / "shards", PARAMS32, samples_per_shard=16, workers=1, progress=False)
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(PretrainConfig, root / "launch" / "configs" / "debug.yaml", [
+        f"data.shards={out / 'shards'}", f"out_dir={out / 'run'}", "train.max_steps=4", "train.warmup_steps=1",
+        "data.num_workers=0", "probe.root=", "track=true", "run_name=team-pretrain"])
+    return run_pretraining(cfg)
+
+
+def test_pipeline_against_a_team_mlflow_server_pretrain_sweep_crash_resume_registry(
     cohort: Path, tmp_path: Path, ray_session, mlflow_server: str, monkeypatch
 ) -> None:
+    """Issue 25.6: pretraining and the sweep log to an ``mlflow server`` with a SQL backend and its own
+    artifact root; the sweep's pretrained init is the pretraining run's URI; everything is read back
+    through the server."""
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.chdir(tmp_path)
-    export = make_export(tmp_path / "pre" / "export" / "model.pt")
+    export = _pretrain_against(cohort, tmp_path / "pre")
+    client = MlflowClient(mlflow_server)
+    [pre_run] = client.search_runs([client.get_experiment_by_name("mri-ssl/pretrain").experiment_id],
+                                   "attributes.run_name = 'team-pretrain'")
+    assert pre_run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(pre_run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert "export/model.pt" in {a.path for a in client.list_artifacts(pre_run.info.run_id, "export")}
+    # the artifact comes back through the server (proxied artifact root), byte for byte
+    got = resolve_model_file(f"runs:/{pre_run.info.run_id}", tmp_path / "dl2")
+    assert got.read_bytes() == export.read_bytes()
     cfg = load_config(
         SweepConfig,
         overrides=[
             *tiny_overrides(cohort, tmp_path / "sweep", size=32),
             "tracking.enabled=true",
-            f"init=[random, {export}]",
+            f"init=[random, runs:/{pre_run.info.run_id}]",
             "n_labeled=[1, 2]",
             "seeds=[0]",
             "search.fault_at_step=10",
@@ -137,11 +166,10 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     # report: table, plots, pretraining budget of the pretrained init
     md = res["report"]["markdown"].read_text()
     assert "| contrastive |" in md and "| random |" in md and res["table"] in md
-    assert f"| contrastive | {BUDGET['steps']} | {BUDGET['samples_seen']} |" in md
+    assert "| contrastive | 4 | 32 |" in md  # the pretraining run's own budget: 4 steps of 8 slices
     assert res["report"]["plot"].stat().st_size > 1000 and res["report"]["curves"].stat().st_size > 1000
 
     # MLflow (through the server): parent run, 4 nested runs, the crashed trial kept one nested run
-    client = MlflowClient(mlflow_server)
     parent = client.get_run(res["parent_run_id"])
     assert parent.info.status == "FINISHED"
     exp_id = parent.info.experiment_id
@@ -170,13 +198,6 @@ def test_sweep_with_pretrained_init_crash_resume_and_registry(
     [mask] = predict(f"models:/{name}@champion", src, tmp_path / "m.nii.gz")
     assert nib.load(mask).shape == nib.load(src).shape
 
-    # a pretraining run's export resolves from a bare runs:/<id> (artifact export/model.pt)
-    import mlflow
-
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(export), "export")
-    got = resolve_model_file(f"runs:/{run.info.run_id}", tmp_path / "dl2")
-    assert got.read_bytes() == export.read_bytes()
 
     # running the same sweep again reuses the finished trials (Tuner.restore), nothing is retrained
     stamps = {r["trial_key"]: (Path(r["out_dir"]) / "result.json").stat().st_mtime_ns for r in res["rows"]}
