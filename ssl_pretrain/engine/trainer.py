@@ -54,10 +54,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def sample_keys(batch: dict[str, Any]) -> list[str]:
-    """One key per sample of a batch: ``subject/slice``, or ``subject/d,h,w`` (a patch's origin)."""
+    """One key per real sample of a batch (padding left out): ``subject/slice``, or ``subject/d,h,w`` (a patch's
+    origin)."""
     where = batch["origin"].tolist() if "origin" in batch else batch["slice"].tolist()
-    return [f"{s}/{','.join(map(str, w)) if isinstance(w, list) else w}" for s, w in
-            zip(batch["subject"], where, strict=True)]
+    valid = batch["valid"].tolist() if "valid" in batch else [True] * len(where)
+    return [f"{s}/{','.join(map(str, w)) if isinstance(w, list) else w}" for s, w, ok in
+            zip(batch["subject"], where, valid, strict=True) if ok]
 
 
 def build_task(cfg: PretrainConfig, info: DistInfo) -> PretextTask:
@@ -363,7 +365,7 @@ class Trainer:
         """Train from :attr:`state`'s step to ``train.max_steps``: log, probe, export, draw and checkpoint."""
         cfg, info, t, st = self.cfg, self.info, self.cfg.train, self.state
         pending: dict[str, Any] | None = first
-        self._seen: set[str] = set()
+        self._seen: list[str] = []  # every sample trained on, repeats kept (train.track_samples)
         started, wall_before = time.perf_counter(), st.wall_time_s
         window = _Window()
         pbar = tqdm(total=t.max_steps, initial=st.step, disable=not info.is_main, desc=f"pretrain {cfg.task}")
@@ -408,7 +410,7 @@ class Trainer:
             pending = None
             wait += time.perf_counter() - w0
             if self.cfg.train.track_samples:
-                self._seen.update(sample_keys(batch))
+                self._seen.extend(sample_keys(batch))
             loss, task_metrics = engine(batch)
             engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
             engine.step()

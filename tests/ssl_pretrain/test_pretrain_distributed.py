@@ -117,27 +117,43 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank_over_their_batches(tm
     assert max_abs(dist2[case]["after"], ref[case]["after"]) > 1e-2 * moved
 
 
-def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Path) -> None:
-    out = tmp_path / "nodes"
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-             "--master_addr", "127.0.0.1", "--master_port", port]
-            + _args(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=5",
-                    "train.warmup_steps=1", "data.num_workers=0", "train.track_samples=true"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
-        )
-        for node in (0, 1)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=180)
-        assert p.returncode == 0, output[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    rank0, rank1 = (set(s) for s in summary["samples_by_rank"])
-    assert rank0 and rank1
-    assert not rank0 & rank1  # the default (resampled) stream: each node draws from its own shards
-    assert summary["replica_max_abs_diff"] == 0.0
+def _node_commands(launcher: str, port: int, hostfile: Path, args: list[str]) -> list[list[str]]:
+    """One command per "node" (two launcher processes on this machine, one rank each), as a cluster runs them."""
+    if launcher == "torchrun":  # elastic c10d rendezvous at the first node's address
+        return [[str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", *args] for _ in (0, 1)]
+    # DeepSpeed's multi-node path without ssh: the same hostfile on every node, each told its rank
+    return [[str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), *args] for node in (0, 1)]
+
+
+def test_two_nodes_with_the_real_launchers_train_as_one_node_of_two_ranks(pretrain_shards: Path,
+                                                                          tmp_path: Path) -> None:
+    """Issue 25.1: two "nodes" of one rank each, started by torchrun (c10d rendezvous) and by the DeepSpeed
+    launcher (--no_ssh), give the losses of the single-node 2-rank run of the same config; the nodes read
+    disjoint shards and no rank trains on a slice twice in the epoch."""
+    overrides = ("task=regression", "track=false", "train.max_steps=6", "train.warmup_steps=1", "data.mode=epoch",
+                 "data.num_workers=1", "train.track_samples=true", "probe.root=")
+    ref = tmp_path / "one-node"
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+         + _args(pretrain_shards, ref, *overrides))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    for launcher in ("torchrun", "deepspeed"):
+        out = tmp_path / launcher
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                                  cwd=ROOT)
+                 for cmd in _node_commands(launcher, free_port(), hostfile, _args(pretrain_shards, out, *overrides))]
+        for p in procs:
+            output, _ = p.communicate(timeout=180)
+            assert p.returncode == 0, output[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["replica_max_abs_diff"] == 0.0
+        assert _losses(out) == _losses(ref), launcher  # same ranks, same shards, same seeds: the same run
+        rank0, rank1 = summary["samples_by_rank"]
+        assert rank0 and rank1 and not set(rank0) & set(rank1)  # split by node
+        assert len(set(rank0)) == len(rank0) and len(set(rank1)) == len(rank1)  # nothing twice in the epoch
+        assert summary["samples_by_rank"] == json.loads((ref / "summary.json").read_text())["samples_by_rank"]
 
     # continuing this 2-rank checkpoint with one process is refused before any compute
     from ssl_pretrain.config import load_config
@@ -145,8 +161,8 @@ def test_torchrun_two_nodes_split_the_shards(pretrain_shards: Path, tmp_path: Pa
     from ssl_pretrain.engine.config import PretrainConfig
     from ssl_pretrain.engine.trainer import run_pretraining
 
-    cfg = load_config(PretrainConfig, DEBUG, _args(pretrain_shards, out, "task=regression", "track=false",
-                                                   "train.max_steps=8", "train.warmup_steps=1")[3:])
+    cfg = load_config(PretrainConfig, DEBUG, _args(pretrain_shards, tmp_path / "deepspeed", *overrides[:2],
+                                                   "train.max_steps=8", "train.warmup_steps=1", "data.mode=epoch")[3:])
     with pytest.raises(CheckpointError, match="checkpoint has world_size=2, this run has 1; resume with the same"):
         run_pretraining(cfg)
 
