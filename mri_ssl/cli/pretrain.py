@@ -50,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: PretrainConfig) -> int:
     # deepspeed is imported only for a real run, not for --help
+    from ssl_pretrain.engine.distributed import PeerLost
     from ssl_pretrain.engine.trainer import TrainingDiverged, run_pretraining
 
     try:
         export = run_pretraining(cfg)  # sets up and always tears down the process group
-    except (ValueError, TrainingDiverged) as e:  # bad input or divergence: one clear line, no traceback
+    except (ValueError, TrainingDiverged, PeerLost) as e:  # bad input, divergence, a lost node: one line, no traceback
         # errors re-raised from DataLoader workers carry a traceback: keep the last line only
         logging.getLogger("pretrain").debug("full traceback", exc_info=True)
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]

@@ -47,6 +47,10 @@ class PretrainTrainConfig:
     cpu_threads: int | None = option(
         None, "intra-op threads per CPU rank; null = OMP_NUM_THREADS or cores / ranks on the node", ge=1
     )
+    peer_timeout_s: int = option(
+        600, "seconds a rank waits for the others in a collective before it stops with one line naming the "
+        "silent peer (a lost or hung node); torch's own default is 30 minutes", ge=1,
+    )
     deepspeed_config: str | None = option(
         None, "your own DeepSpeed JSON; replaces the derived one (its batch keys must agree with this config)"
     )

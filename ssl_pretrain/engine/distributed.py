@@ -10,13 +10,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "free_port", "cpu_threads"]
+__all__ = ["DistInfo", "PeerLost", "init_distributed", "lost_peer", "peer_names", "shutdown_distributed", "free_port",
+           "cpu_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,43 @@ def cpu_threads(requested: int | None) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local))
 
 
-def init_distributed() -> DistInfo:
+class PeerLost(RuntimeError):
+    """Another rank stopped answering (its node died, hung or lost the network); the message is one line."""
+
+
+def peer_names(info: DistInfo) -> list[str]:
+    """``host pid N`` of every rank, gathered once at the start, so that a rank can name a peer that is gone."""
+    names: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(names, f"{socket.gethostname()} pid {os.getpid()}")
+    return [str(n) for n in names]
+
+
+def lost_peer(exc: BaseException, info: DistInfo, peers: list[str]) -> str | None:
+    """Who is gone and why, when a collective failed because another rank stopped answering; else ``None``.
+
+    gloo and NCCL give the peer's address when a connection breaks (``Read error [10.0.0.2]:29061:
+    Connection reset by peer``) but not when a wait times out (a hung node); with two ranks the
+    other one is the peer either way, with more the message lists the candidates.
+    """
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, dist.DistError) and not re.search(r"gloo|nccl|Connection (reset|closed)|Timed out", text,
+                                                             re.I):
+        return None
+    where = re.search(r"\[([\w.:-]+)\]:(\d+)", text)
+    reason = re.search(r"(Connection reset by peer|Connection closed by peer|Timed out[^.]*|Broken pipe)", text)
+    why = (reason.group(1) if reason else text[:120]) + (f" at {where.group(1)}:{where.group(2)}" if where else "")
+    others = [r for r in range(info.world_size) if r != info.rank]
+    who = (f"rank {others[0]} ({peers[others[0]]})" if len(others) == 1
+           else f"one of ranks {', '.join(map(str, others))}")
+    return f"{who}: {why}"
+
+
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the process group: nccl on GPUs, gloo on CPUs.
+
+    Args:
+        timeout_s: How long a collective waits for the other ranks before it fails (``train.peer_timeout_s``);
+            ``None``: torch's and DeepSpeed's defaults.
 
     Returns:
         This process's :class:`DistInfo`.
@@ -109,15 +147,23 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     _skip_cpu_shm_build()
+    if timeout_s:
+        # groups made later by new_group (DeepSpeed's data-parallel group among them) take torch's module
+        # default, not the world group's timeout; that default is the one setting that reaches them all
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized() and _local_rendezvous():
         # a job on this machine only: its rendezvous and gloo listen on loopback, not on every interface
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
         store = _loopback_store(rank, world, int(os.environ["MASTER_PORT"]))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     else:
-        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, dist_init_required=False, verbose=False, **timeout)
     info = DistInfo(rank, world, local_rank, device, backend, owns_env)
     if owns_env:
         _OWN_GROUP = info

@@ -34,7 +34,15 @@ from ssl_pretrain.data.shardformat import manifest_preprocess, manifest_subjects
 from ssl_pretrain.engine import plots
 from ssl_pretrain.engine.checkpoint import CheckpointDir, CheckpointError, capture_rng, restore_rng
 from ssl_pretrain.engine.config import BatchPlan, PretrainConfig, batch_plan, deepspeed_config
-from ssl_pretrain.engine.distributed import DistInfo, cpu_threads, init_distributed, shutdown_distributed
+from ssl_pretrain.engine.distributed import (
+    DistInfo,
+    PeerLost,
+    cpu_threads,
+    init_distributed,
+    lost_peer,
+    peer_names,
+    shutdown_distributed,
+)
 from ssl_pretrain.engine.probe import SegmentationProbe
 from ssl_pretrain.engine.state import PretrainState
 from ssl_pretrain.export import save_export
@@ -84,7 +92,7 @@ def run_pretraining(cfg: PretrainConfig) -> Path:
         ConfigError, CheckpointError, ValueError: Bad input, found before any compute.
         TrainingDiverged: The loss became NaN / Inf.
     """
-    info = init_distributed()
+    info = init_distributed(cfg.train.peer_timeout_s)
     threads = torch.get_num_threads()
     if info.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
@@ -95,13 +103,14 @@ def run_pretraining(cfg: PretrainConfig) -> Path:
         shutdown_distributed(info)
 
 
-_NOT_IN_NAME = ("out_dir", "run_name", "resume", "track", "experiment")
+# where a run writes and how it waits, not what it trains (train.peer_timeout_s came later: old names stay)
+_NOT_IN_NAME = ("out_dir", "run_name", "resume", "track", "experiment", "train.peer_timeout_s")
 
 
 def run_name(cfg: PretrainConfig) -> str:
     """``<task>-<digest>``: the MLflow name of a run without ``run_name``; the digest is of its config
     (what it trains, not where it writes), so two runs of one recipe share a name and others do not."""
-    flat = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_NAME}
+    flat = {k: v for k, v in flatten(cfg).items() if k.split(".")[0] not in _NOT_IN_NAME and k not in _NOT_IN_NAME}
     return f"{cfg.task}-{hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
@@ -251,11 +260,21 @@ class Trainer:
             dist_init_required=False,
         )
         self._restore(engine, task, meta, rank_state)
+        peers = peer_names(info)
         self._start_tracking(resolved)
         assert self.logger is not None
         try:
-            self._loop(engine, task, loader, stream, first, plan)
-            self._finish(task, loader)
+            try:
+                self._loop(engine, task, loader, stream, first, plan)
+                self._finish(task, loader)
+            except RuntimeError as e:
+                peer = lost_peer(e, info, peers)
+                if peer is None:
+                    raise
+                raise PeerLost(
+                    f"rank {info.rank} of {info.world_size} lost {peer}, at step {self.state.step}; every rank "
+                    f"stops (train.peer_timeout_s={cfg.train.peer_timeout_s}): rerun the same command once every "
+                    f"node is back, it resumes from the last checkpoint in {self.ckpt.root}") from e
         except BaseException as e:
             self.logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise

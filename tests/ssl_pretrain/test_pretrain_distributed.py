@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,44 @@ def test_two_nodes_with_the_real_launchers_train_as_one_node_of_two_ranks(pretra
                                                    "train.max_steps=8", "train.warmup_steps=1", "data.mode=epoch")[3:])
     with pytest.raises(CheckpointError, match="checkpoint has world_size=2, this run has 1; resume with the same"):
         run_pretraining(cfg)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_lost_node_stops_the_survivor_with_one_line_in_bounded_time(pretrain_shards: Path, tmp_path: Path,
+                                                                     how: str) -> None:
+    """Issue 25.2: node 1 is SIGKILLed (its connections reset) or SIGSTOPped (they stay open and silent) mid-run;
+    node 0 stops within train.peer_timeout_s, not torch's 30 minutes, with one line naming the lost peer."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    out = tmp_path / "run"
+    args = _args(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=100000", "probe.root=",
+                 "data.num_workers=0", "train.peer_timeout_s=15")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                              cwd=ROOT, start_new_session=True)
+             for cmd in _node_commands("deepspeed", free_port(), hostfile, args)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(_losses(out) if (out / "metrics.jsonl").is_file() else {}) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "the run did not start"
+            time.sleep(0.2)
+        os.killpg(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        output, _ = procs[0].communicate(timeout=180)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert procs[0].returncode != 0
+    ours = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "Traceback" not in output, output[-3000:]
+    assert re.search(r"rank 0 of 2 lost rank 1 \(\S+ pid \d+\): .+, at step \d+; every rank stops", ours[0]), ours
+    assert ("Connection reset by peer at 127.0.0.1:" if how == "killed" else "Timed out waiting 15000ms") in ours[0]
+    assert "resumes from the last checkpoint" in ours[0]
+    if how == "hung":  # nothing resets the connections: only the configured timeout ends the wait
+        assert 14 <= elapsed <= 15 + 60, elapsed
 
 
 # config, shards fixture, ranks, steps, overrides (a probe every half run). 2D: two DeepSpeed ranks under
