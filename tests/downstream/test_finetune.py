@@ -346,3 +346,30 @@ def test_sliding_windows_of_an_identity_network_return_the_input() -> None:
     x = np.random.default_rng(0).normal(size=(2, 3, 45, 37)).astype(np.float32)  # larger than the window
     out = predict_probabilities(nn.Identity(), x, roi_size=(16, 16), overlap=0.5)
     np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(x), dim=1).numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetuning_listens_on_loopback_only(cohort: Path, tmp_path: Path) -> None:
+    """Issue 25.4: a finetuning run (tracked to a local MLflow store) opens no socket off loopback, polled
+    from start to end (torch needs no rendezvous for one process; nothing else may listen either)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.netcheck import is_loopback, listeners
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, str(root / "launch" / "finetune.py"), *tiny_overrides(cohort, tmp_path / "run", size=32),
+           "tracking.enabled=true", "train.max_steps=40"]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen, polls = set(), 0
+    while proc.poll() is None:
+        seen.update((c, a, p) for c, a, p in listeners(proc.pid))
+        polls += 1
+        time.sleep(0.1)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert polls >= 10  # the run was watched while it trained, not only at its start
+    assert not [s for s in seen if not is_loopback(s[1])], seen
