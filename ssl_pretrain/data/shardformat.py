@@ -319,12 +319,12 @@ def open_verified(url: str, entry: dict[str, Any] | None, verify: Literal["none"
 
     Args:
         url: the shard.
-        populate: passed to :func:`open_shard`.
         entry: its manifest entry (``bytes``, ``sha256``); ``None`` reads it unchecked.
         verify: ``"none"``, ``"size"`` (cheap) or ``"sha256"`` (size and digest).
         verified: identities (url, device, inode, size, mtime) of local shards already hashed by
             the caller; the digest of an unchanged local file is computed once (a resampled stream
             reopens the same shards every round). Updated in place.
+        populate: passed to :func:`open_shard`.
 
     Returns:
         A memory map or bytes of the whole shard (a streamed shard is read whole to be checked;

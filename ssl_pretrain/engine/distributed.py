@@ -105,9 +105,8 @@ def lost_peer(exc: BaseException, info: DistInfo, peers: list[str]) -> str | Non
     other one is the peer either way, with more the message lists the candidates.
     """
     text = " ".join(str(exc).split())
-    if not isinstance(exc, dist.DistError) and not re.search(r"gloo|nccl|Connection (reset|closed)|Timed out", text,
-                                                             re.I):
-        return None
+    if not isinstance(exc, dist.DistError) and not re.search(r"\b(gloo|nccl)\b", text, re.I):
+        return None  # not a collective's failure (a DataLoader timeout, a bug): the traceback stays
     where = re.search(r"\[([\w.:-]+)\]:(\d+)", text)
     reason = re.search(r"(Connection reset by peer|Connection closed by peer|Timed out[^.]*|Broken pipe)", text)
     why = (reason.group(1) if reason else text[:120]) + (f" at {where.group(1)}:{where.group(2)}" if where else "")
@@ -147,19 +146,18 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     _skip_cpu_shm_build()
+    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     if timeout_s:
         # groups made later by new_group (DeepSpeed's data-parallel group among them) take torch's module
         # default, not the world group's timeout; that default is the one setting that reaches them all
         import torch.distributed.distributed_c10d as c10d
 
-        c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+        c10d.default_pg_timeout = timeout["timeout"]
     if not dist.is_initialized() and _local_rendezvous():
         # a job on this machine only: its rendezvous and gloo listen on loopback, not on every interface
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
         store = _loopback_store(rank, world, int(os.environ["MASTER_PORT"]))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
-    timeout = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, **timeout)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **timeout)
     else:
