@@ -266,17 +266,15 @@ def test_kill_9_and_resume_gives_the_same_losses_and_probes(case: str, labeled: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1])
-def test_pretraining_listens_on_loopback_only(pretrain_shards: Path, tmp_path: Path, ranks: int) -> None:
+def test_pretraining_listens_on_loopback_only(pretrain_shards: Path, tmp_path: Path) -> None:
     """Issue 25.4: the rendezvous store (torch's TCPStore listens on every interface unless handed a socket)
     and gloo listen on 127.0.0.1 for one process (two ranks: in the lost-node test, before the loss)."""
     from tests.netcheck import is_loopback, listeners
 
     out = tmp_path / "run"
-    args = [str(ROOT / "launch" / "pretrain.py"), "--config", str(DEBUG), f"data.shards={pretrain_shards}",
-            f"out_dir={out}", "train.max_steps=400", "track=false", "data.num_workers=0", "probe.root="]
-    cmd = [sys.executable, *args] if ranks == 1 else [
-        str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args]
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(DEBUG),
+           f"data.shards={pretrain_shards}", f"out_dir={out}", "train.max_steps=400", "track=false",
+           "data.num_workers=0", "probe.root="]
     proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -288,6 +286,6 @@ def test_pretraining_listens_on_loopback_only(pretrain_shards: Path, tmp_path: P
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    trainers = [(c, a, p) for c, a, p in found if "pretrain.py" in c and "deepspeed.launcher" not in c]
-    assert len({c for c, _, _ in trainers}) >= 1 and len(trainers) >= 2 * ranks  # store / gloo sockets were seen
+    trainers = [(c, a, p) for c, a, p in found if "pretrain.py" in c]
+    assert len(trainers) >= 2  # the store and gloo sockets were seen
     assert not [(c, a, p) for c, a, p in found if not is_loopback(a)], found
