@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ssl_pretrain.config import FieldError, option
+from ssl_pretrain.config import ConfigError, FieldError, option, validate
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.models.unet import UNetConfig
 
@@ -56,11 +56,6 @@ class DataConfig:
         "parameters win; field_of_view is always pad here: see choose_preprocessing)",
     )
 
-    def check_fields(self) -> None:
-        """Finetuning reads slices: a volume spacing (three values) is refused here, not deep in a trial."""
-        if self.preprocess.volumetric:
-            raise FieldError(f"preprocess.spacing: {list(self.preprocess.spacing)} is a volume spacing (Z Y X); "
-                             f"finetuning runs on slices so far: give two values (H W)")
 
 @dataclass
 class ModelConfig:
@@ -72,9 +67,28 @@ class ModelConfig:
     )
     norm: Literal["instance", "batch"] = option("instance", "normalisation layer for init=random")
     dropout: float = option(0.0, "bottleneck dropout for init=random", ge=0, lt=1)
+    network_class_name: str = option(
+        "PlainConvUNet", "3D init=random: the dynamic_network_architectures class (as nnU-Net plans name it)"
+    )
+    arch: dict | None = option(
+        None, "3D init=random: the network's arch_kwargs as an nnU-Net plans file writes them (as in the "
+        "pretraining configs' model.arch); 3D data (a Z Y X data.preprocess.spacing) needs it",
+    )
 
-    def unet_config(self, in_channels: int) -> UNetConfig:
-        """The architecture of a random init for data with ``in_channels`` channels."""
+    def unet_config(self, in_channels: int, spatial_dims: int = 2) -> UNetConfig:
+        """The architecture of a random init for data with ``in_channels`` channels.
+
+        Raises:
+            ConfigError: 3D data without ``model.arch``.
+        """
+        if spatial_dims == 3:
+            if self.arch is None:
+                raise ConfigError("model.arch: 3D data (a Z Y X data.preprocess.spacing) with init=random needs the "
+                                  "network's arch_kwargs (see launch/configs/finetune3d.yaml)")
+            cfg = UNetConfig(in_channels=in_channels, spatial_dims=3, network_class_name=self.network_class_name,
+                             arch=self.arch)
+            validate(cfg, "model.")
+            return cfg
         return UNetConfig(in_channels=in_channels, widths=tuple(self.widths), norm=self.norm, dropout=self.dropout)
 
 @dataclass
@@ -89,14 +103,14 @@ class FinetuneAugmentConfig:
     p_noise: float = option(0.15, "additive Gaussian noise", ge=0, le=1)
     p_smooth: float = option(0.1, "Gaussian smoothing", ge=0, le=1)
     p_low_resolution: float = option(0.2, "low-resolution simulation (down- then upsampling)", ge=0, le=1)
-    p_flip: float = option(0.5, "left-right mirroring", ge=0, le=1)
+    p_flip: float = option(0.5, "mirroring: left-right in 2D, along each of the three axes in 3D", ge=0, le=1)
 
 @dataclass
 class FinetuneTrainConfig:
     """Optimisation, augmentation, evaluation and early stopping."""
 
     max_steps: int = option(2000, "optimizer steps", ge=1)
-    batch_size: int = option(16, "slices per step", ge=1)
+    batch_size: int = option(16, "patches (2D: slices) per step", ge=1)
     lr: float = option(1e-3, "peak AdamW learning rate", gt=0)
     weight_decay: float = option(1e-4, "AdamW weight decay", ge=0)
     warmup_steps: int = option(50, "linear learning-rate warmup steps", ge=0)
@@ -108,13 +122,22 @@ class FinetuneTrainConfig:
     bf16: bool = option(True, "bf16 autocast of the training forward pass on GPUs (CPUs stay float32)")
     augment: bool = option(True, "on-the-fly MONAI augmentation of training patches (train.aug)")
     aug: FinetuneAugmentConfig = option(factory=FinetuneAugmentConfig, help="augmentation strength and probabilities")
-    foreground_fraction: float = option(0.5, "share of training slices drawn from slices with foreground", ge=0, le=1)
+    foreground_fraction: float = option(
+        0.5, "share of training patches centred on foreground (nnU-Net: a third)", ge=0, le=1
+    )
+    patch_size: tuple[int, ...] = option(
+        (64, 64, 64), "3D: training patch (D, H, W) and sliding window of inference (2D: data.preprocess.size)",
+        ge=1, length=(3, 3),
+    )
+    deep_supervision: bool = option(False, "3D: train every decoder stage's output too (nnU-Net's loss weights)")
     eval_every: int = option(100, "steps between validation evaluations (and checkpoints)", ge=1)
     sw_overlap: float = option(
         0.5, "overlap of the Gaussian-weighted sliding windows of validation and test inference", ge=0, lt=1
     )
     nsd_tolerance_mm: float = option(2.0, "tolerance in mm of the test normalised surface Dice (test_nsd)", gt=0)
-    test_tta: bool = option(False, "mirroring test-time augmentation (rows, columns) in the test evaluation")
+    test_tta: bool = option(
+        False, "mirroring test-time augmentation in the test evaluation (rows, columns; 3D: the three axes)"
+    )
     test_largest_component: bool = option(
         False, "test evaluation keeps the largest component of the classes chosen on validation (--largest-component)"
     )

@@ -42,6 +42,7 @@ import numpy as np
 from downstream.config import DataConfig
 from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
 from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, load_nifti, preprocess
+from ssl_pretrain.data.volumes import VolumeSample, preprocess_volume
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,13 @@ class PreparedData:
     cache: VolumeCache
     skipped: list[tuple[str, str]]
 
-    def volumes(self, ids: tuple[str, ...] | list[str]) -> dict[str, Volume]:
-        """Load preprocessed volumes by subject id (from the cache)."""
+    @property
+    def spatial_dims(self) -> int:
+        """3 when volumes are prepared whole (a Z Y X spacing), 2 for slices."""
+        return 3 if self.params.volumetric else 2
+
+    def volumes(self, ids: tuple[str, ...] | list[str]) -> dict[str, Volume | VolumeSample]:
+        """Load preprocessed volumes by subject id (from the cache): slices, or whole 3D volumes."""
         by_id = {s.id: s for s in self.dataset.subjects}
         return {i: self.cache.load(by_id[i]) for i in ids}
 
@@ -414,7 +420,8 @@ class VolumeCache:
         if err.is_file():
             return err.read_text().strip()
         try:
-            vol = preprocess(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
+            prep = preprocess_volume if self.params.volumetric else preprocess
+            vol = prep(subject.image, self.params, subject.label, allowed_labels=self.allowed_labels)
         except (InputError, ValueError) as e:
             reason = str(e).splitlines()[0]
             atomic_write_text(err, reason)
@@ -429,8 +436,9 @@ class VolumeCache:
             np.savez(f, **payload)
         return None
 
-    def load(self, subject: LabeledSubject) -> Volume:
-        """Return the cached preprocessed volume (preprocessing it first when missing).
+    def load(self, subject: LabeledSubject) -> Volume | VolumeSample:
+        """Return the cached preprocessed volume (preprocessing it first when missing): slices
+        (:class:`Volume`) or, for a Z Y X spacing, one cropped volume (:class:`VolumeSample`).
 
         Raises:
             InputError: The volume is unusable (the reason names the file).
@@ -439,7 +447,8 @@ class VolumeCache:
         if reason is not None:
             raise InputError(reason)
         with np.load(self.directory / f"{self.key(subject)}.npz", allow_pickle=False) as z:
-            return Volume(
+            kind = VolumeSample if self.params.volumetric else Volume
+            return kind(
                 image=z["image"],
                 label=z["label"],
                 spacing=tuple(float(s) for s in z["spacing"]),  # type: ignore[arg-type]

@@ -45,7 +45,14 @@ from tqdm import tqdm
 from downstream.config import FinetuneConfig
 from downstream.data import PreparedData, draw_labeled, prepare_configured
 from downstream.figures import contour_figure
-from downstream.inference import choose_largest_component, evaluate, evaluate_test, load_init
+from downstream.inference import (
+    choose_largest_component,
+    evaluate,
+    evaluate_test,
+    image_channels,
+    load_init,
+    mirror_axes,
+)
 from downstream.metrics import summarize
 from downstream.patches import PatchSampler, augment, build_augmentation
 from downstream.state import (
@@ -62,7 +69,7 @@ from ssl_pretrain.config import flatten, save_config
 from ssl_pretrain.data.preprocess import Volume
 from ssl_pretrain.export import ExportError, LoadReport, build_unet, choose_preprocessing, save_export
 from ssl_pretrain.fileio import atomic_savefig, atomic_write_text
-from ssl_pretrain.models.unet import UNet
+from ssl_pretrain.models.dna import deep_supervision_weights, patch_divisor
 from ssl_pretrain.tracking import NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
@@ -87,21 +94,42 @@ def _build_model(
     source: str,
     in_channels: int,
     num_classes: int,
-    size: tuple[int, int],
-) -> tuple[UNet, LoadReport]:
-    mcfg = cfg.model.unet_config(in_channels) if export is None else export["model_config"]
-    if size[0] % mcfg.divisor or size[1] % mcfg.divisor:
-        raise ValueError(
-            f"data.preprocess.size: {list(size)} must be divisible by {mcfg.divisor} for "
-            f"widths {list(mcfg.widths)}"
-        )
+    data: PreparedData,
+) -> tuple[torch.nn.Module, LoadReport]:
+    """The segmentation model: the 2D UNet, or for 3D data the init's ``dynamic_network_architectures`` network."""
+    dims = data.spatial_dims
+    mcfg = cfg.model.unet_config(in_channels, dims) if export is None else export["model_config"]
+    size = patch_size(cfg, data)
+    div = patch_divisor(mcfg.arch) if dims == 3 else (mcfg.divisor,) * 2
+    if any(n % d for n, d in zip(size, div, strict=True)):
+        key = "train.patch_size" if dims == 3 else "data.preprocess.size"
+        raise ValueError(f"{key}: {list(size)} must be multiples of {list(div)} per axis for this network")
     try:
         return build_unet(
             export, num_classes, source=source, strict=False, model_config=mcfg, in_channels=in_channels,
             parts=("encoder",) if cfg.transfer == "encoder" else ("encoder", "decoder", "head"),
+            deep_supervision=cfg.train.deep_supervision and dims == 3,
         )
     except ExportError as e:
         raise ExportError(f"init: {e}") from None
+
+
+def patch_size(cfg: FinetuneConfig, data: PreparedData) -> tuple[int, ...]:
+    """The training patch and inference window: ``train.patch_size`` in 3D, the slice size in 2D."""
+    return tuple(cfg.train.patch_size) if data.spatial_dims == 3 else tuple(data.params.size)
+
+
+def _segmentation_loss(loss_fn: Any, logits: torch.Tensor | list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+    """Dice + CE of the logits; with deep supervision (a list, full resolution first) nnU-Net's weighted sum over
+    the outputs, each against the label downsampled (nearest) to its grid."""
+    if isinstance(logits, torch.Tensor):
+        return loss_fn(logits.float(), label[:, None])
+    total = torch.zeros((), device=label.device)
+    for w, out in zip(deep_supervision_weights(len(logits)), logits, strict=True):
+        if w:
+            target = torch.nn.functional.interpolate(label[:, None].float(), size=out.shape[2:], mode="nearest")
+            total = total + w * loss_fn(out.float(), target.long())
+    return total
 
 
 def _lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -172,7 +200,7 @@ class _Run:
     init_source: str
     data: PreparedData
     train_ids: tuple[str, ...]
-    model: UNet
+    model: torch.nn.Module
     load_report: LoadReport
     opt: torch.optim.Optimizer
     sched: Any
@@ -181,6 +209,10 @@ class _Run:
     @property
     def num_classes(self) -> int:
         return self.data.dataset.num_classes
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return patch_size(self.cfg, self.data)
 
     @property
     def pretrained(self) -> bool:
@@ -213,7 +245,7 @@ def _device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _optimizer(cfg: FinetuneConfig, model: UNet, load_report: LoadReport) -> torch.optim.Optimizer:
+def _optimizer(cfg: FinetuneConfig, model: torch.nn.Module, load_report: LoadReport) -> torch.optim.Optimizer:
     """AdamW; parameters loaded from the init train at ``train.pretrained_lr_scale`` × ``train.lr``."""
     loaded = set(load_report.loaded)
     named = list(model.named_parameters())
@@ -237,9 +269,7 @@ def _build_run(cfg: FinetuneConfig) -> _Run:
     train_ids = draw_labeled(data.splits.train_pool, cfg.n_labeled, cfg.seed)
     first = data.volumes(train_ids[:1])[train_ids[0]]
     torch.manual_seed(cfg.seed)
-    model, load_report = _build_model(
-        cfg, export, init_source, int(first.image.shape[1]), data.dataset.num_classes, data.params.size
-    )
+    model, load_report = _build_model(cfg, export, init_source, image_channels(first), data.dataset.num_classes, data)
     model.to(device)
     opt = _optimizer(cfg, model, load_report)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -327,9 +357,9 @@ def _train(run: _Run, state: FinetuneState, on_eval: EvalCallback | None, logger
 
     cfg, model = run.cfg, run.model
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transforms = build_augmentation(cfg.train.aug, run.data.params.size) if cfg.train.augment else None
+    transforms = build_augmentation(cfg.train.aug, run.patch_size) if cfg.train.augment else None
     sampler = PatchSampler(list(run.data.volumes(run.train_ids).values()), cfg.train.batch_size,
-                           cfg.train.foreground_fraction, run.data.params.size)
+                           cfg.train.foreground_fraction, run.patch_size)
     val_vols = run.data.volumes(run.data.splits.val)
     total = cfg.train.max_steps
     running: list[float] = []
@@ -347,7 +377,7 @@ def _train(run: _Run, state: FinetuneState, on_eval: EvalCallback | None, logger
             image, label = image.to(run.device), label.to(run.device)
             # bf16 autocast on GPUs (train.bf16); CPUs keep float32
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.bf16 and run.device.type == "cuda"):
-                loss = loss_fn(model(image).float(), label[:, None])
+                loss = _segmentation_loss(loss_fn, model(image), label)
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()
@@ -381,7 +411,7 @@ def _patience_spent(cfg: FinetuneConfig, state: FinetuneState) -> bool:
 def _evaluation(run: _Run, state: FinetuneState, val_vols: dict[str, Volume], train_loss: float,
                 frozen: bool, logger: RunLogger) -> dict[str, float]:
     """Validate, keep the best model, log the row, checkpoint; return the row."""
-    per, _ = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.data.params.size,
+    per, _ = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.patch_size,
                       overlap=run.cfg.train.sw_overlap)
     val_dice = float(np.mean(list(per.values())))
     run.model.train()
@@ -409,13 +439,13 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
     cfg, out = run.cfg, run.out
     run.model.load_state_dict(state.best_model)
     val_vols = run.data.volumes(run.data.splits.val)
-    _, val_preds = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.data.params.size,
+    _, val_preds = evaluate(run.model, val_vols, run.num_classes, run.device, roi_size=run.patch_size,
                             overlap=cfg.train.sw_overlap)
     lcc = choose_largest_component([val_preds[i] for i in val_vols], [v.label for v in val_vols.values()],
                                    run.num_classes)
     per_test, test_vols, preds = evaluate_test(
-        run.model, run.data, run.data.splits.test, run.device, overlap=cfg.train.sw_overlap,
-        mirror_axes=(2, 3) if cfg.train.test_tta else (),
+        run.model, run.data, run.data.splits.test, run.device, roi_size=run.patch_size, overlap=cfg.train.sw_overlap,
+        mirror_axes=mirror_axes(run.data.spatial_dims) if cfg.train.test_tta else (),
         largest_component=[int(c) for c, on in lcc.items() if on] if cfg.train.test_largest_component else (),
         nsd_tolerance=cfg.train.nsd_tolerance_mm,
     )
@@ -465,16 +495,17 @@ def _write_outputs(run: _Run, state: FinetuneState, result: dict[str, Any], on_e
                    logger: RunLogger) -> None:
     """``model.pt``, ``metrics.json``, ``result.json``, the final metrics and the final ``on_eval`` call."""
     out, model, step = run.out, run.model, state.step
+    three = run.data.spatial_dims == 3
     save_export(
         out / "model.pt",
         task="segmentation",
         model_config=model.cfg,
         encoder_state=model.encoder.state_dict(),
-        decoder_state=model.decoder.state_dict(),
-        head_state=model.head.state_dict(),
+        decoder_state=model.decoder.state_dict(),  # 3D: the library's decoder, its seg_layers (the head) included
+        head_state=None if three else model.head.state_dict(),
         num_classes=run.num_classes,
         preprocessing=run.data.params.to_dict(),
-        info={k: result[k] for k in _EXPORT_INFO},
+        info={k: result[k] for k in _EXPORT_INFO} | ({"patch_size": list(run.patch_size)} if three else {}),
     )
     test = {k: v for k, v in result.items() if k.startswith("test_") and k not in ("test_ids", "test_per_volume")}
     atomic_write_text(out / "metrics.json",

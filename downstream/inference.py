@@ -2,8 +2,9 @@
 
 * :func:`load_init` / :func:`load_segmentation_model`: an ``init`` (export path or MLflow URI) or a
   finetuned model, through :func:`ssl_pretrain.export.build_unet`.
-* :func:`predict_probabilities` / :func:`predict_slices`: Gaussian-weighted sliding windows (MONAI)
-  over whole slices, with mirroring test-time augmentation.
+* :func:`predict_probabilities` / :func:`predict_labels`: Gaussian-weighted sliding windows (MONAI)
+  over whole slices (2D) or whole volumes (3D), with mirroring test-time augmentation;
+  :func:`original_grid` maps a prediction back onto the input file's own grid.
 * :func:`keep_largest_component` / :func:`choose_largest_component`: post-processing, chosen per
   class on validation (nnU-Net's rule).
 * :func:`evaluate` (validation Dice on the preprocessed grid) and :func:`evaluate_test` (test
@@ -25,12 +26,13 @@ from downstream.data import PreparedData
 from downstream.metrics import dice_score, volume_metrics
 from downstream.model_refs import local_model_file, resolve_model_file
 from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
+from ssl_pretrain.data.volumes import VolumeSample, volume_to_original_grid
 from ssl_pretrain.export import ExportError, build_unet, load_export
-from ssl_pretrain.models.unet import UNet
 
 __all__ = [
-    "choose_largest_component", "evaluate", "evaluate_test", "keep_largest_component", "load_init",
-    "load_segmentation_model", "predict_probabilities", "predict_slices",
+    "choose_largest_component", "evaluate", "evaluate_test", "image_channels", "inference_roi",
+    "keep_largest_component", "load_init", "load_segmentation_model", "mirror_axes", "original_grid",
+    "predict_labels", "predict_probabilities",
 ]
 
 
@@ -61,39 +63,44 @@ def predict_probabilities(
     model: torch.nn.Module,
     image: np.ndarray,
     *,
-    roi_size: tuple[int, int] | list[int],
+    roi_size: tuple[int, ...] | list[int],
     overlap: float = 0.5,
     mirror_axes: tuple[int, ...] = (),
     device: str | torch.device = "cpu",
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Class probabilities of every pixel of a preprocessed volume, whole slices at any size.
+    """Class probabilities of every voxel of a preprocessed volume: slices at any size, or a whole 3D volume.
 
-    Each slice is segmented by MONAI's Gaussian-weighted ``sliding_window_inference`` with windows
-    of the training patch size, so a slice larger than a patch is covered completely.
+    MONAI's Gaussian-weighted ``sliding_window_inference`` with windows of the training patch size covers
+    every slice (2D, ``roi_size`` of two) or the whole volume (3D, ``roi_size`` of three) completely;
+    an image smaller than a window is padded and cropped back.
 
     Args:
-        model: Segmentation network mapping ``(B, C, h, w)`` to ``(B, K, h, w)`` logits.
-        image: ``(S, C, H, W)`` float32 slices (``H``, ``W`` at least ``roi_size``, else padded).
-        roi_size: Window ``(h, w)``: the patch size the model was trained on.
+        model: Segmentation network mapping ``(B, C, *roi)`` to ``(B, K, *roi)`` logits.
+        image: ``(S, C, H, W)`` float32 slices (2D) or a ``(C, D, H, W)`` volume (3D).
+        roi_size: Window ``(h, w)`` or ``(d, h, w)``: the patch size the model was trained on.
         overlap: Fraction of a window shared with its neighbours, in ``[0, 1)``.
         mirror_axes: Test-time augmentation: the probabilities are averaged over every combination of
-            mirrorings along these axes of ``(B, C, H, W)`` (``(2, 3)``: the four in-plane ones), each
-            flipped back; ``()`` for none.
+            mirrorings along these axes of the network input ``(B, C, *spatial)`` (``(2, 3)``: the four
+            in-plane ones of slices; ``(2, 3, 4)``: the eight of a volume), each flipped back; ``()``
+            for none.
         device: Where the model runs.
-        batch_size: Slices (and windows) per forward pass.
+        batch_size: Slices (2D) and windows per forward pass.
 
     Returns:
-        ``(S, K, H, W)`` float32 softmax probabilities.
+        ``(K, S, H, W)`` or ``(K, D, H, W)`` float32 softmax probabilities: classes first, then the
+        grid of the preprocessed volume.
     """
     from monai.inferers import sliding_window_inference
 
+    volume = len(roi_size) == 3
+    batch = image[None] if volume else image  # (B, C, *spatial)
     was_training = model.training
     model.eval()
     flips = [c for r in range(len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, r)]
     out = []
-    for i in range(0, image.shape[0], batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(image[i : i + batch_size])).to(device)
+    for i in range(0, batch.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(batch[i : i + batch_size])).to(device)
         acc = None
         for axes in flips:
             xi = x.flip(axes) if axes else x
@@ -106,15 +113,33 @@ def predict_probabilities(
             acc = p if acc is None else acc + p
         out.append((acc / len(flips)).cpu().numpy())
     model.train(was_training)
-    return np.concatenate(out, axis=0)
+    probs = np.concatenate(out, axis=0)
+    return probs[0] if volume else np.ascontiguousarray(probs.transpose(1, 0, 2, 3))
 
 
-def predict_slices(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
-    """``(S, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
-    return predict_probabilities(model, image, **kwargs).argmax(axis=1).astype(np.uint8)
+def predict_labels(model: torch.nn.Module, image: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """``(S, H, W)`` or ``(D, H, W)`` uint8 label map: argmax of :func:`predict_probabilities` (same arguments)."""
+    return predict_probabilities(model, image, **kwargs).argmax(axis=0).astype(np.uint8)
 
 
-def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
+def original_grid(mask: np.ndarray, geometry: dict) -> np.ndarray:
+    """A map on the preprocessed grid (slices or a cropped volume) back on the input file's own voxel grid."""
+    if geometry.get("layout") == "volume":
+        return volume_to_original_grid(mask, geometry)
+    return to_original_grid(mask, geometry)
+
+
+def image_channels(vol: Volume | VolumeSample) -> int:
+    """Channels of a preprocessed volume: ``(S, C, H, W)`` slices or a ``(C, D, H, W)`` volume."""
+    return int(vol.image.shape[0] if isinstance(vol, VolumeSample) else vol.image.shape[1])
+
+
+def mirror_axes(spatial_dims: int) -> tuple[int, ...]:
+    """Every spatial axis of the network input ``(B, C, *spatial)``: mirroring TTA as nnU-Net does it."""
+    return tuple(range(2, 2 + spatial_dims))
+
+
+def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a finetuned model from a ``model.pt`` path or an MLflow URI.
 
     Args:
@@ -131,6 +156,14 @@ def load_segmentation_model(ref: str, *, device: str | torch.device = "cpu") -> 
         export = load_export(path)
         model, _ = build_unet(export, int(export["num_classes"] or 0), source=ref, strict=True)
     return model.to(device).eval(), export
+
+
+def inference_roi(export: dict[str, Any]) -> tuple[int, ...]:
+    """The sliding window of a finetuned model: its training patch (3D: recorded in the export's ``info``;
+    2D: the preprocessing's slice size)."""
+    if export["model_config"].spatial_dims == 3:
+        return tuple(int(n) for n in export["info"]["patch_size"])
+    return tuple(int(n) for n in export["preprocessing"]["size"])
 
 
 def keep_largest_component(mask: np.ndarray, classes: Iterable[int]) -> np.ndarray:
@@ -173,22 +206,22 @@ def choose_largest_component(
 
 def evaluate(
     model: torch.nn.Module,
-    volumes: dict[str, Volume],
+    volumes: dict[str, Volume | VolumeSample],
     num_classes: int,
     device: torch.device,
     *,
-    roi_size: tuple[int, int],
+    roi_size: tuple[int, ...],
     overlap: float,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Mean foreground Dice of every volume on its preprocessed grid (validation, model selection).
 
     Returns:
-        ``({id: Dice}, {id: prediction (S, H, W)})``.
+        ``({id: Dice}, {id: prediction (S, H, W) or (D, H, W)})``.
     """
     per: dict[str, float] = {}
     preds: dict[str, np.ndarray] = {}
     for sid, vol in volumes.items():
-        pred = predict_slices(model, vol.image, roi_size=roi_size, overlap=overlap, device=device)
+        pred = predict_labels(model, vol.image, roi_size=roi_size, overlap=overlap, device=device)
         preds[sid] = pred
         per[sid] = float(np.mean([dice_score(pred == c, vol.label == c) for c in range(1, num_classes)]))
     return per, preds
@@ -208,6 +241,7 @@ def evaluate_test(
     ids: tuple[str, ...],
     device: torch.device,
     *,
+    roi_size: tuple[int, ...],
     overlap: float,
     mirror_axes: tuple[int, ...] = (),
     largest_component: list[int] | tuple[int, ...] = (),
@@ -226,10 +260,10 @@ def evaluate_test(
     per: dict[str, dict[str, list[float]]] = {}
     preds: dict[str, np.ndarray] = {}
     for sid, vol in vols.items():
-        preds[sid] = predict_slices(model, vol.image, roi_size=data.params.size, overlap=overlap,
-                                    mirror_axes=mirror_axes, device=device)
+        preds[sid] = predict_labels(model, vol.image, roi_size=roi_size, overlap=overlap, mirror_axes=mirror_axes,
+                                    device=device)
         truth, spacing = _original_label(by_id[sid].label)
-        pred = keep_largest_component(to_original_grid(preds[sid], vol.geometry), largest_component)
+        pred = keep_largest_component(original_grid(preds[sid], vol.geometry), largest_component)
         per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes,
                                   nsd_tolerance=nsd_tolerance)
     return per, vols, preds

@@ -26,11 +26,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream.inference import keep_largest_component, load_segmentation_model, predict_probabilities
+from downstream.inference import (
+    image_channels,
+    inference_roi,
+    keep_largest_component,
+    load_segmentation_model,
+    original_grid,
+    predict_probabilities,
+)
 from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
-from ssl_pretrain.data.preprocess import PreprocessParams, preprocess, to_original_grid
+from ssl_pretrain.data.preprocess import PreprocessParams, preprocess
+from ssl_pretrain.data.volumes import preprocess_volume
 from ssl_pretrain.fileio import atomic_path, check_writable
-from ssl_pretrain.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +100,21 @@ def _output_folder(folder: Path) -> None:
         raise ValueError(f"--output: cannot create the folder {folder} ({e.strerror})") from None
 
 
-def _mirror_axes(tta: str | None) -> tuple[int, ...]:
-    """``--tta`` letters (``h`` rows, ``w`` columns) → axes of ``(B, C, H, W)``."""
+def _mirror_axes(tta: str | None, spatial_dims: int) -> tuple[int, ...]:
+    """``--tta`` letters (``d`` slices of a 3D model, ``h`` rows, ``w`` columns) → axes of ``(B, C, *spatial)``."""
     if tta is None:
         return ()
-    if not tta or any(ch not in "hw" for ch in tta.lower()):
-        raise ValueError(f"--tta: a 2D model mirrors in-plane only: give h, w or hw (rows, columns), got {tta!r}")
-    return tuple(sorted({"h": 2, "w": 3}[ch] for ch in set(tta.lower())))
+    letters = "dhw" if spatial_dims == 3 else "hw"
+    if tta == "all":
+        tta = letters
+    if not tta or any(ch not in letters for ch in tta.lower()):
+        what = "a 3D model mirrors along d, h, w (slices, rows, columns)" if spatial_dims == 3 else \
+            "a 2D model mirrors in-plane only: give h, w or hw (rows, columns)"
+        raise ValueError(f"--tta: {what}, got {tta!r}")
+    return tuple(sorted(letters.index(ch) + 2 for ch in set(tta.lower())))
 
 
-def _load_ensemble(refs: Sequence[str], device: torch.device) -> tuple[list[UNet], list[dict[str, Any]]]:
+def _load_ensemble(refs: Sequence[str], device: torch.device) -> tuple[list[torch.nn.Module], list[dict[str, Any]]]:
     """Load the models of an ensemble; all must share label set and preprocessing."""
     loaded = [load_segmentation_model(str(r), device=device) for r in refs]
     first_ref, (_, first) = refs[0], loaded[0]
@@ -127,15 +139,19 @@ def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, 
 
 
 def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[str]) -> None:
-    """Warn when an input's in-plane spacing is far from the training spacing; say once that slices
-    smaller than the model's patch are padded."""
+    """Warn when an input's spacing is far from the training spacing (in-plane for slices, each axis for 3D);
+    say once that slices smaller than the model's patch are padded."""
     file_zooms = np.linalg.norm(np.asarray(vol.geometry["affine"], dtype=float)[:3, :3], axis=0)  # the affine's
     canon = np.empty(3)
     canon[np.asarray(vol.geometry["ornt"])[:, 0].astype(int)] = file_zooms  # (x, y, z) after reorienting
-    rows_cols = [float(canon[1]), float(canon[0])]  # params.spacing is (row = y, column = x)
-    if any(z / t > 2.0 or z / t < 0.5 for z, t in zip(rows_cols, params.spacing, strict=True)):
-        log.warning("%s: in-plane spacing %s mm differs widely from the training spacing %s mm (resampled to it)",
-                    path, [round(z, 3) for z in rows_cols], list(params.spacing))
+    zooms = [float(canon[1]), float(canon[0])]  # params.spacing is (row = y, column = x), or (z, y, x)
+    if params.volumetric:
+        zooms.insert(0, float(canon[2]))
+    if any(z / t > 2.0 or z / t < 0.5 for z, t in zip(zooms, params.spacing, strict=True)):
+        log.warning("%s: spacing %s mm differs widely from the training spacing %s mm (resampled to it)",
+                    path, [round(z, 3) for z in zooms], list(params.spacing))
+    if params.volumetric:
+        return
     nx, ny = vol.geometry["resampled_shape"]
     if (ny < params.size[0] or nx < params.size[1]) and "pad" not in said:
         said.add("pad")
@@ -145,7 +161,7 @@ def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[st
 def _save_probabilities(probs: np.ndarray, geometry: dict, source: Path, path: Path) -> None:
     """``(X, Y, Z, K)`` probabilities on the input's grid; 2 bytes a voxel (NIfTI has no float16:
     uint16 with ``scl_slope`` = 1/65535, read back as floats)."""
-    maps = np.stack([to_original_grid(probs[:, k], geometry) for k in range(probs.shape[1])], axis=-1)
+    maps = np.stack([original_grid(p, geometry) for p in probs], axis=-1)
     img = _on_input_grid(np.rint(np.clip(maps, 0, 1) * 65535).astype(np.uint16), source)
     img.header.set_slope_inter(1.0 / 65535, 0.0)
     with atomic_path(path, suffix=".nii.gz") as tmp:
@@ -196,9 +212,11 @@ def predict(
         input: A ``.nii``/``.nii.gz`` file or a folder of them.
         output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
-        batch_size: Slices per forward pass.
+        batch_size: Slices (2D) and windows per forward pass.
         overlap: Sliding-window overlap in ``[0, 1)`` (windows of the model's patch size).
-        tta: Mirroring test-time augmentation: ``"hw"`` (rows and columns), ``"h"``, ``"w"`` or ``None``.
+        tta: Mirroring test-time augmentation: letters of the axes mirrored, ``"hw"`` (rows and columns), ``"h"``,
+            ``"w"``; a 3D model also ``"d"`` (``"dhw"``: the eight mirrorings); ``"all"``: every axis of the
+            model; ``None``: none.
         save_probabilities: Also write ``<name>_probabilities.nii.gz``: ``(X, Y, Z, K)`` softmax on
             the input's grid.
         largest_component: Keep the largest connected component of the classes the model(s) chose
@@ -214,7 +232,7 @@ def predict(
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"--overlap: must be in [0, 1), got {overlap}")
-    axes = _mirror_axes(tta)
+    _mirror_axes(tta, 3)  # a bad --tta fails before any file is touched (the model's dimensionality is checked below)
     refs = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     if not refs:
         raise ValueError("--model: give at least one model")
@@ -226,18 +244,21 @@ def predict(
     export = exports[0]
     lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
+    axes = _mirror_axes(tta, export["model_config"].spatial_dims)
+    roi = inference_roi(export)
+    prep = preprocess_volume if params.volumetric else preprocess
     written, skipped, said = [], [], set()  # masks written; "file: reason" of inputs skipped; notes given once
     for f, dst in tqdm(list(zip(files, dsts, strict=True)), desc="predict", unit="vol", disable=len(files) < 2):
         try:
-            vol = preprocess(f, params)
+            vol = prep(f, params)
             _check_geometry(f, vol, params, said)
-            if vol.image.shape[1] != export["model_config"].in_channels:
-                raise ValueError(f"{f}: {vol.image.shape[1]} channel(s), the model expects "
+            if image_channels(vol) != export["model_config"].in_channels:
+                raise ValueError(f"{f}: {image_channels(vol)} channel(s), the model expects "
                                  f"{export['model_config'].in_channels}")
-            probs = np.mean([predict_probabilities(net, vol.image, roi_size=params.size, overlap=overlap,
+            probs = np.mean([predict_probabilities(net, vol.image, roi_size=roi, overlap=overlap,
                                                    mirror_axes=axes, device=dev, batch_size=batch_size)
                              for net in nets], axis=0)
-            original = keep_largest_component(to_original_grid(probs.argmax(axis=1), vol.geometry), lcc)
+            original = keep_largest_component(original_grid(probs.argmax(axis=0), vol.geometry), lcc)
         except ValueError as e:
             if not many:
                 raise

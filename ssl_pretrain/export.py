@@ -38,6 +38,7 @@ import torch
 from ssl_pretrain.config import ConfigError
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.fileio import atomic_path
+from ssl_pretrain.models.dna import Segmenter3D
 from ssl_pretrain.models.unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def build_unet(
     model_config: UNetConfig | None = None,
     in_channels: int | None = None,
     parts: Sequence[Literal["encoder", "decoder", "head"]] = _PARTS,
-) -> tuple[UNet, LoadReport]:
+    deep_supervision: bool = False,
+) -> tuple[torch.nn.Module, LoadReport]:
     """Build a segmentation UNet from an export (or at random) and report what was loaded.
 
     The one place that turns an export into a model, for finetuning (``strict=False``: a
@@ -235,34 +237,40 @@ def build_unet(
         in_channels: When given, the export's input channels must equal it (the data's channels).
         parts: The parts copied from the export; the others start from scratch (finetuning's
             transfer choice). A head is only copied when its ``num_classes`` matches.
+        deep_supervision: 3D models: train every decoder stage's output (nnU-Net's deep supervision).
 
     Returns:
-        ``(model, report)``.
+        ``(model, report)``: a 2D :class:`~ssl_pretrain.models.unet.UNet`, or for a 3D model config a
+        :class:`~ssl_pretrain.models.dna.Segmenter3D` whose head is the library decoder's ``seg_layers``
+        (a 3D export keeps them in its ``decoder``; they load as the head: only with ``head`` in
+        ``parts`` and a matching ``num_classes``).
 
     Raises:
         ExportError: One line naming ``source``: channel mismatch, tensor shape mismatch, or (strict)
             a missing part or differing keys.
     """
+    mcfg = export["model_config"] if export is not None else model_config
+    if mcfg is None:
+        raise ValueError("build_unet: a random init needs model_config")
+    model: torch.nn.Module = (Segmenter3D(mcfg, num_classes, deep_supervision) if mcfg.spatial_dims == 3
+                              else UNet(mcfg, num_classes))
     if export is None:
-        if model_config is None:
-            raise ValueError("build_unet: a random init needs model_config")
-        return UNet(model_config, num_classes), LoadReport(source)
-    mcfg = export["model_config"]
-    if mcfg.spatial_dims != 2:
-        raise ExportError(f"{source}: a 3D export (model.spatial_dims=3); finetuning and prediction run 2D models "
-                          f"only so far")
+        return model, LoadReport(source)
     if in_channels is not None and mcfg.in_channels != in_channels:
         raise ExportError(
             f"{source}: export has in_channels={mcfg.in_channels}, the data has {in_channels} channel(s)"
         )
-    if strict and (export["head"] is None or not export["num_classes"]):
+    head_in_decoder = mcfg.spatial_dims == 3
+    if strict and (not export["num_classes"] or (export["head"] is None and not head_in_decoder)):
         raise ExportError(f"{source}: export of task {export['task']!r} has no segmentation head; finetune it first")
-    model = UNet(mcfg, num_classes)
     report = LoadReport(source)
-    for part in _PARTS:
+    with_head = "head" in parts and export["num_classes"] == num_classes
+    for part in ("encoder", "decoder") if head_in_decoder else _PARTS:
         state = export[part] if part in parts else None
-        if part == "head" and export["num_classes"] != num_classes:
+        if part == "head" and not with_head:
             state = None
+        if head_in_decoder and part == "decoder" and state is not None and not with_head:
+            state = {k: v for k, v in state.items() if not k.startswith("seg_layers.")}  # a new head
         _load_part(getattr(model, part), state, part, source, report)
     if strict and (report.missing or report.unexpected):
         raise ExportError(
@@ -309,6 +317,11 @@ def choose_preprocessing(
         params = replace(PreprocessParams.from_dict(export["preprocessing"]), field_of_view="pad")
     except ValueError as e:
         raise ExportError(f"{source}: {e}") from None
+    if params.volumetric != configured.volumetric:
+        dims = {True: "3D (a Z Y X spacing)", False: "2D (slices, an H W spacing)"}
+        raise ExportError(f"{source}: a {dims[params.volumetric]} export cannot initialise a "
+                          f"{dims[configured.volumetric]} model ({key}.spacing: {list(configured.spacing)}); use an "
+                          f"export of the same dimensionality")
     if params != configured:
         log.warning("%s ignored: the preprocessing of %s is used (%s)", key, source, params.to_dict())
     return params

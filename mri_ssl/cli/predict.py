@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="slices (and windows) per forward pass")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="overlap of the Gaussian-weighted sliding windows (model patch size), in [0, 1)")
-    parser.add_argument("--tta", nargs="?", const="hw", default=None, metavar="AXES",
-                        help="mirroring test-time augmentation over h (rows) and/or w (columns); default hw")
+    parser.add_argument("--tta", nargs="?", const="all", default=None, metavar="AXES",
+                        help="mirroring test-time augmentation over h (rows), w (columns) and, 3D models, d (slices); "
+                        "default: every axis of the model")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="also write <name>_probabilities.nii.gz: (X, Y, Z, K) softmax on the input's grid")
     parser.add_argument("--largest-component", action="store_true",

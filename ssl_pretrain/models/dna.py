@@ -25,8 +25,8 @@ from torch import nn
 
 from ssl_pretrain.config import FieldError
 
-__all__ = ["NETWORKS", "REQUIRES_IMPORT", "TINY_ARCH", "build_network", "check_arch", "patch_divisor",
-           "without_deep_supervision"]
+__all__ = ["NETWORKS", "REQUIRES_IMPORT", "TINY_ARCH", "Segmenter3D", "build_network", "check_arch",
+           "deep_supervision_weights", "patch_divisor", "without_deep_supervision"]
 
 # the classes an ``arch`` may name (short or full), by their full dotted name
 NETWORKS = {
@@ -137,3 +137,53 @@ def feature_channels(arch_kwargs: dict[str, Any]) -> list[int]:
     """Channels of each encoder stage (finest first)."""
     f = arch_kwargs["features_per_stage"]
     return [int(f)] * int(arch_kwargs["n_stages"]) if isinstance(f, int) else [int(x) for x in f]
+
+
+class Segmenter3D(nn.Module):
+    """A ``dynamic_network_architectures`` network as the segmentation model of 3D finetuning and prediction.
+
+    It has the parts finetuning works with, as the 2D :class:`~ssl_pretrain.models.unet.UNet` does:
+    ``encoder`` and ``decoder`` are the library's own modules (their ``state_dict`` keys are the
+    library's, as in exports and nnU-Net checkpoints); the segmentation head is the decoder's
+    ``seg_layers``. With ``deep_supervision`` a training forward returns the outputs of every decoder
+    stage (full resolution first), as nnU-Net trains; otherwise, and always in eval mode, the
+    full-resolution logits ``(B, K, D, H, W)``.
+
+    Args:
+        cfg: A 3D model config (``spatial_dims=3``, ``network_class_name``, ``arch``).
+        num_classes: Output classes (background included).
+        deep_supervision: Train every decoder stage's output.
+    """
+
+    def __init__(self, cfg: Any, num_classes: int, deep_supervision: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.deep_supervision = deep_supervision
+        self.net = build_network(cfg.network_class_name, cfg.arch, input_channels=cfg.in_channels,
+                                 num_classes=num_classes, deep_supervision=deep_supervision)
+        if not deep_supervision:
+            without_deep_supervision(self.net)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The library's encoder (``encoder.…`` keys)."""
+        return self.net.encoder
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The library's decoder, its ``seg_layers`` (the head) included (``decoder.…`` keys)."""
+        return self.net.decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.net.decoder.deep_supervision = self.deep_supervision and self.training
+        return self.net(x)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's loss weights of ``n`` deep-supervision outputs (full resolution first): halved per stage,
+    the coarsest one not trained, normalised to sum 1."""
+    w = [0.5**i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]

@@ -195,9 +195,11 @@ def test_one_subject_split_serves_shards_finetuning_splits_and_draws() -> None:
         split_ids(ids, (10, 3), seed=0)
 
 
-def test_finetuning_refuses_a_volume_spacing_at_load() -> None:
+def test_a_volume_spacing_makes_3d_finetuning_whose_random_init_needs_an_arch() -> None:
     from downstream.config import FinetuneConfig
     from ssl_pretrain.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"data\.preprocess\.spacing: \[1\.0, 1\.0, 1\.0\] is a volume spacing"):
-        load_config(FinetuneConfig, overrides=["data.preprocess.spacing=[1, 1, 1]"])
+    cfg = load_config(FinetuneConfig, overrides=["data.preprocess.spacing=[1, 1, 1]"])
+    assert cfg.data.preprocess.volumetric
+    with pytest.raises(ConfigError, match=r"^model\.arch: 3D data .* needs the network's arch_kwargs"):
+        cfg.model.unet_config(1, spatial_dims=3)

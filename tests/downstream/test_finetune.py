@@ -327,7 +327,7 @@ def test_an_oracle_scores_dice_one_up_to_the_resampling_loss(cohort: Path, tmp_p
     with torch.no_grad():  # logit of class 1 = 40 (x - 0.5), class 0 its negative: argmax = x > 0.5
         oracle.weight[:] = torch.tensor([-40.0, 40.0]).view(2, 1, 1, 1)
         oracle.bias[:] = torch.tensor([20.0, -20.0])
-    per, _, _ = evaluate_test(oracle, data, data.splits.test, torch.device("cpu"), overlap=0.5)
+    per, _, _ = evaluate_test(oracle, data, data.splits.test, torch.device("cpu"), roi_size=params.size, overlap=0.5)
     for sid in data.splits.test:
         vol = preprocess(root / "imagesTr" / f"{sid}.nii.gz", params)
         back = to_original_grid((vol.image[:, 0] > 0.5).astype(np.uint8), vol.geometry)
@@ -344,8 +344,8 @@ def test_sliding_windows_of_an_identity_network_return_the_input() -> None:
     from downstream.inference import predict_probabilities
 
     x = np.random.default_rng(0).normal(size=(2, 3, 45, 37)).astype(np.float32)  # larger than the window
-    out = predict_probabilities(nn.Identity(), x, roi_size=(16, 16), overlap=0.5)
-    np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(x), dim=1).numpy(), atol=1e-6)
+    out = predict_probabilities(nn.Identity(), x, roi_size=(16, 16), overlap=0.5)  # classes first: (K, S, H, W)
+    np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(x), dim=1).numpy().transpose(1, 0, 2, 3), atol=1e-6)
 
 
 @pytest.mark.slow

@@ -129,12 +129,12 @@ def test_tta_is_the_mean_of_the_mirrored_predictions(tmp_path: Path) -> None:
     manual = []
     for axes in ((), (2,), (3,), (2, 3)):
         flipped = np.ascontiguousarray(np.flip(image, axes)) if axes else image
-        p = predict_probabilities(net, flipped, **kw)
+        p = predict_probabilities(net, flipped, **kw)  # (K, S, H, W): the input's axes 2, 3 are its 2, 3 too
         manual.append(np.flip(p, axes) if axes else p)
-    assert tta.shape == (3, 2, 40, 48)
+    assert tta.shape == (2, 3, 40, 48)
     np.testing.assert_allclose(tta, np.mean(manual, axis=0), atol=1e-6)
     assert not np.allclose(tta, manual[0], atol=1e-4)  # mirroring changed something
-    np.testing.assert_allclose(tta.sum(axis=1), 1.0, atol=1e-5)  # still a probability at every pixel
+    np.testing.assert_allclose(tta.sum(axis=0), 1.0, atol=1e-5)  # still a probability at every pixel
 
 
 def test_largest_component_removes_a_planted_island() -> None:
