@@ -115,10 +115,17 @@ def without_deep_supervision(net: nn.Module) -> nn.Module:
 
 
 def check_arch(network_class_name: str, arch_kwargs: dict[str, Any], input_channels: int) -> None:
-    """Build the network on the meta device (no memory, no time) to reject a bad ``arch`` early."""
+    """Build the network on the meta device and run it on a smallest patch (no memory, no time) to reject a
+    bad ``arch`` early: kwargs the class rejects, and values only a forward pass checks (a YAML ``1e-5`` is
+    the string "1e-5", not a float: write ``1.0e-5``)."""
     with torch.device("meta"):
-        build_network(network_class_name, arch_kwargs, input_channels=input_channels, num_classes=1,
-                      initialize=False)
+        net = build_network(network_class_name, arch_kwargs, input_channels=input_channels, num_classes=1,
+                            initialize=False)
+        try:
+            net.eval()(torch.zeros(1, input_channels, *(2 * d for d in patch_divisor(arch_kwargs))))
+        except (TypeError, RuntimeError, ValueError) as exc:
+            line = " ".join(str(exc).split())
+            raise FieldError(f"arch: {network_class_name} fails on these arch_kwargs: {line}") from None
     if _resolved(arch_kwargs).get("conv_op") is not nn.Conv3d:
         raise FieldError(f"arch.conv_op: {arch_kwargs.get('conv_op')!r}: a 3D network needs "
                          f"torch.nn.modules.conv.Conv3d")

@@ -270,17 +270,18 @@ def test_transfer_parts_and_pretrained_lr_scale(cohort: Path, tmp_path: Path) ->
     assert sum(len(g["params"]) for g in enc.opt.param_groups) == len(list(enc.model.parameters()))
 
 
-def test_monai_augmentation_is_seeded_by_the_run_generator_only() -> None:
+@pytest.mark.parametrize("size", [(32, 32), (16, 24, 24)], ids=["2d", "3d"])
+def test_monai_augmentation_is_seeded_by_the_run_generator_only(size: tuple[int, ...]) -> None:
     import numpy as np
 
     from downstream.config import FinetuneAugmentConfig
     from downstream.patches import augment, build_augmentation
 
     always = FinetuneAugmentConfig(**{f: 1.0 for f in FinetuneAugmentConfig.__dataclass_fields__ if f.startswith("p_")})
-    transforms = build_augmentation(always, (32, 32))
-    image = torch.randn(3, 1, 32, 32)
-    label = torch.zeros(3, 32, 32, dtype=torch.long)
-    label[:, 8:20, 10:24] = 1
+    transforms = build_augmentation(always, size)
+    image = torch.randn(3, 1, *size)
+    label = torch.zeros(3, *size, dtype=torch.long)
+    label[(slice(None), *(slice(n // 4, 3 * n // 4) for n in size))] = 1
 
     def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         torch.manual_seed(999 + seed)  # global RNGs must not matter
