@@ -464,6 +464,7 @@ def _final_evaluation(run: _Run, state: FinetuneState, logger: RunLogger) -> dic
         "init": cfg.init,
         "init_source": run.init_source,
         "init_task": export["task"] if export is not None else "random",
+        "spatial_dims": data.spatial_dims,
         "n_labeled": cfg.n_labeled,
         "seed": cfg.seed,
         "lr": cfg.train.lr,

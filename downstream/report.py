@@ -502,6 +502,10 @@ def build_report(
     sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
               for pattern, tags in (budget_series or {}).items()]
     parts = _head_section(stats, sweeps, table, dataset, n_boot, leaks := _leak_lines(budgets or {}, sel))
+    if sel:  # every trial's test metrics are computed on the files' own grids, whatever its dimensionality
+        dims = {r["init_tag"]: f"{r.get('spatial_dims', 2)}D" for r in sel}
+        parts += ["Dimensionality of each init's network: " + ", ".join(f"{t} {d}" for t, d in dims.items())
+                  + " (test metrics on each file's own grid alike).", ""]
     files: list[Path] = []
     if stats["comparisons"]:
         parts += _comparison_section(stats)

@@ -46,7 +46,7 @@ import numpy as np
 
 from downstream.config import FinetuneConfig, SweepConfig
 from downstream.data import draw_labeled, prepare_configured, subject_attributes
-from downstream.inference import load_init
+from downstream.inference import inference_roi, load_init
 from downstream.report import build_report
 from ssl_pretrain import termination
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
@@ -146,13 +146,12 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
             tag = export["task"] if step is None else f"{export['task']}-step{step}"
             params = choose_preprocessing(cfg.data.preprocess, [(source, export)]).to_dict()  # what its trials use
             specs.append(InitSpec(source, str(Path(local).resolve()), tag, export["task"], info, params, series))
-            if tuple(export["model_config"].widths) != tuple(cfg.model.widths) and "random" in cfg.init:
-                log.warning(
-                    "init %s has widths %s but init=random uses model.widths=%s: the comparison mixes architectures",
-                    source,
-                    list(export["model_config"].widths),
-                    list(cfg.model.widths),
-                )
+            mcfg = export["model_config"]
+            own, rand = ((mcfg.network_class_name, mcfg.arch), (cfg.model.network_class_name, cfg.model.arch)) \
+                if mcfg.spatial_dims == 3 else (list(mcfg.widths), list(cfg.model.widths))
+            if own != rand and "random" in cfg.init:
+                log.warning("init %s has the network %s but init=random uses %s (model.*): the comparison mixes "
+                            "architectures", source, own, rand)
     # init=random sees exactly the data the first pretrained init was prepared for (the one rule)
     random_params = choose_preprocessing(cfg.data.preprocess, pretrained).to_dict()
     for s in specs:
@@ -489,8 +488,8 @@ def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str
     with mlflow.start_run(run_id=parent.run_id):
         for (tag, n), r in sorted(best.items()):
             model, export = load_segmentation_model(r["model_path"])
-            h, w = export["preprocessing"]["size"]
-            x = np.random.default_rng(0).standard_normal((2, model.cfg.in_channels, h, w)).astype(np.float32)
+            x = np.random.default_rng(0).standard_normal((2, model.cfg.in_channels, *inference_roi(export)))
+            x = x.astype(np.float32)
             with torch.no_grad():
                 y = model(torch.from_numpy(x)).numpy()
             info = mlflow.pytorch.log_model(

@@ -425,3 +425,29 @@ def test_budget_sweep_over_three_exports_cli(cohort: Path, step_exports: Path, t
     assert b["sentence"] in md and "![pretraining budget](budget_r1.png)" in md
     assert "| random | 0 | 0 | n/a |" in md and "| regression-step30 | 240 | 30 | n/a |" in md
     assert (tmp_path / "sw" / "report" / "budget_r1.png").stat().st_size > 1000
+
+
+def test_3d_sweep_two_inits_two_n_two_seeds_writes_the_report(cohort: Path, tmp_path: Path, ray_session,
+                                                                capsys, launch_sweep) -> None:
+    """Issue 23: launch/sweep.py with sweep_debug3d.yaml and a 3D export: 2 inits × 2 n × 2 seeds of 3D
+    finetuning; the report has its labels-saved sentences and names each init's dimensionality."""
+    from tests.downstream.test_finetune3d import _pretrained_3d_export
+
+    mod, root = launch_sweep
+    exp = _pretrained_3d_export(tmp_path / "mim" / "export" / "model.pt")
+    code = mod.main(["--config", str(root / "launch/configs/sweep_debug3d.yaml"), f"data.root={cohort}",
+                     f"out_dir={tmp_path / 'sw'}", f"data.cache_dir={cohort.parent / 'cache3d'}", "data.n_val=1",
+                     "data.n_test=2", f"init=[random, {exp}]", "n_labeled=[1, 2]", "seeds=[0, 1]",
+                     "train.max_steps=10", "train.eval_every=5", "train.aug={p_elastic: 0.0}",
+                     "tracking.enabled=false"])
+    assert code == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "sw" / "report" / "results.json").read_text())
+    assert len(results["rows"]) == 8 and results["errors"] == []
+    assert {r["spatial_dims"] for r in results["rows"]} == {3}
+    assert {r["init_tag"] for r in results["rows"]} == {"random", "mim"}
+    md = (tmp_path / "sw" / "report" / "report.md").read_text()
+    assert "Dimensionality of each init's network: random 3D, mim 3D" in md or \
+        "Dimensionality of each init's network: mim 3D, random 3D" in md
+    [sentence] = results["stats"]["sentences"].values()
+    assert sentence.startswith("mim with ") and sentence in out and sentence in md
