@@ -109,11 +109,20 @@ class PreprocessParams:
         "padded only up to size where smaller (finetuning, evaluation, prediction)",
     )
 
+    context_slices: int = option(
+        0, "2.5D: the k neighbouring slices on each side of every slice become extra input channels, "
+        "(2k+1)·C in all, edges repeating the end slice (slices only; 0: plain 2D)", ge=0,
+    )
+
     def check_fields(self) -> None:
-        """The percentiles must be ordered (each value's bounds are checked by the config loader)."""
+        """The percentiles must be ordered (each value's bounds are checked by the config loader); 2.5D is
+        for slices."""
         lo, hi = self.clip
         if lo >= hi:
             raise FieldError(f"clip: {list(self.clip)} must be percentiles 0 <= low < high <= 100")
+        if self.context_slices and self.volumetric:
+            raise FieldError(f"context_slices: {self.context_slices} stacks neighbouring slices (2.5D); a volume "
+                             f"spacing {list(self.spacing)} makes 3D volumes: use 0")
 
     @property
     def volumetric(self) -> bool:
@@ -121,8 +130,12 @@ class PreprocessParams:
         return len(self.spacing) == 3
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-able dict (tuples become lists); :func:`ssl_pretrain.config.to_dict`."""
-        return to_dict(self)
+        """Return a JSON-able dict (tuples become lists); :func:`ssl_pretrain.config.to_dict`. Plain 2D and 3D
+        leave ``context_slices`` out, so their records are those written before 2.5D existed."""
+        d = to_dict(self)
+        if not self.context_slices:
+            del d["context_slices"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessParams:
@@ -436,6 +449,8 @@ def preprocess(
         for c in range(out.shape[-1]):
             out[pad_mask, :, c] = fill[c]
     image = _to_slices(out).astype(np.float32, copy=False)  # (Z, C, H, W)
+    if params.context_slices:
+        image = context_stack(image, params.context_slices)
 
     label = None
     if label_path is not None:
@@ -456,6 +471,23 @@ def preprocess(
         float(canon_zooms[2]),
     )
     return Volume(image=image, label=label, spacing=spacing, geometry=geometry)
+
+
+def context_stack(image: np.ndarray, k: int) -> np.ndarray:
+    """2.5D input: every slice with its ``k`` neighbours on each side as channels.
+
+    Args:
+        image: ``(S, C, H, W)`` slices in order.
+        k: neighbours on each side.
+
+    Returns:
+        ``(S, (2k + 1) C, H, W)``: channels ``j C … (j + 1) C - 1`` of slice ``s`` are slice
+        ``clip(s + j - k, 0, S - 1)`` (the end slices repeat at the volume's edges); the slice itself is
+        the middle group.
+    """
+    n = image.shape[0]
+    idx = np.clip(np.arange(n)[:, None] + np.arange(-k, k + 1)[None, :], 0, n - 1)
+    return np.ascontiguousarray(image[idx].reshape(n, (2 * k + 1) * image.shape[1], *image.shape[2:]))
 
 
 def check_label_affine(

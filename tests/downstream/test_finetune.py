@@ -374,3 +374,26 @@ def test_finetuning_listens_on_loopback_only(cohort: Path, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
     assert polls >= 10  # the run was watched while it trained, not only at its start
     assert not [s for s in seen if not is_loopback(s[1])], seen
+
+
+def test_2p5d_finetunes_and_predicts_with_neighbouring_slices_as_channels(cohort: Path, tmp_path: Path) -> None:
+    """Issue 23.4: data.preprocess.context_slices=1 gives the 2D model 3 input channels (a slice and its two
+    neighbours); the export records it, so prediction stacks the same way and a pretrained 2.5D export's
+    setting wins over the config's."""
+    import nibabel as nib
+
+    from downstream.predict import predict
+
+    res = finetune(_cfg(cohort, tmp_path / "ft", "n_labeled=1", "train.max_steps=10",
+                        "data.preprocess={spacing: [10.0, 13.0], size: [32, 32], context_slices: 1}"))
+    export = load_export(tmp_path / "ft" / "model.pt")
+    assert export["preprocessing"]["context_slices"] == 1 and export["model_config"].in_channels == 3
+    assert 0.0 <= res["test_dice"] <= 1.0
+    src = cohort / "imagesTr" / f"{res['test_ids'][0]}.nii.gz"
+    [mask] = predict(str(tmp_path / "ft" / "model.pt"), str(src), str(tmp_path / "mask.nii.gz"))
+    assert nib.load(mask).shape == nib.load(src).shape
+    # a 2.5D init decides the stacking of the run it initialises (its preprocessing wins, as always)
+    again = finetune(_cfg(cohort, tmp_path / "ft2", f"init={tmp_path / 'ft' / 'model.pt'}", "n_labeled=1",
+                          "train.max_steps=2", "train.eval_every=2"))
+    assert again["load_report"]["loaded"] > 0
+    assert load_export(tmp_path / "ft2" / "model.pt")["preprocessing"]["context_slices"] == 1

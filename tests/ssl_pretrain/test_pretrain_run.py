@@ -305,3 +305,26 @@ def test_rerun_after_a_kill_before_any_checkpoint_logs_each_step_once(
     assert _steps(out) == [1, 2] and not (out / "checkpoints" / "latest").exists()
     run_pretraining(cfg)  # starts over
     assert _steps(out) == [1, 2, 3, 4]
+
+
+def test_2p5d_shards_pretrain_a_three_channel_model_whose_export_records_the_stacking(
+        pretrain_shards: Path, labeled: Path, tmp_path: Path) -> None:
+    """Issue 23.4: 2.5D shards (make_shards --context-slices 1) pretrain a 2D model of 3 input channels, the
+    probe stacks its labeled slices the same way, and the export carries context_slices to finetuning."""
+    from ssl_pretrain.data.ingest import discover
+    from ssl_pretrain.data.phantoms import make_cohort
+    from ssl_pretrain.data.preprocess import PreprocessParams
+    from ssl_pretrain.data.shards import write_shards
+    from ssl_pretrain.engine.trainer import run_pretraining
+
+    subjects, _ = discover(make_cohort("liver", 2, tmp_path / "raw", seed=0, labels=False))
+    params = PreprocessParams(size=(32, 32), spacing=(8.0, 8.0), context_slices=1)
+    write_shards(subjects, tmp_path / "s", params, samples_per_shard=16, workers=1, progress=False)
+    with pytest.raises(ConfigError, match=r"model\.in_channels: is 1, but the shards have 3 channels"):
+        run_pretraining(_cfg(tmp_path / "s", tmp_path / "bad", "task=regression", "train.max_steps=2",
+                             "train.warmup_steps=1", "probe.root="))
+    cfg = _cfg(tmp_path / "s", tmp_path / "run", "task=regression", "model.in_channels=3", "train.max_steps=2",
+               "train.warmup_steps=1", "probe.every=2", f"probe.root={labeled}", "probe.n_train=1", "probe.n_eval=1")
+    export = torch.load(run_pretraining(cfg), weights_only=True)
+    assert export["preprocessing"]["context_slices"] == 1 and export["model_config"]["in_channels"] == 3
+    assert export["info"]["probe_dice"] >= 0.0
