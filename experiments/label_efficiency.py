@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 CONFIGS = CONFIG_DIR
 
-__all__ = ["DEMO_SEEDS", "Scale", "SCALES", "make_cohorts", "pick_scale", "run_experiment", "shard_cohort",
-           "site_splits", "sweep_stage"]
+__all__ = ["DEMO_SEEDS", "PRETEXTS", "Scale", "SCALES", "VOLUMES", "Volumes", "make_cohorts", "pick_scale",
+           "preprocessing", "run_experiment", "shard_cohort", "site_splits", "sweep_stage"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,34 @@ SCALES: dict[str, Scale] = {
 }
 
 
+@dataclass(frozen=True)
+class Volumes:
+    """The 3D sizes of a scale (``--dims 3``): whole volumes at an isotropic spacing, patches of them."""
+
+    spacing: float  # isotropic mm of the preprocessed volumes
+    pretrain_config: str  # file in launch/configs ("{task}" is filled in)
+    sweep_config: str
+    pretrain_patch: tuple[int, int, int]
+    pretrain_steps: int
+    pretrain_batch: int
+    finetune_patch: tuple[int, int, int]
+    finetune_batch: int
+    finetune_steps: int
+
+
+VOLUMES: dict[str, Volumes] = {
+    "tiny": Volumes(12.0, "debug3d.yaml", "sweep_debug3d.yaml", (16, 16, 16), 20, 2, (16, 16, 16), 2, 6),
+    # the CPU scale's cohorts at 8 mm: (D, H, W) ≈ (20, 40, 50) voxels a volume after cropping to the body
+    "cpu": Volumes(8.0, "debug3d.yaml", "sweep_debug3d.yaml", (16, 32, 32), 400, 8, (16, 32, 32), 4, 150),
+    # GPUs: the cluster configs (nnssl's MAE recipe, ResEnc-L), 1.5 mm volumes (not run here: no GPU)
+    "gpu": Volumes(1.5, "{config3d}", "sweep3d.yaml", (96, 160, 160), 5000, 8, (96, 160, 160), 2, 2000),
+}
+PRETEXTS = {2: ("contrastive", "regression"), 2.5: ("contrastive", "regression"), 3: ("mim", "contrastive3d")}
+"""The pretexts each dimensionality compares with random init."""
+_CONFIG3D = {"mim": "mae3d.yaml", "contrastive3d": "contrastive3d.yaml"}
+CONTEXT_SLICES = 1  # --dims 2.5: a slice and one neighbour on each side
+
+
 def pick_scale(requested: Literal["auto", "tiny", "cpu", "gpu"] = "auto") -> Scale:
     """Return the requested scale, or ``gpu`` when CUDA is available and ``cpu`` otherwise."""
     if requested == "auto":
@@ -124,10 +152,12 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise SystemExit(f"[demo] stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
 
 
-def _check_scenario(out: Path, kind: str, scale: Scale, sites: int) -> None:
-    """Record what ``out`` holds; refuse to mix another kind, scale or number of sites into it."""
+def _check_scenario(out: Path, kind: str, scale: Scale, sites: int, dims: float = 2) -> None:
+    """Record what ``out`` holds; refuse to mix another kind, scale, number of sites or dimensionality into it."""
     path = out / "scenario.json"
-    want = {"kind": kind, "scale": scale.name, "sites": sites}
+    want: dict[str, object] = {"kind": kind, "scale": scale.name, "sites": sites}
+    if dims != 2:  # 2D runs written before --dims existed stay valid
+        want["dims"] = dims
     if path.is_file():
         have = json.loads(path.read_text())
         if have != want:
@@ -229,8 +259,8 @@ def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams
                  exclude: Path | None = None) -> Path:
     """Shard the unlabeled volumes of ``cohorts`` (one folder, or several pooled) into ``shards``.
 
-    Reuses ``shards`` when its manifest (written last) is there. Small shards (~64 slices) are the
-    unit of shard shuffling and of splitting across ranks and workers. ``exclude``: a split file whose
+    Reuses ``shards`` when its manifest (written last) is there. Small shards (~64 slices, or 4
+    volumes) are the unit of shard shuffling and of splitting across ranks and workers. ``exclude``: a split file whose
     validation and test subjects are kept out (``make_shards --exclude``).
     """
     if (shards / "manifest.json").is_file():
@@ -242,12 +272,28 @@ def shard_cohort(cohorts: Sequence[Path], shards: Path, params: PreprocessParams
         subjects += found
         skipped += missed
     _say(f"sharding {len(subjects)} unlabeled volumes from {', '.join(map(str, cohorts))} into {shards}")
-    write_shards(subjects, shards, params, samples_per_shard=64, workers=min(2, os.cpu_count() or 1), skipped=skipped,
-                 exclude=read_exclusions(exclude) if exclude is not None else ())
+    per_shard = 4 if params.volumetric else 64  # a 3D sample is a whole volume
+    write_shards(subjects, shards, params, samples_per_shard=per_shard, workers=min(2, os.cpu_count() or 1),
+                 skipped=skipped, exclude=read_exclusions(exclude) if exclude is not None else ())
     return shards
 
 
-def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Path, int]) -> Path:
+def preprocessing(scale: Scale, dims: float = 2) -> PreprocessParams:
+    """How the demo prepares its data: slices, slices with their neighbours (2.5D) or whole volumes (3D)."""
+    if dims == 3:
+        return PreprocessParams(spacing=(VOLUMES[scale.name].spacing,) * 3)
+    return PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size),
+                            context_slices=CONTEXT_SLICES if dims == 2.5 else 0)
+
+
+def _model_overrides(scale: Scale, dims: float) -> list[str]:
+    """The network of a 2D / 2.5D run (the scale's widths; 2.5D: three input channels); 3D takes its config's."""
+    if dims == 3:
+        return []
+    return [f"model.widths={list(scale.widths)}"]
+
+
+def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Path, int], dims: float = 2) -> Path:
     run_dir = out / "pretrain" / task
     export = run_dir / "export" / "model.pt"
     if export.is_file():
@@ -255,15 +301,23 @@ def _pretrain(out: Path, task: str, shards: Path, scale: Scale, probe: tuple[Pat
         return export
     if (run_dir / "checkpoints").is_dir():
         _say(f"resuming {task} pretraining from its last checkpoint in {run_dir / 'checkpoints'}")
-    config = CONFIGS / scale.pretrain_config.format(task=task)
+    vol = VOLUMES[scale.name]
+    pattern = vol.pretrain_config if dims == 3 else scale.pretrain_config
+    config = CONFIGS / pattern.format(task=task, config3d=_CONFIG3D.get(task, ""))
     script = ["mri_ssl.cli.pretrain", "--config", str(config)]  # a module: runs from an installed mri-ssl
+    steps, batch = (vol.pretrain_steps, vol.pretrain_batch) if dims == 3 else (scale.pretrain_steps,
+                                                                               scale.pretrain_batch)
     overrides = [
         f"task={task}", f"data.shards={shards}", f"out_dir={run_dir}", "resume=auto",
-        f"train.max_steps={scale.pretrain_steps}", f"data.batch_size={scale.pretrain_batch}",
+        f"train.max_steps={steps}", f"data.batch_size={batch}",
         f"train.ckpt_every={scale.ckpt_every}", f"train.image_every={scale.ckpt_every}",
         "train.cpu_threads=null",  # debug.yaml pins 1 thread for its tiny model; use the cores here
-        f"model.widths={list(scale.widths)}", f"run_name=demo-{task}",
+        *_model_overrides(scale, dims), f"run_name=demo-{task}",
     ]
+    if dims == 2.5:
+        overrides.append(f"model.in_channels={2 * CONTEXT_SLICES + 1}")
+    if dims == 3:  # nnssl's 16 mm mask blocks; the patch of the scale
+        overrides += [f"data.patch_size={list(vol.pretrain_patch)}", "mim.mask_block=16.0"]
     probe_file, pool = probe
     n_train = min(2, pool - 1)
     if n_train >= 1:  # the probe: 2 training volumes, the rest of the pool (up to 4) held out
@@ -295,7 +349,7 @@ def _say_probe(task: str, run_dir: Path) -> None:
 
 
 def sweep_stage(out: Path, labeled: Path, exports: Mapping[str, Path], scale: Scale, splits: Path,
-                extra: Sequence[str] = ()) -> Path:
+                extra: Sequence[str] = (), dims: float = 2) -> Path:
     """Run ``launch/sweep.py`` in ``out/sweep``: random init and ``exports`` × the scale's grid.
 
     ``extra``: further overrides of the sweep's config, applied last.
@@ -303,20 +357,25 @@ def sweep_stage(out: Path, labeled: Path, exports: Mapping[str, Path], scale: Sc
     sweep_dir = out / "sweep"
     out.mkdir(parents=True, exist_ok=True)  # the sweep runs in out (MLflow's local store lands there)
     inits = ["random", *[str(p) for p in exports.values()]]
+    vol = VOLUMES[scale.name]
+    preprocess = json.dumps(preprocessing(scale, dims).to_dict())  # JSON is YAML: one override
     cmd = [
-        sys.executable, "-m", "mri_ssl.cli.sweep", "--config", str(CONFIGS / scale.sweep_config),
+        sys.executable, "-m", "mri_ssl.cli.sweep",
+        "--config", str(CONFIGS / (vol.sweep_config if dims == 3 else scale.sweep_config)),
         f"data.root={labeled}", f"out_dir={sweep_dir}", f"init={inits}",
         f"n_labeled={list(scale.labeled_counts)}", f"seeds={list(scale.seeds)}",
-        f"train.max_steps={scale.finetune_steps}", f"train.eval_every={scale.eval_every}",
-        f"model.widths={list(scale.widths)}",
-        f"data.preprocess={{size: [{scale.size}, {scale.size}], spacing: [{scale.spacing}, {scale.spacing}]}}",
+        f"train.max_steps={vol.finetune_steps if dims == 3 else scale.finetune_steps}",
+        f"train.eval_every={scale.eval_every}", *_model_overrides(scale, dims), f"data.preprocess={preprocess}",
     ]
+    if dims == 3:
+        cmd += [f"train.patch_size={list(vol.finetune_patch)}", f"train.batch_size={vol.finetune_batch}"]
     cmd += [f"data.splits={splits}", *extra]
     _run(cmd, out)
     return sweep_dir
 
 
-def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int | None = None) -> Path:
+def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int | None = None,
+                   dims: float = 2) -> Path:
     """Run (or finish) every stage under ``out`` and print the label-efficiency table.
 
     Args:
@@ -325,6 +384,8 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
         scale: Sizes of the stages (:func:`pick_scale`).
         sites: Scanners / protocols in the cohorts (default: the scale's); 1 is the
             single-protocol cohort of earlier versions, split by the sweep's seed.
+        dims: 2 (slices), 2.5 (slices with their neighbours as channels) or 3 (whole volumes, the
+            library's 3D network, MIM and 3D contrastive pretraining).
 
     Returns:
         The sweep directory holding the report.
@@ -333,26 +394,33 @@ def run_experiment(out: Path, *, kind: str = "liver", scale: Scale, sites: int |
     sites = scale.sites if sites is None else sites
     if isinstance(sites, bool) or not isinstance(sites, int) or not 1 <= sites <= len(SITES[kind]):
         raise ValueError(f"--sites: must be an integer from 1 to {len(SITES[kind])}, got {sites!r}")
+    if dims not in PRETEXTS:
+        raise ValueError(f"--dims: must be one of 2, 2.5, 3; got {dims!r}")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _check_scenario(out, kind, scale, sites)
+    _check_scenario(out, kind, scale, sites, dims)
     n_labeled = scale.n_labeled if sites == 1 else len(_labeled_sites(scale, sites))
     scenario = ("one protocol" if sites == 1 else
                 f"{sites} sites; labels from site-1 ({scale.n_train_pool} in the training pool), "
                 f"{scale.val_per_site} validation + {scale.test_per_site} test subjects per site")
-    _say(f"scale '{scale.name}': {scale.n_unlabeled} unlabeled + {n_labeled} labeled subjects ({scenario}), "
-         f"{scale.size}x{scale.size} slices, UNet widths {list(scale.widths)}, "
-         f"{scale.pretrain_steps} pretraining steps per pretext; everything goes under {out}")
-    params = PreprocessParams(spacing=(scale.spacing, scale.spacing), size=(scale.size, scale.size))
+    vol = VOLUMES[scale.name]
+    what = (f"{scale.size}x{scale.size} slices{' with one neighbour on each side as channels' * (dims == 2.5)}, "
+            f"UNet widths {list(scale.widths)}, {scale.pretrain_steps}" if dims != 3 else
+            f"whole volumes at {vol.spacing} mm, {list(vol.pretrain_patch)} patches, the library's 3D network, "
+            f"{vol.pretrain_steps}")
+    _say(f"scale '{scale.name}' in {dims}D: {scale.n_unlabeled} unlabeled + {n_labeled} labeled subjects "
+         f"({scenario}), {what} pretraining steps per pretext ({', '.join(PRETEXTS[dims])}); everything goes under "
+         f"{out}")
+    params = preprocessing(scale, dims)
     cohorts = make_cohorts(out, kind, scale, sites)
     unlabeled, labeled = cohorts["unlabeled"], cohorts["labeled"]
     splits = _seeded_splits(labeled, scale) if sites == 1 else site_splits(labeled, scale)
     probe = _probe_pool(labeled, splits)
     shards = shard_cohort([unlabeled], out / "shards", params, exclude=splits)  # no evaluation subject pretrains
-    exports = {task: _pretrain(out, task, shards, scale, probe) for task in ("contrastive", "regression")}
+    exports = {task: _pretrain(out, task, shards, scale, probe, dims) for task in PRETEXTS[dims]}
     for task, export in exports.items():
         _say_probe(task, export.parent.parent)
-    sweep_dir = sweep_stage(out, labeled, exports, scale, splits)  # prints the label-efficiency table
+    sweep_dir = sweep_stage(out, labeled, exports, scale, splits, dims=dims)  # prints the label-efficiency table
     # The stages run with `out` as working directory, so MLflow's local default store lands there.
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     _say(f"finished in {(time.time() - t0) / 60:.1f} min")

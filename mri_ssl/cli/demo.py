@@ -2,6 +2,7 @@
 
     python launch/demo.py                      # liver phantoms, everything under runs/demo
     python launch/demo.py --kind prostate --out runs/demo-prostate
+    python launch/demo.py --dims 3 --out runs/demo3d   # whole volumes: 3D MIM and 3D contrastive pretraining
 
 Generates an unlabeled and a labeled synthetic cohort from several sites (scanners and protocols:
 unlabeled scans from all of them, labels from site-1, validation and test subjects from every site;
@@ -31,10 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sites", type=int, default=None,
                         help="scanners / protocols (default: the scale's, 4 on cpu); labels come from site-1, "
                              "validation and test subjects from every site; 1: the single-protocol cohort")
+    parser.add_argument("--dims", type=float, choices=[2, 2.5, 3], default=2,
+                        help="2: slices; 2.5: slices with a neighbour on each side as channels; 3: whole volumes, "
+                             "the library's 3D network, MIM and 3D contrastive pretraining (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run_experiment(args.out, kind=args.kind, scale=pick_scale(args.scale), sites=args.sites)
+        dims = int(args.dims) if args.dims != 2.5 else 2.5
+        run_experiment(args.out, kind=args.kind, scale=pick_scale(args.scale), sites=args.sites, dims=dims)
     except ValueError as exc:
         parser.error(str(exc))
     except KeyboardInterrupt:

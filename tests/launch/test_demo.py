@@ -152,3 +152,37 @@ def test_scenario_labels_from_one_site_val_and_test_from_every_site(tmp_path, ca
     _check_scenario(tmp_path, "liver", scale, 2)  # the same scenario again: fine
     with pytest.raises(SystemExit, match="pass another --out"):
         _check_scenario(tmp_path, "liver", scale, 1)
+
+
+@pytest.mark.parametrize("dims", [2.5, 3])
+def test_demo_stages_in_2p5d_and_3d_are_the_commands_a_user_would_type(tmp_path, monkeypatch, dims):
+    """``--dims 2.5`` / ``--dims 3``: the pretraining and sweep commands the demo runs (not run here: the tiny
+    demo in 3D and 2.5D is a minute each; their measured runs are in the README), and the scenario refuses to
+    mix dimensionalities in one --out."""
+    from experiments import label_efficiency as le
+    from ssl_pretrain.config import load_config
+    from ssl_pretrain.engine.config import PretrainConfig
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(le, "_run", lambda cmd, cwd: ran.append(cmd))
+    scale = le.SCALES["cpu"]
+    probe = (tmp_path / "probe.txt", 6)
+    for task in le.PRETEXTS[dims]:
+        le._pretrain(tmp_path, task, tmp_path / "shards", scale, probe, dims)
+    le.sweep_stage(tmp_path, tmp_path / "labeled", {t: tmp_path / t for t in le.PRETEXTS[dims]}, scale,
+                   tmp_path / "splits.json", dims=dims)
+    *pretrain, sweep = ran
+    for cmd in pretrain:  # each pretraining command's config loads as the pretraining CLI would load it
+        i = cmd.index("--config")
+        cfg = load_config(PretrainConfig, cmd[i + 1], [o for o in cmd[i + 2:] if not o.startswith("probe.")])
+        if dims == 3:
+            assert cfg.model.spatial_dims == 3 and list(cfg.data.patch_size) == [16, 32, 32]
+        else:
+            assert cfg.model.in_channels == 3 and cfg.model.spatial_dims == 2
+    assert {c[c.index("--config") + 2].removeprefix("task=") for c in pretrain} == set(le.PRETEXTS[dims])
+    pre = json.loads(next(a for a in sweep if a.startswith("data.preprocess=")).removeprefix("data.preprocess="))
+    assert pre == le.preprocessing(scale, dims).to_dict()
+    assert (pre.get("context_slices") == 1) if dims == 2.5 else (len(pre["spacing"]) == 3)
+    le._check_scenario(tmp_path, "liver", scale, 4, dims)
+    with pytest.raises(SystemExit, match="pass another --out"):
+        le._check_scenario(tmp_path, "liver", scale, 4, 2)
