@@ -236,16 +236,14 @@ def predict(
     refs = [str(model)] if isinstance(model, (str, os.PathLike)) else [str(m) for m in model]
     if not refs:
         raise ValueError("--model: give at least one model")
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     files, dsts, many = _plan_outputs(Path(input), Path(output))
     nets, exports = _load_ensemble(refs, dev)
     export = exports[0]
     lcc = _largest_component_classes(refs, exports) if largest_component else []
     params = PreprocessParams.from_dict(export["preprocessing"])
-    axes = _mirror_axes(tta, export["model_config"].spatial_dims)
-    roi = inference_roi(export)
+    window = {"roi_size": inference_roi(export), "overlap": overlap, "device": dev, "batch_size": batch_size,
+              "mirror_axes": _mirror_axes(tta, export["model_config"].spatial_dims)}
     prep = preprocess_volume if params.volumetric else preprocess
     written, skipped, said = [], [], set()  # masks written; "file: reason" of inputs skipped; notes given once
     for f, dst in tqdm(list(zip(files, dsts, strict=True)), desc="predict", unit="vol", disable=len(files) < 2):
@@ -255,9 +253,7 @@ def predict(
             if image_channels(vol) != export["model_config"].in_channels:
                 raise ValueError(f"{f}: {image_channels(vol)} channel(s), the model expects "
                                  f"{export['model_config'].in_channels}")
-            probs = np.mean([predict_probabilities(net, vol.image, roi_size=roi, overlap=overlap,
-                                                   mirror_axes=axes, device=dev, batch_size=batch_size)
-                             for net in nets], axis=0)
+            probs = np.mean([predict_probabilities(net, vol.image, **window) for net in nets], axis=0)
             original = keep_largest_component(original_grid(probs.argmax(axis=0), vol.geometry), lcc)
         except ValueError as e:
             if not many:

@@ -501,11 +501,7 @@ def build_report(
     taken: set[str] = set()
     sweeps = [_budget_sweep(pattern, _series_name(pattern, taken), tags, budgets or {}, stats, sel)
               for pattern, tags in (budget_series or {}).items()]
-    parts = _head_section(stats, sweeps, table, dataset, n_boot, leaks := _leak_lines(budgets or {}, sel))
-    if sel:  # every trial's test metrics are computed on the files' own grids, whatever its dimensionality
-        dims = {r["init_tag"]: f"{r.get('spatial_dims', 2)}D" for r in sel}
-        parts += ["Dimensionality of each init's network: " + ", ".join(f"{t} {d}" for t, d in dims.items())
-                  + " (test metrics on each file's own grid alike).", ""]
+    parts = _head_section(stats, sweeps, table, dataset, n_boot, leaks := _leak_lines(budgets or {}, sel), sel)
     files: list[Path] = []
     if stats["comparisons"]:
         parts += _comparison_section(stats)
@@ -546,8 +542,9 @@ def build_report(
 
 
 def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: str, dataset: str,
-                  n_boot: int, leaks: list[str]) -> list[str]:
-    """Title, the labels-saved and budget sentences, the basis of the intervals and the Dice table."""
+                  n_boot: int, leaks: list[str], sel: list[dict[str, Any]]) -> list[str]:
+    """Title, the labels-saved and budget sentences, the basis of the intervals, the Dice table and each init's
+    dimensionality (every trial's test metrics are computed on the files' own grids, whatever it is)."""
     draws = sorted({len(c.seeds) for c in stats["cells"].values()})
     basis = (
         f"From {stats['volumes']} test volumes and {'/'.join(map(str, draws)) or 0} labeled draws (seeds) per n; "
@@ -568,7 +565,8 @@ def _head_section(stats: dict[str, Any], sweeps: list[dict[str, Any]], table: st
         "",
         table,
         "",
-    ]
+    ] + ([f"Dimensionality of each init's network: {dims} (test metrics on each file's own grid alike).", ""]
+         if (dims := ", ".join(dict.fromkeys(f"{r['init_tag']} {r.get('spatial_dims', 2)}D" for r in sel))) else [])
 
 
 def _empty_notes(sel: list[dict[str, Any]]) -> list[str]:
