@@ -11,8 +11,10 @@ run picks up where it stopped):
    site, fixed before anything was run: labeled liver and prostate data in the field are T2w),
    validation and test subjects from every site. ``sites=1`` is the single-protocol cohort of
    earlier versions, split as the sweep's seeded split would split it.
-2. ``shards``: the unlabeled cohort as WebDataset shards.
-3. ``pretrain/contrastive`` and ``pretrain/regression``: ``launch/pretrain.py`` (DeepSpeed; one
+2. ``shards``: the unlabeled cohort as WebDataset shards (``dims=2.5``: each slice with its
+   neighbours as channels; ``dims=3``: whole volumes).
+3. ``pretrain/<pretext>`` (:data:`PRETEXTS`: contrastive and regression in 2D / 2.5D, mim and
+   contrastive3d in 3D): ``launch/pretrain.py`` (DeepSpeed; one
    CPU process, or every GPU through the ``deepspeed`` launcher), resumed from the last
    checkpoint when interrupted; a segmentation probe on the labeled training pool
    (``probe.png``, with its random-init reference) shows while it runs how useful the encoder is.

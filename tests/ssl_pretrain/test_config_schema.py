@@ -22,7 +22,8 @@ ROOTS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "sweep": SweepC
 CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
 SHIPPED = {"debug": PretrainConfig, "contrastive": PretrainConfig, "regression": PretrainConfig,
            "debug3d": PretrainConfig, "mae3d": PretrainConfig, "contrastive3d": PretrainConfig,
-           "finetune": FinetuneConfig, "sweep": SweepConfig, "sweep_debug": SweepConfig}
+           "finetune": FinetuneConfig, "sweep": SweepConfig, "sweep_debug": SweepConfig,
+           "finetune3d": FinetuneConfig, "sweep3d": SweepConfig, "sweep_debug3d": SweepConfig}
 
 
 def _scalar_type(tp: Any) -> tuple[Any, bool]:

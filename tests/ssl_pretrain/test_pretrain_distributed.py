@@ -196,7 +196,9 @@ def test_a_lost_node_stops_the_survivor_with_one_line_in_bounded_time(pretrain_s
     ours = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "Traceback" not in output, output[-3000:]
     assert re.search(r"rank 0 of 2 lost rank 1 \(\S+ pid \d+\): .+, at step \d+; every rank stops", ours[0]), ours
-    assert ("Connection reset by peer at 127.0.0.1:" if how == "killed" else "Timed out waiting 8000ms") in ours[0]
+    # a killed peer's socket is reset or closed, as the kernel's timing has it
+    assert re.search(r"Connection (reset|closed) by peer at 127\.0\.0\.1:" if how == "killed"
+                     else "Timed out waiting 8000ms", ours[0]), ours[0]
     assert "resumes from the last checkpoint" in ours[0]
     if how == "hung":  # nothing resets the connections: only the configured timeout ends the wait
         assert 7 <= elapsed <= 8 + 60, elapsed
