@@ -52,7 +52,7 @@ from ssl_pretrain import termination
 from ssl_pretrain.config import flatten, from_dict, save_config, to_dict
 from ssl_pretrain.data.preprocess import PreprocessParams
 from ssl_pretrain.export import choose_preprocessing
-from ssl_pretrain.fileio import atomic_write_text
+from ssl_pretrain.fileio import append_text, atomic_write_text
 from ssl_pretrain.tracking import MLflowLogger, NullLogger, RunLogger, start_logger
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ def _trial_config(config: dict[str, Any]) -> tuple[FinetuneConfig, str]:
 
 def _trainable(config: dict[str, Any]) -> None:
     """One Ray Tune trial: a finetuning run with checkpoints, nested MLflow run and final report."""
+    import ray
     from ray import tune
 
     from downstream.finetune import finetune
@@ -241,6 +242,7 @@ def _trainable(config: dict[str, Any]) -> None:
     cfg, key = _trial_config(config)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    append_text(out / "ray_nodes.txt", f"{ray.get_runtime_context().get_node_id()}\n")  # where each attempt ran
     fp = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
     done = out / "trial_done.json"
     if done.is_file():  # finished in an earlier sweep run with the same config: reuse it

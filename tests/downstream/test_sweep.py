@@ -451,3 +451,59 @@ def test_3d_sweep_two_inits_two_n_two_seeds_writes_the_report(cohort: Path, tmp_
         "Dimensionality of each init's network: mim 3D, random 3D" in md
     [sentence] = results["stats"]["sentences"].values()
     assert sentence.startswith("mim with ") and sentence in out and sentence in md
+
+
+def test_sweep_on_a_two_node_ray_cluster_survives_losing_the_worker_node(cohort: Path, tmp_path: Path, ray_session,
+                                                                        launch_sweep) -> None:
+    """Issue 25.3: launch/sweep.py against a two-node Ray cluster on 127.0.0.1 (RAY_ADDRESS). Trials run on both
+    nodes; the worker node is killed while one of its trials runs; Tune reruns that trial on the head from its last
+    checkpoint, the sweep finishes every trial, and its results equal an undisturbed sweep's. Every listener of both
+    nodes is on loopback."""
+    grid = ["init=[random]", "n_labeled=[1, 2]", "seeds=[0, 1]", "train.max_steps=20", "train.eval_every=5",
+            "search.cpus_per_trial=1"]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = tmp_path / "cluster"
+    with open(tmp_path / "cluster.log", "w") as log:
+        cluster = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_cluster.py"))],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        try:
+            address, head, worker = cluster.stdout.readline().split()
+            sweep = subprocess.Popen(
+                [sys.executable, str(Path(__file__).parents[2] / "launch" / "sweep.py"), "--config", "sweep_debug",
+                 *tiny_overrides(cohort, out, size=32), *grid], env={**env, "RAY_ADDRESS": address},
+                stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 240
+            while time.time() < deadline and sweep.poll() is None:  # a trial on the worker with a checkpoint
+                on_worker = [d for d in (out / "trials").glob("*") if (d / "ray_nodes.txt").is_file()
+                             and worker in (d / "ray_nodes.txt").read_text() and (d / "checkpoint").is_dir()]
+                if on_worker:
+                    break
+                time.sleep(0.05)
+            assert on_worker and sweep.poll() is None, (tmp_path / "cluster.log").read_text()[-3000:]
+            found = listeners(cluster.pid)  # both raylets, the GCS, the workers of both nodes
+            assert sum("raylet" in c for c, _, _ in found) >= 2, found
+            _assert_loopback_only(found)
+            cluster.stdin.write("kill\n")
+            cluster.stdin.flush()
+            assert cluster.stdout.readline().strip() == "killed"
+            assert sweep.wait(timeout=300) == 0, (tmp_path / "cluster.log").read_text()[-3000:]
+        finally:
+            cluster.stdin.close()
+            cluster.wait(timeout=120)
+    nodes = {d.name: (d / "ray_nodes.txt").read_text().split() for d in (out / "trials").glob("*")}
+    assert {n for ran in nodes.values() for n in ran} == {head, worker}  # both nodes ran trials
+    moved = nodes[on_worker[0].name]
+    assert moved[0] == worker and moved[-1] == head, nodes  # the killed node's trial finished on the head
+    assert list((out / "ray").rglob("checkpoint_*")) and list((out / "ray").rglob("result.json"))  # shared storage
+    disturbed = json.loads((out / "report" / "results.json").read_text())
+    assert len(disturbed["rows"]) == 4 and disturbed["errors"] == []
+
+    mod, root = launch_sweep  # the same grid on the tests' local Ray, undisturbed
+    assert mod.main(["--config", "sweep_debug", *tiny_overrides(cohort, tmp_path / "plain", size=32), *grid]) == 0
+    plain = json.loads((tmp_path / "plain" / "report" / "results.json").read_text())
+
+    def dice(res: dict) -> dict:
+        return {(r["n_labeled"], r["seed"]): (r["best_val_dice"], r["test_dice"]) for r in res["rows"]}
+
+    assert dice(disturbed) == dice(plain) and disturbed["stats"]["sentences"] == plain["stats"]["sentences"]
