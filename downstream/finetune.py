@@ -247,8 +247,8 @@ def _device(choice: str) -> torch.device:
 
 def _optimizer(cfg: FinetuneConfig, model: torch.nn.Module, load_report: LoadReport) -> torch.optim.Optimizer:
     """AdamW; parameters loaded from the init train at ``train.pretrained_lr_scale`` × ``train.lr``."""
-    loaded = set(load_report.loaded)
-    named = list(model.named_parameters())
+    loaded = set(load_report.loaded)  # "encoder.…" / "decoder.…": a Segmenter3D holds its parts under "net."
+    named = [(n.removeprefix("net."), p) for n, p in model.named_parameters()]
     groups = [
         {"params": [p for n, p in named if n in loaded], "lr": cfg.train.lr * cfg.train.pretrained_lr_scale},
         {"params": [p for n, p in named if n not in loaded], "lr": cfg.train.lr},

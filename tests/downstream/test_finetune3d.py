@@ -88,7 +88,8 @@ def test_3d_finetune_then_predict_on_a_reoriented_anisotropic_copy(cohort: Path,
     probs = np.asanyarray(nib.load(tmp_path / "orig_probabilities.nii.gz").dataobj)
     assert probs.shape == (*nib.load(src).shape, 2)
     assert (probs.argmax(-1) == np.asanyarray(nib.load(out).dataobj)).mean() > 0.99  # the mask is their argmax
-    out_copy = predict(str(model), str(tmp_path / "copy.nii.gz"), str(tmp_path / "copy_mask.nii.gz"))[0]
+    out_copy = predict(str(model), str(tmp_path / "copy.nii.gz"), str(tmp_path / "copy_mask.nii.gz"), tta="all",
+                       largest_component=True)[0]  # as the original was predicted
     mask, mask_copy = nib.load(out), nib.load(out_copy)
     copy_in = nib.load(tmp_path / "copy.nii.gz")
     assert mask_copy.shape == copy_in.shape and np.allclose(mask_copy.affine, copy_in.affine)  # the copy's grid
@@ -99,7 +100,8 @@ def test_3d_finetune_then_predict_on_a_reoriented_anisotropic_copy(cohort: Path,
     assert np.allclose(back.affine, fine.affine)
     ref = np.repeat(np.asanyarray(mask.dataobj), 2, axis=1)
     assert ref.any()
-    assert dice_score(np.asanyarray(back.dataobj) == 1, ref == 1) >= 0.9
+    agreement = dice_score(np.asanyarray(back.dataobj) == 1, ref == 1)
+    assert agreement >= 0.9, agreement
 
 
 def test_export_dimensionality_must_match_the_run(cohort: Path, tmp_path: Path) -> None:
@@ -128,6 +130,16 @@ def test_3d_transfer_choices_load_what_they_name() -> None:
     assert {k.split(".")[0] for k in report.loaded} == {"encoder"}
     other, report = build_unet(export, 3, source="seg", strict=False)  # other classes: a new head
     assert all(".seg_layers." in k for k in report.missing) and report.missing
+    # the loaded parameters train at train.pretrained_lr_scale × lr, the new head at lr
+    from downstream.finetune import _optimizer
+
+    cfg = FinetuneConfig()
+    opt = _optimizer(cfg, other, report)
+    pretrained, fresh = opt.param_groups
+    assert pretrained["lr"] == pytest.approx(cfg.train.lr * cfg.train.pretrained_lr_scale)
+    assert fresh["lr"] == cfg.train.lr
+    assert sum(p.numel() for p in fresh["params"]) == sum(p.numel() for n, p in other.named_parameters()
+                                                           if ".seg_layers." in n) > 0  # the head, all of it
 
 
 def test_sliding_windows_over_a_larger_volume_match_whole_volume_inference() -> None:
