@@ -321,7 +321,8 @@ def choose_preprocessing(
         dims = {True: "3D (a Z Y X spacing)", False: "2D (slices, an H W spacing)"}
         raise ExportError(f"{source}: a {dims[params.volumetric]} export cannot initialise a "
                           f"{dims[configured.volumetric]} model ({key}.spacing: {list(configured.spacing)}); use an "
-                          f"export of the same dimensionality")
+                          f"export of the same dimensionality, or a config of the export's (finetune3d / sweep3d for "
+                          f"3D exports)")
     if params != configured:
         log.warning("%s ignored: the preprocessing of %s is used (%s)", key, source, params.to_dict())
     return params
