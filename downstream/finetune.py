@@ -96,7 +96,8 @@ def _build_model(
     num_classes: int,
     data: PreparedData,
 ) -> tuple[torch.nn.Module, LoadReport]:
-    """The segmentation model: the 2D UNet, or for 3D data the init's ``dynamic_network_architectures`` network."""
+    """The segmentation model: the 2D UNet, or for 3D data a ``dynamic_network_architectures`` network (the
+    init's, or ``model.network_class_name`` + ``model.arch`` for ``init=random``)."""
     dims = data.spatial_dims
     mcfg = cfg.model.unet_config(in_channels, dims) if export is None else export["model_config"]
     size = patch_size(cfg, data)

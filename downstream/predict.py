@@ -31,6 +31,7 @@ from downstream.inference import (
     inference_roi,
     keep_largest_component,
     load_segmentation_model,
+    mirror_axes,
     original_grid,
     predict_probabilities,
 )
@@ -104,9 +105,9 @@ def _mirror_axes(tta: str | None, spatial_dims: int) -> tuple[int, ...]:
     """``--tta`` letters (``d`` slices of a 3D model, ``h`` rows, ``w`` columns) → axes of ``(B, C, *spatial)``."""
     if tta is None:
         return ()
-    letters = "dhw" if spatial_dims == 3 else "hw"
     if tta == "all":
-        tta = letters
+        return mirror_axes(spatial_dims)
+    letters = "dhw" if spatial_dims == 3 else "hw"
     if not tta or any(ch not in letters for ch in tta.lower()):
         what = "a 3D model mirrors along d, h, w (slices, rows, columns)" if spatial_dims == 3 else \
             "a 2D model mirrors in-plane only: give h, w or hw (rows, columns)"

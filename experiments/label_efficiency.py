@@ -290,7 +290,8 @@ def preprocessing(scale: Scale, dims: float = 2) -> PreprocessParams:
 
 
 def _model_overrides(scale: Scale, dims: float) -> list[str]:
-    """The network of a 2D / 2.5D run (the scale's widths; 2.5D: three input channels); 3D takes its config's."""
+    """The network of a 2D / 2.5D run: the scale's widths (a 2.5D pretraining run also sets its input channels,
+    in :func:`_pretrain`; finetuning takes them from the data); 3D takes its config's network."""
     if dims == 3:
         return []
     return [f"model.widths={list(scale.widths)}"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import nibabel as nib
@@ -193,5 +192,5 @@ def test_3d_finetuning_resumes_exactly_after_a_crash(cohort: Path, tmp_path: Pat
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in plain["history"]]
     assert resumed["test_dice"] == plain["test_dice"]
     state = torch.load(tmp_path / "plain" / "checkpoint" / "state.pt", weights_only=True)
-    trained = {k for k, v in copy.deepcopy(state["model"]).items() if ".seg_layers." in k}
+    trained = {k for k in state["model"] if ".seg_layers." in k}
     assert len(trained) == 2 * len(TINY_ARCH["features_per_stage"][:-1])  # every deep-supervision head is kept
