@@ -39,7 +39,12 @@ class DataConfig:
     splits: str | None = option(
         None,
         "JSON file with train_pool / val / test lists of subject ids: a fixed split instead of the seeded "
-        "one (n_val, n_test, split_seed are then ignored)",
+        "one (n_val, n_test, split_seed are then ignored); or nnU-Net's splits_final.json with data.fold",
+    )
+    fold: int | None = option(
+        None, "the fold of an nnU-Net splits_final.json in data.splits: its train list is the training pool, "
+        "its val list the validation set; test: the labeled cases in no list of the fold (labelsTs), else "
+        "data.n_test cases held out of its train list by data.split_seed", ge=0,
     )
     labels: tuple[str, ...] | None = option(
         None,

@@ -41,7 +41,15 @@ import numpy as np
 
 from downstream.config import DataConfig
 from ssl_pretrain.data.ingest import discover, parse_msd_labels, split_ids
-from ssl_pretrain.data.preprocess import InputError, PreprocessParams, Volume, load_nifti, preprocess
+from ssl_pretrain.data.preprocess import (
+    ImageFiles,
+    InputError,
+    PreprocessParams,
+    Volume,
+    first_file,
+    load_nifti,
+    preprocess,
+)
 from ssl_pretrain.data.volumes import VolumeSample, preprocess_volume
 from ssl_pretrain.fileio import atomic_path, atomic_write_text
 
@@ -72,7 +80,7 @@ class LabeledSubject:
     """One image with its label map."""
 
     id: str
-    image: Path
+    image: ImageFiles
     label: Path
 
 
@@ -161,7 +169,7 @@ def open_labeled(root: str | os.PathLike[str], labels: Sequence[str] | None = No
         raise ValueError(f"data.root: {root} is not a directory")
     subjects, found_skipped = discover(root, labels=True)
     skipped = [(str(p), str(r)) for p, r in found_skipped]
-    labeled = [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in subjects if s.label]
+    labeled = [LabeledSubject(str(s.id), s.image, Path(s.label)) for s in subjects if s.label]
     if not labeled:
         raise ValueError(f"data.root: {root} holds no image with a matching label (imagesTr/ + labelsTr/)")
     name = root.name
@@ -195,7 +203,7 @@ def _infer_classes(root: Path, labeled: list[LabeledSubject], skipped: list[tupl
         try:
             data = np.asanyarray(load_nifti(s.label, kind="label").dataobj)
         except InputError as e:
-            skipped.append((str(s.image), str(e)))
+            skipped.append((str(first_file(s.image)), str(e)))
             continue
         values_of[str(s.label)] = {int(v) for v in np.unique(data)}
         readable.append(s)
@@ -239,7 +247,7 @@ def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]
     """
     root = Path(root)
     known = {s.id for s in subjects}
-    by_image = {s.image.resolve(): s.id for s in subjects}
+    by_image = {first_file(s.image).resolve(): s.id for s in subjects}
     out: dict[str, dict[str, str]] = {}
     meta_path = root / "dataset.json"
     if meta_path.is_file():
@@ -284,7 +292,7 @@ def read_attributes(root: str | os.PathLike[str], subjects: list[LabeledSubject]
 def subject_attributes(root: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
     """:func:`read_attributes` of a dataset folder, without reading any volume."""
     found, _ = discover(Path(root), labels=True)
-    return read_attributes(root, [LabeledSubject(str(s.id), Path(s.image), Path(s.label)) for s in found if s.label])
+    return read_attributes(root, [LabeledSubject(str(s.id), s.image, Path(s.label)) for s in found if s.label])
 
 
 def _safe_name(name: str) -> str:
@@ -317,16 +325,21 @@ def make_splits(ids: list[str] | tuple[str, ...], n_val: int, n_test: int, split
 _SPLIT_KEYS = ("train_pool", "val", "test")
 
 
-def load_splits(path: str | os.PathLike[str], usable: list[str] | tuple[str, ...]) -> Splits:
+def load_splits(path: str | os.PathLike[str], usable: list[str] | tuple[str, ...], *, fold: int | None = None,
+                n_test: int = 0, split_seed: int = 0) -> Splits:
     """Read a fixed split (``data.splits``) and check it against the usable subjects.
 
     Args:
-        path: JSON file ``{"train_pool": [ids], "val": [ids], "test": [ids]}``.
+        path: JSON file ``{"train_pool": [ids], "val": [ids], "test": [ids]}``, or nnU-Net's
+            ``splits_final.json`` (a list of folds ``{"train": [ids], "val": [ids]}``) with ``fold``.
         usable: Subject ids that exist and passed preprocessing.
+        fold: The fold of a ``splits_final.json`` (``data.fold``).
+        n_test, split_seed: nnU-Net folds only, when every usable subject is in the fold's lists: hold
+            ``n_test`` cases of its train list out as the test set (by :func:`split_ids`).
 
     Raises:
-        ValueError: Unreadable file, a missing or empty list, an unknown (or unusable) subject, or a
-            subject in two lists — one line naming the file and the id.
+        ValueError: Unreadable file, a missing or empty list, an unknown (or unusable) subject, a
+            subject in two lists, or a fold missing or out of range — one line naming the file and the id.
     """
     path = Path(path)
     try:
@@ -335,6 +348,10 @@ def load_splits(path: str | os.PathLike[str], usable: list[str] | tuple[str, ...
         raise ValueError(f"data.splits: {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"data.splits: {path} is not a readable JSON file ({e})") from None
+    if isinstance(raw, list):
+        raw = _nnunet_fold(path, raw, usable, fold, n_test, split_seed)
+    elif fold is not None:
+        raise ValueError(f"data.fold: {fold} given but {path} is not an nnU-Net splits_final.json (a list of folds)")
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected an object with lists {list(_SPLIT_KEYS)}")
     known = set(usable)
@@ -356,6 +373,30 @@ def load_splits(path: str | os.PathLike[str], usable: list[str] | tuple[str, ...
             where[sid] = key
         lists[key] = tuple(sorted(ids))
     return Splits(train_pool=lists["train_pool"], val=lists["val"], test=lists["test"])
+
+
+def _nnunet_fold(path: Path, folds: list, usable: list[str] | tuple[str, ...], fold: int | None, n_test: int,
+                 split_seed: int) -> dict[str, list[str]]:
+    """``{"train_pool", "val", "test"}`` of fold ``fold`` of an nnU-Net ``splits_final.json``."""
+    if fold is None:
+        raise ValueError(f"data.splits: {path} is nnU-Net's list of {len(folds)} folds; set data.fold "
+                         f"(0..{len(folds) - 1})")
+    if not 0 <= fold < len(folds):
+        raise ValueError(f"data.fold: {fold} is out of range; {path} has folds 0..{len(folds) - 1}")
+    entry = folds[fold]
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), list) for k in ("train", "val")):
+        raise ValueError(f"{path}: fold {fold} must be an object with 'train' and 'val' lists of case ids")
+    train, val = [str(i) for i in entry["train"]], [str(i) for i in entry["val"]]
+    test = sorted(set(usable) - set(train) - set(val))
+    if not test:  # every case is in the fold: hold some of its training cases out for testing
+        if len(train) <= n_test:
+            raise ValueError(f"{path}: fold {fold} has {len(train)} training cases, too few to hold data.n_test = "
+                             f"{n_test} out as the test set (or add labelsTs/)")
+        test, _ = split_ids(train, (n_test,), split_seed)
+        train = sorted(set(train) - set(test))
+        log.info("data.fold %d: every case is in the fold; %d of its training cases held out as the test set "
+                 "(data.n_test, data.split_seed)", fold, n_test)
+    return {"train_pool": train, "val": val, "test": list(test)}
 
 
 def write_splits(splits: Splits, path: str | os.PathLike[str]) -> Path:
@@ -406,9 +447,10 @@ class VolumeCache:
             "params": self.params.to_dict(),
             "labels": list(self.allowed_labels or []),
         }
-        for name, p in (("image", subject.image), ("label", subject.label)):
-            st = p.stat()
-            parts[name] = [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        image = subject.image if isinstance(subject.image, tuple) else (subject.image,)
+        for name, files in (("image", image), ("label", (subject.label,))):
+            ids = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+            parts[name] = ids[0] if len(ids) == 1 else ids  # one file: the key of earlier releases
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
     def ensure(self, subject: LabeledSubject) -> str | None:
@@ -465,6 +507,7 @@ def prepare(
     split_seed: int,
     cache_dir: str | os.PathLike[str],
     splits_file: str | os.PathLike[str] | None = None,
+    fold: int | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     labels: Sequence[str] | None = None,
 ) -> PreparedData:
@@ -482,7 +525,8 @@ def prepare(
         cache_dir: Cache folder of preprocessed volumes (never inside ``root``: data folders may be
             read-only or shared).
         splits_file: A fixed split (``data.splits``) used instead of the seeded one (``n_val``,
-            ``n_test`` and ``split_seed`` are then ignored).
+            ``n_test`` and ``split_seed`` are then ignored), or nnU-Net's ``splits_final.json``.
+        fold: The fold of a ``splits_final.json`` (``data.fold``; see :func:`load_splits`).
         out_dir: Where the split used is written as ``splits.json`` (not written when ``None``).
         labels: Class names by value when the dataset declares none (``data.labels``).
 
@@ -502,11 +546,11 @@ def prepare(
         if reason is None:
             good.append(s.id)
         else:
-            skipped.append((str(s.image), reason))
+            skipped.append((str(first_file(s.image)), reason))
     for path, reason in skipped:
         log.warning("skipped %s: %s", path, reason)
     if splits_file:
-        splits = load_splits(splits_file, good)
+        splits = load_splits(splits_file, good, fold=fold, n_test=n_test, split_seed=split_seed)
         log.info("fixed split from %s: %d train pool, %d val, %d test", splits_file, len(splits.train_pool),
                  len(splits.val), len(splits.test))
     else:
@@ -520,4 +564,5 @@ def prepare_configured(data: DataConfig, params: PreprocessParams, *, cache_dir:
                        out_dir: str | os.PathLike[str] | None) -> PreparedData:
     """:func:`prepare` with the ``data`` section of a finetuning or sweep config."""
     return prepare(data.root, params, n_val=data.n_val, n_test=data.n_test, split_seed=data.split_seed,
-                   cache_dir=cache_dir, splits_file=data.splits, out_dir=out_dir, labels=data.labels)
+                   cache_dir=cache_dir, splits_file=data.splits, fold=data.fold, out_dir=out_dir,
+                   labels=data.labels)

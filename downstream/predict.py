@@ -35,8 +35,8 @@ from downstream.inference import (
     original_grid,
     predict_probabilities,
 )
-from ssl_pretrain.data.ingest import is_nifti_name, nifti_stem
-from ssl_pretrain.data.preprocess import PreprocessParams, preprocess
+from ssl_pretrain.data.ingest import discover, is_nifti_name, is_nnunet_folder, nifti_stem
+from ssl_pretrain.data.preprocess import ImageFiles, PreprocessParams, first_file, preprocess
 from ssl_pretrain.data.volumes import preprocess_volume
 from ssl_pretrain.fileio import atomic_path, check_writable
 
@@ -46,7 +46,7 @@ __all__ = ["predict"]
 
 
 
-def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
+def _output_paths(inputs: list[tuple[ImageFiles, str]], output: Path, many: bool) -> list[Path]:
     """The mask path of each input: ``output`` itself (one input, a ``.nii.gz`` path) or
     ``output/<name>_mask.nii.gz``.
 
@@ -54,39 +54,46 @@ def _output_paths(files: list[Path], output: Path, many: bool) -> list[Path]:
         ValueError: Two inputs would share a mask (``a.nii`` and ``a.nii.gz``), or a mask would
             replace an input; nothing is written then.
     """
-    dsts = [output] if not many and is_nifti_name(output) else [output / f"{nifti_stem(f)}_mask.nii.gz" for f in files]
-    inputs = {f.resolve(): f for f in files}
+    single = not many and is_nifti_name(output)
+    dsts = [output] if single else [output / f"{name}_mask.nii.gz" for _, name in inputs]
+    files = [first_file(f) for f, _ in inputs]
+    given = {p.resolve(): p for f, _ in inputs for p in (f if isinstance(f, tuple) else (f,))}
     first: dict[Path, Path] = {}
     for f, dst in zip(files, dsts, strict=True):
         key = dst.resolve()
         if key in first:
             raise ValueError(f"--input: {first[key]} and {f} would both be written to {dst}; rename one of them")
-        if key in inputs:
-            raise ValueError(f"--output: {dst} would overwrite the input {inputs[key]}")
+        if key in given:
+            raise ValueError(f"--output: {dst} would overwrite the input {given[key]}")
         first[key] = f
     return dsts
 
 
-def _plan_outputs(src: Path, out: Path) -> tuple[list[Path], list[Path], bool]:
-    """``(input files, their mask paths, whether the input is a folder)``; the mask folder is created
+def _plan_outputs(src: Path, out: Path) -> tuple[list[ImageFiles], list[Path], bool]:
+    """``(input images, their mask paths, whether the input is a folder)``; the mask folder is created
     and written to once, so a read-only or full disk fails here, before any inference."""
-    files, many = _input_files(src), src.is_dir()
-    dsts = _output_paths(files, out, many)
+    inputs, many = _input_images(src), src.is_dir()
+    dsts = _output_paths(inputs, out, many)
     folder = out if many or not is_nifti_name(out) else out.parent
     _output_folder(folder)
     check_writable(folder)
-    return files, dsts, many
+    return [f for f, _ in inputs], dsts, many
 
 
-def _input_files(src: Path) -> list[Path]:
-    """The NIfTI files of ``--input``: the file itself or a folder's (hidden files left out)."""
+def _input_images(src: Path) -> list[tuple[ImageFiles, str]]:
+    """``(image, name)`` of each input of ``--input``: the file itself, a folder's NIfTI files (hidden files
+    left out), or the cases of an nnU-Net dataset (its folder, ``imagesTs/`` or ``imagesTr/``: channel files
+    grouped per case, named by case)."""
+    if src.is_dir() and is_nnunet_folder(src):
+        found, _ = discover(src, labels=False)
+        return [(s.image, s.id) for s in found]
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if is_nifti_name(p) and not p.name.startswith("."))
         if not files:
             raise ValueError(f"--input: {src} holds no .nii / .nii.gz files")
-        return files
+        return [(f, nifti_stem(f)) for f in files]
     if src.is_file():
-        return [src]
+        return [(src, nifti_stem(src))]
     raise ValueError(f"--input: {src} does not exist")
 
 
@@ -139,7 +146,7 @@ def _largest_component_classes(refs: Sequence[str], exports: Sequence[dict[str, 
     return sorted(chosen or ())
 
 
-def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[str]) -> None:
+def _check_geometry(path: ImageFiles, vol: Any, params: PreprocessParams, said: set[str]) -> None:
     """Warn when an input's spacing is far from the training spacing (in-plane for slices, each axis for 3D);
     say once that slices smaller than the model's patch are padded."""
     file_zooms = np.linalg.norm(np.asarray(vol.geometry["affine"], dtype=float)[:3, :3], axis=0)  # the affine's
@@ -150,13 +157,14 @@ def _check_geometry(path: Path, vol: Any, params: PreprocessParams, said: set[st
         zooms.insert(0, float(canon[2]))
     if any(z / t > 2.0 or z / t < 0.5 for z, t in zip(zooms, params.spacing, strict=True)):
         log.warning("%s: spacing %s mm differs widely from the training spacing %s mm (resampled to it)",
-                    path, [round(z, 3) for z in zooms], list(params.spacing))
+                    first_file(path), [round(z, 3) for z in zooms], list(params.spacing))
     if params.volumetric:
         return
     nx, ny = vol.geometry["resampled_shape"]
     if (ny < params.size[0] or nx < params.size[1]) and "pad" not in said:
         said.add("pad")
-        log.info("slices smaller than the model's patch %s are padded to it (first: %s)", list(params.size), path)
+        log.info("slices smaller than the model's patch %s are padded to it (first: %s)", list(params.size),
+                 first_file(path))
 
 
 def _save_probabilities(probs: np.ndarray, geometry: dict, source: Path, path: Path) -> None:
@@ -210,7 +218,8 @@ def predict(
     Args:
         model: Finetuned ``model.pt`` path or MLflow URI, or several (an ensemble: their probabilities
             are averaged; label sets and preprocessing must agree).
-        input: A ``.nii``/``.nii.gz`` file or a folder of them.
+        input: A ``.nii``/``.nii.gz`` file, a folder of them, or an nnU-Net dataset folder (or its
+            ``imagesTs/``): one mask per case, its channel files stacked.
         output: A ``.nii.gz`` path (one input) or a folder (``<name>_mask.nii.gz`` per input).
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         batch_size: Slices (2D) and windows per forward pass.
@@ -252,21 +261,21 @@ def predict(
             vol = prep(f, params)
             _check_geometry(f, vol, params, said)
             if image_channels(vol) != export["model_config"].in_channels:
-                raise ValueError(f"{f}: {image_channels(vol)} channel(s), the model expects "
+                raise ValueError(f"{first_file(f)}: {image_channels(vol)} channel(s), the model expects "
                                  f"{export['model_config'].in_channels}")
             probs = np.mean([predict_probabilities(net, vol.image, **window) for net in nets], axis=0)
             original = keep_largest_component(original_grid(probs.argmax(axis=0), vol.geometry), lcc)
         except ValueError as e:
             if not many:
                 raise
-            skipped.append(f"{f}: {str(e).splitlines()[0]}")
+            skipped.append(f"{first_file(f)}: {str(e).splitlines()[0]}")
             log.warning("skipped %s", skipped[-1])
             continue
-        _save_mask(original, f, dst)
+        _save_mask(original, first_file(f), dst)
         if save_probabilities:
-            _save_probabilities(probs, vol.geometry, f, _probabilities_path(dst))
+            _save_probabilities(probs, vol.geometry, first_file(f), _probabilities_path(dst))
         written.append(dst)
-        log.info("%s -> %s", f, dst)
+        log.info("%s -> %s", first_file(f), dst)
     if skipped and not written:
         raise ValueError(f"--input: all {len(skipped)} input(s) skipped, no mask written (first: {skipped[0]})")
     if skipped:

@@ -5,6 +5,10 @@
   a file named ``*_seg.nii.gz`` / ``*_label.nii.gz`` / ``*_mask.nii.gz`` next to an image is its label.
 * **MSD**: ``dataset.json`` (or the folder holding it); ``training`` entries give image and label,
   ``test`` entries images only, ``labels`` declares the allowed label values.
+* **nnU-Net v2 raw dataset**: a ``DatasetXXX_Name/`` folder whose ``dataset.json`` has ``channel_names``
+  and ``file_ending``: cases ``imagesTr/{case}_{channel:04d}{file_ending}`` (one file per channel, grouped
+  per case in ``channel_names`` order) with ``labelsTr/{case}{file_ending}``, and ``imagesTs/`` (labeled
+  when a ``labelsTs/`` has the case). Its ``imagesTr/`` or ``imagesTs/`` folder alone reads as that part.
 * **List file** (``.txt``): one image path per line, optionally ``image<TAB>label``; spaces,
   ``#`` and non-ASCII characters are part of a name; relative paths are relative to the list
   file; a line starting with ``#`` is a comment.
@@ -27,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ssl_pretrain.data.preprocess import ImageFiles, first_file
+
 logger = logging.getLogger(__name__)
 
 _LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
@@ -39,14 +45,14 @@ class Subject:
 
     Args:
         id: unique subject id (file name without ``.nii[.gz]``; made unique when names repeat).
-        image: image file.
+        image: image file, or one file per channel (nnU-Net datasets).
         label: label file or ``None``.
         source: image path relative to the input root (recorded in ``meta.json`` and the manifest).
         allowed_labels: label values the dataset declares (MSD ``labels``), ``None`` = any uint8.
     """
 
     id: str
-    image: Path
+    image: ImageFiles
     label: Path | None
     source: str = ""
     allowed_labels: tuple[int, ...] | None = None
@@ -175,9 +181,14 @@ def discover(path: str | Path, *, labels: bool | None = None) -> tuple[list[Subj
     if not path.exists():
         raise InputError(f"{path}: input not found (expected a folder, dataset.json or .txt list)")
     skipped: list[tuple[str, str]] = []
+    part = None
+    if path.is_dir() and path.name in _NNUNET_PARTS and is_nnunet_folder(path):
+        path, part = path.parent / "dataset.json", path.name
     if path.is_dir() and (path / "dataset.json").is_file():
         path = path / "dataset.json"
-    if path.is_file() and path.name.endswith(".json"):
+    if path.is_file() and path.name.endswith(".json") and _is_nnunet(path):
+        subjects = _from_nnunet(path, skipped, part)
+    elif path.is_file() and path.name.endswith(".json"):
         subjects = _from_msd(path, skipped)
     elif path.is_file():
         subjects = _from_list(path, skipped)
@@ -188,12 +199,12 @@ def discover(path: str | Path, *, labels: bool | None = None) -> tuple[list[Subj
         if labels is False:
             s.label = None
         elif labels is True and s.label is None:
-            skipped.append((str(s.image), "no label file found"))
+            skipped.append((str(first_file(s.image)), "no label file found"))
             continue
         out.append(s)
     if not out and not skipped:
         raise InputError(f"{path}: no .nii/.nii.gz volumes found")
-    out = _unique_ids(sorted(out, key=lambda s: (s.id, str(s.image))))
+    out = _unique_ids(sorted(out, key=lambda s: (s.id, str(first_file(s.image)))))
     for p, reason in skipped:
         logger.warning("skipped %s: %s", p, reason)
     return out, skipped
@@ -262,6 +273,80 @@ def _from_msd(path: Path, skipped: list[tuple[str, str]]) -> list[Subject]:
                 skipped.append((str(lab), f"label listed in {path.name} but missing"))
                 continue
         subjects.append(Subject(nifti_stem(img), img, lab, _rel(img, root), allowed))
+    return subjects
+
+
+_NNUNET_PARTS = ("imagesTr", "imagesTs")
+
+
+def _is_nnunet(path: Path) -> bool:
+    """Whether ``path`` is an nnU-Net v2 ``dataset.json`` (it has ``channel_names`` and ``file_ending``)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and "channel_names" in meta and "file_ending" in meta
+
+
+def is_nnunet_folder(path: Path) -> bool:
+    """Whether ``path`` is an nnU-Net v2 raw dataset folder, or its ``imagesTr/`` / ``imagesTs/``."""
+    path = Path(path)
+    in_part = path.name in _NNUNET_PARTS and _is_nnunet(path.parent / "dataset.json")
+    return in_part or _is_nnunet(path / "dataset.json")
+
+
+def read_nnunet_json(path: Path) -> tuple[list[str], str, dict[int, str]]:
+    """``(channel names in channel order, file ending, {label value: name})`` of an nnU-Net v2 ``dataset.json``.
+
+    Raises:
+        InputError: channels not numbered ``0..C-1``, a file ending nibabel does not read as NIfTI, or
+            region-based labels (a label given as a list of values), which mri-ssl does not train.
+    """
+    from ssl_pretrain.data.preprocess import InputError
+
+    meta = json.loads(path.read_text())
+    names = meta["channel_names"]
+    if not isinstance(names, dict) or sorted(names, key=str) != [str(i) for i in range(len(names))] or not names:
+        raise InputError(f"{path}: 'channel_names' must map '0', '1', … to channel names, got {names!r}")
+    ending = meta["file_ending"]
+    if ending not in NIFTI_SUFFIXES:
+        raise InputError(f"{path}: file_ending {ending!r} is not supported; mri-ssl reads NIfTI (.nii.gz or .nii)")
+    labels = meta.get("labels")
+    regions = {k: v for k, v in (labels or {}).items() if isinstance(v, (list, tuple))}
+    if regions or "regions_class_order" in meta:
+        raise InputError(f"{path}: region-based labels ({sorted(regions) or 'regions_class_order'}) are not "
+                         "supported; give each label one integer value")
+    declared = parse_msd_labels(labels, path) if labels is not None else {}
+    return [str(names[str(i)]) for i in range(len(names))], ending, declared
+
+
+def _from_nnunet(path: Path, skipped: list[tuple[str, str]], part: str | None) -> list[Subject]:
+    """Cases of an nnU-Net v2 raw dataset: per-channel files grouped per case, labels by case name."""
+    channels, ending, declared = read_nnunet_json(path)
+    root = path.parent
+    allowed = tuple(declared) if declared else None
+    pattern = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})" + re.escape(ending) + "$")
+    subjects = []
+    for images in (part,) if part else _NNUNET_PARTS:
+        folder, labels = root / images, root / images.replace("images", "labels")
+        cases: dict[str, dict[int, Path]] = {}
+        for f in sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []:
+            m = pattern.match(f.name)
+            if m is None:
+                skipped.append((str(f), f"not named {{case}}_{{channel:04d}}{ending} as {path.name} requires"))
+                continue
+            cases.setdefault(m["case"], {})[int(m["ch"])] = f
+        for case, files in cases.items():
+            missing = [c for c in range(len(channels)) if c not in files]
+            extra = sorted(set(files) - set(range(len(channels))))
+            if missing or extra:
+                skipped.append((str(folder / case), f"channel files {sorted(files)} but {path.name} declares "
+                                f"{len(channels)} channel(s) {channels}"))
+                continue
+            label = labels / f"{case}{ending}"
+            image = tuple(files[c] for c in range(len(channels)))
+            subjects.append(Subject(case, image[0] if len(image) == 1 else image,
+                                    label if label.is_file() else None, _rel(image[0], root), allowed))
     return subjects
 
 

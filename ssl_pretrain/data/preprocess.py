@@ -57,6 +57,9 @@ SpacingXYZ = tuple[float, float, float]
 """Voxel size in mm along RAS (x, y, z); x runs along W, y along H, z along S."""
 SpacingSHW = tuple[float, float, float]
 """Voxel size in mm along the array axes (S, H, W) of a preprocessed volume."""
+ImageFiles = Path | tuple[Path, ...]
+"""An image: one NIfTI file (3D, or 4D with channels last), or one 3D file per channel in channel order
+(nnU-Net's ``case_0000.nii.gz``, ``case_0001.nii.gz``, …), stacked as channels by :func:`load_image`."""
 
 MAX_VOXELS = 2**28
 """Default largest volume (voxels, channels included) a file may claim: 268 M, ~1 GiB as float32."""
@@ -241,6 +244,45 @@ def load_nifti(
     return out
 
 
+def as_image_files(image: str | Path | tuple[str | Path, ...] | list[str | Path]) -> ImageFiles:
+    """An image argument as :data:`ImageFiles` (a path, or a tuple of per-channel paths)."""
+    if isinstance(image, (tuple, list)):
+        return Path(image[0]) if len(image) == 1 else tuple(Path(p) for p in image)
+    return Path(image)
+
+
+def first_file(image: ImageFiles) -> Path:
+    """The file that names an image in messages: the file itself, or its first channel file."""
+    return image[0] if isinstance(image, tuple) else image
+
+
+def load_image(image: ImageFiles, *, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
+    """:func:`load_nifti` of one file, or of one 3D file per channel stacked into ``(X, Y, Z, C)``.
+
+    Raises:
+        InputError: a file :func:`load_nifti` refuses, a channel file that is not 3D, or channel files
+            whose shapes or affines (beyond :data:`LABEL_AFFINE_ATOL` mm) differ from the first's.
+    """
+    if not isinstance(image, tuple):
+        return load_nifti(image, max_voxels=max_voxels)
+    imgs = [load_nifti(p, max_voxels=max_voxels) for p in image]
+    ref = imgs[0]
+    for p, im in zip(image, imgs, strict=True):
+        if im.ndim != 3:
+            raise InputError(f"{p}: a channel file must be 3D, got shape {im.shape}")
+        if im.shape != ref.shape:
+            raise InputError(f"{p}: shape {im.shape} differs from channel file {image[0].name} {ref.shape}")
+        diff = float(np.abs(im.affine - ref.affine).max())
+        if diff > LABEL_AFFINE_ATOL:
+            raise InputError(f"{p}: affine differs from channel file {image[0].name} by up to {diff:.4g} mm "
+                             f"(> {LABEL_AFFINE_ATOL}); the channels of one case must share a voxel grid")
+    arrays = [np.asanyarray(im.dataobj) for im in imgs]
+    dtype = arrays[0].dtype if all(a.dtype == arrays[0].dtype for a in arrays) else np.float32
+    out = nib.Nifti1Image(np.stack(arrays, axis=-1).astype(dtype, copy=False), ref.affine, header=ref.header)
+    out.set_data_dtype(dtype)
+    return out
+
+
 def _gunzip(path: Path, raw: bytes, limit: int, *, whole: bool) -> bytes:
     """At most ``limit`` decompressed bytes of a gzip stream (``whole``: all of it, which must fit).
 
@@ -370,16 +412,17 @@ def _normalise(arr: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
 
 def read_canonical(
-    image_path: Path, params: PreprocessParams, max_voxels: int
+    image: ImageFiles, params: PreprocessParams, max_voxels: int
 ) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, np.ndarray]:
-    """Read an image, keep ``params.channels`` and reorient it to the slicing frame.
+    """Read an image (one file or one per channel), keep ``params.channels`` and reorient it to the slicing frame.
 
     Returns:
         ``(img, ornt, canon, canon_zooms)``: the NIfTI image, the file → frame orientation, the
         float32 data ``(X', Y', Z', C)`` in that frame (RAS, or the acquisition's own) and its voxel
         sizes in mm.
     """
-    img = load_nifti(image_path, max_voxels=max_voxels)
+    img = load_image(image, max_voxels=max_voxels)
+    image_path = first_file(image)
     data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
     if data.ndim == 3:
         data = data[..., None]
@@ -398,7 +441,7 @@ def read_canonical(
 
 
 def preprocess(
-    image_path: str | Path,
+    image_path: str | Path | ImageFiles,
     params: PreprocessParams,
     label_path: str | Path | None = None,
     *,
@@ -408,7 +451,7 @@ def preprocess(
     """Load one volume (and its label) and turn it into preprocessed axial slices.
 
     Args:
-        image_path: 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` NIfTI image.
+        image_path: 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` NIfTI image, or one 3D file per channel.
         params: preprocessing parameters.
         label_path: optional 3D label map on the same voxel grid.
         allowed_labels: label values the dataset declares (e.g. ``(0, 1)``); others are an error.
@@ -429,8 +472,8 @@ def preprocess(
     validate(params, "preprocess.")  # parameters built in code have not been through from_dict
     if len(params.spacing) != 2:
         raise ConfigError(f"preprocess.spacing: {list(params.spacing)} is a volume spacing (Z Y X); slices take (H W)")
-    image_path = Path(image_path)
-    img, ornt, canon, canon_zooms = read_canonical(image_path, params, max_voxels)
+    files = as_image_files(image_path)
+    img, ornt, canon, canon_zooms = read_canonical(files, params, max_voxels)
     cx, cy, cz = canon.shape[:3]
     # params.spacing is (row=H=y, col=W=x)
     nx = max(1, int(round(cx * canon_zooms[0] / params.spacing[1])))
@@ -454,7 +497,7 @@ def preprocess(
 
     label = None
     if label_path is not None:
-        label = _load_label(Path(label_path), image_path, img, ornt, (nx, ny), offset, (w, h), allowed_labels)
+        label = _load_label(Path(label_path), first_file(files), img, ornt, (nx, ny), offset, (w, h), allowed_labels)
 
     geometry = {
         "shape": [int(s) for s in img.shape[:3]],

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ssl_pretrain.data.ingest import Subject, split_ids
-from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams, preprocess
+from ssl_pretrain.data.preprocess import MAX_VOXELS, InputError, PreprocessParams, first_file, preprocess
 from ssl_pretrain.data.shardformat import (
     FORMAT,
     IMAGE,
@@ -60,9 +60,9 @@ def _prepare(job: tuple[Subject, PreprocessParams, int]) -> tuple[str, Any]:
         vol = preprocess(subject.image, params, subject.label, allowed_labels=subject.allowed_labels,
                          max_voxels=max_voxels)
     except InputError as exc:
-        return "skip", (str(subject.image), str(exc))
+        return "skip", (str(first_file(subject.image)), str(exc))
     except Exception as exc:  # an unexpected failure of one volume must not lose the cohort
-        return "skip", (str(subject.image), f"{subject.image}: {type(exc).__name__}: {exc}")
+        return "skip", (str(first_file(subject.image)), f"{first_file(subject.image)}: {type(exc).__name__}: {exc}")
     return "ok", (vol.image.astype(np.float16), vol.label, vol.spacing)
 
 
@@ -234,7 +234,7 @@ def write_shards(
             problem = writers[split_of[subject.id]].add(subject, *payload)
             if problem:
                 logger.warning("skipped %s", problem)
-                skips.append({"path": str(subject.image), "reason": problem})
+                skips.append({"path": str(first_file(subject.image)), "reason": problem})
         if strict and skips:
             raise InputError(f"{len(skips)} input(s) skipped and --strict is set; first: {skips[0]['reason']}")
         for name, w in writers.items():
@@ -303,7 +303,7 @@ class _SplitWriter:
         if self.shape is None:
             self.shape = tuple(image.shape[1:])
         elif tuple(image.shape[1:]) != self.shape:
-            return (f"{subject.image}: slices of shape {tuple(image.shape[1:])} (C, H, W) differ from the "
+            return (f"{first_file(subject.image)}: slices of shape {tuple(image.shape[1:])} (C, H, W) differ from the "
                     f"cohort's {self.shape}; select channels with --channels")
         self.pending.append((subject, image, label, spacing))
         if len(self.pending) >= self.mix:
@@ -324,7 +324,7 @@ class _SplitWriter:
                 "num_slices": n,
                 "position": z / (n - 1) if n > 1 else 0.5,
                 "spacing": [round(float(s), 6) for s in spacing],
-                "source": subject.source or str(subject.image),
+                "source": subject.source or str(first_file(subject.image)),
                 "preprocess": self.params_dict,
             }
             members = [(IMAGE, npy_bytes(image[z]))]
@@ -337,7 +337,7 @@ class _SplitWriter:
             self.n_labeled += label is not None
             self.subjects.append({
                 "id": subject.id,
-                "source": subject.source or str(subject.image),
+                "source": subject.source or str(first_file(subject.image)),
                 "label": label is not None,
                 "slices": int(image.shape[0]),
                 "spacing": [round(float(s), 6) for s in spacing],
@@ -396,8 +396,8 @@ class _VolumeWriter(_SplitWriter):
         if self.shape is None:
             self.shape = (image.shape[0],)
         elif image.shape[0] != self.shape[0]:
-            return (f"{subject.image}: {image.shape[0]} channel(s) differ from the cohort's {self.shape[0]}; "
-                    f"select channels with --channels")
+            return (f"{first_file(subject.image)}: {image.shape[0]} channel(s) differ from the cohort's "
+                    f"{self.shape[0]}; select channels with --channels")
         self.pending.append((subject, image, label, spacing, geometry))
         if len(self.pending) >= self.mix:
             self._flush()
@@ -414,7 +414,7 @@ class _VolumeWriter(_SplitWriter):
                 "shape": list(image.shape[1:]),
                 "spacing": [round(float(s), 6) for s in spacing],
                 "crop_box": geometry["crop_box"],
-                "source": subject.source or str(subject.image),
+                "source": subject.source or str(first_file(subject.image)),
                 "preprocess": self.params_dict,
             }
             members = [(IMAGE, npy_bytes(image))]

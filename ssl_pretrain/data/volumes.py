@@ -32,12 +32,15 @@ from ssl_pretrain.config import ConfigError, validate
 from ssl_pretrain.data.preprocess import (
     _RAS_ORNT,
     MAX_VOXELS,
+    ImageFiles,
     InputError,
     PreprocessParams,
     SpacingSHW,
     _nearest_index,
     _normalise,
     _to_slices,
+    as_image_files,
+    first_file,
     read_canonical,
     read_label,
 )
@@ -83,7 +86,7 @@ def _nonzero_box(image: np.ndarray) -> tuple[tuple[int, int], ...]:
 
 
 def preprocess_volume(
-    image_path: str | Path,
+    image_path: str | Path | ImageFiles,
     params: PreprocessParams,
     label_path: str | Path | None = None,
     *,
@@ -93,7 +96,7 @@ def preprocess_volume(
     """Load one image (and label) and turn it into a cropped volume on ``params.spacing`` (Z, Y, X).
 
     Args:
-        image_path: 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` NIfTI image.
+        image_path: 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, C)`` NIfTI image, or one 3D file per channel.
         params: preprocessing parameters with a three-value ``spacing``.
         label_path: optional 3D label map on the image's voxel grid.
         allowed_labels: label values the dataset declares; others are an error.
@@ -107,8 +110,9 @@ def preprocess_volume(
     validate(params, "preprocess.")
     if len(params.spacing) != 3:
         raise ConfigError(f"preprocess.spacing: {list(params.spacing)} is a slice spacing (H W); volumes take Z Y X")
-    image_path = Path(image_path)
-    img, ornt, canon, zooms = read_canonical(image_path, params, max_voxels)
+    files = as_image_files(image_path)
+    img, ornt, canon, zooms = read_canonical(files, params, max_voxels)
+    image_path = first_file(files)
     full = np.moveaxis(_to_slices(canon), 1, 0)  # (C, D, H, W) = (z, -y, x), native spacing
     if not full.any():
         raise InputError(f"{image_path}: every voxel is zero; nothing to crop to")

@@ -110,7 +110,7 @@ class SegmentationProbe:
     def __init__(self, cfg: ProbeConfig, preprocessing: dict[str, Any], in_channels: int,
                  device: torch.device | str = "cpu", divisor: tuple[int, ...] | None = None) -> None:
         from ssl_pretrain.data.ingest import discover
-        from ssl_pretrain.data.preprocess import InputError, PreprocessParams, preprocess
+        from ssl_pretrain.data.preprocess import InputError, PreprocessParams, first_file, preprocess
         from ssl_pretrain.data.volumes import preprocess_volume
 
         self.cfg = cfg
@@ -150,7 +150,7 @@ class SegmentationProbe:
             channels = vol.image.shape[0 if params.volumetric else 1]
             if channels != in_channels:
                 raise ValueError(
-                    f"probe.root={root}: {s.image} has {channels} channels after the shards' "
+                    f"probe.root={root}: {first_file(s.image)} has {channels} channels after the shards' "
                     f"preprocessing ({preprocessing}), the model takes model.in_channels={in_channels}"
                 )
             volumes.append((torch.from_numpy(vol.image), torch.from_numpy(vol.label.astype("int64"))))
