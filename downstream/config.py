@@ -22,6 +22,7 @@ __all__ = [
     "TrackingConfig",
     "FinetuneConfig",
     "SearchConfig",
+    "NnunetConfig",
     "SweepConfig",
 ]
 
@@ -179,7 +180,12 @@ class FinetuneConfig:
     out_dir: str = option("runs/finetune", "everything the run writes goes under it")
     seed: int = option(0, "seed: which labeled volumes are drawn, initialisation, batches, augmentation", ge=0)
     init: str = option(
-        "random", "random | path to an export model.pt | runs:/<id>/<path> | models:/<name>@<alias>"
+        "random", "random | path to an export model.pt | runs:/<id>/<path> | models:/<name>@<alias> | an nnU-Net "
+        "checkpoint_final.pth | an nnssl checkpoint (network weights + adaptation plan)"
+    )
+    trust_checkpoint: bool = option(
+        False, "load an nnU-Net / nnssl init checkpoint that holds Python objects beyond tensors (a pickle: loading "
+        "it can run code from the file); only for files from a source you trust (--trust-checkpoint)",
     )
     n_labeled: int = option(1, "labeled training volumes drawn from the training pool (0 = all)", ge=0)
     transfer: Literal["encoder", "encoder+decoder"] = option(
@@ -239,6 +245,17 @@ class SearchConfig:
 
 
 @dataclass
+class NnunetConfig:
+    """The ``nnunet`` arms of a sweep: nnU-Net v2 itself (``pip install -e ".[nnunet]"``), configuration ``2d``
+    (2D and 2.5D sweeps) or ``3d_fullres`` (3D), trained on each trial's labeled volumes."""
+
+    epochs: int = option(50, "nnU-Net training epochs (nnU-Net's own default: 1000)", ge=1)
+    iterations_per_epoch: int = option(250, "training iterations per epoch (nnU-Net's: 250)", ge=1)
+    val_iterations_per_epoch: int = option(50, "validation iterations per epoch (nnU-Net's: 50)", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "nnU-Net's -device; auto: cuda when the trial has a GPU")
+
+
+@dataclass
 class SweepConfig:
     """A label-efficiency sweep: every trial is one finetuning run."""
 
@@ -246,7 +263,13 @@ class SweepConfig:
     seed: int = option(0, "seed of the lr / weight-decay sampling", ge=0)
     init: list[str] = option(
         factory=lambda: ["random"],
-        help="inits to compare: random, export paths, MLflow URIs, globs over step exports (runs/c1/export/step-*)",
+        help="inits to compare: random, export paths, MLflow URIs, globs over step exports (runs/c1/export/step-*), "
+        "nnU-Net / nnssl checkpoints; nnunet (nnU-Net v2 itself from scratch), nnunet:EXPORT (nnU-Net finetuning "
+        "a 3D export)",
+    )
+    trust_checkpoint: bool = option(
+        False, "load an nnU-Net / nnssl init checkpoint that holds Python objects beyond tensors (a pickle: loading "
+        "it can run code from the file); only for files from a source you trust (--trust-checkpoint)",
     )
     n_labeled: tuple[int, ...] = option(
         (1, 2, 4), "numbers of labeled training volumes (0 = all)", ge=0, length=(1, None)
@@ -258,6 +281,7 @@ class SweepConfig:
     model: ModelConfig = option(factory=ModelConfig, help="architecture for init=random")
     train: FinetuneTrainConfig = option(factory=FinetuneTrainConfig, help="optimisation of every trial")
     search: SearchConfig = option(factory=SearchConfig, help="Ray Tune search")
+    nnunet: NnunetConfig = option(factory=NnunetConfig, help="the nnunet arms (init: nnunet, nnunet:EXPORT)")
     tracking: TrackingConfig = option(factory=TrackingConfig, help="MLflow")
 
     def check_fields(self) -> None:

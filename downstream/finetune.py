@@ -265,7 +265,7 @@ def _build_run(cfg: FinetuneConfig) -> _Run:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = _device(cfg.train.device)
-    export, init_source = load_init(cfg.init, out / "init")
+    export, init_source = load_init(cfg.init, out / "init", trust=cfg.trust_checkpoint)
     data = _prepare_data(cfg, export, init_source)
     train_ids = draw_labeled(data.splits.train_pool, cfg.n_labeled, cfg.seed)
     first = data.volumes(train_ids[:1])[train_ids[0]]

@@ -36,18 +36,21 @@ __all__ = [
 ]
 
 
-def load_init(init: str, download_dir: Path | None = None) -> tuple[dict[str, Any] | None, str]:
-    """Load the export an ``init`` names.
+def load_init(init: str, download_dir: Path | None = None, *, trust: bool = False
+              ) -> tuple[dict[str, Any] | None, str]:
+    """Load the export an ``init`` names (an nnU-Net / nnssl checkpoint as one: :mod:`ssl_pretrain.nnunet`).
 
     Args:
-        init: ``random``, a path to an export, or an MLflow URI.
+        init: ``random``, a path to an export or to an nnU-Net / nnssl checkpoint, or an MLflow URI.
         download_dir: Where MLflow artifacts go.
+        trust: Load a checkpoint that is more than tensors and plain values (a full pickle).
 
     Returns:
         ``(export dict or None for random, local path or "random")``.
 
     Raises:
-        ValueError: The file does not exist, is not a compatible export, or the URI does not resolve.
+        ValueError: The file does not exist, is not a compatible export or checkpoint, is an untrusted
+            pickle, or the URI does not resolve.
     """
     if init == "random":
         return None, "random"
@@ -55,7 +58,14 @@ def load_init(init: str, download_dir: Path | None = None) -> tuple[dict[str, An
     try:
         return load_export(path), str(path)
     except ExportError as e:
-        raise ExportError(f"init: {e}") from None
+        as_export = e
+    from ssl_pretrain.nnunet import load_checkpoint
+
+    try:
+        return load_checkpoint(path, trust=trust), str(path)
+    except ExportError as e:
+        foreign = path.suffix == ".pth" or "neither an mri-ssl export" not in str(e)
+        raise ExportError(f"init: {e if foreign else as_export}") from None
 
 
 @torch.no_grad()

@@ -507,6 +507,10 @@ def build_report(
         parts += _comparison_section(stats)
         files.append(_labels_plot(stats, out / "labels_saved.png", dataset))
         parts += ["![labels saved](labels_saved.png)", ""]
+    against_nnunet = analyze(sel, reference="nnunet", n_boot=n_boot) if any(
+        r["init_tag"] == "nnunet" for r in sel) else None
+    if against_nnunet and against_nnunet["comparisons"]:
+        parts += _nnunet_section(against_nnunet)
     for b in sweeps:
         parts += [f"## Pretraining budget: {b['pattern']}", "", b["sentence"], "",
                   "A budget is useful at n when the paired difference to random init (same draws, same test "
@@ -532,6 +536,9 @@ def build_report(
         "subgroups_table": subgroup_text,
         "budget": public["budget"],
         "budget_sentences": [b["sentence"] for b in sweeps],
+        "nnunet_sentences": against_nnunet["sentences"] if against_nnunet else {},
+        "nnunet_paired_table": _paired_table(against_nnunet) if against_nnunet and against_nnunet["comparisons"]
+        else "",
         "leaks": leaks,
         "stats": public,
         "markdown": md,
@@ -638,6 +645,21 @@ def _comparison_section(stats: dict[str, Any]) -> list[str]:
         "monotone (isotonic regression) and interpolated in log n; '≥ max n' when beyond the measured range.",
         "",
         _labels_table(stats),
+        "",
+    ]
+
+
+def _nnunet_section(stats: dict[str, Any]) -> list[str]:
+    """Paired differences and labels saved against nnU-Net from scratch (``init: [nnunet, …]``)."""
+    return [
+        "## Against nnU-Net from scratch",
+        "",
+        "Test Dice of the init minus nnU-Net's (trained by nnU-Net itself on the same draw, predicted by it, "
+        "scored here on the same test volumes): mean [95 % CI], draws won.",
+        "",
+        _paired_table(stats),
+        "",
+        *[f"- {sentence}" for sentence in stats["sentences"].values()],
         "",
     ]
 

@@ -356,13 +356,19 @@ def analyze(
             point = comp["labels"]["value"]
             comp["saved"] = point - c.n if math.isfinite(point) and point > 0 else None
             out["comparisons"].append(comp)
-            said = any(" matches random init with " in piece for piece in pieces.get(init, []))
-            pieces.setdefault(init, []).append(_saving_piece(comp, _volumes(c.n_labeled, c.n), said))
+            said = any(f" matches {reference_name(reference)} with " in piece for piece in pieces.get(init, []))
+            pieces.setdefault(init, []).append(_saving_piece(comp, _volumes(c.n_labeled, c.n), said,
+                                                             reference_name(reference)))
     out["sentences"] = {init: f"{init} " + "; ".join(p) + "." for init, p in pieces.items()}
     return out
 
 
-def _saving_piece(comp: dict[str, Any], volumes: str, said: bool) -> str:
+def reference_name(reference: str) -> str:
+    """How sentences name a baseline init tag: ``random init``, ``nnU-Net from scratch``, or the tag."""
+    return {"random": "random init", "nnunet": "nnU-Net from scratch"}.get(reference, reference)
+
+
+def _saving_piece(comp: dict[str, Any], volumes: str, said: bool, ref_name: str = "random init") -> str:
     """One n's part of the labels-saved sentence, never claiming more than its paired difference supports.
 
     A number of labeled volumes is stated only when the paired difference to random init at that n has
@@ -373,7 +379,7 @@ def _saving_piece(comp: dict[str, Any], volumes: str, said: bool) -> str:
     lab, paired = comp["labels"], comp["paired"]
     lab["claimed"] = paired is not None and paired["ci95"][0] > 0
     if lab["claimed"]:
-        return f"with {volumes}{',' if said else ' matches random init with'} {lab['text']} ({lab['ci_text']})"
+        return f"with {volumes}{',' if said else f' matches {ref_name} with'} {lab['text']} ({lab['ci_text']})"
     if paired is None:
         return f"with {volumes}, no saving resolved (no paired draws)"
     lo, hi = paired["ci95"]

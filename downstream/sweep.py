@@ -72,6 +72,8 @@ class InitSpec:
     params: dict[str, Any]
     series: str = ""
     """The glob this init was expanded from (a pretraining-budget sweep), else ``""``."""
+    engine: str = "mri-ssl"
+    """Who trains its trials: ``mri-ssl`` finetuning, or ``nnunet`` (nnU-Net v2: :mod:`downstream.nnunet_arm`)."""
 
 
 def _absolute_tracking_uri() -> str:
@@ -129,12 +131,19 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     specs: list[InitSpec] = []
     pretrained: list[tuple[str, dict[str, Any]]] = []
     for i, ref in enumerate(cfg.init):
-        expanded = _expand_init(ref)
+        if ref == "nnunet":  # nnU-Net from scratch: the data's dimensionality decides 2d or 3d_fullres
+            specs.append(InitSpec(ref, "random", "nnunet", "nnunet", {}, {}, engine="nnunet"))
+            continue
+        inside = ref.startswith("nnunet:")
+        expanded = _expand_init(ref.removeprefix("nnunet:"))
         if expanded == ["random"]:
             specs.append(InitSpec(ref, "random", "random", "random", {}, {}))
             continue
-        loaded = [load_init(r, out / "inits" / str(i))[::-1] for r in expanded]
-        series = ref if expanded != [ref] else ""
+        loaded = [load_init(r, out / "inits" / str(i), trust=cfg.trust_checkpoint)[::-1] for r in expanded]
+        series = ref if expanded != [ref.removeprefix("nnunet:")] else ""
+        if inside and (series or loaded[0][1]["model_config"].spatial_dims != 3):
+            raise ValueError(f"init: {ref}: nnU-Net finetunes one 3D export (mri-ssl's 2D model is its own UNet, "
+                             "which nnU-Net cannot build)")
         if series:
             loaded = _budget_series(ref, loaded)
         for local, export in loaded:
@@ -145,7 +154,8 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
             step = info.get("steps") if series else None
             tag = export["task"] if step is None else f"{export['task']}-step{step}"
             params = choose_preprocessing(cfg.data.preprocess, [(source, export)]).to_dict()  # what its trials use
-            specs.append(InitSpec(source, str(Path(local).resolve()), tag, export["task"], info, params, series))
+            specs.append(InitSpec(source, str(Path(local).resolve()), f"nnunet-{tag}" if inside else tag,
+                                  export["task"], info, params, series, "nnunet" if inside else "mri-ssl"))
             mcfg = export["model_config"]
             own, rand = ((mcfg.network_class_name, mcfg.arch), (cfg.model.network_class_name, cfg.model.arch)) \
                 if mcfg.spatial_dims == 3 else (list(mcfg.widths), list(cfg.model.widths))
@@ -155,7 +165,7 @@ def _resolve_inits(cfg: SweepConfig, out: Path) -> list[InitSpec]:
     # init=random sees exactly the data the first pretrained init was prepared for (the one rule)
     random_params = choose_preprocessing(cfg.data.preprocess, pretrained).to_dict()
     for s in specs:
-        if s.task == "random":
+        if s.local == "random":  # random init and nnU-Net from scratch
             s.params = random_params
     seen: dict[str, int] = {}
     for s in specs:  # unique tags for tables and folders: "contrastive", "contrastive-2", …
@@ -278,7 +288,14 @@ def _trainable(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
     try:
-        result = finetune(cfg, on_eval=report, resume=resume, logger=logger)
+        if config["init"].get("engine") == "nnunet":  # nnU-Net itself; its own checkpoints, none for Tune
+            from downstream.nnunet_arm import nnunet_trial
+
+            result = nnunet_trial(cfg, config["nnunet"], logger=logger)
+            report({k: v for k, v in result.items() if k.startswith("test_") and isinstance(v, float)}
+                   | {"best_val_dice": result["best_val_dice"]}, None)
+        else:
+            result = finetune(cfg, on_eval=report, resume=resume, logger=logger)
     except BaseException:
         logger.end("FAILED")
         raise
@@ -346,14 +363,16 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
     def dist(v: tuple[float, ...]) -> Any:
         return float(v[0]) if len(v) == 1 or v[0] == v[1] else tune.loguniform(float(v[0]), float(v[1]))
 
-    base = to_dict(FinetuneConfig(data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.tracking))
+    base = to_dict(FinetuneConfig(data=cfg.data, model=cfg.model, train=cfg.train, tracking=cfg.tracking,
+                                  trust_checkpoint=cfg.trust_checkpoint))
     base["data"]["root"] = str(Path(cfg.data.root).resolve())
     if cfg.data.splits:  # trials run in other working directories
         base["data"]["splits"] = str(Path(cfg.data.splits).resolve())
     base["data"]["cache_dir"] = str(_cache_dir(cfg))  # every trial reads the volumes prepared once here
     base["train"]["num_threads"] = max(1, int(cfg.search.cpus_per_trial))
     base["train"]["device"] = "auto" if cfg.search.gpus_per_trial > 0 else "cpu"
-    init_items = [{"index": i, "tag": s.tag, "local": s.local, "preprocess": s.params} for i, s in enumerate(specs)]
+    init_items = [{"index": i, "tag": s.tag, "local": s.local, "preprocess": s.params, "engine": s.engine}
+                  for i, s in enumerate(specs)]
     return {
         "init": tune.grid_search(init_items),
         "n_labeled": tune.grid_search(list(cfg.n_labeled)),
@@ -367,6 +386,7 @@ def _space(cfg: SweepConfig, specs: list[InitSpec], extra: dict[str, Any]) -> di
         "first_n": cfg.n_labeled[0],
         "first_seed": cfg.seeds[0],
         "fault_at_step": cfg.search.fault_at_step,
+        "nnunet": to_dict(cfg.nnunet),
         **extra,
     }
 
@@ -601,7 +621,7 @@ def _parent_run(cfg: SweepConfig, out: Path, fp: str, dataset: str, tracking_uri
 def _report(cfg: SweepConfig, specs: list[InitSpec], out: Path, dataset: str, rows: list[dict[str, Any]],
             errors: list[str], stopped: list[str]) -> dict[str, Any]:
     """The label-efficiency report of the finished trials (budgets and budget series from the inits)."""
-    budgets = {s.tag: s.info for s in specs if s.task != "random"}
+    budgets = {s.tag: s.info for s in specs if s.local != "random"}  # pretrained inits (not nnU-Net from scratch)
     series: dict[str, list[str]] = {}
     for s in specs:
         if s.series:

@@ -8,6 +8,8 @@ processes use the launchers with the module: ``deepspeed --num_gpus G --module m
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import sys
 from typing import TypeVar
@@ -21,6 +23,7 @@ COMMANDS = {
     "finetune": "finetune one model on a few labeled volumes",
     "sweep": "Ray Tune label-efficiency sweep and report",
     "predict": "segment NIfTI volumes with a finetuned model",
+    "export-nnunet": "a 3D export as nnU-Net v2 plans + pretrained weights",
     "make-shards": "NIfTI volumes to WebDataset shards",
     "synth": "synthetic MRI cohorts",
     "demo": "the whole label-efficiency experiment on synthetic MRI",
@@ -46,14 +49,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_run_config(cls: type[T], argv: list[str] | None, doc: str | None) -> T:
-    """A training command's config: ``--config FILE_OR_SHIPPED_NAME``, ``key=value`` words and ``--resume``.
+    """A training command's config: ``--config FILE_OR_SHIPPED_NAME``, ``key=value`` words, ``--resume`` and
+    (commands whose config has ``trust_checkpoint``) ``--trust-checkpoint``.
 
-    ``--resume`` is the same as ``resume=auto``; a bad key or value exits 2 with one line naming it.
+    ``--resume`` is the same as ``resume=auto``, ``--trust-checkpoint`` as ``trust_checkpoint=true``; a bad key
+    or value exits 2 with one line naming it.
     """
-    cfg, args = parse_config(
-        cls, argv, doc=doc, config_dir=CONFIG_DIR,
-        add_flags=lambda p: p.add_argument("--resume", action="store_true", help="same as resume=auto"),
-    )
-    if args.resume:
+    trusting = "trust_checkpoint" in {f.name for f in dataclasses.fields(cls)}
+
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--resume", action="store_true", help="same as resume=auto")
+        if trusting:
+            p.add_argument("--trust-checkpoint", action="store_true", help="same as trust_checkpoint=true")
+
+    cfg, args = parse_config(cls, argv, doc=doc, config_dir=CONFIG_DIR, add_flags=flags)
+    if getattr(args, "resume", False):
         cfg.resume = "auto"  # type: ignore[attr-defined]
+    if getattr(args, "trust_checkpoint", False):
+        cfg.trust_checkpoint = True  # type: ignore[attr-defined]
     return cfg

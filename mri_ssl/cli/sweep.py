@@ -27,6 +27,7 @@ nested trial runs; the best model is registered as ``mri-ssl-<dataset>@champion`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
@@ -39,10 +40,14 @@ from ssl_pretrain.fileio import run_locked
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the sweep, print the report table and its sentences. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg, args = parse_config(SweepConfig, argv, doc=__doc__, config_dir=CONFIG_DIR, add_flags=lambda p: p.add_argument(
-        "--promote", action="store_true", help="same as tracking.promote=true: the best model takes the alias"))
-    if args.promote:
-        cfg.tracking.promote = True
+    def flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--promote", action="store_true", help="same as tracking.promote=true: the best model takes "
+                       "the alias")
+        p.add_argument("--trust-checkpoint", action="store_true", help="same as trust_checkpoint=true")
+
+    cfg, args = parse_config(SweepConfig, argv, doc=__doc__, config_dir=CONFIG_DIR, add_flags=flags)
+    cfg.tracking.promote |= args.promote
+    cfg.trust_checkpoint |= args.trust_checkpoint
     # one sweep per out_dir (its trials, under trials/, take no lock of their own); bad input: one error line
     return run_locked(cfg.out_dir, lambda: _run(cfg), stops_at_steps=False)  # SIGTERM: Ray shut down, trials resumable
 
