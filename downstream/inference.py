@@ -64,7 +64,8 @@ def load_init(init: str, download_dir: Path | None = None, *, trust: bool = Fals
     try:
         return load_checkpoint(path, trust=trust), str(path)
     except ExportError as e:
-        foreign = path.suffix == ".pth" or "neither an mri-ssl export" not in str(e)
+        generic = ("neither an mri-ssl export", "not a loadable checkpoint")
+        foreign = path.suffix == ".pth" or not any(g in str(e) for g in generic)
         raise ExportError(f"init: {e if foreign else as_export}") from None
 
 

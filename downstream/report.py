@@ -507,17 +507,8 @@ def build_report(
         parts += _comparison_section(stats)
         files.append(_labels_plot(stats, out / "labels_saved.png", dataset))
         parts += ["![labels saved](labels_saved.png)", ""]
-    against_nnunet = analyze(sel, reference="nnunet", n_boot=n_boot) if any(
-        r["init_tag"] == "nnunet" for r in sel) else None
-    if against_nnunet and against_nnunet["comparisons"]:
-        parts += _nnunet_section(against_nnunet)
-    for b in sweeps:
-        parts += [f"## Pretraining budget: {b['pattern']}", "", b["sentence"], "",
-                  "A budget is useful at n when the paired difference to random init (same draws, same test "
-                  "volumes) has its 95 % bootstrap interval above zero.", "", b["table"], ""]
-        if sel:
-            files.append(_budget_plot(b, budgets or {}, sel, out / b["plot"], dataset))
-            parts += [f"![pretraining budget]({b['plot']})", ""]
+    against_nnunet = _against_nnunet(sel, n_boot, parts)
+    files += _budget_sections(sweeps, budgets or {}, sel, out, dataset, parts)
     if notes := [*stats["notes"], *_empty_notes(sel)]:
         parts += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     subgroups, subgroup_text = _subgroup_section(stats, attributes, out, dataset, parts, files)
@@ -536,9 +527,7 @@ def build_report(
         "subgroups_table": subgroup_text,
         "budget": public["budget"],
         "budget_sentences": [b["sentence"] for b in sweeps],
-        "nnunet_sentences": against_nnunet["sentences"] if against_nnunet else {},
-        "nnunet_paired_table": _paired_table(against_nnunet) if against_nnunet and against_nnunet["comparisons"]
-        else "",
+        "nnunet_sentences": against_nnunet["sentences"],
         "leaks": leaks,
         "stats": public,
         "markdown": md,
@@ -649,9 +638,29 @@ def _comparison_section(stats: dict[str, Any]) -> list[str]:
     ]
 
 
-def _nnunet_section(stats: dict[str, Any]) -> list[str]:
-    """Paired differences and labels saved against nnU-Net from scratch (``init: [nnunet, …]``)."""
-    return [
+def _budget_sections(sweeps: list[dict[str, Any]], budgets: dict[str, dict[str, Any]], sel: list[dict[str, Any]],
+                     out: Path, dataset: str, parts: list[str]) -> list[Path]:
+    """One section (added to ``parts``) and plot (returned) per pretraining-budget sweep."""
+    files = []
+    for b in sweeps:
+        parts += [f"## Pretraining budget: {b['pattern']}", "", b["sentence"], "",
+                  "A budget is useful at n when the paired difference to random init (same draws, same test "
+                  "volumes) has its 95 % bootstrap interval above zero.", "", b["table"], ""]
+        if sel:
+            files.append(_budget_plot(b, budgets, sel, out / b["plot"], dataset))
+            parts += [f"![pretraining budget]({b['plot']})", ""]
+    return files
+
+
+def _against_nnunet(sel: list[dict[str, Any]], n_boot: int, parts: list[str]) -> dict[str, Any]:
+    """Statistics against nnU-Net from scratch when the sweep has ``init: nnunet`` (their section added to
+    ``parts``); no comparisons otherwise."""
+    if not any(r["init_tag"] == "nnunet" for r in sel):
+        return {"comparisons": [], "sentences": {}}
+    stats = analyze(sel, reference="nnunet", n_boot=n_boot)
+    if not stats["comparisons"]:
+        return stats
+    parts += [
         "## Against nnU-Net from scratch",
         "",
         "Test Dice of the init minus nnU-Net's (trained by nnU-Net itself on the same draw, predicted by it, "
@@ -662,6 +671,7 @@ def _nnunet_section(stats: dict[str, Any]) -> list[str]:
         *[f"- {sentence}" for sentence in stats["sentences"].values()],
         "",
     ]
+    return stats
 
 
 def _metric_section(sel: list[dict[str, Any]]) -> list[str]:

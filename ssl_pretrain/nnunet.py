@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,12 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # not a pickle of objects: a damaged or foreign file
+            raise ExportError(f"{path}: not a loadable checkpoint (UnpicklingError)") from None
         if not trust:
-            what = " ".join(str(exc).split("\n\n")[-1].split())[:160]
-            raise ExportError(f"{path}: holds Python objects beyond tensors ({what}); loading it can run code from "
-                              f"the file: {_TRUST}") from None
+            raise ExportError(f"{path}: holds Python objects beyond tensors ({found[1]}); loading it can run code "
+                              f"from the file: {_TRUST}") from None
     except Exception as exc:  # torch raises many types for foreign or truncated files
         raise ExportError(f"{path}: not a loadable checkpoint ({type(exc).__name__})") from None
     log.warning("%s: loaded as a full pickle (trust_checkpoint): it could run code from the file", path)

@@ -208,3 +208,41 @@ def test_export_nnunet_writes_plans_whose_network_takes_every_encoder_key(nnunet
 
     flat = make_export(tmp_path / "2d.pt")
     assert mod.main(["--model", str(flat), "--plans", str(planned), "--plans-out", str(out)]) == 2
+
+
+def test_an_nnssl_checkpoint_loads_its_encoder_by_the_adaptation_plan(tmp_path: Path) -> None:
+    """nnssl's checkpoint format (nnssl AbstractTrainer.save_checkpoint: network_weights + the serialized
+    AdaptationPlan): a ResidualEncoderUNet's stem and stages load as the encoder; the decoder (MAE's
+    reconstruction decoder) and head start new; spacing and patch size come from the plan."""
+    from downstream.inference import load_init
+    from ssl_pretrain.models.dna import build_network
+
+    arch = {"n_stages": 3, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+            "n_blocks_per_stage": [1, 2, 2], "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.modules.activation.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True}}
+    torch.manual_seed(0)
+    net = build_network("ResidualEncoderUNet", arch, input_channels=1, num_classes=1)
+    plan = {"architecture_plans": {"arch_class_name": "ResidualEncoderUNet", "arch_kwargs": arch,
+                                   "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"]},
+            "pretrain_plan": {"dataset_name": "Dataset745_OpenMind", "plans_name": "nnsslPlans",
+                              "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+                              "configurations": {"onemmiso": {"spacing": [1.0, 1.0, 1.0], "patch_size": [160] * 3}}},
+            "pretrain_num_input_channels": 1, "recommended_downstream_patchsize": [32, 64, 64],
+            "key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
+            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"]}
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": net.state_dict(), "current_epoch": 1000, "trainer_name": "BaseMAETrainer",
+                "nnssl_adaptation_plan": plan}, path)
+    export, _ = load_init(str(path))
+    assert export["task"] == "nnssl" and export["decoder"] is None
+    assert export["preprocessing"]["spacing"] == [1.0, 1.0, 1.0] and export["info"]["patch_size"] == [32, 64, 64]
+    model, report = build_unet(export, 3, source="nnssl", strict=False, in_channels=1)
+    assert {k.split(".")[1] for k in report.loaded} == {"stem", "stages"}
+    assert all(k.startswith("decoder.") for k in report.missing)
+    for k, v in net.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[k], v)
+    with pytest.raises(ExportError, match="in_channels=1, the data has 2"):
+        build_unet(export, 3, source="nnssl", strict=False, in_channels=2)
