@@ -210,6 +210,7 @@ def nnunet_trial(cfg: FinetuneConfig, nnunet: dict[str, Any], logger: RunLogger 
         "test_per_volume": ran["test_per_volume"], "history": [], "pretrain_info": {}, "load_report": {},
         "dataset": data.dataset.name, "num_classes": data.dataset.num_classes,
         "label_names": {str(k): v for k, v in data.dataset.label_names.items()}, "nnunet": facts,
+        "wall_time_s": facts["wall_time_s"],
     }
     atomic_write_text(out / "metrics.json", json.dumps({"per_volume": ran["test_per_volume"], **test}, indent=1,
                                                        default=float))

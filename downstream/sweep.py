@@ -491,7 +491,8 @@ def _log_answer(parent: RunLogger, rep: dict[str, Any]) -> None:
 
 
 def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str, cfg: SweepConfig) -> dict[str, Any]:
-    """Log the best model (validation Dice) per (init, n_labeled); register the overall best."""
+    """Log the best model (validation Dice) per (init, n_labeled); register the overall best. nnU-Net's models
+    (the nnunet arms) stay nnU-Net's training folders under their trials."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -499,7 +500,7 @@ def _log_best_models(rows: list[dict[str, Any]], parent: RunLogger, dataset: str
     from downstream.inference import load_segmentation_model
 
     best: dict[tuple[str, int], dict[str, Any]] = {}
-    for r in rows:
+    for r in (r for r in rows if r.get("engine") != "nnunet"):
         k = (r["init_tag"], r["n_labeled"])
         if k not in best or r["best_val_dice"] > best[k]["best_val_dice"]:
             best[k] = r

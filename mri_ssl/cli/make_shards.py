@@ -9,7 +9,8 @@ Usage::
     python launch/make_shards.py --input data/brain --output data/shards3d --spacing 1 1 1   # 3D: (Z Y X) mm
 
 ``--input`` is a folder (``.nii``/``.nii.gz`` found recursively), an MSD ``dataset.json`` (or its
-folder) or a ``.txt`` list file (``image [label]`` per line). Two ``--spacing`` values (H W) write 2D
+folder), an nnU-Net v2 raw dataset folder (``DatasetXXX_Name``: the channel files of a case are one
+subject) or a ``.txt`` list file (``image [label]`` per line). Two ``--spacing`` values (H W) write 2D
 slices of ``--size``; three (Z Y X) write one whole volume per subject, cropped to its non-zero box
 (:mod:`ssl_pretrain.data.volumes`; ``--size`` is not used). Bad volumes are skipped with one line
 each and recorded in the manifest; ``--strict`` makes any skip an error (exit status 1, nothing
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", type=Path, required=True, action="append",
-                    help="folder, MSD dataset.json or .txt list file (once: list several folders' volumes in a .txt)")
+                    help="folder, MSD dataset.json, nnU-Net dataset folder or .txt list file (once: list several folders' volumes in a .txt)")
     ap.add_argument("--output", type=Path, required=True, help="shard directory to create")
     _add_preprocess_flags(ap)
     ap.add_argument("--labels", choices=["auto", "yes", "no"], default="auto",

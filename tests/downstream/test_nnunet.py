@@ -35,8 +35,10 @@ def nnunet_sweep(cohort: Path, tmp_path_factory: pytest.TempPathFactory, ray_ses
     out = tmp_path_factory.mktemp("nnunet_sweep") / "sw"
     cfg = load_config(SweepConfig, overrides=[
         *tiny_overrides(cohort, out, size=64), "init=[random, nnunet]", "n_labeled=[1]", "seeds=[0]",
-        "search.cpus_per_trial=2", *NNUNET_TINY])
-    run_sweep(cfg)
+        "search.cpus_per_trial=2", "tracking.enabled=true", *NNUNET_TINY])
+    with pytest.MonkeyPatch.context() as mp:  # tracked: the nnunet trial has its nested run, no registry model
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out.parent / 'mlflow.db'}")
+        run_sweep(cfg)
     return out
 
 
@@ -58,6 +60,12 @@ def test_a_sweep_with_an_nnunet_arm_reports_nnunets_own_predictions(nnunet_sweep
         assert dice == pytest.approx(nn["test_per_volume"][sid]["dice"][0], abs=1e-9)
     log = (work / "results").rglob("training_log_*.txt")
     assert any("Epoch 0" in p.read_text() for p in log)  # nnU-Net's own trainer wrote its log
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{nnunet_sweep.parent / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    [run] = client.search_runs(ids, filter_string="params.engine = 'nnunet'")
+    assert run.data.metrics["test_dice"] == pytest.approx(nn["test_dice"])
     md = (nnunet_sweep / "report" / "report.md").read_text()
     assert "| nnunet |" in md and "## Against nnU-Net from scratch" in md
     assert "random" in results["stats"]["sentences"] or "nnunet" in results["stats"]["sentences"]
