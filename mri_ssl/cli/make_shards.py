@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--input", type=Path, required=True, action="append",
-                    help="folder, MSD dataset.json, nnU-Net dataset folder or .txt list file (once: list several folders' volumes in a .txt)")
+                    help="folder, MSD dataset.json, nnU-Net dataset folder or .txt list file (once: list several "
+                    "folders' volumes in a .txt)")
     ap.add_argument("--output", type=Path, required=True, help="shard directory to create")
     _add_preprocess_flags(ap)
     ap.add_argument("--labels", choices=["auto", "yes", "no"], default="auto",
