@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -121,7 +122,7 @@ def run_nnunet(work: Path, dataset: LabeledDataset, *, train: list[str], val: li
     """Train nnU-Net on ``train`` (validating on ``val``), predict ``val`` and ``test``, score them.
 
     Args:
-        work: The trial's nnU-Net folder (``<trial>/nnunet``).
+        work: The trial's nnU-Net folder (``<trial>/nnunet``), replaced whole.
         dataset: The labeled dataset (subjects, label names).
         train, val, test: Subject ids.
         spatial_dims: 2 (configuration ``2d``) or 3 (``3d_fullres``).
@@ -138,6 +139,7 @@ def run_nnunet(work: Path, dataset: LabeledDataset, *, train: list[str], val: li
         RuntimeError: nnU-Net failed (the last lines of its output).
     """
     t0 = time.time()
+    shutil.rmtree(work, ignore_errors=True)  # a retried trial starts nnU-Net over (its folders are the trial's own)
     raw = write_raw_dataset(work / "raw", dataset, train, val, test)
     spec = {"work": str(work), "dataset": raw.name, "configuration": configuration_for(spatial_dims),
             "train": train, "val": val, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch,

@@ -55,11 +55,12 @@ def test_channel_files_are_one_case_stacked_in_channel_order(raw: Path, cohort: 
 def test_splits_final_fold_is_honoured(raw: Path, tmp_path: Path) -> None:
     folds = json.loads((raw / "splits_final.json").read_text())
     cfg = load_config(FinetuneConfig, overrides=[
-        *tiny_overrides(raw, tmp_path / "ft", size=32), f"data.splits={raw / 'splits_final.json'}", "data.fold=1",
+        *tiny_overrides(raw, tmp_path / "ft", size=32), f"data.splits={raw / 'splits_final.json'}", "data.fold=0",
         "n_labeled=0", "train.max_steps=30", "data.cache_dir=" + str(tmp_path / "cache")])
     result = finetune(cfg)
-    assert result["train_ids"] == sorted(folds[1]["train"])
-    assert result["val_ids"] == sorted(folds[1]["val"])
+    assert result["train_ids"] == sorted(folds[0]["train"])
+    assert result["val_ids"] == sorted(folds[0]["val"])
+    assert set(folds[0]["val"]) != set(folds[1]["val"])  # the folds differ: fold 0 was the one taken
     assert result["test_ids"] == sorted(p.name[:-7] for p in (raw / "labelsTs").iterdir())  # the labeled imagesTs
 
     # predict the imagesTs folder: one mask per case, named by case, on the case's grid; the two channels are
