@@ -246,7 +246,8 @@ def _child(spec_file: Path) -> None:
     work, configuration = Path(spec["work"]), spec["configuration"]
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     os.environ["nnUNet_n_proc_DA"] = "1"  # noqa: SIM112 (nnU-Net's name) the planner sets torch's threads to it (0 is refused there)
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False,
+    # no integrity check: mri-ssl wrote this dataset from volumes its own loader validated (shapes, affines, labels)
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=False, verbose=False,
                          show_progress_bar=False)
     plan_experiments([DATASET_ID])
     os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 augmentation in this process, no worker processes
@@ -280,8 +281,8 @@ def _child(spec_file: Path) -> None:
     inputs = [sorted(str(p) for p in (raw / part).glob(f"{sid}_[0-9][0-9][0-9][0-9].nii.gz")) for sid, part in cases]
     out = work / "predictions"
     out.mkdir(exist_ok=True)
-    predictor.predict_from_files(inputs, [str(out / sid) for sid, _ in cases], num_processes_preprocessing=1,
-                                 num_processes_segmentation_export=1)
+    # in this process: a trial's few cases do not pay for the spawned workers of predict_from_files
+    predictor.predict_from_files_sequential(inputs, [str(out / sid) for sid, _ in cases])
     conf = trainer.configuration_manager
     atomic_write_text(work / "facts.json", json.dumps({
         "configuration": configuration, "plans": plans_id, "epochs": spec["epochs"],

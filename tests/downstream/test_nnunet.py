@@ -254,3 +254,15 @@ def test_an_nnssl_checkpoint_loads_its_encoder_by_the_adaptation_plan(tmp_path: 
         torch.testing.assert_close(model.encoder.state_dict()[k], v)
     with pytest.raises(ExportError, match="in_channels=1, the data has 2"):
         build_unet(export, 3, source="nnssl", strict=False, in_channels=2)
+
+
+def test_trust_checkpoint_is_a_flag_of_finetune_and_sweep() -> None:
+    from downstream.config import FinetuneConfig
+    from mri_ssl.cli import parse_run_config
+    from ssl_pretrain.config import parse_config
+
+    assert parse_run_config(FinetuneConfig, ["--trust-checkpoint"], None).trust_checkpoint is True
+    assert parse_run_config(FinetuneConfig, [], None).trust_checkpoint is False
+    assert load_config(SweepConfig, overrides=["trust_checkpoint=true"]).trust_checkpoint is True
+    cfg, _ = parse_config(SweepConfig, ["trust_checkpoint=true"], doc=None)
+    assert cfg.trust_checkpoint is True
