@@ -31,7 +31,7 @@ from ssl_pretrain.export import ExportError, build_unet, load_export
 
 __all__ = [
     "choose_largest_component", "evaluate", "evaluate_test", "image_channels", "inference_roi",
-    "keep_largest_component", "load_init", "load_segmentation_model", "mirror_axes", "original_grid",
+    "keep_largest_component", "load_init", "load_segmentation_model", "mirror_axes", "original_grid", "original_label",
     "predict_labels", "predict_probabilities",
 ]
 
@@ -238,7 +238,7 @@ def evaluate(
     return per, preds
 
 
-def _original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+def original_label(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The label map of a subject on its file's own voxel grid, with that grid's spacing in mm."""
     img = load_nifti(path, kind="label")
     lab = np.asanyarray(img.dataobj)
@@ -273,7 +273,7 @@ def evaluate_test(
     for sid, vol in vols.items():
         preds[sid] = predict_labels(model, vol.image, roi_size=roi_size, overlap=overlap, mirror_axes=mirror_axes,
                                     device=device)
-        truth, spacing = _original_label(by_id[sid].label)
+        truth, spacing = original_label(by_id[sid].label)
         pred = keep_largest_component(original_grid(preds[sid], vol.geometry), largest_component)
         per[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=data.dataset.num_classes,
                                   nsd_tolerance=nsd_tolerance)

@@ -39,7 +39,7 @@ import numpy as np
 
 from downstream.config import FinetuneConfig
 from downstream.data import LabeledDataset, draw_labeled, prepare_configured
-from downstream.inference import _original_label, load_init
+from downstream.inference import load_init, original_label
 from downstream.metrics import dice_score, summarize, volume_metrics
 from ssl_pretrain.export import choose_preprocessing
 from ssl_pretrain.fileio import atomic_write_text
@@ -161,12 +161,12 @@ def run_nnunet(work: Path, dataset: LabeledDataset, *, train: list[str], val: li
     preds = work / "predictions"
     val_dice = {}
     for sid in val:
-        truth, _ = _original_label(by_id[sid].label)
+        truth, _ = original_label(by_id[sid].label)
         pred = np.asanyarray(nib.load(preds / f"{sid}.nii.gz").dataobj)
         val_dice[sid] = float(np.mean([dice_score(pred == c, truth == c) for c in range(1, dataset.num_classes)]))
     per_test = {}
     for sid in test:
-        truth, spacing = _original_label(by_id[sid].label)
+        truth, spacing = original_label(by_id[sid].label)
         pred = np.rint(np.asanyarray(nib.load(preds / f"{sid}.nii.gz").dataobj)).astype(np.uint8)
         per_test[sid] = volume_metrics(pred, truth, spacing=spacing, num_classes=dataset.num_classes,
                                        nsd_tolerance=nsd_tolerance)

@@ -306,7 +306,7 @@ def read_nnunet_json(path: Path) -> tuple[list[str], str, dict[int, str]]:
 
     meta = json.loads(path.read_text())
     names = meta["channel_names"]
-    if not isinstance(names, dict) or sorted(names, key=str) != [str(i) for i in range(len(names))] or not names:
+    if not isinstance(names, dict) or not names or set(map(str, names)) != {str(i) for i in range(len(names))}:
         raise InputError(f"{path}: 'channel_names' must map '0', '1', … to channel names, got {names!r}")
     ending = meta["file_ending"]
     if ending not in NIFTI_SUFFIXES:
