@@ -175,19 +175,22 @@ class LoadReport:
         loaded: ``part.key`` names copied from the export.
         missing: Model tensors the export did not provide (trained from scratch).
         unexpected: Export tensors the model has no place for.
+        reshaped: Loaded tensors adapted to the model's shape: the input projection of an nnU-Net / nnssl
+            checkpoint when the data has other channels (see :func:`adapt_input_projection`).
     """
 
     source: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (``init_load_report.json``)."""
         return asdict(self)
 
     def counts(self) -> dict[str, Any]:
-        """``{"source": …, "loaded": n, "missing": n, "unexpected": n}``."""
+        """``{"source": …, "loaded": n, "missing": n, "unexpected": n, "reshaped": n}``."""
         return {k: len(v) if isinstance(v, list) else v for k, v in asdict(self).items()}
 
 
@@ -252,18 +255,21 @@ def build_unet(
     mcfg = export["model_config"] if export is not None else model_config
     if mcfg is None:
         raise ValueError("build_unet: a random init needs model_config")
+    report = LoadReport(source)
+    if export is not None and in_channels is not None and mcfg.in_channels != in_channels:
+        if not export["info"].get("in_proj"):
+            raise ExportError(
+                f"{source}: export has in_channels={mcfg.in_channels}, the data has {in_channels} channel(s)"
+            )
+        export = adapt_input_projection(export, in_channels)
+        mcfg, report.reshaped = export["model_config"], [f"encoder.{k}" for k in export["info"]["in_proj"]]
     model: torch.nn.Module = (Segmenter3D(mcfg, num_classes, deep_supervision) if mcfg.spatial_dims == 3
                               else UNet(mcfg, num_classes))
     if export is None:
-        return model, LoadReport(source)
-    if in_channels is not None and mcfg.in_channels != in_channels:
-        raise ExportError(
-            f"{source}: export has in_channels={mcfg.in_channels}, the data has {in_channels} channel(s)"
-        )
+        return model, report
     head_in_decoder = mcfg.spatial_dims == 3
     if strict and (not export["num_classes"] or (export["head"] is None and not head_in_decoder)):
         raise ExportError(f"{source}: export of task {export['task']!r} has no segmentation head; finetune it first")
-    report = LoadReport(source)
     with_head = "head" in parts and export["num_classes"] == num_classes
     for part in ("encoder", "decoder") if head_in_decoder else _PARTS:
         state = export[part] if part in parts else None
@@ -284,6 +290,17 @@ def build_unet(
     if report.unexpected:
         log.warning("%s: unexpected keys %s", source, report.unexpected[:8])
     return model, report
+
+
+def adapt_input_projection(export: dict[str, Any], in_channels: int) -> dict[str, Any]:
+    """A copy of ``export`` whose input projection (the encoder weights ``info["in_proj"]`` names, set for nnU-Net
+    and nnssl checkpoints) takes ``in_channels`` channels: each new channel gets the sum of the old channels'
+    kernels divided by ``in_channels``, so ``in_channels`` identical channels give the old activations."""
+    encoder = dict(export["encoder"])
+    for k in export["info"]["in_proj"]:
+        w = encoder[k]
+        encoder[k] = (w.sum(dim=1, keepdim=True) / in_channels).repeat(1, in_channels, *[1] * (w.dim() - 2))
+    return {**export, "encoder": encoder, "model_config": replace(export["model_config"], in_channels=in_channels)}
 
 
 def choose_preprocessing(

@@ -104,7 +104,14 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
     params = PreprocessParams(spacing=tuple(float(s) for s in spacing), norm="zscore")
     return {"format_version": EXPORT_FORMAT_VERSION, "task": task, "model_config": mcfg, "encoder": encoder,
             "decoder": decoder, "head": None, "num_classes": None, "preprocessing": params.to_dict(),
-            "info": {"source": str(path), "patch_size": [int(p) for p in patch]}}
+            "info": {"source": str(path), "patch_size": [int(p) for p in patch], "in_proj": _in_proj(encoder)}}
+
+
+def _in_proj(encoder: dict[str, torch.Tensor]) -> list[str]:
+    """The encoder keys of the input projection: the first convolution's weight and its aliases (the library
+    registers each conv twice, ``convs.0.conv`` and ``convs.0.all_modules.0``)."""
+    first = next(v for v in encoder.values() if v.dim() == 5)
+    return [k for k, v in encoder.items() if v.shape == first.shape and torch.equal(v, first)]
 
 
 def _plain_key(key: str) -> str:

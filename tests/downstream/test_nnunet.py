@@ -252,8 +252,22 @@ def test_an_nnssl_checkpoint_loads_its_encoder_by_the_adaptation_plan(tmp_path: 
     assert all(k.startswith("decoder.") for k in report.missing)
     for k, v in net.encoder.state_dict().items():
         torch.testing.assert_close(model.encoder.state_dict()[k], v)
+    # two-channel data: the input projection is adapted (reported as reshaped); two identical channels give the
+    # pretrained network's own first activations (positive control)
+    two, report2 = build_unet(export, 3, source="nnssl", strict=False, in_channels=2)
+    stem = "encoder.stem.convs.0"
+    assert sorted(report2.reshaped) == [f"{stem}.all_modules.0.weight", f"{stem}.conv.weight"]
+    assert report2.counts()["reshaped"] == 2 and two.encoder.stem.convs[0].conv.weight.shape[1] == 2
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(two.encoder.stem.convs[0].conv(x.repeat(1, 2, 1, 1, 1)),
+                                   net.encoder.stem.convs[0].conv(x))
+    # an mri-ssl export records no input projection: a channel mismatch stays one line
+    from tests.downstream.test_finetune3d import _pretrained_3d_export
+
+    mine = load_export(_pretrained_3d_export(tmp_path / "mim.pt"))
     with pytest.raises(ExportError, match="in_channels=1, the data has 2"):
-        build_unet(export, 3, source="nnssl", strict=False, in_channels=2)
+        build_unet(mine, 3, source="mim", strict=False, in_channels=2)
 
 
 def test_trust_checkpoint_is_a_flag_of_finetune_and_sweep() -> None:
