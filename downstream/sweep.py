@@ -203,6 +203,9 @@ def _check_data(cfg: SweepConfig, specs: list[InitSpec]) -> str:
 def _fingerprint(cfg: SweepConfig, specs: list[InitSpec]) -> str:
     d = to_dict(cfg)
     d.pop("out_dir")
+    d.pop("trust_checkpoint")  # how an init may be read, not what the sweep is
+    if not any(s.engine == "nnunet" for s in specs):
+        d.pop("nnunet")  # sweeps without an nnunet arm keep the fingerprint of earlier releases
     expanded = [s.local for s in specs if s.series]
     if expanded:  # a budget sweep re-run after pretraining wrote more exports is a new grid (old trials are reused)
         d["init_expanded"] = expanded
@@ -253,7 +256,8 @@ def _trainable(config: dict[str, Any]) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     append_text(out / "ray_nodes.txt", f"{ray.get_runtime_context().get_node_id()}\n")  # where each attempt ran
-    fp = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    fp = hashlib.sha256(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "trust_checkpoint"},
+                                   sort_keys=True).encode()).hexdigest()[:16]
     done = out / "trial_done.json"
     if done.is_file():  # finished in an earlier sweep run with the same config: reuse it
         saved = json.loads(done.read_text())

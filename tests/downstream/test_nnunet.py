@@ -280,3 +280,16 @@ def test_trust_checkpoint_is_a_flag_of_finetune_and_sweep() -> None:
     assert load_config(SweepConfig, overrides=["trust_checkpoint=true"]).trust_checkpoint is True
     cfg, _ = parse_config(SweepConfig, ["trust_checkpoint=true"], doc=None)
     assert cfg.trust_checkpoint is True
+
+
+def test_the_sweep_fingerprint_ignores_trust_and_the_nnunet_section_without_an_nnunet_arm(tmp_path: Path) -> None:
+    """Re-running a sweep with --trust-checkpoint, or after the nnunet section was added, restores it (same
+    fingerprint); nnunet.epochs defines a sweep that has an nnunet arm."""
+    from downstream.sweep import _fingerprint, _resolve_inits
+
+    def fp(*overrides: str) -> str:
+        cfg = load_config(SweepConfig, overrides=[f"data.root={tmp_path}", f"out_dir={tmp_path / 'sw'}", *overrides])
+        return _fingerprint(cfg, _resolve_inits(cfg, tmp_path / "sw"))
+
+    assert fp() == fp("trust_checkpoint=true") == fp("nnunet.epochs=3")
+    assert fp("init=[random, nnunet]") != fp("init=[random, nnunet]", "nnunet.epochs=3")
