@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -147,12 +148,43 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def run_stage(cmd: list[str], cwd: Path, log_file: Path | None = None) -> int:
+    """Run one stage's command in ``cwd`` (its output to ``log_file`` when given) and return its exit code.
+
+    The stage runs in a process group of its own, so everything it starts (data-loader workers, ranks) stops
+    together: the demo's Ctrl-C or SIGTERM is passed on to the group, which gets up to 60 s to stop
+    (pretraining writes its checkpoint), and whatever of it is left is then killed. Killing the stage alone
+    (what ``subprocess.run`` does on Ctrl-C) left orphaned data-loader workers that kept the terminal's
+    output open.
+    """
+    with open(log_file, "w") if log_file else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT if out else None)
+    previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc.pid, signal.SIGTERM))
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        _signal_group(proc.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _signal_group(proc.pid, signal.SIGKILL)  # what is left of the stage's group
+    return code
+
+
 def _run(cmd: list[str], cwd: Path) -> None:
     """Run one stage's command in ``cwd``, printing it first; a failure stops the demo."""
     _say(f"$ (cd {cwd} && {shlex.join(cmd)})")
-    proc = subprocess.run(cmd, cwd=cwd)
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] stage failed (exit {proc.returncode}): {shlex.join(cmd)}")
+    code = run_stage(cmd, cwd)
+    if code != 0:
+        raise SystemExit(f"[demo] stage failed (exit {code}): {shlex.join(cmd)}")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def _check_scenario(out: Path, kind: str, scale: Scale, sites: int, dims: float = 2) -> None:

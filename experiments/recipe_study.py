@@ -53,7 +53,6 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -61,7 +60,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from experiments.label_efficiency import DEMO_SEEDS, SCALES, Scale, make_cohorts, shard_cohort, site_splits, sweep_stage
+from experiments.label_efficiency import (
+    DEMO_SEEDS,
+    SCALES,
+    Scale,
+    make_cohorts,
+    run_stage,
+    shard_cohort,
+    site_splits,
+    sweep_stage,
+)
 from mri_ssl import CONFIG_DIR
 from ssl_pretrain.data.ingest import discover
 from ssl_pretrain.data.phantoms import make_cohort
@@ -196,8 +204,7 @@ def _run(cmd: list[str], cwd: Path, log_file: Path) -> None:
     """
     _say(f"$ (cd {cwd} && {shlex.join(cmd)})  > {log_file}")
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as f:
-        code = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    code = run_stage(cmd, cwd, log_file)
     if code != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-15:])
         raise SystemExit(f"{tail}\n[recipes] command failed (exit {code}), log {log_file}: {shlex.join(cmd)}")
