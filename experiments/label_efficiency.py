@@ -35,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -160,7 +161,8 @@ def run_stage(cmd: list[str], cwd: Path, log_file: Path | None = None) -> int:
     with open(log_file, "w") if log_file else contextlib.nullcontext() as out:
         proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=out,
                                 stderr=subprocess.STDOUT if out else None)
-    previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc.pid, signal.SIGTERM))
+    main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = signal.signal(signal.SIGTERM, lambda *_: _signal_group(proc.pid, signal.SIGTERM)) if main else None
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -169,7 +171,8 @@ def run_stage(cmd: list[str], cwd: Path, log_file: Path | None = None) -> int:
             proc.wait(timeout=60)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         _signal_group(proc.pid, signal.SIGKILL)  # what is left of the stage's group
     return code
 
