@@ -449,7 +449,7 @@ class VolumeCache:
         }
         image = subject.image if isinstance(subject.image, tuple) else (subject.image,)
         for name, files in (("image", image), ("label", (subject.label,))):
-            ids = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+            ids = [[str(p.resolve()), st.st_size, st.st_mtime_ns] for p in files for st in (p.stat(),)]
             parts[name] = ids[0] if len(ids) == 1 else ids  # one file: the key of earlier releases
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -28,6 +28,7 @@ from downstream.model_refs import local_model_file, resolve_model_file
 from ssl_pretrain.data.preprocess import Volume, load_nifti, to_original_grid
 from ssl_pretrain.data.volumes import VolumeSample, volume_to_original_grid
 from ssl_pretrain.export import ExportError, build_unet, load_export
+from ssl_pretrain.nnunet import load_init_file
 
 __all__ = [
     "choose_largest_component", "evaluate", "evaluate_test", "image_channels", "inference_roi",
@@ -56,17 +57,9 @@ def load_init(init: str, download_dir: Path | None = None, *, trust: bool = Fals
         return None, "random"
     path = resolve_model_file(init, download_dir, key="init")
     try:
-        return load_export(path), str(path)
+        return load_init_file(path, trust=trust), str(path)
     except ExportError as e:
-        as_export = e
-    from ssl_pretrain.nnunet import load_checkpoint
-
-    try:
-        return load_checkpoint(path, trust=trust), str(path)
-    except ExportError as e:
-        generic = ("neither an mri-ssl export", "not a loadable checkpoint")
-        foreign = path.suffix == ".pth" or not any(g in str(e) for g in generic)
-        raise ExportError(f"init: {e if foreign else as_export}") from None
+        raise ExportError(f"init: {e}") from None
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ __all__ = [
     "LoadReport",
     "save_export",
     "load_export",
+    "checked_export",
     "build_unet",
     "network_state_dict",
     "choose_preprocessing",
@@ -132,6 +133,15 @@ def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign or truncated files
         raise ExportError(f"{p}: not a loadable model export ({type(e).__name__})") from None
+    return checked_export(data, p)
+
+
+def checked_export(data: Any, p: Path) -> dict[str, Any]:
+    """The checks of :func:`load_export` on a loaded file's content (``p`` names it in messages).
+
+    Raises:
+        ExportError: Not an export, wrong format version, missing keys, bad task or model config.
+    """
     if not isinstance(data, dict) or "format_version" not in data:
         raise ExportError(f"{p}: not an mri-ssl model export (no format_version key)")
     if data["format_version"] != EXPORT_FORMAT_VERSION:

@@ -1,6 +1,6 @@
 """mri-ssl in the nnU-Net ecosystem: nnU-Net v2 and nnssl checkpoints in as inits, exports out to nnU-Net.
 
-**In** (:func:`load_checkpoint`): an nnU-Net v2 ``checkpoint_final.pth`` (its plans from the ``plans.json`` of
+**In** (:func:`load_init_file`): an nnU-Net v2 ``checkpoint_final.pth`` (its plans from the ``plans.json`` of
 the training folder, else from the checkpoint's ``init_args``) or an nnssl checkpoint (network weights plus
 ``nnssl_adaptation_plan``, the adaptation plan nnssl's finetuning uses) becomes an export dict as
 :func:`~ssl_pretrain.export.load_export` returns it: the network's class and ``arch_kwargs``, its weights
@@ -33,13 +33,14 @@ from typing import Any
 import torch
 
 from ssl_pretrain.data.preprocess import PreprocessParams
-from ssl_pretrain.export import EXPORT_FORMAT_VERSION, ExportError
+from ssl_pretrain.export import EXPORT_FORMAT_VERSION, ExportError, checked_export
 from ssl_pretrain.models.dna import NETWORKS, REQUIRES_IMPORT, full_name, patch_divisor
 from ssl_pretrain.models.unet import UNetConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_foreign", "load_checkpoint", "nnunet_checkpoint", "plans_for_export", "read_checkpoint"]
+__all__ = ["checkpoint_to_export", "is_foreign", "load_init_file", "nnunet_checkpoint", "plans_for_export",
+           "read_checkpoint"]
 
 _TRUST = "pass --trust-checkpoint (trust_checkpoint=true) only for a file from a source you trust"
 
@@ -56,17 +57,17 @@ def read_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found is None:  # not a pickle of objects: a damaged or foreign file
-            raise ExportError(f"{path}: not a loadable checkpoint (UnpicklingError)") from None
+            raise ExportError(f"{path}: not a loadable model export or checkpoint (UnpicklingError)") from None
         if not trust:
             raise ExportError(f"{path}: holds Python objects beyond tensors ({found[1]}); loading it can run code "
                               f"from the file: {_TRUST}") from None
     except Exception as exc:  # torch raises many types for foreign or truncated files
-        raise ExportError(f"{path}: not a loadable checkpoint ({type(exc).__name__})") from None
+        raise ExportError(f"{path}: not a loadable model export or checkpoint ({type(exc).__name__})") from None
     log.warning("%s: loaded as a full pickle (trust_checkpoint): it could run code from the file", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ExportError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise ExportError(f"{path}: not a loadable model export or checkpoint ({type(exc).__name__}: {exc})") from None
 
 
 def is_foreign(ckpt: Any) -> bool:
@@ -74,17 +75,21 @@ def is_foreign(ckpt: Any) -> bool:
     return isinstance(ckpt, dict) and "network_weights" in ckpt and "format_version" not in ckpt
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
-    """An nnU-Net v2 or nnssl checkpoint as an mri-ssl export dict (see the module docstring).
+def load_init_file(path: str | Path, *, trust: bool = False) -> dict[str, Any]:
+    """An init file as an export dict, the file read once: an mri-ssl export (checked as
+    :func:`~ssl_pretrain.export.load_export` checks it), or an nnU-Net v2 / nnssl checkpoint turned into one.
 
     Raises:
-        ExportError: one line naming the file: unreadable or untrusted, not such a checkpoint, a 2D or
-            non-UNet architecture, or plans that cannot be found.
+        ExportError: one line naming the file: unreadable or untrusted, neither an export nor such a
+            checkpoint, a 2D or non-UNet architecture, or plans that cannot be found.
     """
     path = Path(path)
-    ckpt = read_checkpoint(path, trust=trust)
-    if not is_foreign(ckpt):
-        raise ExportError(f"{path}: neither an mri-ssl export nor an nnU-Net / nnssl checkpoint (no network_weights)")
+    data = read_checkpoint(path, trust=trust)
+    return checkpoint_to_export(path, data) if is_foreign(data) else checked_export(data, path)
+
+
+def checkpoint_to_export(path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A loaded nnU-Net v2 or nnssl checkpoint (``path`` names it) as an mri-ssl export dict (module docstring)."""
     weights = {_plain_key(k): v for k, v in ckpt["network_weights"].items()}
     if "nnssl_adaptation_plan" in ckpt:
         task, network, arch, channels, spacing, patch = _from_nnssl(path, ckpt["nnssl_adaptation_plan"])
