@@ -35,6 +35,8 @@ class NTXentRowLSE(torch.autograd.Function):
     rank's slice; the backward all-gathers the other ranks' ``lse`` and weights (O(N)) so
     that it writes the complete gradient of this rank's rows -- every rank's loss
     included -- and zero elsewhere; the caller's gather-with-grad sums the slices.
+    ``row_sizes`` (every rank's query rows) lets the ranks hold different numbers of rows,
+    none included.
     """
 
     @staticmethod
@@ -46,11 +48,12 @@ class NTXentRowLSE(torch.autograd.Function):
         temperature: float,
         use_triton: bool,
         distributed: bool,
+        row_sizes: list[int] | None = None,
     ) -> torch.Tensor:
         launch = ntxent_forward if use_triton else lse_forward_torch
-        lse = launch(z, row_offset, num_rows, temperature)
+        lse = launch(z, row_offset, num_rows, temperature) if num_rows else z.new_zeros(z.shape[0], 0).float()
         ctx.save_for_backward(z, lse)
-        ctx.args = (row_offset, num_rows, temperature, use_triton, distributed)
+        ctx.args = (row_offset, num_rows, temperature, use_triton, distributed, row_sizes)
         return lse
 
     @staticmethod
@@ -58,28 +61,28 @@ class NTXentRowLSE(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_lse: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         z, lse = ctx.saved_tensors
-        row_offset, num_rows, temperature, use_triton, distributed = ctx.args
+        row_offset, num_rows, temperature, use_triton, distributed, row_sizes = ctx.args
         weight = grad_lse.float().contiguous()
         if distributed:
-            lse, weight = dist.gather(lse, dim=1), dist.gather(weight, dim=1)
+            lse, weight = dist.gather(lse, dim=1, sizes=row_sizes), dist.gather(weight, dim=1, sizes=row_sizes)
         launch = ntxent_backward if use_triton else lse_backward_torch
-        dz_rows = launch(z, lse, weight, row_offset, num_rows, temperature)
+        dz_rows = launch(z, lse, weight, row_offset, num_rows, temperature) if num_rows else z[:, :0]
         if distributed:
             dz = torch.zeros_like(z)
             dz[:, row_offset : row_offset + num_rows] = dz_rows
         else:
             dz = dz_rows
-        return dz, None, None, None, None, None
+        return dz, None, None, None, None, None, None
 
 
 # --------------------------------- validation -----------------------------------------
 
 
-def _check_embeddings(z0: object, z1: object) -> None:
+def _check_embeddings(z0: object, z1: object, rows_may_be_empty: bool = False) -> None:
     """Raise ValueError naming ``z0`` / ``z1`` when they are not matching float embeddings."""
     if not isinstance(z0, torch.Tensor) or not z0.is_floating_point() or z0.dim() not in (2, 3):
         raise ValueError(f"z0: expected a float tensor of shape (N, D) or (B, N, D), got {_describe(z0)}")
-    if z0.shape[-2] == 0 or z0.shape[-1] == 0 or (z0.dim() == 3 and z0.shape[0] == 0):
+    if (z0.shape[-2] == 0 and not rows_may_be_empty) or z0.shape[-1] == 0 or (z0.dim() == 3 and z0.shape[0] == 0):
         raise ValueError(f"z0: needs at least one row and one feature, got shape {tuple(z0.shape)}")
     if z1 is None:
         return
@@ -91,6 +94,19 @@ def _check_embeddings(z0: object, z1: object) -> None:
         raise ValueError(f"z1: dtype {z1.dtype} does not match z0's {z0.dtype}")
     if z1.device != z0.device:
         raise ValueError(f"z1: device {z1.device} does not match z0's {z0.device}")
+
+
+def _check_sizes(sizes: object, n: int, distributed: bool) -> list[int] | None:
+    """``sizes`` checked against this rank's ``n`` rows; None when the ranks' rows are equal."""
+    if sizes is None:
+        return None
+    ranks = dist.world_size() if distributed else 1
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != ranks or \
+            not all(isinstance(m, int) and m >= 0 for m in sizes):
+        raise ValueError(f"sizes: expected {ranks} row count(s) >= 0, one per rank, got {sizes!r:.80}")
+    if sizes[dist.rank() if distributed else 0] != n or not sum(sizes):
+        raise ValueError(f"sizes: {list(sizes)} does not fit this rank's z0 of {n} row(s), or no rank has a row")
+    return None if len(set(sizes)) == 1 else list(sizes)
 
 
 def _describe(x: object) -> str:
@@ -133,10 +149,12 @@ def _segments(
     paired: bool,
     gather_distributed: bool,
     device: torch.device,
+    sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Map every key row to a (batch, group) segment.
 
-    Key rows are, rank after rank, ``[z0 rows; z1 rows]`` of each rank.
+    Key rows are, rank after rank, ``[z0 rows; z1 rows]`` of each rank; ``sizes`` holds every
+    rank's N where they differ.
 
     Returns:
         ``segment`` (B, R_keys) long in ``[0, B * G)``, ``count`` (B, R_keys) members of each
@@ -148,9 +166,14 @@ def _segments(
     """
     ranks = dist.world_size() if gather_distributed else 1
     if groups is None:
-        # Pairs: the two views of sample i on rank r share the group r * N + i; no sync needed.
-        ids = torch.arange(ranks * n, device=device).view(ranks, 1, n).expand(ranks, 2, n).reshape(1, -1)
-        num_groups = ranks * n
+        # Pairs: the two views of the i-th sample of all ranks' samples share group i; no sync needed.
+        if sizes is None:
+            ids = torch.arange(ranks * n, device=device).view(ranks, 1, n).expand(ranks, 2, n).reshape(1, -1)
+        else:
+            starts = [sum(sizes[:r]) for r in range(ranks)]
+            ids = torch.cat([torch.arange(a, a + m, device=device).repeat(2)
+                             for a, m in zip(starts, sizes, strict=True)]).view(1, -1)
+        num_groups = ranks * n if sizes is None else sum(sizes)
         segment = ids + num_groups * torch.arange(batch, device=device)[:, None]
         return segment, torch.full(segment.shape, 2.0, device=device), num_groups
     if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.dtype == torch.bool:
@@ -163,7 +186,7 @@ def _segments(
     if paired:
         ids = torch.cat([ids, ids], dim=1)
     if gather_distributed:
-        ids = dist.gather(ids, dim=1)
+        ids = dist.gather(ids, dim=1, sizes=None if sizes is None else [m * (2 if paired else 1) for m in sizes])
     _, inverse = torch.unique(ids, return_inverse=True)
     num_groups = ids.shape[1]  # an upper bound on the distinct ids: no host sync for the size
     segment = inverse + num_groups * torch.arange(batch, device=device)[:, None]
@@ -184,6 +207,7 @@ def nt_xent(
     temperature: float = 0.1,
     impl: Impl = "auto",
     gather_distributed: bool = False,
+    sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """NT-Xent (SimCLR) / SupCon contrastive loss in O(N * D) memory.
 
@@ -208,6 +232,11 @@ def nt_xent(
             concatenated batch, and each rank's gradient is ``world_size`` times the
             single-process gradient of its rows -- what DDP / DeepSpeed gradient averaging
             expects. Without an initialised process group it changes nothing.
+        sizes: with ``gather_distributed``, every rank's N (rows of ``z0``) when they differ
+            (the end of an epoch); a rank may hold none (then its loss is 0, still connected
+            to the graph). Each rank returns the mean over its own rows, so weighting rank r's
+            loss by ``sizes[r] * world_size / sum(sizes)`` gives the concatenated batch's loss.
+            None: every rank holds the same N.
 
     Returns:
         The scalar fp32 mean loss.
@@ -221,8 +250,10 @@ def nt_xent(
         >>> z0, z1 = torch.randn(8, 128), torch.randn(8, 128)
         >>> loss = nt_xent(z0, z1, temperature=0.1)
     """
-    _check_embeddings(z0, z1)
+    _check_embeddings(z0, z1, rows_may_be_empty=sizes is not None)
     _check_options(temperature, impl)
+    distributed = gather_distributed and dist.world_size() > 1
+    sizes = _check_sizes(sizes, z0.shape[-2], distributed)
     use_triton = _use_triton(impl, z0)
     if z1 is None and groups is None:
         raise ValueError("groups: required when z1 is None (otherwise no row has a positive)")
@@ -231,27 +262,30 @@ def nt_xent(
     if not batched:
         z_rows = z_rows.unsqueeze(0)
     batch, n = z0.shape[0] if batched else 1, z0.shape[-2]
-    segment, count, num_groups = _segments(groups, batch, n, z1 is not None, gather_distributed, z0.device)
+    segment, count, num_groups = _segments(groups, batch, n, z1 is not None, gather_distributed, z0.device, sizes)
 
     # Normalise in fp32, then hand the kernel the input dtype (bf16 stays bf16 on the GPU).
     z_rows = F.normalize(z_rows.float(), dim=-1).to(z0.dtype)
     num_rows = z_rows.shape[1]
-    distributed = gather_distributed and dist.world_size() > 1
-    row_offset = dist.rank() * num_rows if distributed else 0
-    z_keys = dist.gather_with_grad(z_rows, dim=1) if distributed else z_rows
+    row_sizes = None if sizes is None else [m * (1 if z1 is None else 2) for m in sizes]
+    row_offset = 0
+    if distributed:
+        row_offset = dist.rank() * num_rows if row_sizes is None else sum(row_sizes[: dist.rank()])
+    z_keys = dist.gather_with_grad(z_rows, dim=1, sizes=row_sizes) if distributed else z_rows
 
-    lse = NTXentRowLSE.apply(z_keys, row_offset, num_rows, float(temperature), use_triton, distributed)
+    lse = NTXentRowLSE.apply(z_keys, row_offset, num_rows, float(temperature), use_triton, distributed, row_sizes)
 
     # Positive term, O(N * D): row i's mean positive similarity is
     # z_i . (sum of z over i's segment - z_i) / ((count_i - 1) * tau).
     zf = z_keys.float()
     dim = zf.shape[-1]
     segment_sum = zf.new_zeros(batch * num_groups, dim).index_add(0, segment.flatten(), zf.reshape(-1, dim))
-    rows = slice(row_offset, row_offset + num_rows)
-    z_i = zf[:, rows]
-    positives = segment_sum[segment[:, rows]] - z_i
-    pos = torch.einsum("brd,brd->br", z_i, positives) / ((count[:, rows] - 1.0) * temperature)
-    return (lse - pos).mean()
+    mine = slice(row_offset, row_offset + num_rows)
+    z_i = zf[:, mine]
+    positives = segment_sum[segment[:, mine]] - z_i
+    pos = torch.einsum("brd,brd->br", z_i, positives) / ((count[:, mine] - 1.0) * temperature)
+    loss = lse - pos
+    return loss.mean() if loss.numel() else loss.sum()  # a rank without rows: 0, in the graph
 
 
 class NTXentLoss(torch.nn.Module):

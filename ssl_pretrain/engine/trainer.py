@@ -9,6 +9,7 @@ one, a run that already finished just returns its export, and a finished run giv
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -131,6 +132,25 @@ def _parameter_fingerprint(module: nn.Module) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The batch cut to ``rows`` (tensors and lists along their first dimension; other values as they are)."""
+    idx = rows.tolist()
+    return {k: v[rows] if isinstance(v, torch.Tensor) and v.ndim else [v[i] for i in idx] if isinstance(v, list) else v
+            for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``frozen``, the module's buffers (batch-norm running statistics) are restored on exit."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()] if frozen else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 @dataclasses.dataclass
 class _Window:
     """Throughput of the steps since the last metrics row: summed over ranks, with the latest step's table."""
@@ -250,7 +270,7 @@ class Trainer:
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
         stream = self._stream(loader)
-        first = self._next_full(stream, plan.micro)
+        first = self._next_batch(stream)
         self._check_batch(first, cfg.task, task.needs_position)
         self._build_probe(loader)
         if info.is_main:
@@ -356,23 +376,27 @@ class Trainer:
             self.logger.log_params(flatten(resolved))
             self.logger.log_artifact(self.out / "config.yaml")
 
-    def _next_full(self, stream: Iterator[dict[str, Any]], micro: int) -> dict[str, Any]:
-        """The next batch; in epoch mode, batches that are short or padded on any rank are skipped.
+    def _next_batch(self, stream: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch; in epoch mode every sample trains once (issue 25).
 
-        Epoch mode ends each epoch with short and padding batches (equal counts on all ranks);
-        NT-Xent across ranks needs equal shapes, so all ranks agree to skip them (one tiny
-        all-reduce per micro batch, epoch mode only).
+        Epoch mode ends each epoch with short and padding batches (equal counts on all ranks). A
+        short batch trains as it is; a padding batch trains as one padding row whose loss weighs
+        nothing, so that its rank still takes part in the collectives. ``rank_sizes`` lists every
+        rank's samples (one small all-gather per micro batch, epoch mode only); a micro batch that
+        is padding on every rank (corrupt samples skipped) is passed over by all ranks alike.
         """
         while True:
             batch = next(stream)
             if self.cfg.data.mode != "epoch":
                 return batch
-            valid = batch.get("valid")
-            full = batch["image"].shape[0] == micro and (valid is None or bool(valid.all()))
-            flag = torch.tensor([1 if full else 0], device=self.info.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            if int(flag.item()):
-                return batch
+            valid = batch["valid"]
+            mine = torch.tensor([int(valid.sum())], device=self.info.device)
+            everyone = [torch.zeros_like(mine) for _ in range(self.info.world_size)]
+            dist.all_gather(everyone, mine)
+            sizes = [int(t.item()) for t in everyone]
+            if sum(sizes):
+                rows = valid.nonzero().flatten() if valid.any() else torch.zeros(1, dtype=torch.long)
+                return {**_rows(batch, rows), "rank_sizes": sizes}
 
     @staticmethod
     def _stream(loader: Any) -> Iterator[dict[str, Any]]:
@@ -423,19 +447,29 @@ class Trainer:
         wait = 0.0
         loss_sum = torch.zeros((), device=info.device)
         task_metrics: dict[str, torch.Tensor] = {}
+        samples = 0
         for _ in range(plan.grad_accum):
             w0 = time.perf_counter()
-            batch = pending if pending is not None else self._next_full(stream, plan.micro)
+            batch = pending if pending is not None else self._next_batch(stream)
             pending = None
             wait += time.perf_counter() - w0
             if self.cfg.train.track_samples:
                 self._seen.extend(sample_keys(batch))
-            loss, task_metrics = engine(batch)
+            sizes = batch.get("rank_sizes")
+            if sizes is None:
+                loss, task_metrics = engine(batch)
+                weight, samples = 1.0, samples + plan.micro * info.world_size
+            else:  # this rank's share of the micro batch's samples (DeepSpeed averages over ranks)
+                weight, samples = sizes[info.rank] * info.world_size / sum(sizes), samples + sum(sizes)
+                with _buffers_kept(engine.module, frozen=sizes[info.rank] == 0):  # padding: no BN statistics
+                    loss, metrics = engine(batch)
+                task_metrics = metrics if sizes[info.rank] else task_metrics
+            loss = loss * weight
             engine.backward(loss)  # DeepSpeed scales the loss by 1 / grad_accum
             engine.step()
             loss_sum += loss.detach().float()
         st.step += 1
-        st.samples_seen += plan.global_batch
+        st.samples_seen += samples
         # one small collective per step: every rank's loss, data wait, step time and whether SIGTERM
         # arrived (this is a host sync, needed by the NaN guard anyway; all ranks stop at the same step)
         mine = torch.tensor([0.0, wait, time.perf_counter() - step_t0, float(termination.requested())],

@@ -23,6 +23,7 @@ from torch import nn
 from ssl_pretrain.config import ConfigError, option
 from ssl_pretrain.models.heads import LocalHead, ProjectionHead
 from ssl_pretrain.models.unet import UNet, UNetConfig
+from ssl_pretrain.tasks.batch import gathered_rows
 from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.health import contrastive_health
 from ssl_pretrain.tasks.views import ContrastiveAugmentConfig, matching_points, sample_at, two_views
@@ -166,9 +167,11 @@ class ContrastiveTask(nn.Module):
             and the ``health/*`` statistics of :func:`~ssl_pretrain.tasks.health.contrastive_health`.
         """
         e = self.embed(batch)
+        n, sizes = gathered_rows(batch)
+        groups = e.get("groups")
         loss_global = _nt_xent(
-            e["z0"], e["z1"], groups=e.get("groups"), temperature=self.cfg.temperature,
-            gather_distributed=self.distributed,
+            e["z0"][:n], e["z1"][:n], groups=None if groups is None else groups[:n], temperature=self.cfg.temperature,
+            gather_distributed=self.distributed, sizes=sizes,
         )
         metrics = {"loss_global": loss_global.detach()}
         metrics.update({f"health/{k}": v for k, v in contrastive_health(e["z0"], e["z1"]).items()})

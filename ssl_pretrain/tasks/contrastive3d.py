@@ -28,6 +28,7 @@ from torch import nn
 from ssl_pretrain.config import ConfigError, FieldError, option
 from ssl_pretrain.models.dna import build_network, feature_channels, patch_divisor
 from ssl_pretrain.models.unet import UNetConfig
+from ssl_pretrain.tasks.batch import gathered_rows
 from ssl_pretrain.tasks.figures import image_grid
 from ssl_pretrain.tasks.health import contrastive_health
 from ssl_pretrain.tasks.intensity import bezier_remap
@@ -193,7 +194,9 @@ class Contrastive3DTask(nn.Module):
         v0, v1, o0, o1 = self.views(x, self.generator)
         feats = self.encoder(torch.cat([v0, v1]).to(param.dtype))
         z0, z1 = self.projection(feats[-1].mean(dim=(2, 3, 4))).float().chunk(2)
-        loss = _nt_xent(z0, z1, temperature=self.cfg.temperature, gather_distributed=self.distributed)
+        n, sizes = gathered_rows(batch)
+        loss = _nt_xent(z0[:n], z1[:n], temperature=self.cfg.temperature, gather_distributed=self.distributed,
+                        sizes=sizes)
         metrics = {"loss_global": loss.detach(),
                    **{f"health/{k}": v for k, v in contrastive_health(z0, z1).items()}}
         if self.cfg.dense_weight > 0:
@@ -201,7 +204,9 @@ class Contrastive3DTask(nn.Module):
             i0, i1 = matching_voxels(o0, o1, tuple(v0.shape[2:]), self.stride, self.cfg.dense_points, self.generator)
             p0 = self.dense_head(gather_points(f0, i0)).float()
             p1 = self.dense_head(gather_points(f1, i1)).float()
-            dense = _nt_xent(p0, p1, temperature=self.cfg.dense_temperature, gather_distributed=self.distributed)
+            n, sizes = gathered_rows(batch, self.cfg.dense_points)
+            dense = _nt_xent(p0[:n], p1[:n], temperature=self.cfg.dense_temperature,
+                             gather_distributed=self.distributed, sizes=sizes)
             metrics["loss_dense"] = dense.detach()
             loss = loss + self.cfg.dense_weight * dense
         return loss, metrics
