@@ -61,7 +61,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_pretrain.config import option, validate
-from ssl_pretrain.data.epochs import epoch_plan, resume_position
+from ssl_pretrain.data.epochs import EpochDone, buffer_shuffle, consumed, epoch_plan, resume_position, shuffle_seed
 from ssl_pretrain.data.shardformat import (
     CorruptShardError,
     NpySpec,
@@ -127,6 +127,7 @@ class _Raw:
     label: memoryview | None
     url: str
     shape: tuple[int, ...] | None = None  # volumes: the image's (C, D, H, W); slices: the manifest's
+    index: int = 0  # position in its shard (corrupt samples counted)
 
 
 @dataclass
@@ -168,9 +169,13 @@ class _SliceStream(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int] | None, entries: dict[str, dict[str, Any]],
                  image: NpySpec, label: NpySpec | None, cfg: LoaderConfig, rank: int, world_size: int,
-                 epoch: int, start: int) -> None:
+                 epoch: int, start: int, done: EpochDone | None = None, generation: int = 0) -> None:
         super().__init__()
+        self.done = done  # epoch mode: samples of this epoch an earlier job shape consumed (not delivered)
+        # after a change of job shape a resampled stream starts anew: generation g > 0 tags its seeds
+        self.seed: int | str = cfg.seed if generation == 0 else f"{cfg.seed}g{generation}"
         self.urls, self.counts, self.entries = urls, counts, entries
+        self._shard_of = {u: i for i, u in enumerate(urls)}
         self.image, self.label = image, label
         self.volumes = None in image.shape  # 3D shards: one volume per sample, cut into patches
         self.cfg = cfg
@@ -191,7 +196,8 @@ class _SliceStream(IterableDataset):
         planned = None
         if cfg.mode == "epoch":
             assert self.counts is not None  # checked in PretrainLoader
-            shard_plan, batch_plan = epoch_plan(self.counts, self.epoch, cfg.seed, self.world_size,
+            counts = self.counts if self.done is None else self.done.remaining()
+            shard_plan, batch_plan = epoch_plan(counts, self.epoch, cfg.seed, self.world_size,
                                                 n_workers, cfg.batch_size)
             planned = batch_plan[self.rank]
         taken, self._rotation = resume_position(self.start, planned, n_workers)
@@ -224,7 +230,7 @@ class _SliceStream(IterableDataset):
     def _round_shards(self, r: int, worker: int, n_workers: int) -> list[int]:
         """Shards of round ``r`` of this worker (resampled mode: drawn with replacement from its split)."""
         pool = self._resample_pool(worker, n_workers)
-        rng = random.Random(f"{self.cfg.seed}-resampled-{self.rank}-{worker}-{r}")
+        rng = random.Random(f"{self.seed}-resampled-{self.rank}-{worker}-{r}")
         return rng.choices(pool, k=len(pool))
 
     def _resume_point(self, to_skip: int, worker: int, n_workers: int) -> tuple[int, int]:
@@ -244,30 +250,33 @@ class _SliceStream(IterableDataset):
             r += 1
         return r, to_skip
 
-    # stage 1: shard plan, as (round, url) items
-    def _rounds(self) -> Iterator[tuple[int, str]]:
+    # stage 1: shard plan, as (round, shard index) items
+    def _rounds(self) -> Iterator[tuple[int, int]]:
         if self.cfg.mode == "epoch":
             for i in self._my_shards:
-                yield 0, self.urls[i]
+                yield 0, i
             return
         worker, n_workers = self._worker()
         r = self._first_round
         while True:
             for i in self._round_shards(r, worker, n_workers):
-                yield r, self.urls[i]
+                yield r, i
             r += 1
 
-    # stage 2: tar reader → raw samples, tagged with their round
-    def _read(self, shards: Iterable[tuple[int, str]]) -> Iterator[tuple[int, _Raw]]:
+    # stage 2: tar reader → raw samples, tagged with their round (slices an earlier job shape consumed: left out)
+    def _read(self, shards: Iterable[tuple[int, int]]) -> Iterator[tuple[int, _Raw]]:
         worker, n_workers = self._worker()
         pool = {self.urls[i] for i in self._resample_pool(worker, n_workers)}
         dead: set[str] = set()  # shards read since the last good sample that gave none
-        for r, url in shards:
+        for r, i in shards:
+            url = self.urls[i]
+            done = self.done.of_shard(i) if self.done is not None and not self.volumes else None
             good = False
             try:
                 for s in self._read_shard(url):
                     good = True
-                    yield r, s
+                    if done is None or not done[s.index]:
+                        yield r, s
             except CorruptShardError as exc:
                 if not self.cfg.skip_corrupt:
                     raise
@@ -286,18 +295,18 @@ class _SliceStream(IterableDataset):
     def _read_shard(self, url: str) -> Iterator[_Raw]:
         stream = open_verified(url, self.entries.get(url), self.cfg.verify, self._verified, populate=not self.volumes)
         try:
-            key, parts = None, {}
+            key, parts, index = None, {}, -1
             for name, data in iter_tar_members(stream, url):
                 k, ext = split_name(name)
                 if k != key:
                     if key is not None:
-                        sample = self._make(key, parts, url)
+                        sample = self._make(key, parts, url, index)
                         if sample is not None:
                             yield sample
-                    key, parts = k, {}
+                    key, parts, index = k, {}, index + 1
                 parts[ext] = data
             if key is not None:
-                sample = self._make(key, parts, url)
+                sample = self._make(key, parts, url, index)
                 if sample is not None:
                     yield sample
         except OSError as exc:
@@ -307,7 +316,7 @@ class _SliceStream(IterableDataset):
             if not isinstance(stream, (bytes, mmap.mmap)):
                 stream.close()
 
-    def _make(self, key: str, parts: dict[str, bytes | memoryview], url: str) -> _Raw | None:
+    def _make(self, key: str, parts: dict[str, bytes | memoryview], url: str, index: int) -> _Raw | None:
         try:
             img = parts.get("image.npy")
             meta_b = parts.get("meta.json")
@@ -332,19 +341,25 @@ class _SliceStream(IterableDataset):
             self._corrupt += 1
             logger.warning("skipping a corrupt sample: %s", exc)
             return None
-        return _Raw(key, img, meta, lab, url, shape)
+        return _Raw(key, img, meta, lab, url, shape, index)
 
     # stage 2b (volumes): each volume becomes patches_per_volume patches, drawn by a per-round generator
+    # (patches an earlier job shape consumed are left out)
     def _patches(self, volumes: Iterable[tuple[int, _Raw]]) -> Iterator[tuple[int, _Patch]]:
         worker, _ = self._worker()
         cur, rng = None, random.Random()
+        n = self.cfg.patches_per_volume
         for r, v in volumes:
             if r != cur:
                 cur = r
-                rng = random.Random(f"{self.cfg.seed}-patch-{self.rank}-{worker}-{self.epoch}-{r}")
+                rng = random.Random(f"{self.seed}-patch-{self.rank}-{worker}-{self.epoch}-{r}")
+            done = None
+            if self.done is not None:
+                done = self.done.of_shard(self._shard_of[v.url])[v.index * n : (v.index + 1) * n]
             foreground: list[np.ndarray] = []  # this volume's foreground voxels, found once, on first need
-            for _ in range(self.cfg.patches_per_volume):
-                yield r, _Patch(v, self._origin(v, rng, foreground))
+            for k in range(n):
+                if done is None or not done[k]:
+                    yield r, _Patch(v, self._origin(v, rng, foreground))
 
     def _origin(self, v: _Raw, rng: random.Random, foreground: list[np.ndarray]) -> tuple[int, int, int]:
         """A random patch origin: uniform over the volume (a smaller volume is padded at a random side),
@@ -368,27 +383,7 @@ class _SliceStream(IterableDataset):
     # stage 3: seeded shuffle buffer, flushed at the end of each round (so rounds are independent)
     def _shuffle(self, samples: Iterable[tuple[int, _Raw]]) -> Iterator[_Raw]:
         worker, _ = self._worker()
-        size = self.cfg.shuffle_buffer
-        buf: list[_Raw] = []
-        cur = None
-        rng = random.Random()
-        for r, s in samples:
-            if r != cur:
-                rng.shuffle(buf)
-                yield from buf
-                buf = []
-                cur = r
-                rng = random.Random(f"{self.cfg.seed}-shuffle-{self.rank}-{worker}-{self.epoch}-{r}")
-            if size <= 1:
-                yield s
-            elif len(buf) < size:
-                buf.append(s)
-            else:
-                j = rng.randrange(size)
-                yield buf[j]
-                buf[j] = s
-        rng.shuffle(buf)
-        yield from buf
+        return buffer_shuffle(samples, self.cfg.shuffle_buffer, shuffle_seed(self.seed, self.rank, worker, self.epoch))
 
     # stage 4: batches of tensors; skipped batches (resume) are consumed without decoding
     def _batch(self, samples: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -609,6 +604,8 @@ class PretrainLoader:
         self.epoch = 0
         self.batches = 0
         self.corrupt_skipped = 0
+        self.done: EpochDone | None = None  # epoch mode, after a change of job shape: consumed samples of this epoch
+        self.generation = 0  # resampled mode: how often the job shape changed
 
     @property
     def has_labels(self) -> bool:
@@ -620,7 +617,8 @@ class PretrainLoader:
         if self.cfg.mode != "epoch":
             raise TypeError("len(): a resampled loader is infinite")
         assert self.counts is not None
-        _, batches = epoch_plan(self.counts, self.epoch, self.cfg.seed, self.world_size, self.num_workers,
+        counts = self.counts if self.done is None else self.done.remaining()
+        _, batches = epoch_plan(counts, self.epoch, self.cfg.seed, self.world_size, self.num_workers,
                                 self.cfg.batch_size)
         return sum(batches[self.rank])
 
@@ -628,7 +626,7 @@ class PretrainLoader:
         """Continue from the current state: rest of the epoch (epoch mode) or forever (resampled)."""
         cfg = self.cfg
         ds = _SliceStream(self.urls, self.counts, self._entries, self._image, self._label, cfg, self.rank,
-                          self.world_size, self.epoch, self.batches)
+                          self.world_size, self.epoch, self.batches, self.done, self.generation)
         kw: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}
@@ -640,6 +638,7 @@ class PretrainLoader:
         if cfg.mode == "epoch":
             self.epoch += 1
             self.batches = 0
+            self.done = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position of the stream (save it with the model checkpoint)."""
@@ -648,8 +647,15 @@ class PretrainLoader:
             "epoch": self.epoch,
             "batches": self.batches,
             "corrupt_skipped": self.corrupt_skipped,
+            "done": None if self.done is None else self.done.encode(),
+            "generation": self.generation,
+            **self._shape(),
             **self._identity(),
         }
+
+    def _shape(self) -> dict[str, int]:
+        """The job shape the position is counted in: another one is mapped over (:meth:`load_state_dict`)."""
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "batch_size": self.cfg.batch_size}
 
     def _identity(self) -> dict[str, Any]:
         patches = {"patch_size": list(self.cfg.patch_size), "patches_per_volume": self.cfg.patches_per_volume,
@@ -658,15 +664,18 @@ class PretrainLoader:
             **patches,
             "mode": self.cfg.mode,
             "seed": self.cfg.seed,
-            "batch_size": self.cfg.batch_size,
             "shuffle_buffer": self.cfg.shuffle_buffer,
-            "num_workers": self.num_workers,
-            "world_size": self.world_size,
             "num_shards": len(self.urls),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict`; the next batches are those that followed.
+        """Restore a position saved by :meth:`state_dict` by a loader of any rank of the job.
+
+        The same job shape (world size, workers, batch size): the next batches are those that followed.
+        Another shape (a resume on fewer or more ranks): in epoch mode the samples of the current
+        epoch that the old job consumed are replayed from the counts (:func:`consumed`) and left out,
+        so the epoch ends without repeating or skipping a sample; a resampled stream starts anew
+        (a new generation of its seeds).
 
         Raises:
             ValueError: the state comes from an incompatible loader (names the differing key).
@@ -676,10 +685,32 @@ class PretrainLoader:
         for key, now in self._identity().items():
             if state.get(key) != now:
                 raise ValueError(f"loader state: {key}={state.get(key)!r} in the checkpoint but {now!r} now; "
-                                 f"an exact resume needs the same {key}")
+                                 f"a resume needs the same {key}")
         self.epoch = int(state["epoch"])
         self.batches = int(state["batches"])
         self.corrupt_skipped = int(state.get("corrupt_skipped", 0))
+        self.generation = int(state.get("generation", 0))
+        assert self.counts is not None or self.cfg.mode == "resampled"  # epoch mode needs counts (__init__)
+        done = state.get("done")
+        self.done = None if done is None or self.counts is None else EpochDone.decode(self.counts, done)
+        old = {k: state.get(k) for k in self._shape()}
+        if old == self._shape():
+            return
+        self.batches = 0
+        if self.cfg.mode == "resampled":
+            self.generation += 1
+            logger.info("loader: resumed on %s (was %s): the resampled stream starts anew (generation %d)",
+                        self._shape(), old, self.generation)
+            return
+        assert self.counts is not None
+        done_now = consumed(self.done or EpochDone(self.counts), self.counts, self.epoch, self.cfg.seed,
+                            int(old["world_size"]), int(old["num_workers"]), int(old["batch_size"]),
+                            self.cfg.shuffle_buffer, int(state["batches"]))
+        self.done = done_now
+        if done_now.bits.all():
+            self.epoch, self.done = self.epoch + 1, None
+        logger.info("loader: resumed on %s (was %s): %d of %d samples of epoch %d were delivered; the rest follows",
+                    self._shape(), old, int(done_now.bits.sum()), done_now.bits.size, int(state["epoch"]))
 
 
 def build_pretrain_loader(cfg: LoaderConfig, rank: int, world_size: int) -> PretrainLoader:

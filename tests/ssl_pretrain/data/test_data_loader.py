@@ -150,8 +150,8 @@ def test_resume_in_process_and_seed(shard_dir: Path) -> None:
 
 def test_state_mismatch_and_config_errors(shard_dir: Path) -> None:
     a = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=0), 0, 1)
-    b = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=8, num_workers=0), 0, 1)
-    with pytest.raises(ValueError, match="loader state: batch_size=4 in the checkpoint but 8 now"):
+    b = build_pretrain_loader(LoaderConfig(shards=str(shard_dir), batch_size=4, num_workers=0, shuffle_buffer=7), 0, 1)
+    with pytest.raises(ValueError, match="loader state: shuffle_buffer=1000 in the checkpoint but 7 now"):
         b.load_state_dict(a.state_dict())
     with pytest.raises(ConfigError, match="data.batch_size: must be >= 1, got 0"):
         from_dict(LoaderConfig, {"batch_size": 0}, "data.")
@@ -165,6 +165,38 @@ def test_state_mismatch_and_config_errors(shard_dir: Path) -> None:
         build_pretrain_loader(LoaderConfig(shards=str(shard_dir / "shard-{000000..000009}.tar")), 0, 1)
     with pytest.raises(TypeError, match="infinite"):
         len(a)
+
+
+@pytest.mark.parametrize(("old", "new", "batches"), [((2, 4, 2), (1, 8, 1), 3), ((1, 8, 1), (2, 4, 2), 5),
+                                                    ((2, 4, 1), (3, 3, 2), 6), ((1, 8, 2), (2, 4, 0), 0)])
+def test_a_resume_on_another_job_shape_ends_the_epoch_without_repeats_or_gaps(
+        shard_dir: Path, old: tuple[int, int, int], new: tuple[int, int, int], batches: int) -> None:
+    """Issue 25.2: ranks × workers × batch change between the save and the resume (2 → 1 ranks, 1 → 2, 2 → 3):
+    the samples the old job delivered of the epoch and those the new job delivers after it are the epoch, once each;
+    the epoch after starts whole."""
+    def loader(shape: tuple[int, int, int], rank: int) -> Any:
+        world, batch, workers = shape
+        cfg = LoaderConfig(shards=str(shard_dir), batch_size=batch, num_workers=workers, shuffle_buffer=16,
+                           mode="epoch", seed=3)
+        return build_pretrain_loader(cfg, rank, world)
+
+    everything = sorted(_keys(list(loader((1, 8, 0), 0))))
+    seen: list[tuple[str, int]] = []
+    for rank in range(old[0]):
+        before = loader(old, rank)
+        stream = iter(before)
+        seen += _keys([next(stream) for _ in range(batches)])
+        state = before.state_dict()
+        del stream
+    next_epoch: list[tuple[str, int]] = []
+    for rank in range(new[0]):
+        after = loader(new, rank)
+        after.load_state_dict(state)  # any old rank's state: the position is the job's
+        seen += _keys(list(after))
+        assert after.epoch == 1
+        next_epoch += _keys(list(after))
+    assert sorted(seen) == everything
+    assert sorted(next_epoch) == everything
 
 
 def _epoch_keys(shards: str, **kw: Any) -> list[tuple[str, int]]:
