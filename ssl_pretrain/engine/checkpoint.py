@@ -16,6 +16,7 @@ therefore leaves ``latest`` pointing at a complete checkpoint (or missing); left
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -167,7 +168,11 @@ class CheckpointDir:
 
     @staticmethod
     def check_compatible(meta: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
-        """Refuse to continue a checkpoint made by a different job shape.
+        """Refuse to continue a checkpoint made by a different job.
+
+        Another number of ranks is accepted (the state is re-sharded: :meth:`to_universal`, the
+        loader's position is mapped) when the global batch — micro batch × accumulation × ranks —
+        stays the same; on the same ranks, micro batch and accumulation must stay as they were.
 
         Args:
             meta: The checkpoint's ``meta.json``.
@@ -178,17 +183,51 @@ class CheckpointDir:
             CheckpointError: One line naming the first difference and how to proceed.
         """
         hints = {
-            "world_size": "resume with the same number of ranks",
             "task": "use another out_dir for another task",
             "model": "use another out_dir for another model",
-            "micro_batch": "keep data.batch_size / train.batch_size as they were",
-            "grad_accum": "keep train.grad_accum as it was",
         }
+        if meta.get("world_size") == expected["world_size"]:
+            hints.update(micro_batch="keep data.batch_size / train.batch_size as they were",
+                         grad_accum="keep train.grad_accum as it was")
         for key, hint in hints.items():
             if meta.get(key) != expected[key]:
                 raise CheckpointError(
                     f"{where}: checkpoint has {key}={meta.get(key)!r}, this run has {expected[key]!r}; {hint}"
                 )
+        old, new = (m["micro_batch"] * m["grad_accum"] * m["world_size"] for m in (meta, expected))
+        if old != new:
+            raise CheckpointError(
+                f"{where}: checkpoint has a global batch of {old} ({meta['micro_batch']} x {meta['grad_accum']} "
+                f"accumulation x {meta['world_size']} ranks), this run {new} on {expected['world_size']} rank(s); "
+                f"set train.batch_size={old} to resume on {expected['world_size']} rank(s)"
+            )
+
+    def to_universal(self, tag: str) -> Path:
+        """DeepSpeed's universal checkpoint of ``tag`` (ZeRO's optimizer partitions merged per parameter), which a
+        job of another number of ranks loads (``checkpoint.load_universal``). Rank 0 converts; every rank must call.
+
+        Returns:
+            The directory to load ``tag`` from (``<root>/universal``); :meth:`load` removes it once loaded.
+        """
+        import argparse
+        import contextlib
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        out = self.root / "universal"
+        if self.rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+            args = argparse.Namespace(input_folder=str(self.root / tag), output_folder=str(out / tag),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    ds_to_universal(args)  # its banners and progress bars
+            except Exception as e:  # DeepSpeed's converter asserts and raises many types
+                raise CheckpointError(f"{self.root / tag}: DeepSpeed cannot convert it for another number of ranks "
+                                      f"({type(e).__name__}: {e}); resume on the number of ranks that wrote it") from e
+        _barrier()
+        return out
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
         """Write one complete checkpoint and point ``latest`` at it. Every rank must call this.
@@ -234,13 +273,13 @@ class CheckpointDir:
             if old != keep_tag:
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def read_rank_state(self, tag: str) -> dict[str, Any]:
-        """This rank's loader / RNG state saved with ``tag`` (read before the engine exists).
+    def read_rank_state(self, tag: str, rank: int | None = None) -> dict[str, Any]:
+        """The loader / RNG state saved with ``tag`` by ``rank`` (default: this rank), read before the engine exists.
 
         Raises:
-            CheckpointError: The checkpoint lacks this rank's file.
+            CheckpointError: The checkpoint lacks that rank's file.
         """
-        rank_file = self.root / tag / f"trainer_rank{self.rank}.pt"
+        rank_file = self.root / tag / f"trainer_rank{self.rank if rank is None else rank}.pt"
         if not rank_file.is_file():
             raise CheckpointError(f"{rank_file}: missing; the checkpoint was written by fewer ranks")
         try:  # tensors, numbers, strings and containers only: nothing in it can run code
@@ -248,14 +287,19 @@ class CheckpointDir:
         except Exception as e:  # torch raises many types for truncated or foreign files
             raise CheckpointError(f"{rank_file}: not a readable trainer state ({type(e).__name__})") from None
 
-    def load(self, engine: Any, tag: str) -> None:
-        """Load ``tag`` into ``engine``: model, optimizer and LR scheduler.
+    def load(self, engine: Any, tag: str, universal: Path | None = None) -> None:
+        """Load ``tag`` into ``engine``: model, optimizer and LR scheduler (from ``universal``: its
+        :meth:`to_universal` form, which is removed afterwards).
 
         Raises:
             CheckpointError: DeepSpeed cannot read it.
         """
         path, _client = engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(universal or self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise CheckpointError(f"{self.root / tag}: DeepSpeed could not load this checkpoint")
+        if universal is not None:
+            _barrier()
+            if self.rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)

@@ -262,7 +262,12 @@ class Trainer:
             if info.is_main:
                 log.info("%s: already finished (%d steps); export %s", cfg.out_dir, meta["step"], self.export_path)
             return self.export_path
-        rank_state = self.ckpt.read_rank_state(meta["tag"]) if meta is not None else None
+        rank_state = self._rank_state(meta)
+        universal = None
+        if meta is not None and meta["world_size"] != info.world_size \
+                and ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+            universal = self.ckpt.to_universal(meta["tag"])  # ZeRO's partitions, merged per parameter
         resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.micro))
         task = build_task(cfg, info)
         loader = build_pretrain_loader(resolved.data, info.rank, info.world_size)
@@ -279,7 +284,7 @@ class Trainer:
             model=task, model_parameters=[p for p in task.parameters() if p.requires_grad], config=ds_config,
             dist_init_required=False,
         )
-        self._restore(engine, task, meta, rank_state)
+        self._restore(engine, task, meta, rank_state, universal)
         peers = peer_names(info)
         self._start_tracking(resolved)
         assert self.logger is not None
@@ -340,27 +345,55 @@ class Trainer:
             log.warning("probe.every=%d is larger than train.max_steps=%d: the probe runs at step 0 and at the "
                         "end only", cfg.probe.every, cfg.train.max_steps)
 
+    def _rank_state(self, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        """This rank's loader / RNG state from the checkpoint ``meta`` describes (None: a fresh run).
+
+        On another number of ranks, a rank the checkpoint had keeps its RNG states; a new rank gets
+        none (it is seeded afresh); every rank maps the job's loader position (any rank's state holds it).
+        """
+        if meta is None:
+            return None
+        if meta["world_size"] == self.info.world_size:
+            return self.ckpt.read_rank_state(meta["tag"])
+        if self.info.rank < meta["world_size"]:
+            return self.ckpt.read_rank_state(meta["tag"], self.info.rank)
+        return {"loader": self.ckpt.read_rank_state(meta["tag"], 0)["loader"]}
+
     def _restore(self, engine: Any, task: PretextTask, meta: dict[str, Any] | None,
-                 rank_state: dict[str, Any] | None) -> None:
+                 rank_state: dict[str, Any] | None, universal: Path | None) -> None:
         """Load the checkpoint into the engine, the RNGs and :attr:`state`; or seed a fresh run."""
         cfg, info = self.cfg, self.info
         if meta is not None and rank_state is not None:
-            self.ckpt.load(engine, meta["tag"])
-            restore_rng(rank_state["rng"])
-            task.set_rng_state(rank_state["task_rng"])
+            self.ckpt.load(engine, meta["tag"], universal)
             self.state.load_state_dict(meta)
+            if "rng" in rank_state:
+                restore_rng(rank_state["rng"])
+                task.set_rng_state(rank_state["task_rng"])
+            else:  # a rank the checkpoint did not have
+                self._seed(7_919 * self.state.step)
+                fresh = torch.Generator(device=info.device).manual_seed(cfg.seed * 100_003 + info.rank + 7_919 *
+                                                                        self.state.step)
+                task.set_rng_state(fresh.get_state())
             if info.is_main:
                 log.info("resuming %s from step %d", cfg.out_dir, self.state.step)
+                if meta["world_size"] != info.world_size:
+                    log.info("the checkpoint was written by %d rank(s), this run has %d: model and optimizer "
+                             "re-sharded%s, the data position mapped", meta["world_size"], info.world_size,
+                             " (DeepSpeed universal checkpoint)" if universal is not None else "")
                 logged_until = self._truncate_metrics(self.state.step)
                 if self.state.mlflow_run_id is not None:  # MLflow holds what metrics.jsonl held: log later steps
                     self._mlflow_from = logged_until + 1
             return
         if info.is_main:  # rows of an attempt killed before its first checkpoint are not this run's
             self._truncate_metrics(-1)
-        # dropout differs per rank; the task generators are seeded separately
-        torch.manual_seed(cfg.seed * 100_003 + info.rank)
-        np.random.seed((cfg.seed * 100_003 + info.rank) % 2**32)
-        random.seed(cfg.seed * 100_003 + info.rank)
+        self._seed(0)
+
+    def _seed(self, offset: int) -> None:
+        """Seed the process RNGs for this rank (dropout differs per rank; the task generators are seeded apart)."""
+        seed = self.cfg.seed * 100_003 + self.info.rank + offset
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
     def _start_tracking(self, resolved: PretrainConfig) -> None:
         """The run's MLflow run on rank 0 (the checkpoint's on a resume); params and config when it is new."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,17 +91,22 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank_over_their_batches(tm
     assert max_abs(dist2[case]["after"], ref[case]["after"]) > 1e-2 * moved
 
 
-def _epoch(shards: Path, world_size: int) -> tuple[list[str], int]:
-    """Every sample key of the shards (read by one loader over one epoch) and the steps of one epoch on
-    ``world_size`` ranks of the debug config (batch 8, one worker)."""
+def _epoch(shards: Path, world_size: int, batch: int = 8, state: dict | None = None) -> tuple[list[str], int]:
+    """Every sample key of the shards (read by one loader over one epoch) and the steps left in the epoch on
+    ``world_size`` ranks of the debug config (``batch`` per rank, one worker) from loader ``state`` (default: its
+    start)."""
     from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
     from ssl_pretrain.engine.trainer import sample_keys
 
-    loader = build_pretrain_loader(LoaderConfig(shards=str(shards), batch_size=8, num_workers=0, mode="epoch"), 0, 1)
-    keys = sorted(k for b in loader for k in sample_keys(b))
-    steps = len(build_pretrain_loader(LoaderConfig(shards=str(shards), batch_size=8, num_workers=0, mode="epoch"),
-                                      0, world_size))
-    return keys, steps
+    def loader(world: int, micro: int) -> Any:
+        return build_pretrain_loader(LoaderConfig(shards=str(shards), batch_size=micro, num_workers=0, mode="epoch",
+                                                  shuffle_buffer=64), 0, world)
+
+    keys = sorted(k for b in loader(1, 8) for k in sample_keys(b))
+    steps = loader(world_size, batch)
+    if state is not None:
+        steps.load_state_dict(state)
+    return keys, len(steps)
 
 
 def _node_commands(port: int, hostfile: Path, args: list[str]) -> list[list[str]]:
@@ -161,7 +167,7 @@ def test_two_nodes_with_the_real_launchers_train_as_one_node_of_two_ranks(pretra
         assert summary["samples_by_rank"] == json.loads((ref / "summary.json").read_text())["samples_by_rank"]
         assert (out / "export" / "model.pt").is_file()
 
-    # continuing this 2-rank checkpoint with one process is refused before any compute
+    # continuing this 2-rank checkpoint with one process and half the global batch is refused before any compute
     from ssl_pretrain.config import load_config
     from ssl_pretrain.engine.checkpoint import CheckpointError
     from ssl_pretrain.engine.config import PretrainConfig
@@ -169,7 +175,8 @@ def test_two_nodes_with_the_real_launchers_train_as_one_node_of_two_ranks(pretra
 
     cfg = load_config(PretrainConfig, DEBUG, _args(pretrain_shards, tmp_path / "deepspeed", *overrides[:2],
                                                    "train.max_steps=8", "train.warmup_steps=1", "data.mode=epoch")[3:])
-    with pytest.raises(CheckpointError, match="checkpoint has world_size=2, this run has 1; resume with the same"):
+    with pytest.raises(CheckpointError, match=r"checkpoint has a global batch of 16 \(8 x 1 accumulation x 2 ranks\), "
+                                              r"this run 8 on 1 rank\(s\); set train.batch_size=16 to resume"):
         run_pretraining(cfg)
 
 
@@ -183,7 +190,7 @@ def test_a_lost_node_stops_the_survivor_with_one_line_in_bounded_time(pretrain_s
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     out = tmp_path / "run"
     args = _args(pretrain_shards, out, "task=regression", "track=false", "train.max_steps=100000", "probe.root=",
-                 "data.num_workers=0", "train.peer_timeout_s=8")
+                 "data.num_workers=0", "train.peer_timeout_s=8", "train.ckpt_every=2")
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                               cwd=ROOT, start_new_session=True)
              for cmd in _node_commands(free_port(), hostfile, args)]
@@ -217,6 +224,13 @@ def test_a_lost_node_stops_the_survivor_with_one_line_in_bounded_time(pretrain_s
     assert "resumes from the last checkpoint" in ours[0]
     if how == "hung":  # nothing resets the connections: only the configured timeout ends the wait
         assert 7 <= elapsed <= 8 + 60, elapsed
+        return
+    # the survivor's node alone carries on: one rank, the same global batch (2 x 8), from the last checkpoint
+    k = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text() / "meta.json").read_text())
+    proc = _run([sys.executable, *args, "train.batch_size=16", f"train.max_steps={k['step'] + 2}"])
+    assert f"resuming {out} from step {k['step']}" in proc.stderr and "written by 2 rank(s), this run has 1" in \
+        proc.stderr, proc.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 1
 
 
 # config, shards fixture, ranks, steps, overrides (a probe every half run). 2D: two DeepSpeed ranks under
@@ -306,3 +320,95 @@ def test_pretraining_listens_on_loopback_only(pretrain_shards: Path, tmp_path: P
     trainers = [(c, a, p) for c, a, p in found if "pretrain.py" in c]
     assert len(trainers) >= 2  # the store and gloo sockets were seen
     assert not [(c, a, p) for c, a, p in found if not is_loopback(a)], found
+
+
+def _as_zero0(src: Path, dst: Path) -> None:
+    """Copy run ``src`` to ``dst`` with its latest ZeRO-1 checkpoint rewritten, by this test's own reading of
+    ZeRO's partition files, as a ZeRO-0 one (every parameter's fp32 value and Adam moments whole, in the model
+    file): a job of any number of ranks loads that with no re-sharding — the reference of the re-sharded resume."""
+    import shutil
+
+    import torch
+
+    shutil.copytree(src, dst)
+    folder = dst / "checkpoints" / (dst / "checkpoints" / "latest").read_text().strip()
+    model_file = folder / "mp_rank_00_model_states.pt"
+    model = torch.load(model_file, weights_only=False)
+    parts = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_")[3]))
+    states = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in parts]
+    [shapes] = model["param_shapes"]  # parameter name -> shape, in the optimizer's order
+
+    def whole(name: str, flat_of: Any) -> torch.Tensor:  # a parameter's fragments, rank after rank
+        pieces = [flat_of(sd).narrow(0, frag.start, frag.numel)
+                  for sd in states for n, frag in sd["param_slice_mappings"][0].items() if n == name]
+        return torch.cat(pieces).view(shapes[name])
+
+    base = states[0]["base_optimizer_state"]
+    optimizer_state = {}
+    for i, name in enumerate(shapes):
+        model["module"][name] = whole(name, lambda sd: sd["single_partition_of_fp32_groups"][0]).clone()
+        optimizer_state[i] = {"step": base["state"][0]["step"].clone(),
+                              **{k: whole(name, lambda sd, k=k: sd["base_optimizer_state"]["state"][0][k]).clone()
+                                 for k in ("exp_avg", "exp_avg_sq")}}
+    model["optimizer"] = {"state": optimizer_state,
+                          "param_groups": [{**base["param_groups"][0], "params": list(range(len(shapes)))}]}
+    model["param_shapes"] = None
+    torch.save(model, model_file)
+    for f in parts:
+        f.unlink()
+
+
+def test_a_resume_on_fewer_or_more_ranks_continues_the_run(pretrain_shards: Path, tmp_path: Path) -> None:
+    """Issue 25.2: a 2-rank ZeRO-1 run resumed on 1 rank, then that run resumed on 2 ranks. The re-sharded
+    resume (DeepSpeed's universal checkpoint of ZeRO's partitions) gives exactly the losses and weights of a run
+    started from the same state with no re-sharding (the checkpoint rewritten whole, ZeRO 0, by the test's own
+    reading of the partitions); the epoch continues: over the three legs every slice trains once."""
+    import torch
+
+    # no gradient clipping: ZeRO 1 sums the gradient norm over its flat partitions, ZeRO 0 per parameter, and
+    # where clipping acts the last bit of its factor differs (1e-9 in the weights) — not the re-sharding's doing
+    overrides = ("task=contrastive", "track=false", "probe.root=", "data.mode=epoch", "data.num_workers=0",
+                 "train.batch_size=8", "train.track_samples=true", "train.warmup_steps=1", "train.grad_clip=0")
+    everything, epoch2 = _epoch(pretrain_shards, world_size=2, batch=4)
+
+    def run(out: Path, ranks: int, steps: int, zero: int) -> None:
+        launcher = [sys.executable] if ranks == 1 else [
+            str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+        _run(launcher + _args(pretrain_shards, out, *overrides, f"train.max_steps={steps}",
+                              f"train.ckpt_every={steps}", f"train.zero_stage={zero}"))
+
+    def loader_state(out: Path) -> dict:
+        tag = (out / "checkpoints" / "latest").read_text().strip()
+        return torch.load(out / "checkpoints" / tag / "trainer_rank0.pt", weights_only=True)["loader"]
+
+    def export(out: Path) -> dict:
+        return torch.load(out / "export" / "model.pt", weights_only=True)["encoder"]
+
+    k = 5
+    run(tmp_path / "two", 2, k, zero=1)  # 2 ranks x 4 samples
+    _, left = _epoch(pretrain_shards, world_size=1, state=loader_state(tmp_path / "two"))
+    n = k + left // 2  # 1 rank x 8 samples, stopping mid-epoch
+    samples = [json.loads((tmp_path / "two" / "summary.json").read_text())["samples_by_rank"]]
+    for leg, ranks, start, end in (("one", 1, tmp_path / "two", n), ("two-again", 2, tmp_path / "one", None)):
+        import shutil
+
+        shutil.copytree(start, tmp_path / leg)
+        _as_zero0(start, tmp_path / f"{leg}-reference")
+        if end is None:  # the rest of the epoch on 2 ranks
+            end = n + _epoch(pretrain_shards, world_size=2, batch=4, state=loader_state(start))[1]
+        run(tmp_path / leg, ranks, end, zero=1)
+        run(tmp_path / f"{leg}-reference", ranks, end, zero=0)
+        log = (tmp_path / leg / "metrics.jsonl").read_text()
+        resumed, reference = _losses(tmp_path / leg), _losses(tmp_path / f"{leg}-reference")
+        first = k + 1 if leg == "one" else n + 1
+        assert sorted(resumed) == list(range(1, end + 1)) and log
+        assert {s: resumed[s] for s in range(first, end + 1)} == {s: reference[s] for s in range(first, end + 1)}
+        mine, ref = export(tmp_path / leg), export(tmp_path / f"{leg}-reference")
+        assert all(torch.equal(mine[key], ref[key]) for key in ref)
+        summary = json.loads((tmp_path / leg / "summary.json").read_text())
+        assert summary["world_size"] == ranks
+        samples.append(summary["samples_by_rank"])
+    assert end == k + (n - k) + (end - n) and epoch2 > k
+    seen = sorted(key for leg in samples for rank in leg for key in rank)
+    assert seen == everything  # one epoch over 2, then 1, then 2 ranks: every slice once

@@ -80,6 +80,28 @@ def test_epoch_splits_volumes_by_rank_and_worker_without_overlap(volume_shard_di
     assert sorted(total) == sorted(_volumes(volume_shard_dir)) and set(total.values()) == {3}
 
 
+def test_a_resume_on_another_number_of_ranks_cuts_each_volume_s_remaining_patches(volume_shard_dir: Path) -> None:
+    """Issue 25.2 for volumes: after 2 ranks delivered some patches, 1 rank delivers the rest of the epoch: every
+    volume gives patches_per_volume patches in all (the new ones placed afresh), the next epoch starts whole."""
+    def loader(world: int, rank: int, batch: int) -> Any:
+        cfg = LoaderConfig(shards=str(volume_shard_dir), batch_size=batch, num_workers=1, patch_size=(4, 8, 8),
+                           patches_per_volume=3, mode="epoch", shuffle_buffer=5, seed=2)
+        return build_pretrain_loader(cfg, rank, world)
+
+    seen: collections.Counter[str] = collections.Counter()
+    for rank in range(2):
+        before = loader(2, rank, 2)
+        stream = iter(before)
+        seen.update(s for s, _ in _keys([next(stream) for _ in range(2)]))
+        state = before.state_dict()
+        del stream
+    after = loader(1, 0, 4)
+    after.load_state_dict(state)
+    seen.update(s for s, _ in _keys(list(after)))
+    assert sorted(seen) == sorted(_volumes(volume_shard_dir)) and set(seen.values()) == {3}
+    assert collections.Counter(s for s, _ in _keys(list(after))) == collections.Counter(dict.fromkeys(seen, 3))
+
+
 @pytest.mark.parametrize("workers,rank,world", [(0, 0, 1), (2, 1, 2)])
 def test_resume_repeats_the_same_patches(volume_shard_dir: Path, workers: int, rank: int, world: int) -> None:
     cfg = LoaderConfig(shards=str(volume_shard_dir), batch_size=3, num_workers=workers, patch_size=(4, 8, 8),
