@@ -215,6 +215,7 @@ class CheckpointDir:
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         out = self.root / "universal"
+        problem = [None]
         if self.rank == 0:
             shutil.rmtree(out, ignore_errors=True)
             args = argparse.Namespace(input_folder=str(self.root / tag), output_folder=str(out / tag),
@@ -224,9 +225,12 @@ class CheckpointDir:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     ds_to_universal(args)  # its banners and progress bars
             except Exception as e:  # DeepSpeed's converter asserts and raises many types
-                raise CheckpointError(f"{self.root / tag}: DeepSpeed cannot convert it for another number of ranks "
-                                      f"({type(e).__name__}: {e}); resume on the number of ranks that wrote it") from e
-        _barrier()
+                problem[0] = f"{type(e).__name__}: {e}"
+        if dist.is_initialized():  # every rank stops alike, none waits for a failed rank 0
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise CheckpointError(f"{self.root / tag}: DeepSpeed cannot convert it for another number of ranks "
+                                  f"({problem[0]}); resume on the number of ranks that wrote it")
         return out
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], rank_state: dict[str, Any]) -> Path:
