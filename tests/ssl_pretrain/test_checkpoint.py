@@ -114,3 +114,13 @@ def test_rank_state_loads_weights_only(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="trainer_rank0.pt: not a readable trainer state"):
         ckpt.read_rank_state("step-00000001")
     assert not marker.exists()
+
+
+def test_a_checkpoint_deepspeed_cannot_convert_for_other_ranks_is_one_line(tmp_path: Path) -> None:
+    """Issue 25.2: resuming on another number of ranks converts ZeRO's partitions (DeepSpeed's universal
+    checkpoint); a checkpoint without them stops with one line naming it, not DeepSpeed's traceback."""
+    ckpt = CheckpointDir(tmp_path / "checkpoints", rank=0)
+    (ckpt.root / "step-00000004").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"checkpoints/step-00000004: DeepSpeed cannot convert it for another "
+                                              r"number of ranks \(.+\); resume on the number of ranks that wrote it"):
+        ckpt.to_universal("step-00000004")
