@@ -275,7 +275,7 @@ class _SliceStream(IterableDataset):
             try:
                 for s in self._read_shard(url):
                     good = True
-                    if done is None or not done[s.index]:
+                    if done is None or s.index >= done.size or not done[s.index]:  # (a shard longer than listed)
                         yield r, s
             except CorruptShardError as exc:
                 if not self.cfg.skip_corrupt:
@@ -358,7 +358,7 @@ class _SliceStream(IterableDataset):
                 done = self.done.of_shard(self._shard_of[v.url])[v.index * n : (v.index + 1) * n]
             foreground: list[np.ndarray] = []  # this volume's foreground voxels, found once, on first need
             for k in range(n):
-                if done is None or not done[k]:
+                if done is None or k >= done.size or not done[k]:
                     yield r, _Patch(v, self._origin(v, rng, foreground))
 
     def _origin(self, v: _Raw, rng: random.Random, foreground: list[np.ndarray]) -> tuple[int, int, int]:
