@@ -148,7 +148,9 @@ def run_nnunet(work: Path, dataset: LabeledDataset, *, train: list[str], val: li
     atomic_write_text(spec_file, json.dumps(spec, indent=1))
     env = {**os.environ, "nnUNet_raw": str(work / "raw"), "nnUNet_preprocessed": str(work / "preprocessed"),
            "nnUNet_results": str(work / "results"), "nnUNet_compile": "false",
-           "OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads)}
+           "OMP_NUM_THREADS": str(num_threads), "MKL_NUM_THREADS": str(num_threads),
+           # the processes nnU-Net spawns for its final validation's exports (default 8): the trial's CPUs
+           "nnUNet_def_n_proc": str(num_threads)}
     with open(work / "nnunet.log", "w") as logf:
         proc = subprocess.run([sys.executable, "-m", "downstream.nnunet_arm", str(spec_file)], env=env,
                               stdout=logf, stderr=subprocess.STDOUT, check=False)
