@@ -191,6 +191,7 @@ class Trainer:
         self.probe: SegmentationProbe | None = None  # rank 0 only
         self.state = PretrainState()  # what the run has done: saved in every checkpoint, restored on resume
         self._collapse = CollapseWatch(cfg.train.collapse_std, cfg.train.collapse_logs)
+        self._zero_stage = 0  # DeepSpeed's ZeRO stage of this run (its config's)
 
     # ---- checks before any compute -------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class Trainer:
             "model": self.cfg.model.to_dict(),
             "micro_batch": micro,
             "grad_accum": self.cfg.train.grad_accum,
+            "zero_stage": self._zero_stage,
         }
 
     def _check_manifest(self, manifest: Any, needs_position: bool) -> None:
@@ -256,6 +258,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         plan = batch_plan(cfg, info.world_size)
         ds_config = deepspeed_config(cfg, info.world_size)
+        self._zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         meta = self._resume_meta(plan)
         if meta is not None and meta["step"] == cfg.train.max_steps and meta.get("finished") \
                 and self.export_path.is_file():
@@ -264,8 +267,7 @@ class Trainer:
             return self.export_path
         rank_state = self._rank_state(meta)
         universal = None
-        if meta is not None and meta["world_size"] != info.world_size \
-                and ds_config.get("zero_optimization", {}).get("stage", 0) > 0:
+        if meta is not None and meta["world_size"] != info.world_size and self._zero_stage > 0:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
             universal = self.ckpt.to_universal(meta["tag"])  # ZeRO's partitions, merged per parameter
         resolved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=plan.micro))

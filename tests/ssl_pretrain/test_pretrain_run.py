@@ -184,6 +184,8 @@ def test_checkpoint_dir_of_another_run_is_refused(pretrain_shards: Path, tmp_pat
         run_pretraining(_cfg(pretrain_shards, out, "track=false", "train.max_steps=2", "train.warmup_steps=1"))
     with pytest.raises(CheckpointError, match="checkpoint has model="):
         run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "model.widths=[8,16]"))
+    with pytest.raises(CheckpointError, match="checkpoint has zero_stage=0, this run has 1; keep train.zero_stage"):
+        run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "train.zero_stage=1"))
     with pytest.raises(CheckpointError, match="set resume=auto"):
         run_pretraining(_cfg(pretrain_shards, out, "task=regression", "track=false", "resume=never"))
     assert (out / "metrics.jsonl").read_text() == metrics  # nothing ran
