@@ -356,6 +356,8 @@ def _as_zero0(src: Path, dst: Path) -> None:
     torch.save(model, model_file)
     for f in parts:
         f.unlink()
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "zero_stage": 0}))
 
 
 def test_a_resume_on_fewer_or_more_ranks_continues_the_run(pretrain_shards: Path, tmp_path: Path) -> None:
