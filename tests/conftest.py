@@ -78,14 +78,3 @@ def _sigterm_when(cmd: list[str], ready, *, env: dict[str, str] | None = None, c
 def sigterm_when():
     """:func:`_sigterm_when`: run a command and send it SIGTERM when a condition holds."""
     return _sigterm_when
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules with slow (multi-process) tests first, each module's tests together and in their order.
-
-    ``pytest -n 2 --dist worksteal`` then starts both workers on the long runs and ends with short unit
-    tests that fill the gaps, instead of one worker finishing the suite alone on a long run.
-    """
-    slow = {item.module for item in items if item.get_closest_marker("slow") is not None}
-    order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (item.module not in slow, order[id(item)]))
