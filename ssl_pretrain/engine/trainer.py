@@ -372,10 +372,8 @@ class Trainer:
                 restore_rng(rank_state["rng"])
                 task.set_rng_state(rank_state["task_rng"])
             else:  # a rank the checkpoint did not have
-                self._seed(7_919 * self.state.step)
-                fresh = torch.Generator(device=info.device).manual_seed(cfg.seed * 100_003 + info.rank + 7_919 *
-                                                                        self.state.step)
-                task.set_rng_state(fresh.get_state())
+                seed = self._seed(7_919 * self.state.step)
+                task.set_rng_state(torch.Generator(device=info.device).manual_seed(seed).get_state())
             if info.is_main:
                 log.info("resuming %s from step %d", cfg.out_dir, self.state.step)
                 if meta["world_size"] != info.world_size:
@@ -390,12 +388,17 @@ class Trainer:
             self._truncate_metrics(-1)
         self._seed(0)
 
-    def _seed(self, offset: int) -> None:
-        """Seed the process RNGs for this rank (dropout differs per rank; the task generators are seeded apart)."""
+    def _seed(self, offset: int) -> int:
+        """Seed the process RNGs for this rank (dropout differs per rank; the task generators are seeded apart).
+
+        Returns:
+            The seed used.
+        """
         seed = self.cfg.seed * 100_003 + self.info.rank + offset
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
+        return seed
 
     def _start_tracking(self, resolved: PretrainConfig) -> None:
         """The run's MLflow run on rank 0 (the checkpoint's on a resume); params and config when it is new."""

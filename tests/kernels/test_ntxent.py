@@ -122,6 +122,10 @@ Z = torch.randn(4, 8)
         ({"z0": Z, "groups": torch.tensor([0.0, 0.0, 1.0, 1.0])}, "groups"),
         ({"z0": Z, "groups": torch.tensor([0, 0, 1])}, "groups"),
         ({"z0": Z, "z1": Z, "groups": torch.zeros(4, 1, dtype=torch.long)}, "groups"),
+        ({"z0": Z, "z1": Z, "sizes": [4, 4]}, "sizes"),  # one process: one count
+        ({"z0": Z, "z1": Z, "sizes": [3]}, "sizes"),  # not this rank's rows
+        ({"z0": Z, "z1": Z, "sizes": [-1]}, "sizes"),
+        ({"z0": torch.randn(0, 8), "z1": torch.randn(0, 8), "sizes": [0]}, "sizes"),  # no rank holds a row
     ],
 )
 def test_bad_input_names_the_argument(kwargs: dict, argument: str) -> None:

@@ -92,22 +92,22 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank_over_their_batches(tm
     assert max_abs(dist2[case]["after"], ref[case]["after"]) > 1e-2 * moved
 
 
-def _epoch(shards: Path, world_size: int, batch: int = 8, state: dict | None = None) -> tuple[list[str], int]:
-    """Every sample key of the shards (read by one loader over one epoch) and the steps left in the epoch on
-    ``world_size`` ranks of the debug config (``batch`` per rank, one worker) from loader ``state`` (default: its
-    start)."""
+def _loader(shards: Path, world_size: int, batch: int, state: dict | None = None) -> Any:
+    """Rank 0's epoch-mode loader of the debug config (``batch`` per rank, one worker), at loader ``state``."""
     from ssl_pretrain.data.loader import LoaderConfig, build_pretrain_loader
+
+    loader = build_pretrain_loader(LoaderConfig(shards=str(shards), batch_size=batch, num_workers=0, mode="epoch",
+                                                shuffle_buffer=64), 0, world_size)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
+
+
+def _every_key(shards: Path) -> list[str]:
+    """Every sample key of the shards, read by one loader over one epoch."""
     from ssl_pretrain.engine.trainer import sample_keys
 
-    def loader(world: int, micro: int) -> Any:
-        return build_pretrain_loader(LoaderConfig(shards=str(shards), batch_size=micro, num_workers=0, mode="epoch",
-                                                  shuffle_buffer=64), 0, world)
-
-    keys = sorted(k for b in loader(1, 8) for k in sample_keys(b))
-    steps = loader(world_size, batch)
-    if state is not None:
-        steps.load_state_dict(state)
-    return keys, len(steps)
+    return sorted(k for b in _loader(shards, 1, 8) for k in sample_keys(b))
 
 
 def _node_commands(port: int, hostfile: Path, args: list[str]) -> list[list[str]]:
@@ -140,7 +140,7 @@ def test_two_nodes_with_the_real_launchers_train_as_one_node_of_two_ranks(pretra
     c10d rendezvous) and by the DeepSpeed launcher (--no_ssh) — train exactly as the single-node 2-rank run of the
     same config: the same losses and per-rank samples, the nodes' shards disjoint, and over one epoch every slice
     exactly once (the epoch ends with a short batch on one rank and a padding batch on the other: both train)."""
-    everything, steps = _epoch(pretrain_shards, world_size=2)
+    everything, steps = _every_key(pretrain_shards), len(_loader(pretrain_shards, 2, 8))
     overrides = ("task=regression", "track=false", f"train.max_steps={steps}", "train.warmup_steps=1",
                  "data.mode=epoch", "data.num_workers=0", "train.track_samples=true", "probe.root=")
     ref = tmp_path / "one-node"
@@ -371,7 +371,7 @@ def test_a_resume_on_fewer_or_more_ranks_continues_the_run(pretrain_shards: Path
     # where clipping acts the last bit of its factor differs (1e-9 in the weights) — not the re-sharding's doing
     overrides = ("task=contrastive", "track=false", "probe.root=", "data.mode=epoch", "data.num_workers=0",
                  "train.batch_size=8", "train.track_samples=true", "train.warmup_steps=1", "train.grad_clip=0")
-    everything, epoch2 = _epoch(pretrain_shards, world_size=2, batch=4)
+    everything, epoch2 = _every_key(pretrain_shards), len(_loader(pretrain_shards, 2, 4))
 
     def run(out: Path, ranks: int, steps: int, zero: int) -> None:
         launcher = [sys.executable] if ranks == 1 else [
@@ -388,7 +388,7 @@ def test_a_resume_on_fewer_or_more_ranks_continues_the_run(pretrain_shards: Path
 
     k = 5
     run(tmp_path / "two", 2, k, zero=1)  # 2 ranks x 4 samples
-    _, left = _epoch(pretrain_shards, world_size=1, state=loader_state(tmp_path / "two"))
+    left = len(_loader(pretrain_shards, 1, 8, loader_state(tmp_path / "two")))
     n = k + left // 2  # 1 rank x 8 samples, stopping mid-epoch
     assert k < epoch2 and k < n < k + left  # both resumes start inside the epoch
     samples = [json.loads((tmp_path / "two" / "summary.json").read_text())["samples_by_rank"]]
@@ -396,7 +396,7 @@ def test_a_resume_on_fewer_or_more_ranks_continues_the_run(pretrain_shards: Path
     # held to the last bit when it was written; left out of CI for time)
     for leg, ranks, start, first in (("one", 1, tmp_path / "two", k + 1), ("two-again", 2, tmp_path / "one", n + 1)):
         shutil.copytree(start, tmp_path / leg)
-        end = n if leg == "one" else n + _epoch(pretrain_shards, world_size=2, batch=4, state=loader_state(start))[1]
+        end = n if leg == "one" else n + len(_loader(pretrain_shards, 2, 4, loader_state(start)))
         run(tmp_path / leg, ranks, end, zero=1)
         resumed = _losses(tmp_path / leg)
         assert sorted(resumed) == list(range(1, end + 1))
