@@ -106,7 +106,7 @@ def consumed(done: EpochDone, counts: list[int], epoch: int, seed: int, world_si
     shuffle) and marks the items of the batches the DataLoader had handed out. Exact unless corrupt
     samples were skipped (they are in the counts but not in the stream).
     """
-    plan, planned = epoch_plan(done.remaining(), epoch, seed, world_size, num_workers, batch_size)
+    plan, planned = epoch_plan(counts, epoch, seed, world_size, num_workers, batch_size, done)
     bits = done.bits.copy()
     for rank in range(world_size):
         taken, _ = resume_position(batches, planned[rank], num_workers)
@@ -120,7 +120,7 @@ def consumed(done: EpochDone, counts: list[int], epoch: int, seed: int, world_si
 
 
 def epoch_plan(counts: list[int], epoch: int, seed: int, world_size: int, num_workers: int,
-               batch_size: int) -> tuple[list[list[list[int]]], list[list[int]]]:
+               batch_size: int, done: EpochDone | None = None) -> tuple[list[list[list[int]]], list[list[int]]]:
     """Shard assignment and batch counts of one epoch, identical on every rank.
 
     Args:
@@ -130,11 +130,14 @@ def epoch_plan(counts: list[int], epoch: int, seed: int, world_size: int, num_wo
         world_size: ranks.
         num_workers: workers per rank (≥ 1).
         batch_size: per-rank batch size.
+        done: samples of this epoch an earlier job shape consumed: left out of the batch counts.
 
     Returns:
         (shards ``[rank][worker] -> [shard index]``, batches ``[rank][worker] -> count``), where
         each rank's batch counts sum to the same total (real batches plus padding batches).
     """
+    if done is not None:
+        counts = done.remaining()
     order = list(range(len(counts)))
     random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
     shards = [[order[r::world_size][w::num_workers] for w in range(num_workers)] for r in range(world_size)]

@@ -196,9 +196,8 @@ class _SliceStream(IterableDataset):
         planned = None
         if cfg.mode == "epoch":
             assert self.counts is not None  # checked in PretrainLoader
-            counts = self.counts if self.done is None else self.done.remaining()
-            shard_plan, batch_plan = epoch_plan(counts, self.epoch, cfg.seed, self.world_size,
-                                                n_workers, cfg.batch_size)
+            shard_plan, batch_plan = epoch_plan(self.counts, self.epoch, cfg.seed, self.world_size,
+                                                n_workers, cfg.batch_size, self.done)
             planned = batch_plan[self.rank]
         taken, self._rotation = resume_position(self.start, planned, n_workers)
         worker, _ = self._worker()
@@ -617,9 +616,8 @@ class PretrainLoader:
         if self.cfg.mode != "epoch":
             raise TypeError("len(): a resampled loader is infinite")
         assert self.counts is not None
-        counts = self.counts if self.done is None else self.done.remaining()
-        _, batches = epoch_plan(counts, self.epoch, self.cfg.seed, self.world_size, self.num_workers,
-                                self.cfg.batch_size)
+        _, batches = epoch_plan(self.counts, self.epoch, self.cfg.seed, self.world_size, self.num_workers,
+                                self.cfg.batch_size, self.done)
         return sum(batches[self.rank])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
