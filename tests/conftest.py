@@ -13,11 +13,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # pytest-xdist workers share the cores: each worker, and every process it starts, gets its share of intra-op
 # threads (set before torch is imported). More OpenMP threads than cores spin against each other: on 2 cores
-# with 2 workers the suite took 770 s with torch's default (2 threads per process) and 729 s with 1.
+# with 2 workers the parallel part took 770 s with torch's default (2 threads per process) and 729 s with 1.
 # A value set outside wins; a run without workers (the serial tests) keeps torch's default.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+    # macOS has no sched_getaffinity
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 
 
 @pytest.fixture(autouse=True)
