@@ -35,7 +35,7 @@ def nnunet_sweep(cohort: Path, tmp_path_factory: pytest.TempPathFactory, ray_ses
     out = tmp_path_factory.mktemp("nnunet_sweep") / "sw"
     cfg = load_config(SweepConfig, overrides=[
         *tiny_overrides(cohort, out, size=64), "init=[random, nnunet]", "n_labeled=[1]", "seeds=[0]",
-        "search.cpus_per_trial=2", "tracking.enabled=true", *NNUNET_TINY])
+        "search.cpus_per_trial=1", "tracking.enabled=true", *NNUNET_TINY])
     with pytest.MonkeyPatch.context() as mp:  # tracked: the nnunet trial has its nested run, no registry model
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out.parent / 'mlflow.db'}")
         run_sweep(cfg)
@@ -149,7 +149,7 @@ def nnunet3d_from_export(cohort: Path, tmp_path_factory: pytest.TempPathFactory,
     cfg = load_config(SweepConfig, path=root / "launch/configs/sweep_debug3d.yaml", overrides=[
         f"data.root={cohort}", f"out_dir={base / 'sw'}", f"data.cache_dir={cohort.parent / 'cache3d'}",
         "data.n_val=1", "data.n_test=1", f"init=[nnunet:{exp}]", "n_labeled=[1]", "seeds=[0]",
-        "tracking.enabled=false", "search.cpus_per_trial=2", *NNUNET_TINY])
+        "tracking.enabled=false", "search.cpus_per_trial=1", *NNUNET_TINY])
     run_sweep(cfg)
     return base / "sw", exp
 
