@@ -104,9 +104,9 @@ def _check_sizes(sizes: object, n: int, distributed: bool) -> list[int] | None:
     if not isinstance(sizes, (list, tuple)) or len(sizes) != ranks or \
             not all(isinstance(m, int) and m >= 0 for m in sizes):
         raise ValueError(f"sizes: expected {ranks} row count(s) >= 0, one per rank, got {sizes!r:.80}")
-    if sizes[dist.rank() if distributed else 0] != n:
-        raise ValueError(f"sizes: {list(sizes)} says this rank holds {sizes[dist.rank() if distributed else 0]} "
-                         f"row(s), its z0 has {n}")
+    mine = sizes[dist.rank() if distributed else 0]
+    if mine != n:
+        raise ValueError(f"sizes: {list(sizes)} says this rank holds {mine} row(s), its z0 has {n}")
     if not sum(sizes):
         raise ValueError(f"sizes: {list(sizes)}: no rank holds a row")
     return None if len(set(sizes)) == 1 else list(sizes)

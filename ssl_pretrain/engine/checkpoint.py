@@ -185,14 +185,13 @@ class CheckpointDir:
         hints = {
             "task": "use another out_dir for another task",
             "model": "use another out_dir for another model",
-            "zero_stage": "keep train.zero_stage as it was (each ZeRO stage stores the optimizer its own way)",
         }
+        if "zero_stage" in meta:  # checkpoints written before it was recorded are not checked
+            hints["zero_stage"] = "keep train.zero_stage as it was (each ZeRO stage stores the optimizer its own way)"
         if meta.get("world_size") == expected["world_size"]:
             hints.update(micro_batch="keep data.batch_size / train.batch_size as they were",
                          grad_accum="keep train.grad_accum as it was")
         for key, hint in hints.items():
-            if key == "zero_stage" and key not in meta:  # written before checkpoints recorded it
-                continue
             if meta.get(key) != expected[key]:
                 raise CheckpointError(
                     f"{where}: checkpoint has {key}={meta.get(key)!r}, this run has {expected[key]!r}; {hint}"
